@@ -1,0 +1,62 @@
+"""The diffusion side of a backbone: a diffusers UNet2DConditionModel (+ optional VAE) and its scheduler.
+
+The UNet is conditioned on the *same* text encoder's hidden states as the classifier uses, which is
+what lets one learned token both classify and generate.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from factory.backbones.config import GeneratorConfig
+
+
+class Generator(nn.Module):
+    def __init__(self, cfg: GeneratorConfig):
+        super().__init__()
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+
+        self.config = cfg
+        self.unet = UNet2DConditionModel(**cfg.unet)
+        self.vae = AutoencoderKL(**cfg.vae) if cfg.vae is not None else None
+
+    @property
+    def latent_channels(self) -> int:
+        return self.unet.config.in_channels
+
+    @property
+    def image_size(self) -> int:
+        """Pixel resolution of generated images (latent size times the VAE's downsampling)."""
+        size = self.unet.config.sample_size
+        if self.vae is not None:
+            size *= 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return size
+
+    def noise_scheduler(self):
+        """A fresh DDPM scheduler for training-time noising (the TI loss)."""
+        from diffusers import DDPMScheduler
+
+        return DDPMScheduler(**self.config.scheduler)
+
+    def sampling_scheduler(self):
+        """A DDIM scheduler with the same noise schedule, for fast deterministic sampling."""
+        from diffusers import DDIMScheduler
+
+        return DDIMScheduler.from_config(self.noise_scheduler().config)
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1], [N, 3, H, W] at `image_size` -> the UNet's input space.
+
+        The VAE posterior's mean is used (not a sample), so precomputed latents are deterministic.
+        """
+        if self.vae is None:
+            return images
+        return self.vae.encode(images).latent_dist.mean * self.config.latent_scale
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """The UNet's space -> images in [-1, 1]."""
+        if self.vae is None:
+            return latents.clamp(-1, 1)
+        return self.vae.decode(latents / self.config.latent_scale).sample.clamp(-1, 1)

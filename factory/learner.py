@@ -1,0 +1,310 @@
+"""Learn C concept tokens at once from precomputed image features and latents.
+
+One coefficient tensor [C, k] (or [C, d] for free tokens), one text-encoder batch holding all C·T
+prompts, one UNet batch for the TI samples of all C concepts. The frozen models run once per step for
+the whole group, which is where the speed over one-concept-at-a-time textual inversion comes from.
+
+Determinism: each concept draws its TI samples from its own generator, seeded from (seed, concept id),
+and the objective is a *sum* of per-concept losses, so with Adam a concept learns the same token
+whether it is learned alone or beside others (up to float rounding in batched kernels).
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from factory.backbones import Backbone
+from factory.errors import DimensionMismatch, EmptyImageSet, NonFiniteLoss
+from factory.losses import LossWeights, image_side_ce, text_side_ce, textual_inversion_loss
+from factory.tokens import Subspace, TokenParameters, build_subspace, get_vocabulary, marker, vocabulary_for_parent
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TEMPLATES = (
+    "a photo of a {concept} {parent}",
+    "a {concept} {parent}",
+    "a close-up photo of the {concept} {parent}",
+    "an image of a {concept} {parent}",
+)
+
+
+@dataclass
+class LearnerConfig:
+    steps: int = 200
+    lr: float = 0.01
+    weights: LossWeights = field(default_factory=LossWeights)
+    parametrization: str = "projected"  # or "free" (the ablation)
+    templates: tuple[str, ...] = DEFAULT_TEMPLATES
+    ti_samples: int = 2  # TI (latent, noise, t) samples per concept per step
+    patience: int = 0  # early stopping: steps without improvement of the loss EMA; 0 disables
+    min_delta: float = 1e-4
+    ema: float = 0.9  # smoothing of the per-concept loss used for early stopping and reported losses
+    seed: int = 0
+    vocabulary: str | None = None  # attribute vocabulary name; None: chosen by parent word
+    rank_tol: float = 1e-4
+    log_every: int = 50
+
+    def __post_init__(self):
+        if self.parametrization not in ("projected", "free"):
+            raise ValueError(f"parametrization must be 'projected' or 'free', got {self.parametrization!r}")
+        if isinstance(self.weights, dict):
+            self.weights = LossWeights(**self.weights)
+        self.templates = tuple(self.templates)
+
+
+@dataclass
+class ConceptData:
+    """What the learner needs of one concept: normalised-or-not image features and optional latents."""
+
+    concept_id: str
+    parent: str
+    image_features: torch.Tensor  # [n, D]
+    latents: torch.Tensor | None = None  # [n, c, h, w] in the UNet's input space
+
+
+@dataclass
+class NegativeBank:
+    """Image features of a parent class; rows owned by the concept being learned are masked out."""
+
+    features: torch.Tensor  # [m, D]
+    owners: list[str]  # concept id of each row ("" for distractors owned by no concept)
+
+
+@dataclass
+class LearnedToken:
+    concept_id: str
+    parent: str
+    vector: torch.Tensor  # [d]
+    parametrization: str
+    coefficients: list[float] | None
+    basis_id: str | None
+    metrics: dict[str, float]
+
+
+def concept_seed(seed: int, concept_id: str) -> int:
+    """A stable per-concept seed (Python's hash() is salted per process; sha256 is not)."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{concept_id}".encode()).digest()[:8], "little") & (2**63 - 1)
+
+
+def subspaces_for(backbone: Backbone, parents: Sequence[str], vocabulary: str | None = None,
+                  rank_tol: float = 1e-4) -> dict[str, Subspace]:
+    """One subspace per distinct parent word (shared by every concept of that parent)."""
+    out = {}
+    for p in dict.fromkeys(parents):
+        vocab = get_vocabulary(vocabulary) if vocabulary else vocabulary_for_parent(p)
+        with torch.no_grad():
+            out[p] = build_subspace(backbone.word_embedding, vocab, p, rank_tol=rank_tol,
+                                    salt=backbone.fingerprint())
+    return out
+
+
+def _pad(rows: list[torch.Tensor], device) -> tuple[torch.Tensor, torch.Tensor]:
+    n = max(1, max(r.shape[0] for r in rows))
+    out = torch.zeros(len(rows), n, rows[0].shape[-1], device=device)
+    mask = torch.zeros(len(rows), n, dtype=torch.bool, device=device)
+    for i, r in enumerate(rows):
+        out[i, : r.shape[0]] = r
+        mask[i, : r.shape[0]] = True
+    return out, mask
+
+
+def _validate(backbone: Backbone, concepts: Sequence[ConceptData], config: LearnerConfig, embed_dim: int):
+    if not concepts:
+        raise EmptyImageSet("no concepts to learn")
+    if len({c.concept_id for c in concepts}) != len(concepts):
+        raise ValueError("duplicate concept ids in one learning call")
+    for c in concepts:
+        if c.image_features is None or c.image_features.shape[0] == 0:
+            raise EmptyImageSet(f"concept {c.concept_id!r} has no images: give it at least one valid image")
+        if c.image_features.shape[-1] != embed_dim:
+            raise DimensionMismatch(
+                f"concept {c.concept_id!r}: image features of dimension {c.image_features.shape[-1]}, but "
+                f"backbone {backbone.name!r} has a CLIP space of dimension {embed_dim}: encode with this backbone"
+            )
+        if config.weights.ti > 0 and (c.latents is None or c.latents.shape[0] == 0):
+            raise ValueError(f"concept {c.concept_id!r} has no latents but the TI loss is on (weights.ti > 0)")
+    if config.weights.ti > 0 and backbone.generator is None:
+        raise ValueError(f"backbone {backbone.name!r} has no generator: set weights.ti = 0")
+
+
+def learn_tokens(backbone: Backbone, concepts: Sequence[ConceptData], banks: Mapping[str, NegativeBank],
+                 config: LearnerConfig | None = None, subspaces: Mapping[str, Subspace] | None = None,
+                 on_step: Callable[[int, int], None] | None = None) -> list[LearnedToken]:
+    """Learn one token per concept; see the module docstring. ``banks`` maps parent -> NegativeBank."""
+    cfg = config or LearnerConfig()
+    dev = backbone.device
+    with torch.no_grad():
+        probe = backbone.encode_prompts(["a"]).features
+    _validate(backbone, concepts, cfg, probe.shape[-1])
+    C, T = len(concepts), len(cfg.templates)
+    parents = [c.parent for c in concepts]
+
+    prompts = [t.format(concept=marker(c.concept_id), parent=c.parent) for c in concepts for t in cfg.templates]
+    batch = backbone.tokenize(prompts)
+    assert batch.concept_ids == [c.concept_id for c in concepts]  # slots follow first appearance
+
+    with torch.no_grad():
+        init = torch.stack([backbone.word_embedding(p) for p in parents]).float()
+    spaces = None
+    if cfg.parametrization == "projected":
+        spaces = dict(subspaces or {})
+        spaces.update(subspaces_for(backbone, [p for p in parents if p not in spaces], cfg.vocabulary, cfg.rank_tol))
+    params = TokenParameters(init, [spaces[p] for p in parents] if spaces else None).to(dev)
+
+    pos, pos_mask = _pad([F.normalize(c.image_features.float(), dim=-1).to(dev) for c in concepts], dev)
+    neg_rows = []
+    for c in concepts:
+        bank = banks.get(c.parent)
+        if bank is None or bank.features.shape[0] == 0:
+            neg_rows.append(torch.zeros(0, pos.shape[-1], device=dev))
+            continue
+        keep = torch.tensor([o != c.concept_id for o in bank.owners], dtype=torch.bool)
+        neg_rows.append(F.normalize(bank.features.float(), dim=-1)[keep].to(dev))
+    if any(r.shape[0] == 0 for r in neg_rows) and cfg.weights.ce > 0:
+        lonely = [c.concept_id for c, r in zip(concepts, neg_rows) if r.shape[0] == 0]
+        log.warning("no negatives for %d concept(s) (e.g. %s): their CE term is zero", len(lonely), lonely[:3])
+    neg, neg_mask = _pad(neg_rows, dev) if any(r.shape[0] for r in neg_rows) else (
+        torch.zeros(C, 1, pos.shape[-1], device=dev), torch.zeros(C, 1, dtype=torch.bool, device=dev))
+
+    gens = [torch.Generator().manual_seed(concept_seed(cfg.seed, c.concept_id)) for c in concepts]
+    scheduler = backbone.generator.noise_scheduler() if cfg.weights.ti > 0 else None
+    scale = backbone.logit_scale
+    opt = torch.optim.Adam(params.parameters(), lr=cfg.lr)
+
+    active = torch.ones(C, dtype=torch.bool, device=dev)
+    ema = torch.full((C,), float("nan"), device=dev)
+    best = torch.full((C,), float("inf"), device=dev)
+    wait = torch.zeros(C, dtype=torch.long, device=dev)
+    steps_run = torch.zeros(C, dtype=torch.long, device=dev)
+    last: dict[str, torch.Tensor] = {}
+    frozen = [p.detach().clone() for p in params.parameters()]
+    t0 = time.perf_counter()
+
+    for step in range(cfg.steps):
+        vectors = params()
+        enc = backbone.encode_text(batch, vectors)
+        text = F.normalize(enc.features, dim=-1).view(C, T, -1)
+        terms = _objective_terms(backbone, cfg, concepts, text, enc.hidden, pos, pos_mask, neg, neg_mask,
+                                 scale, scheduler, gens, vectors, init)
+        per_concept = sum(terms.values())
+        if not torch.isfinite(per_concept).all():
+            bad = [concepts[i].concept_id for i in torch.nonzero(~torch.isfinite(per_concept)).flatten().tolist()]
+            raise NonFiniteLoss(
+                f"loss became non-finite at step {step} for concept(s) {bad[:5]}: lower the learning rate "
+                f"(now {cfg.lr}) or check the images/latents of these concepts for NaN values"
+            )
+        opt.zero_grad(set_to_none=True)
+        (per_concept * active).sum().backward()
+        opt.step()
+        with torch.no_grad():
+            for p, f in zip(params.parameters(), frozen):
+                p[~active] = f[~active]  # a stopped concept stays exactly where it stopped
+                f[active] = p[active]
+            steps_run += active.long()
+            detached = per_concept.detach()
+            ema = torch.where(torch.isnan(ema), detached, cfg.ema * ema + (1 - cfg.ema) * detached)
+            for k, v in terms.items():
+                last[k] = torch.where(active, v.detach(), last.get(k, v.detach()))
+            if cfg.patience > 0:
+                improved = ema < best - cfg.min_delta
+                best = torch.where(improved & active, ema, best)
+                wait = torch.where(improved, torch.zeros_like(wait), wait + 1)
+                active &= wait < cfg.patience
+        if on_step is not None:
+            on_step(step + 1, cfg.steps)
+        if cfg.log_every and (step + 1) % cfg.log_every == 0:
+            rate = (step + 1) / (time.perf_counter() - t0)
+            log.info("step %d/%d  loss %.4f  active %d/%d  %.1f steps/s  eta %.0fs", step + 1, cfg.steps,
+                     float(ema.mean()), int(active.sum()), C, rate, (cfg.steps - step - 1) / rate)
+        if not active.any():
+            break
+    return _finish(backbone, cfg, concepts, batch, params, spaces, pos, pos_mask, neg, neg_mask, scale, init,
+                   last, ema, steps_run)
+
+
+def _objective_terms(backbone, cfg, concepts, text, hidden, pos, pos_mask, neg, neg_mask, scale, scheduler,
+                     gens, vectors, init) -> dict[str, torch.Tensor]:
+    """Weighted per-concept terms [C] of the objective; a term with λ = 0 is never computed."""
+    w, terms = cfg.weights, {}
+    if w.ce > 0:
+        terms["ce"] = w.ce * text_side_ce(text, pos, pos_mask, neg, neg_mask, scale)[0]
+    if w.image_ce > 0:
+        terms["image_ce"] = w.image_ce * image_side_ce(text, pos, pos_mask, scale)
+    if w.ti > 0:
+        terms["ti"] = w.ti * _ti_term(backbone, cfg, concepts, hidden, scheduler, gens)
+    if w.reg > 0:
+        terms["reg"] = w.reg * (vectors - init).pow(2).sum(-1)
+    return terms
+
+
+def _ti_term(backbone, cfg, concepts, hidden, scheduler, gens) -> torch.Tensor:
+    T, S = len(cfg.templates), cfg.ti_samples
+    lat, noise, steps, rows = [], [], [], []
+    for i, (c, g) in enumerate(zip(concepts, gens)):
+        idx = torch.randint(c.latents.shape[0], (S,), generator=g)
+        tpl = torch.randint(T, (S,), generator=g)
+        x = c.latents[idx].float()
+        lat.append(x)
+        noise.append(torch.randn(x.shape, generator=g))
+        steps.append(torch.randint(scheduler.config.num_train_timesteps, (S,), generator=g))
+        rows.append(i * T + tpl)
+    dev = hidden.device
+    mse = textual_inversion_loss(backbone.generator.unet, scheduler, torch.cat(lat).to(dev), hidden[torch.cat(rows)],
+                                 torch.cat(noise).to(dev), torch.cat(steps).to(dev))
+    return mse.view(len(concepts), S).mean(1)
+
+
+@torch.no_grad()
+def _finish(backbone, cfg, concepts, batch, params, spaces, pos, pos_mask, neg, neg_mask, scale, init, last,
+            ema, steps_run) -> list[LearnedToken]:
+    vectors = params()
+    C, T = len(concepts), len(cfg.templates)
+    text = F.normalize(backbone.encode_text(batch, vectors).features, dim=-1).view(C, T, -1)
+    ce, acc = text_side_ce(text, pos, pos_mask, neg, neg_mask, scale)
+    vocab_norm = backbone.vocab_mean_norm
+    out = []
+    for i, c in enumerate(concepts):
+        v = vectors[i].detach().cpu().clone()
+        norm = float(v.norm())
+        metrics = {
+            "loss": float(ema[i]),
+            "loss_ce": float(ce[i]),
+            "train_acc": float(acc[i]),
+            "token_norm": norm,
+            "vocab_mean_norm": vocab_norm,
+            "norm_ratio": norm / vocab_norm,
+            "cos_to_init": float(F.cosine_similarity(v, init[i].cpu(), dim=0)),
+            "steps": float(steps_run[i]),
+            "n_images": float(pos_mask[i].sum()),
+            "n_negatives": float(neg_mask[i].sum()),
+        }
+        if "ti" in last:
+            metrics["loss_ti"] = float(last["ti"][i] / cfg.weights.ti)
+        if spaces:
+            metrics["rank"] = float(spaces[c.parent].rank)
+        assert math.isfinite(norm)
+        out.append(LearnedToken(
+            concept_id=c.concept_id, parent=c.parent, vector=v, parametrization=params.mode,
+            coefficients=params.coefficients_of(i),
+            basis_id=spaces[c.parent].basis_id if spaces else None, metrics=metrics,
+        ))
+    return out
+
+
+def to_record(token: LearnedToken, backbone: Backbone, run_id: str):
+    """The registry row of a learned token (`schemas.TokenRecord`)."""
+    from schemas import TokenRecord
+
+    return TokenRecord(
+        concept_id=token.concept_id, parent=token.parent, backbone=backbone.name,
+        backbone_fingerprint=backbone.fingerprint(), dim=int(token.vector.numel()),
+        vector=token.vector.tolist(), parametrization=token.parametrization, coefficients=token.coefficients,
+        basis_id=token.basis_id, metrics=token.metrics, run_id=run_id,
+    )
