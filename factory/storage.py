@@ -6,6 +6,10 @@ returns ``s3://...`` URIs), so callers never juggle filesystem objects themselve
 
 Error contract: every failure is a ``StorageError`` naming the URI; a missing object is
 ``NotFoundInStorage``, which is also a ``FileNotFoundError`` so ordinary ``except`` clauses work.
+
+S3 has no folders, and pyarrow papers over that: deleting the last object under a prefix makes it write
+an empty ``prefix/`` marker object, so an emptied "folder" still ``exists()`` and shows in ``listdir``.
+``glob_files`` lists files only, so it is unaffected; code that needs "is there data here?" should use it.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import os
 import posixpath
 import uuid
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlparse
 
@@ -48,15 +52,17 @@ class NotFoundInStorage(StorageError, FileNotFoundError):
 class S3Options:
     """How to reach an S3-compatible store. Frozen, hence hashable: it is part of the filesystem cache key.
 
-    ``endpoint`` may be ``host:port`` or a URL; a URL is split into ``endpoint`` and ``scheme``. With no endpoint,
-    AWS is used; with no keys, pyarrow falls back to the AWS default credential chain (instance roles).
+    ``endpoint`` may be ``host:port`` or a URL; a URL is split into ``endpoint`` and ``scheme``. With no
+    endpoint, AWS is used; with no keys, pyarrow falls back to the AWS default credential chain (instance
+    roles). Give a URL for plain-HTTP servers: a bare ``host:port`` keeps the default ``https``.
     """
 
     endpoint: str | None = None
     region: str = "us-east-1"
     access_key: str | None = None
-    secret_key: str | None = None
-    session_token: str | None = None
+    # Kept out of repr() so that options can be logged without leaking credentials.
+    secret_key: str | None = field(default=None, repr=False)
+    session_token: str | None = field(default=None, repr=False)
     scheme: str = "https"
     max_attempts: int = 5
 
@@ -64,8 +70,10 @@ class S3Options:
     def from_env(cls, environ: Mapping[str, str] | None = None) -> S3Options:
         """Read the usual AWS variables. pyarrow itself ignores ``AWS_ENDPOINT_URL``; we honour it here."""
         env = os.environ if environ is None else environ
-        endpoint = env.get("TOKENFACTORY_S3_ENDPOINT") or env.get("AWS_ENDPOINT_URL_S3") or env.get(
-            "AWS_ENDPOINT_URL"
+        endpoint = (
+            env.get("TOKENFACTORY_S3_ENDPOINT")
+            or env.get("AWS_ENDPOINT_URL_S3")
+            or env.get("AWS_ENDPOINT_URL")
         )
         return cls(
             endpoint=endpoint or None,
@@ -102,8 +110,6 @@ def _s3_filesystem(options: S3Options) -> pafs.S3FileSystem:
         endpoint_override=options.endpoint,
         # Transient errors (throttling, 5xx, resets) are retried with the SDK's exponential backoff.
         retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=options.max_attempts),
-        # Folders are an illusion on S3: never create or check "directory marker" objects.
-        check_directory_existence_before_creation=False,
     )
 
 

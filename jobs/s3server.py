@@ -7,8 +7,8 @@ Importable without Ray. Usage::
         storage.write_bytes("s3://catalog/x", b"...", s3.s3_options)
 
 Every port is chosen explicitly (HTTP and gRPC): two ``weed`` instances left to their defaults collide,
-and the second one exits silently. Its unix sockets and temporary files go to a private short-lived
-folder (``-s3.localSocket``, ``-filer.localSocket``). The gRPC unix sockets have no flag and ignore
+and the second one exits silently. The S3 and filer unix sockets go to a private folder
+(``-s3.localSocket``, ``-filer.localSocket``). The gRPC unix sockets have no flag and ignore
 ``TMPDIR`` (always ``/tmp/seaweedfs-<service>-grpc-<port>.sock``); ``weed`` removes only some of them on
 SIGTERM, so ``stop`` deletes the rest, which are identified by this server's own ports.
 """
@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -37,6 +38,10 @@ _GRPC_OFFSET = 10000  # SeaweedFS convention; we also pass the gRPC ports explic
 _REGION = "us-east-1"
 
 log = logging.getLogger(__name__)
+
+
+class WeedExited(RuntimeError):
+    """``weed`` exited while starting (typically: a port was taken between choosing and binding it)."""
 
 
 def find_weed() -> str:
@@ -222,13 +227,29 @@ class SeaweedS3:
         return "\n".join(parts) or "(no log output)"
 
     def start(self) -> SeaweedS3:
+        """Start the server and wait until it serves requests. The first start picks free ports (retrying
+        with new ones if another process grabs one first); later starts reuse them."""
         if self.running:
             return self
-        if not self.ports:
+        if self.ports:
+            self._launch()
+            return self
+        for attempt in range(3):
             self.ports = dict(zip(_SERVICES, _free_ports(len(_SERVICES)), strict=True))
+            try:
+                self._launch()
+                return self
+            except WeedExited:
+                if attempt == 2:
+                    raise
+                log.warning("weed exited at startup on ports %s; retrying with new ports", self.ports)
+        raise AssertionError("unreachable")
+
+    def _launch(self) -> None:
         (self.root / "data").mkdir(parents=True, exist_ok=True)
         (self.root / "log").mkdir(parents=True, exist_ok=True)
         self._write_config()
+        expected_volumes = self._volumes_on_disk()
         self._log_file = open(self.root / "weed.out", "ab")  # noqa: SIM115 (closed in stop())
         self._run_dir.mkdir(parents=True, exist_ok=True)
         self._proc = subprocess.Popen(
@@ -239,29 +260,55 @@ class SeaweedS3:
             preexec_fn=_die_with_parent if sys.platform == "linux" else None,
         )
         try:
-            self._wait_ready()
+            self._wait_ready(expected_volumes)
         except BaseException:
             self.stop()
             raise
-        return self
 
-    def _wait_ready(self) -> None:
+    def _volumes_on_disk(self) -> int:
+        return sum(1 for _ in (self.root / "data").rglob("*.dat"))
+
+    def _volumes_registered(self) -> int:
+        """How many volumes the master knows about (-1 while it cannot say)."""
+        url = f"http://127.0.0.1:{self.ports['master']}/dir/status"
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                topology = json.load(response)["Topology"]
+            return sum(
+                node["Volumes"]
+                for dc in topology.get("DataCenters") or []
+                for rack in dc.get("Racks") or []
+                for node in rack.get("DataNodes") or []
+            )
+        except (OSError, ValueError, KeyError, TypeError):
+            return -1
+
+    def _wait_ready(self, expected_volumes: int) -> None:
+        """Ready means the S3 gateway answers *and* the master knows every volume already on disk.
+
+        After a restart the gateway answers ``list_buckets`` before the volume server's first heartbeat
+        has reached the master; reading an object in that window fails with "volume N not found".
+        """
         client = self.client()
         deadline = time.monotonic() + self.startup_timeout
         last_error: Exception | None = None
         while time.monotonic() < deadline:
             assert self._proc is not None
             if self._proc.poll() is not None:
-                raise RuntimeError(
+                raise WeedExited(
                     f"weed exited with code {self._proc.returncode} during startup "
                     f"(ports {self.ports}).\n{self.log_tail()}"
                 )
             try:
                 client.list_buckets()
-                return
             except Exception as e:  # noqa: BLE001 (any failure means "not ready yet")
                 last_error = e
-                time.sleep(0.1)
+            else:
+                registered = self._volumes_registered()
+                if registered >= expected_volumes:
+                    return
+                last_error = RuntimeError(f"master knows {registered} of {expected_volumes} volumes")
+            time.sleep(0.05)
         raise TimeoutError(
             f"SeaweedFS S3 at {self.endpoint} not ready after {self.startup_timeout:.0f}s "
             f"(last error: {last_error}).\n{self.log_tail()}"

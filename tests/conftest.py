@@ -52,3 +52,19 @@ def make_token() -> Callable[..., TokenRecord]:
         return TokenRecord(**fields)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A local Ray cluster for the session (starting one costs seconds)."""
+    import os
+
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(num_cpus=2, logging_level="WARNING", log_to_driver=False, include_dashboard=True,
+             dashboard_host="127.0.0.1")
+    try:
+        yield ray
+    finally:
+        ray.shutdown()

@@ -60,3 +60,31 @@ class Generator(nn.Module):
         if self.vae is None:
             return latents.clamp(-1, 1)
         return self.vae.decode(latents / self.config.latent_scale).sample.clamp(-1, 1)
+
+    @torch.no_grad()
+    def sample(self, cond: torch.Tensor, uncond: torch.Tensor | None = None, steps: int = 40,
+               guidance: float = 4.0, seed: int = 0) -> torch.Tensor:
+        """DDIM sampling with classifier-free guidance; returns images in [-1, 1], [B, 3, H, W].
+
+        ``cond`` [B, L, w] are the text hidden states of the prompts (tokens already injected), ``uncond``
+        those of the empty prompt (broadcast over B) — the caller encodes both, so a generator never needs
+        to know about tokens. ``guidance`` 1 (or ``uncond`` None) disables guidance.
+        """
+        sched = self.sampling_scheduler()
+        sched.set_timesteps(steps)
+        b = cond.shape[0]
+        s = self.unet.config.sample_size
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(b, self.latent_channels, s, s, generator=g).to(cond.device) * sched.init_noise_sigma
+        guided = uncond is not None and guidance != 1.0
+        if guided:
+            uncond = uncond.expand(b, -1, -1)
+            context = torch.cat([uncond, cond])
+        for t in sched.timesteps:
+            if guided:
+                eps_u, eps_c = self.unet(torch.cat([x, x]), t, encoder_hidden_states=context).sample.chunk(2)
+                eps = eps_u + guidance * (eps_c - eps_u)
+            else:
+                eps = self.unet(x, t, encoder_hidden_states=cond).sample
+            x = sched.step(eps, t, x).prev_sample
+        return self.decode(x)

@@ -12,6 +12,7 @@ from factory.registry import (
     TokenRegistry,
     UnknownConcept,
     UnknownVersion,
+    VersionWriter,
 )
 from jobs.s3server import SeaweedS3
 from schemas import TokenRecord
@@ -28,11 +29,13 @@ def registry(request: pytest.FixtureRequest, tmp_path: Path) -> TokenRegistry:
     return TokenRegistry(request.getfixturevalue("s3_bucket") + "/registry", server.s3_options)
 
 
-def _begin(registry: TokenRegistry, run_id: str = "run-1"):  # noqa: ANN202
+def _begin(registry: TokenRegistry, run_id: str = "run-1") -> VersionWriter:
     return registry.begin(run_id, "fashion-mini", "fp-0123", config={"lr": 0.05})
 
 
-def _commit_one(registry: TokenRegistry, make_token: MakeToken, run_id: str = "run-1", ids=("a", "b")) -> int:  # noqa: ANN001
+def _commit_one(
+    registry: TokenRegistry, make_token: MakeToken, run_id: str = "run-1", ids: tuple[str, ...] = ("a", "b")
+) -> int:
     writer = _begin(registry, run_id)
     writer.write_shard("w0", [make_token(c, run_id=run_id) for c in ids])
     return writer.commit()
@@ -51,7 +54,8 @@ def test_round_trip(registry: TokenRegistry, make_token: MakeToken) -> None:
     assert sorted(version.concept_ids()) == ["a", "b", "c"]
     for want in w0 + w1:
         got = version.get(want.concept_id)
-        assert got.model_dump(exclude={"vector", "coefficients"}) == want.model_dump(exclude={"vector", "coefficients"})
+        exact = {"vector", "coefficients"}
+        assert got.model_dump(exclude=exact) == want.model_dump(exclude=exact)
         np.testing.assert_allclose(got.vector, want.vector, rtol=1e-6)
     vectors = version.vectors(["c", "a"])
     assert vectors.dtype == np.float32 and vectors.shape == (2, 8)
@@ -65,7 +69,8 @@ def test_manifest_lists_every_file_with_checksums(registry: TokenRegistry, make_
     writer.write_shard("w1", [make_token("c")])
     writer.commit(report={"concepts_learned": 3})
     manifest = registry.open().manifest
-    assert (manifest.run_id, manifest.backbone, manifest.backbone_fingerprint) == ("run-1", "fashion-mini", "fp-0123")
+    assert (manifest.run_id, manifest.backbone) == ("run-1", "fashion-mini")
+    assert manifest.backbone_fingerprint == "fp-0123"
     assert manifest.n_tokens == 3
     assert manifest.config == {"lr": 0.05}
     assert manifest.report == {"concepts_learned": 3}
@@ -112,7 +117,10 @@ def test_version_folder_without_manifest_is_invisible(registry: TokenRegistry, m
         registry.open(2)
 
 
-def test_next_commit_reuses_the_number_of_an_interrupted_one(registry: TokenRegistry, make_token: MakeToken) -> None:
+def test_next_commit_reuses_the_number_of_an_interrupted_one(
+    registry: TokenRegistry,
+    make_token: MakeToken,
+) -> None:
     storage.write_bytes(storage.join(registry.version_uri(1), "tokens-debris.parquet"), b"junk", registry.s3)
     assert _commit_one(registry, make_token) == 1
     version = registry.open()
@@ -122,7 +130,8 @@ def test_next_commit_reuses_the_number_of_an_interrupted_one(registry: TokenRegi
 
 def test_unparseable_manifest_is_invisible(registry: TokenRegistry, make_token: MakeToken) -> None:
     _commit_one(registry, make_token)
-    storage.write_bytes(storage.join(registry.version_uri(2), "manifest.json"), b'{"format": "tokenf', registry.s3)
+    truncated = b'{"format": "tokenf'
+    storage.write_bytes(storage.join(registry.version_uri(2), "manifest.json"), truncated, registry.s3)
     assert registry.versions() == [1]
     assert registry.latest() == 1
 
@@ -163,7 +172,10 @@ def test_unknown_concept_names_the_id_and_version(registry: TokenRegistry, make_
     assert "a" in version and "zzz" not in version
 
 
-def test_restart_with_same_run_id_sees_staged_concepts(registry: TokenRegistry, make_token: MakeToken) -> None:
+def test_restart_with_same_run_id_sees_staged_concepts(
+    registry: TokenRegistry,
+    make_token: MakeToken,
+) -> None:
     first = _begin(registry)
     first.write_shard("w0", [make_token("a"), make_token("b")])
     first.write_shard("w1", [make_token("c")])
@@ -190,12 +202,15 @@ def test_commit_refuses_duplicates_across_shards(registry: TokenRegistry, make_t
     writer = _begin(registry)
     writer.write_shard("w0", [make_token("a"), make_token("b")])
     writer.write_shard("w1", [make_token("b")])
-    with pytest.raises(RegistryError, match="'b' is staged twice, in tokens-w0.parquet and tokens-w1.parquet"):
+    with pytest.raises(RegistryError, match="'b' is staged twice, in tokens-w0.parquet and tokens-w1"):
         writer.commit()
     assert registry.versions() == []
 
 
-def test_write_shard_refuses_duplicates_within_a_shard(registry: TokenRegistry, make_token: MakeToken) -> None:
+def test_write_shard_refuses_duplicates_within_a_shard(
+    registry: TokenRegistry,
+    make_token: MakeToken,
+) -> None:
     with pytest.raises(RegistryError, match="appears twice"):
         _begin(registry).write_shard("w0", [make_token("a"), make_token("a")])
 
@@ -208,7 +223,10 @@ def test_commit_refuses_empty_runs(registry: TokenRegistry) -> None:
     assert registry.versions() == []
 
 
-def test_write_shard_refuses_tokens_of_another_run_or_backbone(registry: TokenRegistry, make_token: MakeToken) -> None:
+def test_write_shard_refuses_tokens_of_another_run_or_backbone(
+    registry: TokenRegistry,
+    make_token: MakeToken,
+) -> None:
     writer = _begin(registry)
     with pytest.raises(RegistryError, match="belongs to run 'run-9'"):
         writer.write_shard("w0", [make_token("a", run_id="run-9")])
@@ -235,7 +253,10 @@ def test_rerunning_a_committed_run_is_a_no_op(registry: TokenRegistry, make_toke
     assert writer.staged_concept_ids() == set()
 
 
-def test_new_tokens_under_a_committed_run_id_are_refused(registry: TokenRegistry, make_token: MakeToken) -> None:
+def test_new_tokens_under_a_committed_run_id_are_refused(
+    registry: TokenRegistry,
+    make_token: MakeToken,
+) -> None:
     _commit_one(registry, make_token)
     writer = _begin(registry)
     writer.write_shard("w9", [make_token("new")])
@@ -256,7 +277,10 @@ def test_export_textual_inversion(registry: TokenRegistry, make_token: MakeToken
     np.testing.assert_allclose(tensors["<concept:a>"][0], make_token("a").vector, rtol=1e-6)
 
 
-def test_export_textual_inversion_with_custom_token_to_storage(registry: TokenRegistry, make_token: MakeToken) -> None:
+def test_export_textual_inversion_with_custom_token_to_storage(
+    registry: TokenRegistry,
+    make_token: MakeToken,
+) -> None:
     from safetensors.numpy import load
 
     _commit_one(registry, make_token)
@@ -265,7 +289,10 @@ def test_export_textual_inversion_with_custom_token_to_storage(registry: TokenRe
     assert list(load(storage.read_bytes(out, registry.s3))) == ["<sku-b>"]
 
 
-def test_exported_file_is_what_diffusers_load_textual_inversion_accepts(tmp_path: Path, make_token: MakeToken) -> None:
+def test_exported_file_is_what_diffusers_load_textual_inversion_accepts(
+    tmp_path: Path,
+    make_token: MakeToken,
+) -> None:
     """Run the exported state dict through the parsing steps of diffusers' ``load_textual_inversion``."""
     from diffusers.loaders.textual_inversion import TextualInversionLoaderMixin as Loader
     from safetensors.torch import load_file

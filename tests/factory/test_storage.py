@@ -71,7 +71,9 @@ def test_reading_a_folder_is_a_storage_error(place: tuple[str, S3Options | None]
         storage.read_bytes(storage.join(root, "d"), s3)
 
 
-def test_glob_files_lists_recursively_with_uris_of_the_same_kind(place: tuple[str, S3Options | None]) -> None:
+def test_glob_files_lists_recursively_with_uris_of_the_same_kind(
+    place: tuple[str, S3Options | None],
+) -> None:
     root, s3 = place
     for name in ["a.parquet", "sub/b.parquet", "sub/deeper/c.parquet", "sub/notes.txt"]:
         storage.write_bytes(storage.join(root, name), b"x", s3)
@@ -135,7 +137,8 @@ def test_resolve_s3_uri(s3_server: SeaweedS3) -> None:
 def test_s3_filesystems_are_cached_per_options(s3_server: SeaweedS3) -> None:
     fs1, _ = storage.resolve("s3://a/x", s3_server.s3_options)
     fs2, _ = storage.resolve("s3://b/y", s3_server.s3_options)
-    fs3, _ = storage.resolve("s3://a/x", S3Options(endpoint="http://127.0.0.1:1", access_key="k", secret_key="s"))
+    other = S3Options(endpoint="http://127.0.0.1:1", access_key="k", secret_key="s")
+    fs3, _ = storage.resolve("s3://a/x", other)
     assert fs1 is fs2
     assert fs3 is not fs1
 
@@ -160,7 +163,12 @@ def test_deleting_a_whole_bucket_is_refused(s3_server: SeaweedS3, s3_bucket: str
 
 
 def test_wrong_credentials_are_a_storage_error(s3_server: SeaweedS3, s3_bucket: str) -> None:
-    bad = S3Options(endpoint=s3_server.endpoint_url, access_key=s3_server.access_key, secret_key="wrong", max_attempts=1)
+    bad = S3Options(
+        endpoint=s3_server.endpoint_url,
+        access_key=s3_server.access_key,
+        secret_key="wrong",
+        max_attempts=1,
+    )
     with pytest.raises(StorageError) as info:
         storage.write_bytes(storage.join(s3_bucket, "x"), b"x", bad)
     assert s3_bucket in str(info.value)
@@ -218,3 +226,9 @@ def test_s3_server_env_points_from_env_at_the_server(s3_server: SeaweedS3, s3_bu
     assert opts == s3_server.s3_options
     storage.write_bytes(storage.join(s3_bucket, "k"), b"v", opts)
     assert storage.read_bytes(storage.join(s3_bucket, "k"), s3_server.s3_options) == b"v"
+
+
+def test_s3_options_repr_hides_secrets() -> None:
+    text = repr(S3Options(endpoint="http://h:1", access_key="AKIA", secret_key="s3cr3t", session_token="t0k"))
+    assert "s3cr3t" not in text and "t0k" not in text
+    assert "AKIA" in text

@@ -5,11 +5,16 @@ from botocore.exceptions import ClientError
 
 from factory import storage
 from factory.storage import S3Options, StorageError
-from jobs.s3server import SeaweedS3
+from jobs.s3server import SeaweedS3, WeedExited
 
 
 def test_wrong_secret_is_rejected(s3_server: SeaweedS3, s3_bucket: str) -> None:
-    bad = S3Options(endpoint=s3_server.endpoint_url, access_key=s3_server.access_key, secret_key="x" * 40, max_attempts=1)
+    bad = S3Options(
+        endpoint=s3_server.endpoint_url,
+        access_key=s3_server.access_key,
+        secret_key="x" * 40,
+        max_attempts=1,
+    )
     with pytest.raises(StorageError):
         storage.read_bytes(storage.join(s3_bucket, "anything"), bad)
 
@@ -50,7 +55,7 @@ def test_stop_ends_the_weed_process_and_bucket_names_are_checked(tmp_path: Path)
 
 def test_a_server_that_exits_at_startup_reports_it(tmp_path: Path) -> None:
     server = SeaweedS3(data_dir=tmp_path, weed="/bin/false")
-    with pytest.raises(RuntimeError, match="weed exited with code 1 during startup"):
+    with pytest.raises(WeedExited, match="weed exited with code 1 during startup"):
         server.start()
     assert not server.running
     server.close()

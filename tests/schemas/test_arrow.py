@@ -50,7 +50,8 @@ def _assert_tokens_equal(got: list[TokenRecord], want: list[TokenRecord]) -> Non
     # other field exactly.
     assert len(got) == len(want)
     for g, w in zip(got, want, strict=True):
-        assert g.model_dump(exclude={"vector", "coefficients"}) == w.model_dump(exclude={"vector", "coefficients"})
+        exact = {"vector", "coefficients"}
+        assert g.model_dump(exclude=exact) == w.model_dump(exclude=exact)
         np.testing.assert_allclose(g.vector, w.vector, rtol=1e-6)
         assert (g.coefficients is None) == (w.coefficients is None)
         if w.coefficients is not None:
@@ -121,7 +122,9 @@ def test_from_arrow_names_missing_required_columns() -> None:
 
 
 def test_from_arrow_validates_rows() -> None:
-    table = pa.table({"concept_id": ["../a"], "parent": ["dress"], "image_uri": ["1.png"], "split": ["fewshot"]})
+    table = pa.table(
+        {"concept_id": ["../a"], "parent": ["dress"], "image_uri": ["1.png"], "split": ["fewshot"]}
+    )
     with pytest.raises(ValueError, match="invalid id"):
         from_arrow(table, CatalogRow)
 

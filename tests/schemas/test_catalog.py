@@ -7,7 +7,8 @@ from schemas import CatalogManifest, CatalogRow, ConceptSpec, concepts_from_rows
 
 
 def _row(concept_id: str, split: str, uri: str, **kw: object) -> CatalogRow:
-    return CatalogRow(concept_id=concept_id, parent=kw.pop("parent", "dress"), image_uri=uri, split=split, **kw)
+    parent = kw.pop("parent", "dress")
+    return CatalogRow(concept_id=concept_id, parent=parent, image_uri=uri, split=split, **kw)
 
 
 def test_concept_spec_needs_at_least_one_image() -> None:
@@ -90,7 +91,9 @@ def test_rows_from_concepts_and_back_is_lossless() -> None:
 
 
 def test_concept_spec_json_round_trip() -> None:
-    spec = ConceptSpec(concept_id="a", parent="coat", image_uris=["x.png"], attributes={"k": "v"}, caption="c")
+    spec = ConceptSpec(
+        concept_id="a", parent="coat", image_uris=["x.png"], attributes={"k": "v"}, caption="c"
+    )
     assert ConceptSpec.model_validate_json(spec.model_dump_json()) == spec
 
 

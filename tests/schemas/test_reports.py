@@ -13,7 +13,10 @@ def _report() -> RunReport:
         finished_at=datetime(2026, 11, 29, 8, 5, 30, 250000, tzinfo=timezone.utc),
         concepts_requested=4,
         concepts_learned=2,
-        skipped=[SkippedConcept(concept_id="../bad", reason="invalid id"), SkippedConcept(concept_id="c", reason="no images")],
+        skipped=[
+            SkippedConcept(concept_id="../bad", reason="invalid id"),
+            SkippedConcept(concept_id="c", reason="no images"),
+        ],
         images_read=31,
         images_rejected=[RejectedImage(uri="s3://b/broken.png", reason="cannot decode")],
         stage_seconds={"read": 1.5, "encode": 3.25, "train": 40.0},

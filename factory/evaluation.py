@@ -1,0 +1,49 @@
+"""Held-out classification of concepts among the concepts of the same parent class."""
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Callable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from factory.backbones import Backbone
+
+
+@torch.no_grad()
+def class_embeddings(backbone: Backbone, prompts: Sequence[Sequence[str]],
+                     tokens: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """One normalised text embedding per class: the mean of its prompts' normalised features."""
+    flat = [p for ps in prompts for p in ps]
+    feats = F.normalize(backbone.encode_prompts(flat, tokens or {}).features.float(), dim=-1).cpu()
+    out, i = [], 0
+    for ps in prompts:
+        out.append(F.normalize(feats[i: i + len(ps)].mean(0), dim=-1))
+        i += len(ps)
+    return torch.stack(out)
+
+
+def heldout_accuracy(backbone: Backbone, concepts: Sequence[tuple[str, str]],
+                     heldout: Mapping[str, torch.Tensor], prompts_for: Callable[[str, str], list[str]],
+                     tokens: Mapping[str, torch.Tensor] | None = None) -> tuple[float, dict[str, float]]:
+    """Accuracy of classifying each concept's held-out image features among its parent's concepts.
+
+    ``concepts`` are (concept_id, parent) pairs, ``heldout`` maps concept id -> features [n, D],
+    ``prompts_for(concept_id, parent)`` gives the prompts that stand for a concept under a method
+    (token prompts, the parent word, a caption…). Returns the overall accuracy and per-concept accuracies.
+    """
+    by_parent: dict[str, list[str]] = defaultdict(list)
+    for cid, parent in concepts:
+        by_parent[parent].append(cid)
+    per_concept, hits, total = {}, 0, 0
+    for parent, ids in by_parent.items():
+        emb = class_embeddings(backbone, [prompts_for(c, parent) for c in ids], tokens)
+        for k, cid in enumerate(ids):
+            x = heldout.get(cid)
+            if x is None or len(x) == 0:
+                continue
+            pred = (F.normalize(x.float(), dim=-1) @ emb.T).argmax(1)
+            correct = int((pred == k).sum())
+            per_concept[cid] = correct / len(x)
+            hits, total = hits + correct, total + len(x)
+    return (hits / total if total else float("nan")), per_concept

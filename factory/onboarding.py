@@ -1,0 +1,111 @@
+"""Onboarding a catalog in one process: images -> features and latents -> tokens -> registry rows.
+
+The same steps the Ray job distributes (`jobs/onboard_cmd.py`), as plain functions: the demo and the
+benchmarks call them directly, Ray Data and Ray Train workers call them on their shards.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from factory import storage
+from factory.backbones import Backbone
+from factory.concepts import concept_data, encode_images, negative_banks
+from factory.images import BadImage, load_rgb
+from factory.learner import ConceptData, LearnedToken, LearnerConfig, NegativeBank, learn_tokens
+from factory.storage import S3Options
+from schemas import ConceptSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedImages:
+    images: np.ndarray  # uint8 [N, S, S, 3]
+    owners: list[str]  # concept id of each image
+    rejected: list[tuple[str, str]] = field(default_factory=list)  # (uri, reason)
+
+
+def image_size_for(backbone: Backbone) -> int:
+    """One size that serves both encoders (each resizes further if it needs less)."""
+    size = backbone.config.image.size
+    return max(size, backbone.generator.image_size) if backbone.generator is not None else size
+
+
+def load_images(uris_by_concept: dict[str, Sequence[str]], size: int, s3: S3Options | None = None,
+                threads: int = 8) -> LoadedImages:
+    """Read and validate every image; a bad or missing one is listed with its reason, never fatal."""
+    jobs = [(cid, uri) for cid, uris in uris_by_concept.items() for uri in uris]
+
+    def one(job):
+        cid, uri = job
+        try:
+            return cid, uri, load_rgb(storage.read_bytes(uri, s3), size), None
+        except BadImage as e:
+            return cid, uri, None, str(e)
+        except FileNotFoundError:
+            return cid, uri, None, "missing: no such object"
+
+    with ThreadPoolExecutor(threads) as pool:
+        results = list(pool.map(one, jobs))
+    good = [(cid, img) for cid, _, img, _ in results if img is not None]
+    images = np.stack([g[1] for g in good]) if good else np.zeros((0, size, size, 3), np.uint8)
+    return LoadedImages(images, [g[0] for g in good], [(uri, why) for _, uri, img, why in results if img is None])
+
+
+def prepare_concepts(backbone: Backbone, specs: Sequence[ConceptSpec], s3: S3Options | None = None,
+                     min_images: int = 1, latents: bool = True) -> tuple[list[ConceptData], LoadedImages, dict[str, str]]:
+    """Load and encode the few-shot images of ``specs``; returns the usable concepts, the load result and
+    the concepts skipped (id -> reason) for having fewer than ``min_images`` good images."""
+    loaded = load_images({s.concept_id: s.image_uris for s in specs}, image_size_for(backbone), s3)
+    feats, lats = encode_images(backbone, loaded.images, latents=latents) if len(loaded.images) else (None, None)
+    counts = {cid: loaded.owners.count(cid) for cid in {s.concept_id for s in specs}}
+    skipped = {s.concept_id: f"only {counts[s.concept_id]} usable image(s), need {min_images}"
+               for s in specs if counts[s.concept_id] < min_images}
+    keep = [s for s in specs if s.concept_id not in skipped]
+    if not keep:
+        return [], loaded, skipped
+    data = concept_data([s.concept_id for s in keep], [s.parent for s in keep], feats, lats, loaded.owners)
+    return data, loaded, skipped
+
+
+def chunks_by_parent(concepts: Sequence[ConceptData], size: int) -> list[list[ConceptData]]:
+    """Chunks of at most ``size`` concepts, concepts of one parent kept together where possible."""
+    ordered = sorted(concepts, key=lambda c: (c.parent, c.concept_id))
+    return [list(ordered[i: i + size]) for i in range(0, len(ordered), size)]
+
+
+def learn_in_chunks(backbone: Backbone, concepts: Sequence[ConceptData], banks: dict[str, NegativeBank],
+                    config: LearnerConfig, concepts_per_step: int,
+                    on_chunk: Callable[[list[LearnedToken]], None] | None = None) -> list[LearnedToken]:
+    """Learn ``concepts`` C at a time; ``on_chunk`` sees each chunk's tokens as soon as they exist."""
+    out = []
+    for chunk in chunks_by_parent(concepts, concepts_per_step):
+        t0 = time.perf_counter()
+        tokens = learn_tokens(backbone, chunk, banks, config)
+        log.debug("learned %d concepts in %.1fs", len(chunk), time.perf_counter() - t0)
+        out.extend(tokens)
+        if on_chunk is not None:
+            on_chunk(tokens)
+    return out
+
+
+def heldout_features(backbone: Backbone, specs: Sequence[ConceptSpec], s3: S3Options | None = None
+                     ) -> dict[str, torch.Tensor]:
+    """CLIP features of each concept's held-out images (for evaluation)."""
+    loaded = load_images({s.concept_id: s.heldout_uris for s in specs if s.heldout_uris}, backbone.config.image.size, s3)
+    if not len(loaded.images):
+        return {}
+    feats, _ = encode_images(backbone, loaded.images, latents=False)
+    owners = np.array(loaded.owners)
+    return {cid: feats[torch.from_numpy(np.nonzero(owners == cid)[0])] for cid in dict.fromkeys(loaded.owners)}
+
+
+__all__ = ["LoadedImages", "chunks_by_parent", "heldout_features", "image_size_for", "learn_in_chunks",
+           "load_images", "negative_banks", "prepare_concepts"]

@@ -1,0 +1,259 @@
+"""`tokenfactory onboard`: learn a token for every concept of a catalog, on Ray, into a token registry.
+
+    catalog (S3 or local) -> Ray Data: read, validate, encode each image once (actor pool)
+      -> Ray Train: N workers learn their shards C concepts at a time, staging tokens as they go
+      -> registry: one new version, committed only when every concept is learned or reported skipped
+
+Resumable: rerun with the same ``--run-id`` and concepts already staged are not learned again; rerunning
+a run id that was committed does nothing. The same entry point works under ``ray job submit -- tokenfactory
+onboard …`` on a cluster (it joins the cluster at RAY_ADDRESS, else starts a local one).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+import uuid
+from datetime import datetime, timezone
+
+log = logging.getLogger(__name__)
+
+
+def register(sub) -> None:
+    p = sub.add_parser("onboard", help="learn tokens for a whole catalog on Ray (S3 -> Ray Data -> Ray Train -> registry)",
+                       description=__doc__)
+    p.add_argument("--catalog", required=True, help="catalog URI: a folder/manifest.json written by `world`, or a CatalogRow Parquet/JSONL")
+    p.add_argument("--registry", required=True, help="token registry root URI (s3://bucket/prefix or a local folder)")
+    p.add_argument("--backbone", default="fashion-mini", help="backbone name (default: fashion-mini)")
+    p.add_argument("--weights", default=None, help="backbone weights URI (default: the backbone config's own)")
+    p.add_argument("--run-id", default=None, help="run id; reuse it to resume an interrupted run (default: a new id)")
+    p.add_argument("--workers", type=int, default=2, help="Ray Train workers (default: 2)")
+    p.add_argument("--cpus-per-worker", type=float, default=0.5,
+                   help="CPUs reserved per Train worker; fractional leaves room for Ray Data (default: 0.5)")
+    p.add_argument("--threads-per-worker", type=int, default=1, help="torch threads per Train worker (default: 1)")
+    p.add_argument("--use-gpu", action="store_true", help="one GPU per Train worker")
+    p.add_argument("--concepts-per-step", type=int, default=8, help="concepts learned together per optimisation (default: 8)")
+    p.add_argument("--min-images", type=int, default=2, help="fewest usable images a concept needs (default: 2)")
+    p.add_argument("--steps", type=int, default=150, help="learner steps per chunk (default: 150)")
+    p.add_argument("--lr", type=float, default=0.01, help="learner Adam learning rate (default: 0.01)")
+    p.add_argument("--lambda-ti", type=float, default=1.0, help="textual-inversion loss weight (default: 1)")
+    p.add_argument("--lambda-ce", type=float, default=1.0, help="text-side CE loss weight (default: 1)")
+    p.add_argument("--lambda-image-ce", type=float, default=1.0, help="image-side CE weight among a chunk (default: 1)")
+    p.add_argument("--lambda-reg", type=float, default=0.0, help="weight of ||v - e_parent||^2 (default: 0)")
+    p.add_argument("--parametrization", choices=["projected", "free"], default="projected", help="token parametrisation")
+    p.add_argument("--seed", type=int, default=0, help="learner seed (default: 0)")
+    p.add_argument("--batch-size", type=int, default=64, help="Ray Data batch size for decoding and encoding (default: 64)")
+    p.add_argument("--decode-tasks", type=int, default=2, help="concurrent decode tasks (default: 2)")
+    p.add_argument("--encoders", type=int, default=1, help="image-encoder actors (default: 1)")
+    p.add_argument("--max-failures", type=int, default=3, help="Ray Train worker-group restarts allowed (default: 3)")
+    p.add_argument("--report", default=None, help="also write the run report (JSON) to this URI")
+    p.add_argument("--s3-endpoint", default=None, help="S3 endpoint URL (default: TOKENFACTORY_S3_ENDPOINT / AWS_ENDPOINT_URL)")
+    p.add_argument("--s3-region", default=None, help="S3 region (default: AWS_REGION or us-east-1); keys come from AWS_* env vars")
+    p.set_defaults(func=run)
+
+
+def s3_options(args):
+    """S3 options from the environment, overridden by --s3-endpoint / --s3-region."""
+    import dataclasses
+
+    from factory.storage import S3Options
+
+    opts = S3Options.from_env()
+    changes = {k: v for k, v in (("endpoint", args.s3_endpoint), ("region", args.s3_region)) if v}
+    return dataclasses.replace(opts, **changes) if changes else opts
+
+
+def _learner_config(args) -> dict:
+    return {"steps": args.steps, "lr": args.lr, "seed": args.seed, "parametrization": args.parametrization,
+            "weights": {"ti": args.lambda_ti, "ce": args.lambda_ce, "image_ce": args.lambda_image_ce,
+                        "reg": args.lambda_reg}, "log_every": 0}
+
+
+def run(args) -> int:
+    import ray
+
+    from factory.backbones import get_backbone_config
+    from factory.catalog import read_concepts
+    from factory.registry import TokenRegistry
+    from jobs.cli import absolute_uri, effective_config
+
+    for name in ("catalog", "registry", "weights", "report"):
+        setattr(args, name, absolute_uri(getattr(args, name)))
+    s3 = s3_options(args)
+    run_id = args.run_id or f"onboard-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
+    job_config = {**effective_config(args), "run_id": run_id}
+    print("[onboard] config: " + json.dumps(job_config, sort_keys=True), flush=True)
+    registry = TokenRegistry(args.registry, s3)
+    done = registry.committed_version_for_run(run_id)
+    if done is not None:
+        print(f"[onboard] run {run_id} is already committed as version {done}: nothing to do", flush=True)
+        return 0
+
+    started, stages = datetime.now(timezone.utc), {}
+    t0 = time.perf_counter()
+    specs = read_concepts(args.catalog, s3)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), logging_level="WARNING", include_dashboard=True,
+                 dashboard_host="127.0.0.1")
+    from jobs.onboard_data import encode_catalog
+
+    cfg = get_backbone_config(args.backbone)
+    size = max(cfg.image.size, _generator_size(args.backbone))
+    encoded = encode_catalog(specs, args.backbone, args.weights, size, s3, args.batch_size, args.decode_tasks,
+                             args.encoders)
+    stages["read_encode"] = time.perf_counter() - t0
+    counts = {r["concept_id"]: len(r["features"]) for r in encoded.records}
+    skipped = {s.concept_id: f"only {counts.get(s.concept_id, 0)} usable image(s), need {args.min_images}"
+               for s in specs if counts.get(s.concept_id, 0) < args.min_images}
+    records = [r for r in encoded.records if r["concept_id"] not in skipped]
+    print(f"[onboard] {len(specs)} concepts, {encoded.images_read} images read, {len(encoded.rejected)} rejected, "
+          f"{len(skipped)} concepts skipped, {len(records)} to learn", flush=True)
+
+    t0 = time.perf_counter()
+    if records:
+        _train(args, s3, run_id, job_config, records, registry)
+    stages["train"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    version, report = _commit(args, registry, run_id, job_config, specs, records, skipped, encoded, started, stages)
+    report.stage_seconds["commit"] = time.perf_counter() - t0
+    _print_summary(report, version)
+    if args.report:
+        from factory import storage
+
+        storage.write_json(args.report, report, s3)
+    return 0
+
+
+def _generator_size(name: str) -> int:
+    from factory.backbones import get_backbone_config
+
+    g = get_backbone_config(name).generator
+    if g is None:
+        return 0
+    size = g.unet["sample_size"]
+    if g.vae is not None:
+        size *= 2 ** (len(g.vae["block_out_channels"]) - 1)
+    return size
+
+
+def _banks(records):
+    import torch
+
+    from factory.concepts import negative_banks
+    from factory.learner import ConceptData
+
+    return negative_banks([ConceptData(r["concept_id"], r["parent"], torch.from_numpy(r["features"])) for r in records])
+
+
+def _train(args, s3, run_id, job_config, records, registry) -> None:
+    import ray
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from jobs.onboard_train import learn_shard
+
+    config = {"backbone": args.backbone, "weights": args.weights, "s3": s3, "registry": args.registry,
+              "run_id": run_id, "job_config": job_config, "learner": _learner_config(args),
+              "concepts_per_step": args.concepts_per_step, "threads": args.threads_per_worker,
+              "use_gpu": args.use_gpu, "concepts": ray.put(records), "banks": ray.put(_banks(records))}
+    workers = max(1, min(args.workers, len(records)))
+    trainer = TorchTrainer(
+        learn_shard, train_loop_config=config,
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=args.use_gpu,
+                                     resources_per_worker={"CPU": args.cpus_per_worker}),
+        run_config=RunConfig(name=f"onboard-{run_id}", storage_path=os.path.abspath("build/ray_results"),
+                             failure_config=FailureConfig(max_failures=args.max_failures)),
+    )
+    outcome: dict = {}
+    thread = threading.Thread(target=lambda: outcome.update(result=_fit(trainer)), daemon=True)
+    thread.start()
+    _watch(thread, registry, run_id, args.backbone, len(records))
+    if isinstance(outcome.get("result"), BaseException):
+        raise outcome["result"]
+
+
+def _fit(trainer):
+    try:
+        return trainer.fit()
+    except BaseException as e:  # surfaced by the driver thread
+        return e
+
+
+def _watch(thread, registry, run_id, backbone, total) -> None:
+    """Print staged/total, rate and ETA while the trainer runs (read from the registry's staging area)."""
+    writer = registry.begin(run_id, backbone, "-")
+    t0, last = time.perf_counter(), -1
+    while thread.is_alive():
+        thread.join(timeout=5.0)
+        try:
+            n = len(writer.staged_concept_ids())
+        except Exception as e:  # a flaky store must not kill the driver; the workers retry on their own
+            log.warning("progress check failed: %s", e)
+            continue
+        if n != last:
+            dt = time.perf_counter() - t0
+            rate = n / dt if dt > 0 else 0.0
+            eta = (total - n) / rate if rate > 0 else float("nan")
+            print(f"[onboard] learned {n}/{total} concepts  {rate * 60:.1f}/min  eta {eta:.0f}s", flush=True)
+            last = n
+
+
+def _commit(args, registry, run_id, job_config, specs, records, skipped, encoded, started, stages):
+    from schemas import RejectedImage, RunReport, SkippedConcept
+
+    report = RunReport(
+        run_id=run_id, started_at=started, concepts_requested=len(specs),
+        skipped=[SkippedConcept(concept_id=c, reason=r) for c, r in sorted(skipped.items())],
+        images_read=encoded.images_read,
+        images_rejected=[RejectedImage(uri=u, reason=r) for u, r in encoded.rejected],
+        stage_seconds=dict(stages), config=job_config,
+    )
+    writer = registry.begin(run_id, args.backbone, "-")
+    staged = writer.staged_concept_ids()
+    missing = {r["concept_id"] for r in records} - staged
+    if missing:
+        raise RuntimeError(f"{len(missing)} concepts were neither learned nor skipped (e.g. {sorted(missing)[:5]}); "
+                           f"rerun with --run-id {run_id} to resume")
+    if not staged:
+        raise RuntimeError(f"no concept could be learned: {len(skipped)} skipped; see the report")
+    version_writer = _writer_from_staged(registry, run_id, job_config)
+    report.concepts_learned = len(staged)
+    report.finished_at = datetime.now(timezone.utc)
+    version = version_writer.commit(report=report.model_dump(mode="json"))
+    opened = registry.open(version)
+    report.concept_metrics = {r.concept_id: r.metrics for r in opened.records()}
+    return version, report
+
+
+def _writer_from_staged(registry, run_id, job_config):
+    """A writer whose backbone fields match what the workers staged (read back from a staged shard)."""
+    from factory import storage
+    from schemas import TokenRecord, from_arrow
+
+    probe = registry.begin(run_id, "-", "-")
+    first = from_arrow(storage.read_parquet(probe.staged_shards()[0], registry.s3), TokenRecord)[0]
+    return registry.begin(run_id, first.backbone, first.backbone_fingerprint, job_config)
+
+
+def _print_summary(report, version) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"onboarding run {report.run_id} -> registry version {version}")
+    table.add_column("what")
+    table.add_column("count", justify="right")
+    for k, v in [("concepts requested", report.concepts_requested), ("concepts learned", report.concepts_learned),
+                 ("concepts skipped", len(report.skipped)), ("images read", report.images_read),
+                 ("images rejected", len(report.images_rejected))]:
+        table.add_row(k, str(v))
+    for k, v in report.stage_seconds.items():
+        table.add_row(f"{k} seconds", f"{v:.1f}")
+    Console().print(table)
+    for s in report.skipped:
+        print(f"  skipped {s.concept_id}: {s.reason}")
+    for r in report.images_rejected:
+        print(f"  rejected {r.uri}: {r.reason}")

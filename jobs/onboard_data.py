@@ -1,0 +1,92 @@
+"""The Ray Data stage of onboarding: read and validate images, encode each once, group per concept.
+
+    rows (concept_id, parent, uri) -> map_batches(decode, tasks) -> materialise; split off bad images
+      -> map_batches(ImageEncoder, actor pool) -> features + latents -> per-concept records
+
+Bad images (corrupt, truncated, empty, too large, missing) come back as rows with a reason, so they are
+reported, never fatal. The encoder is a callable class: each actor loads the frozen backbone once.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+
+from factory.storage import S3Options
+
+
+def decode_batch(batch: dict, size: int, s3: S3Options | None) -> dict:
+    """Read and decode a batch of image URIs; bad ones get a zero image and a non-empty ``error``."""
+    from factory import storage
+    from factory.images import BadImage, load_rgb
+
+    n = len(batch["uri"])
+    images = np.zeros((n, size, size, 3), np.uint8)
+    errors = []
+    for i, uri in enumerate(batch["uri"]):
+        try:
+            images[i] = load_rgb(storage.read_bytes(str(uri), s3), size)
+            errors.append("")
+        except BadImage as e:
+            errors.append(str(e))
+        except FileNotFoundError:
+            errors.append("missing: no such object")
+    return {**batch, "image": images, "error": np.array(errors, dtype=object)}
+
+
+class ImageEncoder:
+    """Ray Data actor: CLIP features and diffusion latents of decoded images."""
+
+    def __init__(self, backbone: str, weights: str | None, s3: S3Options | None, threads: int = 1):
+        import torch
+
+        from factory.backbones import load_backbone
+
+        torch.set_num_threads(threads)  # several actors share a node: do not oversubscribe its cores
+        self.backbone = load_backbone(backbone, weights=weights, s3=s3)
+
+    def __call__(self, batch: dict) -> dict:
+        from factory.concepts import encode_images
+
+        feats, lats = encode_images(self.backbone, np.asarray(batch["image"]), latents=True)
+        out = {"concept_id": batch["concept_id"], "parent": batch["parent"], "features": feats.numpy()}
+        if lats is not None:
+            out["latents"] = lats.numpy()
+        return out
+
+
+@dataclass
+class EncodedCatalog:
+    records: list[dict]  # per concept: concept_id, parent, features [n, D], latents [n, ...] | None
+    rejected: list[tuple[str, str]]  # (uri, reason)
+    images_read: int
+
+
+def encode_catalog(specs, backbone: str, weights: str | None, image_size: int, s3: S3Options | None,
+                   batch_size: int = 64, decode_tasks: int = 2, encoders: int = 1) -> EncodedCatalog:
+    import ray.data
+
+    rows = [{"concept_id": s.concept_id, "parent": s.parent, "uri": u} for s in specs for u in s.image_uris]
+    if not rows:
+        return EncodedCatalog([], [], 0)
+    decoded = ray.data.from_items(rows).map_batches(
+        decode_batch, fn_kwargs={"size": image_size, "s3": s3}, batch_size=batch_size, concurrency=decode_tasks,
+    ).materialize()
+    bad = decoded.filter(lambda r: r["error"] != "").select_columns(["uri", "error"]).take_all()
+    good = decoded.filter(lambda r: r["error"] == "")
+    encoded = good.map_batches(
+        ImageEncoder, fn_constructor_kwargs={"backbone": backbone, "weights": weights, "s3": s3},
+        batch_size=batch_size, concurrency=encoders,
+    )
+    feats, lats, parent = defaultdict(list), defaultdict(list), {}
+    for batch in encoded.iter_batches(batch_size=None, batch_format="numpy"):
+        for i, cid in enumerate(batch["concept_id"]):
+            cid = str(cid)
+            parent[cid] = str(batch["parent"][i])
+            feats[cid].append(batch["features"][i])
+            if "latents" in batch:
+                lats[cid].append(batch["latents"][i])
+    records = [{"concept_id": cid, "parent": parent[cid], "features": np.stack(feats[cid]),
+                "latents": np.stack(lats[cid]) if lats.get(cid) else None} for cid in feats]
+    return EncodedCatalog(records, [(str(r["uri"]), str(r["error"])) for r in bad], len(rows))

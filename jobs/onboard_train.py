@@ -1,0 +1,47 @@
+"""The Ray Train stage of onboarding: N workers, each learning its shard of concepts C at a time.
+
+Workers are independent (no gradient all-reduce): they share the frozen backbone (loaded once per
+worker) and the negative banks, not parameters. Each worker takes concepts ``rank::world`` of the
+concept list, skips those already staged in the registry for this run id (a restarted worker or a
+restarted job resumes, and nothing is learned twice), and stages its tokens after every chunk.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+def learn_shard(config: dict) -> None:
+    """Ray Train worker body. ``config`` holds plain settings plus object refs to concepts and banks."""
+    import ray
+    import ray.train
+    import torch
+
+    from factory.backbones import load_backbone
+    from factory.learner import ConceptData, LearnerConfig, to_record
+    from factory.onboarding import learn_in_chunks
+    from factory.registry import TokenRegistry
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(max(1, int(config["threads"])))
+    s3 = config["s3"]
+    backbone = load_backbone(config["backbone"], weights=config["weights"], s3=s3)
+    if config["use_gpu"]:
+        backbone.to("cuda")
+    writer = TokenRegistry(config["registry"], s3).begin(config["run_id"], backbone.name, backbone.fingerprint(),
+                                                         config["job_config"])
+    done = writer.staged_concept_ids()
+    records = ray.get(config["concepts"])[rank::world]
+    todo = [ConceptData(r["concept_id"], r["parent"], torch.tensor(np.asarray(r["features"])),
+                        torch.tensor(np.asarray(r["latents"])) if r["latents"] is not None else None)
+            for r in records if r["concept_id"] not in done]
+    banks = ray.get(config["banks"])
+    learner = LearnerConfig(**config["learner"])
+
+    def stage(tokens):
+        # Shard names are unique per chunk (concept ids are), so a retried chunk overwrites itself.
+        writer.write_shard(f"c-{tokens[0].concept_id}", [to_record(t, backbone, config["run_id"]) for t in tokens])
+
+    learn_in_chunks(backbone, todo, banks, learner, config["concepts_per_step"], on_chunk=stage)
+    ray.train.report({"rank": rank, "learned": len(todo), "skipped_already_staged": len(records) - len(todo)})
+

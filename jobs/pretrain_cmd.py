@@ -1,0 +1,171 @@
+"""`tokenfactory pretrain`: pretrain a backbone (the embedded `fashion-mini`) on the fashion world, on Ray Train.
+
+Stage ``clip`` trains the CLIP pair, stage ``unet`` the generator on the frozen text encoder; ``all``
+runs both. Every ``--checkpoint-every`` steps the trainer state (weights, optimiser, EMA, RNGs) is
+reported to Ray Train (so a failed worker restarts from it) and written to ``OUT/checkpoints/STAGE.pt``;
+a later run with the same ``--out`` resumes from there, so a long run can span several sittings
+(``--time-limit-min`` ends a sitting cleanly). The final weights go to ``OUT/model.safetensors`` and a
+metrics log to ``OUT/pretrain-STAGE.jsonl``.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import tempfile
+import time
+
+log = logging.getLogger(__name__)
+
+
+def register(sub) -> None:
+    p = sub.add_parser("pretrain", help="pretrain a backbone on the fashion world (Ray Train, resumable)",
+                       description=__doc__)
+    p.add_argument("--backbone", default="fashion-mini", help="registered backbone config to train (default: fashion-mini)")
+    p.add_argument("--stage", choices=["clip", "unet", "all"], default="all",
+                   help="what to train: the CLIP pair, the UNet on the frozen text encoder, or both in order")
+    p.add_argument("--out", required=True, help="URI of the output folder: model.safetensors, checkpoints/, logs")
+    p.add_argument("--init", default=None,
+                   help="weights URI to start from (default: OUT/model.safetensors if it exists, else random init)")
+    p.add_argument("--clip-steps", type=int, default=3000, help="optimiser steps of the clip stage (default: 3000)")
+    p.add_argument("--unet-steps", type=int, default=3000, help="optimiser steps of the unet stage (default: 3000)")
+    p.add_argument("--batch-size", type=int, default=256, help="images per step per worker (default: 256)")
+    p.add_argument("--clip-lr", type=float, default=7e-4, help="peak AdamW learning rate of the clip stage")
+    p.add_argument("--unet-lr", type=float, default=1e-3, help="peak AdamW learning rate of the unet stage")
+    p.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints (default: 100)")
+    p.add_argument("--time-limit-min", type=float, default=0.0,
+                   help="end this sitting after about this many minutes, checkpointed (0: run to the end)")
+    p.add_argument("--workers", type=int, default=1, help="Ray Train workers (data parallel; default: 1)")
+    p.add_argument("--cpus-per-worker", type=float, default=None,
+                   help="CPUs per worker (default: all CPUs of the machine divided by --workers)")
+    p.add_argument("--use-gpu", action="store_true", help="one GPU per worker")
+    p.add_argument("--image-size", type=int, default=32, help="render size of world images (default: 32)")
+    p.add_argument("--seed", type=int, default=0, help="seed of data and noise (default: 0)")
+    p.set_defaults(func=run)
+
+
+def world_batches(image_size: int, partial_captions: float):
+    """A BatchFn over freshly rendered world images of train-split garments.
+
+    A share of captions is *partial* (some attributes left out, e.g. "a red dress"): CLIP then learns
+    each attribute word on its own, which is what zero-shot prompts that vary one attribute need.
+    """
+    from factory.world import FashionWorld
+    from factory.world.captions import partial_caption
+
+    world = FashionWorld(seed=0, size=image_size, split="train")
+
+    def batches(n, rng):
+        r = world.sample(n, rng=rng)
+        caps = [partial_caption(r, i, rng) if rng.random() < partial_captions else r.captions[i] for i in range(n)]
+        return r.images, caps
+
+    return batches
+
+
+def _train_loop(config: dict) -> None:
+    """Ray Train worker body: one stage, resumable."""
+    import ray.train
+    import torch
+    import torch.distributed as dist
+
+    from factory import storage
+    from factory.backbones import create_backbone, get_backbone_config, load_backbone, save_weights
+    from factory.pretrain import PretrainConfig, Pretrainer
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(max(1, int(config["threads"])))
+    out, stage = config["out"], config["stage"]
+    if config["init"] and storage.exists(config["init"]):
+        backbone = load_backbone(config["backbone"], weights=config["init"])
+    else:
+        backbone = create_backbone(get_backbone_config(config["backbone"]))
+    device = torch.device("cuda") if config["use_gpu"] else torch.device("cpu")
+    backbone.to(device)
+    cfg = PretrainConfig(stage=stage, steps=config["steps"], batch_size=config["batch_size"], lr=config["lr"],
+                         seed=config["seed"])
+
+    def grad_sync(grads):
+        if world > 1:
+            for g in grads:
+                dist.all_reduce(g)
+                g /= world
+
+    trainer = Pretrainer(backbone, cfg, world_batches(config["image_size"], 0.3 if stage == "clip" else 0.0),
+                         grad_sync=grad_sync, rank=rank)
+    ckpt_uri = storage.join(out, "checkpoints", f"{stage}.pt")
+    resumed = ray.train.get_checkpoint()
+    if resumed is not None:
+        with resumed.as_directory() as d:
+            trainer.load_state_dict(torch.load(os.path.join(d, "state.pt"), weights_only=False))
+    elif storage.exists(ckpt_uri):
+        trainer.load_state_dict(torch.load(io.BytesIO(storage.read_bytes(ckpt_uri)), weights_only=False))
+    if trainer.step:
+        log.info("resumed stage %s at step %d", stage, trainer.step)
+
+    deadline = time.time() + 60 * config["time_limit_min"] if config["time_limit_min"] else float("inf")
+    log_uri = storage.join(out, f"pretrain-{stage}.jsonl")
+    t_start = time.time()
+    while trainer.step < cfg.steps and time.time() < deadline:
+        metrics = trainer.train_steps(config["checkpoint_every"])
+        metrics["wall_s"] = time.time() - t_start
+        eta = (cfg.steps - trainer.step) / max(metrics["steps_per_s"], 1e-9)
+        print(f"[pretrain {stage}] step {trainer.step}/{cfg.steps} loss {metrics['loss']:.4f} "
+              f"{metrics['steps_per_s']:.2f} steps/s eta {eta / 60:.1f} min", flush=True)
+        with tempfile.TemporaryDirectory() as d:
+            if rank == 0:
+                buf = io.BytesIO()
+                torch.save(trainer.state_dict(), buf)
+                storage.write_bytes(ckpt_uri, buf.getvalue())
+                with open(os.path.join(d, "state.pt"), "wb") as f:
+                    f.write(buf.getvalue())
+                old = storage.read_bytes(log_uri).decode() if storage.exists(log_uri) else ""
+                storage.write_bytes(log_uri, (old + json.dumps(metrics) + "\n").encode())
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d) if rank == 0 else None)
+    if rank == 0 and trainer.step >= cfg.steps:
+        save_weights(trainer.finish().to("cpu"), out)
+
+
+def run_stage(args, stage: str, steps: int, lr: float) -> None:
+    import ray
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from factory import storage
+
+    init = args.init or storage.join(args.out, "model.safetensors")
+    cpus = args.cpus_per_worker or max(1.0, (os.cpu_count() or 1) / args.workers)
+    config = dict(backbone=args.backbone, stage=stage, out=args.out, init=init, steps=steps, lr=lr,
+                  batch_size=args.batch_size, checkpoint_every=args.checkpoint_every, seed=args.seed,
+                  image_size=args.image_size, time_limit_min=args.time_limit_min, use_gpu=args.use_gpu,
+                  threads=cpus)
+    print("[pretrain] config:", json.dumps(config, sort_keys=True), flush=True)
+    storage_path = os.path.abspath(os.path.join(args.out, "ray")) if "://" not in args.out else tempfile.mkdtemp()
+    trainer = TorchTrainer(
+        _train_loop, train_loop_config=config,
+        scaling_config=ScalingConfig(num_workers=args.workers, use_gpu=args.use_gpu,
+                                     resources_per_worker={"CPU": cpus}),
+        run_config=RunConfig(name=f"pretrain-{args.backbone}-{stage}", storage_path=storage_path,
+                             failure_config=FailureConfig(max_failures=2)),
+    )
+    trainer.fit()
+
+
+def run(args) -> int:
+    import ray
+
+    from jobs.cli import absolute_uri
+
+    args.out, args.init = absolute_uri(args.out), absolute_uri(args.init)  # Ray workers run elsewhere
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if not ray.is_initialized():
+        ray.init(logging_level="WARNING", include_dashboard=True, dashboard_host="127.0.0.1")
+    stages = ["clip", "unet"] if args.stage == "all" else [args.stage]
+    for stage in stages:
+        steps = args.clip_steps if stage == "clip" else args.unet_steps
+        lr = args.clip_lr if stage == "clip" else args.unet_lr
+        run_stage(args, stage, steps, lr)
+    return 0
