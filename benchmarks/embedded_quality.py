@@ -69,6 +69,24 @@ def main(argv=None) -> int:
         result["zero_shot"][attr] = attribute_accuracy(backbone, r.images, labels, attr)
     result["zero_shot_seconds"] = time.perf_counter() - t0
 
+    if args.n_generated > 0:
+        _generation(backbone, args, result)
+    result["settings"] = vars(args)
+
+    print(f"{'metric':28s} {'value':>7s} {'target':>7s}")
+    for group in ("zero_shot", "generation"):
+        for attr, v in result[group].items():
+            tgt = TARGETS[group][attr]
+            print(f"{group + '.' + attr:28s} {v:7.3f} {tgt:7.2f} {'ok' if v >= tgt else 'MISSED'}")
+    if "sampling_seconds_per_image" in result:
+        print(f"{'sampling s/image':28s} {result['sampling_seconds_per_image']:7.3f}")
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+    return 0
+
+
+def _generation(backbone, args, result) -> None:
     g = FashionWorld(seed=args.seed + 1, split="test").sample(args.n_generated)
     gen_labels = [_words(g, i) for i in range(len(g))]
     t0 = time.perf_counter()
@@ -80,18 +98,6 @@ def main(argv=None) -> int:
     result["sampling_seconds_per_image"] = (time.perf_counter() - t0) / len(images)
     for attr in ("category", "colour", "background"):
         result["generation"][attr] = attribute_accuracy(backbone, images, gen_labels, attr)
-    result["settings"] = vars(args)
-
-    print(f"{'metric':28s} {'value':>7s} {'target':>7s}")
-    for group in ("zero_shot", "generation"):
-        for attr, v in result[group].items():
-            tgt = TARGETS[group][attr]
-            print(f"{group + '.' + attr:28s} {v:7.3f} {tgt:7.2f} {'ok' if v >= tgt else 'MISSED'}")
-    print(f"{'sampling s/image':28s} {result['sampling_seconds_per_image']:7.3f}")
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
-    return 0
 
 
 if __name__ == "__main__":

@@ -86,6 +86,7 @@ class LearnedToken:
     coefficients: list[float] | None
     basis_id: str | None
     metrics: dict[str, float]
+    prototype: torch.Tensor | None = None  # [D] mean normalised image feature of the concept
 
 
 def concept_seed(seed: int, concept_id: str) -> int:
@@ -294,6 +295,7 @@ def _finish(backbone, cfg, concepts, batch, params, spaces, pos, pos_mask, neg, 
             concept_id=c.concept_id, parent=c.parent, vector=v, parametrization=params.mode,
             coefficients=params.coefficients_of(i),
             basis_id=spaces[c.parent].basis_id if spaces else None, metrics=metrics,
+            prototype=F.normalize(pos[i][pos_mask[i]].mean(0), dim=-1).cpu(),
         ))
     return out
 
@@ -307,4 +309,5 @@ def to_record(token: LearnedToken, backbone: Backbone, run_id: str):
         backbone_fingerprint=backbone.fingerprint(), dim=int(token.vector.numel()),
         vector=token.vector.tolist(), parametrization=token.parametrization, coefficients=token.coefficients,
         basis_id=token.basis_id, metrics=token.metrics, run_id=run_id,
+        prototype=token.prototype.tolist() if token.prototype is not None else None,
     )

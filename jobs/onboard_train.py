@@ -1,13 +1,22 @@
 """The Ray Train stage of onboarding: N workers, each learning its shard of concepts C at a time.
 
 Workers are independent (no gradient all-reduce): they share the frozen backbone (loaded once per
-worker) and the negative banks, not parameters. Each worker takes concepts ``rank::world`` of the
-concept list, skips those already staged in the registry for this run id (a restarted worker or a
+worker) and the negative banks, not parameters. Each worker takes its slice of the concepts (see
+`shard_of`), skips those already staged in the registry for this run id (a restarted worker or a
 restarted job resumes, and nothing is learned twice), and stages its tokens after every chunk.
 """
 from __future__ import annotations
 
 import numpy as np
+
+
+def shard_of(records: list[dict], rank: int, world: int) -> list[dict]:
+    """A worker's contiguous slice of the concepts sorted by (parent, id): concepts of one parent stay on
+    one worker where possible, so the image-side CE can compare them. Deterministic, so a restarted
+    worker gets the same shard back."""
+    ordered = sorted(records, key=lambda r: (r["parent"], r["concept_id"]))
+    n = len(ordered)
+    return ordered[rank * n // world: (rank + 1) * n // world]
 
 
 def learn_shard(config: dict) -> None:
@@ -31,7 +40,7 @@ def learn_shard(config: dict) -> None:
     writer = TokenRegistry(config["registry"], s3).begin(config["run_id"], backbone.name, backbone.fingerprint(),
                                                          config["job_config"])
     done = writer.staged_concept_ids()
-    records = ray.get(config["concepts"])[rank::world]
+    records = shard_of(ray.get(config["concepts"]), rank, world)
     todo = [ConceptData(r["concept_id"], r["parent"], torch.tensor(np.asarray(r["features"])),
                         torch.tensor(np.asarray(r["latents"])) if r["latents"] is not None else None)
             for r in records if r["concept_id"] not in done]

@@ -65,27 +65,22 @@ def world_batches(image_size: int, partial_captions: float):
 
 
 def _train_loop(config: dict) -> None:
-    """Ray Train worker body: one stage, resumable."""
+    """Ray Train worker body: the requested stages in order, each resumable from its checkpoint."""
     import ray.train
     import torch
     import torch.distributed as dist
 
     from factory import storage
-    from factory.backbones import create_backbone, get_backbone_config, load_backbone, save_weights
-    from factory.pretrain import PretrainConfig, Pretrainer
+    from factory.backbones import create_backbone, get_backbone_config, load_backbone
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(max(1, int(config["threads"])))
-    out, stage = config["out"], config["stage"]
     if config["init"] and storage.exists(config["init"]):
         backbone = load_backbone(config["backbone"], weights=config["init"])
     else:
         backbone = create_backbone(get_backbone_config(config["backbone"]))
-    device = torch.device("cuda") if config["use_gpu"] else torch.device("cpu")
-    backbone.to(device)
-    cfg = PretrainConfig(stage=stage, steps=config["steps"], batch_size=config["batch_size"], lr=config["lr"],
-                         seed=config["seed"])
+    backbone.to(torch.device("cuda") if config["use_gpu"] else torch.device("cpu"))
 
     def grad_sync(grads):
         if world > 1:
@@ -93,26 +88,54 @@ def _train_loop(config: dict) -> None:
                 dist.all_reduce(g)
                 g /= world
 
-    trainer = Pretrainer(backbone, cfg, world_batches(config["image_size"], 0.3 if stage == "clip" else 0.0),
-                         grad_sync=grad_sync, rank=rank)
-    ckpt_uri = storage.join(out, "checkpoints", f"{stage}.pt")
+    deadline = time.time() + 60 * config["time_limit_min"] if config["time_limit_min"] else float("inf")
+    for stage in config["stages"]:
+        if not _run_stage(backbone, stage, config, rank, grad_sync, deadline):
+            return  # out of time: the next sitting resumes here
+
+
+def _load_state(trainer, stage: str, ckpt_uri: str) -> None:
+    """Resume from Ray Train's checkpoint (a restarted worker) or our own file (a later sitting)."""
+    import ray.train
+    import torch
+
+    from factory import storage
+
     resumed = ray.train.get_checkpoint()
     if resumed is not None:
         with resumed.as_directory() as d:
-            trainer.load_state_dict(torch.load(os.path.join(d, "state.pt"), weights_only=False))
-    elif storage.exists(ckpt_uri):
+            state = torch.load(os.path.join(d, "state.pt"), weights_only=False)
+        if state["config"]["stage"] == stage:
+            trainer.load_state_dict(state)
+            return
+    if storage.exists(ckpt_uri):
         trainer.load_state_dict(torch.load(io.BytesIO(storage.read_bytes(ckpt_uri)), weights_only=False))
-    if trainer.step:
-        log.info("resumed stage %s at step %d", stage, trainer.step)
 
-    deadline = time.time() + 60 * config["time_limit_min"] if config["time_limit_min"] else float("inf")
-    log_uri = storage.join(out, f"pretrain-{stage}.jsonl")
-    t_start = time.time()
+
+def _run_stage(backbone, stage: dict, config: dict, rank: int, grad_sync, deadline: float) -> bool:
+    """Train one stage to its step count (or the deadline); True when the stage is complete."""
+    import ray.train
+    import torch
+
+    from factory import storage
+    from factory.backbones import save_weights
+    from factory.pretrain import PretrainConfig, Pretrainer
+
+    name, out = stage["stage"], config["out"]
+    cfg = PretrainConfig(stage=name, steps=stage["steps"], batch_size=config["batch_size"], lr=stage["lr"],
+                         seed=config["seed"])
+    trainer = Pretrainer(backbone, cfg, world_batches(config["image_size"], 0.3 if name == "clip" else 0.0),
+                         grad_sync=grad_sync, rank=rank)
+    ckpt_uri = storage.join(out, "checkpoints", f"{name}.pt")
+    _load_state(trainer, name, ckpt_uri)
+    start_step, log_uri, t_start = trainer.step, storage.join(out, f"pretrain-{name}.jsonl"), time.time()
+    if start_step:
+        print(f"[pretrain {name}] resumed at step {start_step}", flush=True)
     while trainer.step < cfg.steps and time.time() < deadline:
         metrics = trainer.train_steps(config["checkpoint_every"])
         metrics["wall_s"] = time.time() - t_start
         eta = (cfg.steps - trainer.step) / max(metrics["steps_per_s"], 1e-9)
-        print(f"[pretrain {stage}] step {trainer.step}/{cfg.steps} loss {metrics['loss']:.4f} "
+        print(f"[pretrain {name}] step {trainer.step}/{cfg.steps} loss {metrics['loss']:.4f} "
               f"{metrics['steps_per_s']:.2f} steps/s eta {eta / 60:.1f} min", flush=True)
         with tempfile.TemporaryDirectory() as d:
             if rank == 0:
@@ -122,33 +145,38 @@ def _train_loop(config: dict) -> None:
                 with open(os.path.join(d, "state.pt"), "wb") as f:
                     f.write(buf.getvalue())
                 old = storage.read_bytes(log_uri).decode() if storage.exists(log_uri) else ""
-                storage.write_bytes(log_uri, (old + json.dumps(metrics) + "\n").encode())
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d) if rank == 0 else None)
-    if rank == 0 and trainer.step >= cfg.steps:
-        save_weights(trainer.finish().to("cpu"), out)
+                storage.write_bytes(log_uri, (old + json.dumps({"stage": name, **metrics}) + "\n").encode())
+            ray.train.report({"stage": name, **metrics},
+                             checkpoint=ray.train.Checkpoint.from_directory(d) if rank == 0 else None)
+    if trainer.step < cfg.steps:
+        return False
+    trainer.finish()
+    if rank == 0 and trainer.step > start_step:  # only a sitting that trained writes the weights
+        save_weights(backbone, out)
+    backbone.requires_grad_(False)
+    return True
 
 
-def run_stage(args, stage: str, steps: int, lr: float) -> None:
-    import ray
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+def run_stages(args, stages: list[dict]) -> None:
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from factory import storage
 
     init = args.init or storage.join(args.out, "model.safetensors")
     cpus = args.cpus_per_worker or max(1.0, (os.cpu_count() or 1) / args.workers)
-    config = dict(backbone=args.backbone, stage=stage, out=args.out, init=init, steps=steps, lr=lr,
-                  batch_size=args.batch_size, checkpoint_every=args.checkpoint_every, seed=args.seed,
-                  image_size=args.image_size, time_limit_min=args.time_limit_min, use_gpu=args.use_gpu,
-                  threads=cpus)
+    config = dict(backbone=args.backbone, stages=stages, out=args.out, init=init, batch_size=args.batch_size,
+                  checkpoint_every=args.checkpoint_every, seed=args.seed, image_size=args.image_size,
+                  time_limit_min=args.time_limit_min, use_gpu=args.use_gpu, threads=cpus)
     print("[pretrain] config:", json.dumps(config, sort_keys=True), flush=True)
-    storage_path = os.path.abspath(os.path.join(args.out, "ray")) if "://" not in args.out else tempfile.mkdtemp()
+    storage_path = os.path.join(args.out, "ray") if "://" not in args.out else tempfile.mkdtemp()
     trainer = TorchTrainer(
         _train_loop, train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=args.workers, use_gpu=args.use_gpu,
                                      resources_per_worker={"CPU": cpus}),
-        run_config=RunConfig(name=f"pretrain-{args.backbone}-{stage}", storage_path=storage_path,
-                             failure_config=FailureConfig(max_failures=2)),
+        run_config=RunConfig(name=f"pretrain-{args.backbone}", storage_path=storage_path,
+                             failure_config=FailureConfig(max_failures=2),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )
     trainer.fit()
 
@@ -163,9 +191,8 @@ def run(args) -> int:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if not ray.is_initialized():
         ray.init(logging_level="WARNING", include_dashboard=True, dashboard_host="127.0.0.1")
-    stages = ["clip", "unet"] if args.stage == "all" else [args.stage]
-    for stage in stages:
-        steps = args.clip_steps if stage == "clip" else args.unet_steps
-        lr = args.clip_lr if stage == "clip" else args.unet_lr
-        run_stage(args, stage, steps, lr)
+    names = ["clip", "unet"] if args.stage == "all" else [args.stage]
+    stages = [{"stage": n, "steps": args.clip_steps if n == "clip" else args.unet_steps,
+               "lr": args.clip_lr if n == "clip" else args.unet_lr} for n in names]
+    run_stages(args, stages)
     return 0

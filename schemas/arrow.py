@@ -45,6 +45,7 @@ TOKEN_RECORD_SCHEMA = pa.schema(
         pa.field("parametrization", pa.string(), nullable=False),
         pa.field("coefficients", pa.list_(pa.float32())),
         pa.field("basis_id", pa.string()),
+        pa.field("prototype", pa.list_(pa.float32())),
         pa.field("metrics", pa.map_(pa.string(), pa.float64()), nullable=False),
         pa.field("run_id", pa.string(), nullable=False),
         pa.field("created_at", UTC_TIMESTAMP, nullable=False),

@@ -48,6 +48,11 @@ class TokenRecord(BaseModel):
     parametrization: Parametrization
     coefficients: list[float] | None = None
     basis_id: str | None = None
+    prototype: list[float] | None = Field(
+        default=None,
+        description="mean normalised CLIP image feature of the concept's few-shot images: the reference that "
+        "GAIR scores generated previews against",
+    )
     metrics: dict[str, float] = Field(default_factory=dict)
     run_id: RunId
     created_at: UtcDatetime = Field(default_factory=utc_now)
@@ -61,6 +66,11 @@ class TokenRecord(BaseModel):
     @classmethod
     def _coefficients_finite(cls, v: list[float] | None) -> list[float] | None:
         return None if v is None else check_finite_float32(v, "coefficients")
+
+    @field_validator("prototype")
+    @classmethod
+    def _prototype_finite(cls, v: list[float] | None) -> list[float] | None:
+        return None if v is None else check_finite_float32(v, "prototype")
 
     @model_validator(mode="after")
     def _consistent(self) -> TokenRecord:

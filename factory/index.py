@@ -1,0 +1,572 @@
+"""Vector indexes for gallery retrieval: one interface, an exact backend and FAISS ANN backends.
+
+Similarity is cosine: every vector is L2-normalised on ``add`` and every query on ``search``, so the
+inner product the backends compute *is* the cosine. Items are kept in insertion order; a hit's
+``indices`` entry is that position, and ``ids``/``uris``/metadata of the item are looked up by it.
+
+Saved layout under a folder URI (any URI ``factory.storage`` takes, S3 included)::
+
+    <folder>/items.parquet   id, uri, metadata (a JSON string), one row per item, in insertion order
+    <folder>/vectors.npy     exact backend: the normalised float32 matrix
+    <folder>/faiss.index     FAISS backends: ``faiss.serialize_index`` bytes
+    <folder>/index.json      written LAST: backend, dim, params, count, format version, file checksums
+
+An index exists if and only if ``index.json`` does, so a save killed half way is not loadable, and the
+checksums catch a folder whose data files were replaced behind the manifest's back.
+"""
+
+from __future__ import annotations
+
+import abc
+import functools
+import hashlib
+import io
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from factory import storage
+from factory.errors import TokenFactoryError
+from factory.storage import NotFoundInStorage, S3Options
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "index.json"
+ITEMS_NAME = "items.parquet"
+VECTORS_NAME = "vectors.npy"
+FAISS_NAME = "faiss.index"
+
+
+class IndexDimensionMismatch(TokenFactoryError, ValueError):
+    """Vectors or queries whose dimension is not the index's (e.g. features of another backbone)."""
+
+
+class DuplicateItemId(TokenFactoryError, ValueError):
+    """An item id that is already in the index, or repeated within one ``add``."""
+
+
+class EmptyIndex(TokenFactoryError, ValueError):
+    """A search on an index with no items: index the gallery first."""
+
+
+class InvalidItems(TokenFactoryError, ValueError):
+    """Items that cannot be indexed: non-finite or zero vectors, empty or non-string ids, non-string
+    URIs, metadata that is not JSON, or counts of vectors/ids/URIs/metadata that disagree."""
+
+
+class InvalidIndexParams(TokenFactoryError, ValueError):
+    """An unknown backend, an unknown parameter, or a parameter value the backend cannot use."""
+
+
+class IndexNotFound(TokenFactoryError, FileNotFoundError):
+    """No saved index at a URI (no ``index.json``)."""
+
+
+class IncompleteIndex(IndexNotFound):
+    """A folder with index data but no ``index.json``: a save that did not finish."""
+
+
+class CorruptIndex(TokenFactoryError, ValueError):
+    """A saved index whose files disagree with its manifest, or a format this version cannot read."""
+
+
+@dataclass(frozen=True)
+class Hit:
+    id: str
+    uri: str | None
+    score: float
+    position: int
+    metadata: dict[str, Any] | None
+
+
+@dataclass(frozen=True, eq=False)  # arrays have no single truth value to compare by
+class SearchResult:
+    """``scores`` [q, k] float32 (best first) and ``indices`` [q, k] int64 into the index's items.
+
+    ANN backends may find fewer than k items for a query (an IVF probe that reaches too few lists); the
+    missing slots hold index -1 and score -inf, and the id/uri/hit helpers skip them.
+    """
+
+    scores: np.ndarray
+    indices: np.ndarray
+    # The index's own item lists, not copies: they are append-only, so positions stay valid.
+    _ids: Sequence[str]
+    _uris: Sequence[str | None]
+    _metadata: Sequence[dict[str, Any] | None]
+
+    def __len__(self) -> int:
+        return int(self.indices.shape[0])
+
+    @functools.cached_property
+    def ids(self) -> list[list[str]]:
+        """Per query, the ids of its hits, best first."""
+        return [[self._ids[i] for i in row if i >= 0] for row in self.indices.tolist()]
+
+    @functools.cached_property
+    def uris(self) -> list[list[str | None]]:
+        """Per query, the URIs of its hits (None for items added without one), best first."""
+        return [[self._uris[i] for i in row if i >= 0] for row in self.indices.tolist()]
+
+    def hits(self, row: int = 0) -> list[Hit]:
+        """The hits of one query, as records."""
+        return [
+            Hit(self._ids[i], self._uris[i], float(s), i, self._metadata[i])
+            for i, s in zip(self.indices[row].tolist(), self.scores[row].tolist())
+            if i >= 0
+        ]
+
+
+def _as_matrix(vectors: Any, dim: int, what: str) -> np.ndarray:
+    """``vectors`` as float32 [n, dim] (a single [dim] vector counts as one row), checked."""
+    arr = np.asarray(vectors, dtype=np.float32)
+    if arr.ndim == 1:
+        arr = arr[None, :]
+    if arr.ndim != 2:
+        raise IndexDimensionMismatch(f"{what} must be a [n, {dim}] matrix, got shape {arr.shape}")
+    if arr.shape[1] != dim:
+        raise IndexDimensionMismatch(
+            f"{what} have dimension {arr.shape[1]} but the index has dimension {dim}: were they made "
+            "with the same backbone as the index?"
+        )
+    if not np.isfinite(arr).all():
+        raise InvalidItems(f"{what} contain NaN or infinite values")
+    return arr
+
+
+def _normalise(arr: np.ndarray, reject_zero: bool) -> np.ndarray:
+    norms = np.linalg.norm(arr, axis=1, keepdims=True)
+    zero = norms[:, 0] == 0
+    if reject_zero and zero.any():
+        # A zero vector has no direction, so it has no cosine with anything: refuse rather than store
+        # an item that would silently score 0 against every query.
+        raise InvalidItems(f"{int(zero.sum())} vector(s) have zero length (first at row {int(zero.argmax())})")
+    return arr / np.maximum(norms, np.float32(1e-12))
+
+
+class VectorIndex(abc.ABC):
+    """Cosine-similarity index of items (id, optional URI, optional JSON-able metadata) with vectors.
+
+    Searches may run concurrently with each other, but not with ``add``: build, then serve (a serving
+    replica that moves to a new gallery loads a new index and swaps the reference).
+    """
+
+    def __init__(self, dim: int) -> None:
+        if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim <= 0:
+            raise InvalidIndexParams(f"dim must be a positive integer, got {dim!r}")
+        self._dim = int(dim)
+        self._ids: list[str] = []
+        self._uris: list[str | None] = []
+        self._metadata: list[dict[str, Any] | None] = []
+        self._positions: dict[str, int] = {}
+
+    # --- what a backend implements -------------------------------------------------------------
+    @property
+    @abc.abstractmethod
+    def backend(self) -> str:
+        """The name ``create_index`` and ``index.json`` use: "exact", "hnsw" or "ivf"."""
+
+    @property
+    @abc.abstractmethod
+    def params(self) -> dict[str, Any]:
+        """The backend's construction/search parameters, JSON-able (saved in index.json)."""
+
+    @abc.abstractmethod
+    def _add_normalised(self, vectors: np.ndarray) -> None: ...
+
+    @abc.abstractmethod
+    def _search_normalised(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]: ...
+
+    @abc.abstractmethod
+    def _payload(self) -> dict[str, bytes]:
+        """File name -> bytes of the backend's vector data, for ``save``."""
+
+    @abc.abstractmethod
+    def _stored_count(self) -> int:
+        """How many vectors the backend holds (checked against the items on load)."""
+
+    @classmethod
+    @abc.abstractmethod
+    def _restore(cls, backend: str, dim: int, params: dict[str, Any], files: dict[str, bytes]) -> VectorIndex:
+        """The index (without its items) from its ``index.json`` fields and payload files."""
+
+    # --- the shared interface ------------------------------------------------------------------
+    @property
+    def dim(self) -> int:
+        return self._dim
+
+    @property
+    def ids(self) -> Sequence[str]:
+        """Item ids in insertion order (the index's own list: read it, do not modify it)."""
+        return self._ids
+
+    @property
+    def uris(self) -> Sequence[str | None]:
+        return self._uris
+
+    @property
+    def metadata(self) -> Sequence[dict[str, Any] | None]:
+        return self._metadata
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def __contains__(self, item_id: object) -> bool:
+        return item_id in self._positions
+
+    def position(self, item_id: str) -> int:
+        """The insertion position of an item id (KeyError if absent)."""
+        return self._positions[item_id]
+
+    def add(
+        self,
+        vectors: np.ndarray,
+        ids: Sequence[str],
+        uris: Sequence[str | None] | None = None,
+        metadata: list[dict[str, Any] | None] | None = None,
+    ) -> None:
+        """Add items. Everything is validated before anything is stored, so a rejected batch leaves
+        the index unchanged."""
+        arr = _as_matrix(vectors, self._dim, "vectors")
+        ids = list(ids)
+        n = arr.shape[0]
+        if len(ids) != n:
+            raise InvalidItems(f"{n} vectors but {len(ids)} ids")
+        if uris is not None and len(uris) != n:
+            raise InvalidItems(f"{n} vectors but {len(uris)} uris")
+        if metadata is not None and len(metadata) != n:
+            raise InvalidItems(f"{n} vectors but {len(metadata)} metadata entries")
+        bad = next((i for i in ids if not isinstance(i, str) or not i), None)
+        if bad is not None:
+            raise InvalidItems(f"item ids must be non-empty strings, got {bad!r}")
+        _check_unique(ids, self._positions)
+        uri_list = list(uris) if uris is not None else [None] * n
+        bad = next((u for u in uri_list if u is not None and not isinstance(u, str)), None)
+        if bad is not None:
+            raise InvalidItems(f"item URIs must be strings or None, got {bad!r}")
+        meta = list(metadata) if metadata is not None else [None] * n
+        for m in meta:
+            # Checked now so that a bad entry fails here, not at save time hours later.
+            try:
+                json.dumps(m)
+            except (TypeError, ValueError) as e:
+                raise InvalidItems(f"item metadata must be JSON-serialisable: {e}") from None
+        if n == 0:
+            return
+        self._add_normalised(_normalise(arr, reject_zero=True))
+        start = len(self._ids)
+        self._ids.extend(ids)
+        self._uris.extend(uri_list)
+        self._metadata.extend(meta)
+        self._positions.update((item, start + j) for j, item in enumerate(ids))
+
+    def search(self, queries: np.ndarray, k: int) -> SearchResult:
+        """The ``min(k, len(self))`` most similar items of each query, best first."""
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise InvalidIndexParams(f"k must be a positive integer, got {k!r}")
+        if len(self) == 0:
+            raise EmptyIndex("the index has no items: add the gallery's vectors before searching")
+        q = _normalise(_as_matrix(queries, self._dim, "queries"), reject_zero=False)
+        k_eff = min(int(k), len(self))
+        if q.shape[0] == 0:
+            scores, indices = np.zeros((0, k_eff), np.float32), np.zeros((0, k_eff), np.int64)
+        else:
+            scores, indices = self._search_normalised(q, k_eff)
+        return SearchResult(scores, indices, self._ids, self._uris, self._metadata)
+
+    def save(self, uri: str, s3: S3Options | None = None) -> None:
+        """Write the index under the folder ``uri``; an existing index there is replaced."""
+        manifest_uri = storage.join(uri, MANIFEST_NAME)
+        # Remove the old manifest first: while the data files are being replaced the folder must read
+        # as "incomplete", not as the old manifest over new data.
+        storage.delete(manifest_uri, missing_ok=True, s3=s3)
+        files = {ITEMS_NAME: storage.parquet_bytes(self._items_table()), **self._payload()}
+        for name, data in files.items():
+            storage.write_bytes(storage.join(uri, name), data, s3)
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "backend": self.backend,
+            "dim": self._dim,
+            "count": len(self),
+            "params": self.params,
+            "files": {name: hashlib.sha256(data).hexdigest() for name, data in files.items()},
+        }
+        storage.write_json(manifest_uri, manifest, s3)
+
+    def _items_table(self) -> pa.Table:
+        return pa.table(
+            {
+                "id": pa.array(self._ids, pa.string()),
+                "uri": pa.array(self._uris, pa.string()),
+                "metadata": pa.array([None if m is None else json.dumps(m) for m in self._metadata], pa.string()),
+            }
+        )
+
+    def _restore_items(self, table: pa.Table) -> None:
+        self._ids = table.column("id").to_pylist()
+        self._uris = table.column("uri").to_pylist()
+        self._metadata = [None if m is None else json.loads(m) for m in table.column("metadata").to_pylist()]
+        self._positions = {item: j for j, item in enumerate(self._ids)}
+
+
+class ExactIndex(VectorIndex):
+    """Brute force: one matrix product per block of queries, then a partial sort for the top k.
+
+    Queries are processed in blocks sized so that the [block, n] score matrix stays under
+    ``max_block_bytes``; that is what lets 1M items be searched without a [q, 1M] matrix in memory.
+    """
+
+    def __init__(self, dim: int, max_block_bytes: int = 256 << 20) -> None:
+        super().__init__(dim)
+        if max_block_bytes <= 0:
+            raise InvalidIndexParams(f"max_block_bytes must be positive, got {max_block_bytes}")
+        self._max_block_bytes = int(max_block_bytes)
+        # Batches are kept as chunks and concatenated once at search time, so that adding a gallery in
+        # many small batches does not copy the growing matrix at every add.
+        self._chunks: list[np.ndarray] = [np.zeros((0, dim), np.float32)]
+
+    @property
+    def backend(self) -> str:
+        return "exact"
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return {"max_block_bytes": self._max_block_bytes}
+
+    @property
+    def vectors(self) -> np.ndarray:
+        """The normalised [n, dim] float32 matrix, in insertion order."""
+        if len(self._chunks) > 1:
+            self._chunks = [np.concatenate(self._chunks)]
+        return self._chunks[0]
+
+    def _add_normalised(self, vectors: np.ndarray) -> None:
+        self._chunks.append(vectors)
+
+    def _search_normalised(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        matrix = self.vectors
+        n = matrix.shape[0]
+        block = max(1, self._max_block_bytes // (4 * n))
+        scores_out = np.empty((queries.shape[0], k), np.float32)
+        indices_out = np.empty((queries.shape[0], k), np.int64)
+        for start in range(0, queries.shape[0], block):
+            scores = queries[start : start + block] @ matrix.T
+            if k < n:
+                # Partition the scores themselves (not their negation): no second [block, n] array.
+                cand = np.argpartition(scores, n - k, axis=1)[:, n - k :]
+            else:
+                cand = np.broadcast_to(np.arange(n), scores.shape)
+            cand_scores = np.take_along_axis(scores, cand, axis=1)
+            # Best first; equal scores by position, so results do not depend on argpartition's order.
+            order = np.lexsort((cand, -cand_scores), axis=-1)
+            indices_out[start : start + block] = np.take_along_axis(cand, order, axis=1)
+            scores_out[start : start + block] = np.take_along_axis(cand_scores, order, axis=1)
+        return scores_out, indices_out
+
+    def _payload(self) -> dict[str, bytes]:
+        buf = io.BytesIO()
+        np.save(buf, self.vectors, allow_pickle=False)
+        return {VECTORS_NAME: buf.getvalue()}
+
+    def _stored_count(self) -> int:
+        return int(self.vectors.shape[0])
+
+    @classmethod
+    def _restore(cls, backend: str, dim: int, params: dict[str, Any], files: dict[str, bytes]) -> ExactIndex:
+        index = cls(dim, **params)
+        matrix = np.load(io.BytesIO(files[VECTORS_NAME]), allow_pickle=False)
+        if matrix.dtype != np.float32 or matrix.ndim != 2 or matrix.shape[1] != dim:
+            raise CorruptIndex(f"{VECTORS_NAME} holds {matrix.dtype} {matrix.shape}, expected float32 [n, {dim}]")
+        index._chunks = [matrix]
+        return index
+
+
+_FAISS_DEFAULTS: dict[str, dict[str, Any]] = {
+    # HNSW: M links per node, efConstruction/efSearch candidate-list sizes (recall vs build/query time).
+    "hnsw": {"m": 32, "ef_construction": 200, "ef_search": 64},
+    # IVF: nlist clusters (None: chosen from the first batch's size), nprobe clusters visited per query.
+    "ivf": {"nlist": None, "nprobe": 16},
+}
+
+
+class FaissIndex(VectorIndex):
+    """Approximate search with FAISS: ``kind="hnsw"`` (IndexHNSWFlat) or ``kind="ivf"`` (IndexIVFFlat),
+    both with the inner-product metric over normalised vectors.
+
+    IVF learns its clusters from the first non-empty ``add``: add the gallery in one call, or at least
+    a representative first batch (≥ 39 vectors per list, FAISS's own rule of thumb).
+    """
+
+    def __init__(self, dim: int, kind: str = "hnsw", **params: Any) -> None:
+        super().__init__(dim)
+        if kind not in _FAISS_DEFAULTS:
+            raise InvalidIndexParams(f"unknown FAISS kind {kind!r}; use one of {sorted(_FAISS_DEFAULTS)}")
+        unknown = set(params) - set(_FAISS_DEFAULTS[kind])
+        if unknown:
+            raise InvalidIndexParams(
+                f"unknown {kind} parameter(s) {sorted(unknown)}; known: {sorted(_FAISS_DEFAULTS[kind])}"
+            )
+        self._kind = kind
+        self._params = {**_FAISS_DEFAULTS[kind], **params}
+        for name, value in self._params.items():
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise InvalidIndexParams(f"{kind} parameter {name} must be a positive integer, got {value!r}")
+        self._faiss = _import_faiss()
+        self._index: Any = None
+        if kind == "hnsw":
+            self._index = self._faiss.IndexHNSWFlat(dim, self._params["m"], self._faiss.METRIC_INNER_PRODUCT)
+            self._index.hnsw.efConstruction = self._params["ef_construction"]
+        elif self._params["nlist"] is not None:
+            self._index = self._new_ivf(self._params["nlist"])
+        self._apply_search_params()
+
+    @property
+    def backend(self) -> str:
+        return self._kind
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return dict(self._params)
+
+    def set_search_params(self, *, ef_search: int | None = None, nprobe: int | None = None) -> None:
+        """Trade recall for speed at query time (HNSW ``ef_search``, IVF ``nprobe``); saved with the index."""
+        for name, value in (("ef_search", ef_search), ("nprobe", nprobe)):
+            if value is None:
+                continue
+            if name not in self._params or isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InvalidIndexParams(f"{name}={value!r} is not a valid {self._kind} search parameter")
+            self._params[name] = value
+        self._apply_search_params()
+
+    def _apply_search_params(self) -> None:
+        if self._index is None:
+            return
+        if self._kind == "hnsw":
+            self._index.hnsw.efSearch = self._params["ef_search"]
+        else:
+            self._index.nprobe = self._params["nprobe"]
+
+    def _new_ivf(self, nlist: int) -> Any:
+        quantizer = self._faiss.IndexFlatIP(self._dim)
+        index = self._faiss.IndexIVFFlat(quantizer, self._dim, nlist, self._faiss.METRIC_INNER_PRODUCT)
+        # The Python wrapper does not always keep the quantizer alive on its own.
+        self._quantizer = quantizer
+        return index
+
+    def _add_normalised(self, vectors: np.ndarray) -> None:
+        if self._kind == "ivf":
+            if self._index is None:
+                # sqrt(n)-ish lists, but never fewer than 39 training points per list.
+                n = vectors.shape[0]
+                self._params["nlist"] = max(1, min(int(4 * math.sqrt(n)), n // 39))
+                self._index = self._new_ivf(self._params["nlist"])
+                self._apply_search_params()
+            if not self._index.is_trained:
+                if vectors.shape[0] < self._params["nlist"]:
+                    raise InvalidIndexParams(
+                        f"IVF with nlist={self._params['nlist']} needs at least that many vectors in its "
+                        f"first add to train on, got {vectors.shape[0]}: add more, or lower nlist"
+                    )
+                self._index.train(vectors)
+        self._index.add(vectors)
+
+    def _search_normalised(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        scores, indices = self._index.search(queries, k)
+        indices = indices.astype(np.int64, copy=False)
+        scores = np.where(indices < 0, -np.inf, scores).astype(np.float32)
+        return scores, indices
+
+    def _payload(self) -> dict[str, bytes]:
+        # An IVF saved before its first add has no FAISS index yet (nlist is still open): store an empty
+        # placeholder, which _restore ignores because nlist is None in the params.
+        index = self._index if self._index is not None else self._new_ivf(1)
+        return {FAISS_NAME: self._faiss.serialize_index(index).tobytes()}
+
+    def _stored_count(self) -> int:
+        return 0 if self._index is None else int(self._index.ntotal)
+
+    @classmethod
+    def _restore(cls, backend: str, dim: int, params: dict[str, Any], files: dict[str, bytes]) -> FaissIndex:
+        index = cls(dim, kind=backend, **params)
+        if backend == "ivf" and params.get("nlist") is None:
+            return index  # saved before its first add: nothing was trained
+        restored = index._faiss.deserialize_index(np.frombuffer(files[FAISS_NAME], dtype=np.uint8))
+        if restored.d != dim:
+            raise CorruptIndex(f"{FAISS_NAME} has dimension {restored.d}, {MANIFEST_NAME} says {dim}")
+        index._index = restored
+        # The search-time knobs come from index.json, the one place a user may have changed them.
+        index._apply_search_params()
+        return index
+
+
+def _import_faiss() -> Any:
+    # Imported on first use: processes that only need the exact index never load FAISS's OpenMP runtime
+    # next to torch's.
+    import faiss
+
+    return faiss
+
+
+def create_index(backend: str, dim: int, **params: Any) -> VectorIndex:
+    """``backend`` is "exact", "hnsw" or "ivf"; ``params`` are that backend's keyword arguments."""
+    if backend == "exact":
+        return ExactIndex(dim, **params)
+    if backend in _FAISS_DEFAULTS:
+        return FaissIndex(dim, kind=backend, **params)
+    raise InvalidIndexParams(f"unknown index backend {backend!r}; use 'exact', 'hnsw' or 'ivf'")
+
+
+def load_index(uri: str, s3: S3Options | None = None) -> VectorIndex:
+    """Load an index saved with ``VectorIndex.save``, whatever its backend."""
+    manifest_uri = storage.join(uri, MANIFEST_NAME)
+    try:
+        manifest = storage.read_json(manifest_uri, s3)
+    except NotFoundInStorage:
+        if storage.listdir(uri, s3):
+            raise IncompleteIndex(
+                f"{uri} holds index files but no {MANIFEST_NAME}: its save did not finish; save the index again"
+            ) from None
+        raise IndexNotFound(f"no index at {uri} (no {MANIFEST_NAME}); build one with `tokenfactory index`") from None
+    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
+        version = manifest.get("format_version") if isinstance(manifest, dict) else None
+        raise CorruptIndex(f"{manifest_uri}: index format version {version!r}, this code reads {FORMAT_VERSION}")
+    try:
+        backend, dim, count = str(manifest["backend"]), int(manifest["dim"]), int(manifest["count"])
+        params, checksums = dict(manifest["params"]), dict(manifest["files"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CorruptIndex(f"{manifest_uri}: missing or malformed field ({e!r})") from e
+    if backend != "exact" and backend not in _FAISS_DEFAULTS:
+        raise CorruptIndex(f"{manifest_uri}: unknown backend {backend!r}")
+    cls: type[VectorIndex] = ExactIndex if backend == "exact" else FaissIndex
+    needed = {ITEMS_NAME, VECTORS_NAME if cls is ExactIndex else FAISS_NAME} - set(checksums)
+    if needed:
+        raise CorruptIndex(f"{manifest_uri} does not list {sorted(needed)}")
+    files: dict[str, bytes] = {}
+    for name, digest in checksums.items():
+        file_uri = storage.join(uri, name)
+        try:
+            data = storage.read_bytes(file_uri, s3)
+        except NotFoundInStorage:
+            raise CorruptIndex(f"{file_uri} is listed in {MANIFEST_NAME} but missing: save the index again") from None
+        if hashlib.sha256(data).hexdigest() != digest:
+            raise CorruptIndex(f"{file_uri} does not match the checksum in {MANIFEST_NAME}: save the index again")
+        files[name] = data
+    index = cls._restore(backend, dim, params, files)
+    index._restore_items(pq.read_table(pa.BufferReader(files[ITEMS_NAME])))
+    counts = {len(index), index._stored_count(), count}
+    if len(counts) != 1:
+        raise CorruptIndex(f"{uri}: item, vector and manifest counts disagree ({sorted(counts)})")
+    return index
+
+
+def _check_unique(ids: list[str], existing: dict[str, int]) -> None:
+    seen: set[str] = set()
+    for item in ids:
+        if item in existing or item in seen:
+            where = "already in the index" if item in existing else "repeated in this batch"
+            raise DuplicateItemId(f"item id {item!r} is {where}: ids must be unique")
+        seen.add(item)

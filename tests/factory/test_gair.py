@@ -1,0 +1,72 @@
+"""GAIR on tiny random models: a well-formed trace, deterministic for a seed, manual mode, bad requests."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from factory.errors import MalformedMarker, UnknownConceptMarker
+from factory.gair import ConceptToken, Gair, GairRequest, prompts_for
+from factory.index import create_index
+
+
+@pytest.fixture(scope="module")
+def gair(hf_backbone):
+    g = torch.Generator().manual_seed(0)
+    dim = hf_backbone.encode_prompts(["a"]).features.shape[-1]
+    concepts = {
+        "sku-1": ConceptToken(hf_backbone.word_embedding("red") + 0.01 * torch.randn(32, generator=g), "dress",
+                              F.normalize(torch.randn(dim, generator=g), dim=0)),
+        "sku-2": ConceptToken(hf_backbone.word_embedding("blue"), "coat", F.normalize(torch.randn(dim, generator=g), dim=0)),
+    }
+    index = create_index("exact", dim)
+    vecs = np.random.default_rng(0).standard_normal((50, dim)).astype(np.float32)
+    index.add(vecs, [f"g{i}" for i in range(50)], [f"s3://gallery/g{i}.png" for i in range(50)])
+    return Gair(hf_backbone, concepts, index)
+
+
+def test_trace_is_well_formed(gair):
+    res = gair(GairRequest(["sku-1"], "on the beach", top_k=5, alphas=[0.0, 0.5, 1.0], previews=2, steps=2))
+    assert [s.alpha for s in res.steps] == [0.0, 0.5, 1.0]
+    assert res.alpha in (0.0, 0.5, 1.0)
+    for s in res.steps:
+        assert s.previews.shape == (2, 16, 16, 3) and s.previews.dtype == np.uint8
+        assert np.isfinite([s.fidelity, s.intent, s.score]).all() and 0.0 <= s.score <= 1.0
+    assert max(s.score for s in res.steps) == next(s.score for s in res.steps if s.alpha == res.alpha)
+    assert len(res.ranking) == 5 and res.ranking[0][1].startswith("s3://gallery/")
+    assert [r[2] for r in res.ranking] == sorted((r[2] for r in res.ranking), reverse=True)
+    assert np.isclose(np.linalg.norm(res.query), 1.0, atol=1e-5)
+
+
+def test_same_seed_same_result(gair):
+    req = GairRequest(["sku-1", "sku-2"], "in the snow", alphas=[0.25, 0.75], previews=1, steps=2, seed=3)
+    a, b = gair(req), gair(req)
+    assert a.alpha == b.alpha and a.ranking == b.ranking
+    assert all(np.array_equal(x.previews, y.previews) for x, y in zip(a.steps, b.steps))
+
+
+def test_manual_mode_uses_the_given_alpha(gair):
+    res = gair(GairRequest(["sku-1"], "on the grass", mode="manual", alpha=0.3, previews=1, steps=2))
+    assert res.alpha == 0.3 and [s.alpha for s in res.steps] == [0.3]
+
+
+def test_query_expansion_changes_the_query(gair):
+    base = GairRequest(["sku-1"], "on the grass", mode="manual", alpha=0.5, previews=1, steps=2)
+    expanded = GairRequest(["sku-1"], "on the grass", mode="manual", alpha=0.5, previews=1, steps=2, expand=1.0)
+    assert not np.allclose(gair(base).query, gair(expanded).query)
+
+
+def test_bad_requests(gair):
+    with pytest.raises(UnknownConceptMarker, match="ghost"):
+        gair(GairRequest(["ghost"], "on the beach", previews=1, steps=1))
+    with pytest.raises(MalformedMarker):
+        GairRequest(["sku-1"], "on the <concept:sku-2> beach")
+    with pytest.raises(ValueError, match="alpha"):
+        GairRequest(["sku-1"], "x", mode="manual")
+    with pytest.raises(ValueError, match="alphas"):
+        GairRequest(["sku-1"], "x", alphas=[1.5])
+
+
+def test_prompts_pair_tokens_with_parents():
+    tok, words = prompts_for(["a1", "b2"], ["dress", "coat"], "on the beach")
+    assert tok == "a photo of a <concept:a1> dress and a <concept:b2> coat on the beach"
+    assert words == "a photo of a dress and a coat on the beach"
