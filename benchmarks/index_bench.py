@@ -30,7 +30,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np
 
 from factory import storage
-from factory.index import ExactIndex, FaissIndex, create_index
+from factory.index import ExactIndex, create_index
+from factory.index_faiss import FaissIndex
 
 
 def mixture(n: int, args: argparse.Namespace, draw: int, chunk: int = 100_000) -> np.ndarray:

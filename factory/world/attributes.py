@@ -48,7 +48,8 @@ BACKGROUND_PHRASES: tuple[str, ...] = (
 )
 
 
-def _article(word: str) -> str:
+def article(word: str) -> str:
+    """'an' before a vowel, else 'a'."""
     return "an" if word[0] in "aeiou" else "a"
 
 
@@ -64,7 +65,7 @@ def caption(category: str, colour: str, pattern: str = "plain", background: str 
         if word not in allowed:
             raise ValueError(f"unknown {kind} {word!r}; known: {', '.join(allowed)}")
     words = [colour] if pattern == "plain" else [colour, pattern]
-    text = f"{_article(words[0])} {' '.join(words)} {category}"
+    text = f"{article(words[0])} {' '.join(words)} {category}"
     if background is not None:
         if background not in BACKGROUNDS:
             raise ValueError(f"unknown background {background!r}; known: {', '.join(BACKGROUNDS)}")

@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from factory.world.attributes import BACKGROUND_PHRASES, BACKGROUNDS, CATEGORIES, COLOURS, PATTERNS, PLAIN
+from factory.world.attributes import (
+    BACKGROUND_PHRASES, BACKGROUNDS, CATEGORIES, COLOURS, PATTERNS, PLAIN, article,
+)
 
 PREFIXES = ("", "a photo of ", "an image of ", "a close-up photo of ", "a picture of ")
-
-
-def _article(word: str) -> str:
-    return "an" if word[0] in "aeiou" else "a"
 
 
 def partial_caption(renders, i: int, rng: np.random.Generator) -> str:
@@ -25,7 +23,7 @@ def partial_caption(renders, i: int, rng: np.random.Generator) -> str:
     if int(renders.pattern[i]) != PLAIN and rng.random() < 0.5:
         words.append(PATTERNS[int(renders.pattern[i])])
     words.append(CATEGORIES[int(renders.category[i])])
-    text = f"{_article(words[0])} {' '.join(words)}"
+    text = f"{article(words[0])} {' '.join(words)}"
     if rng.random() < 0.5:
         text += " " + BACKGROUND_PHRASES[int(renders.background[i])]
     prefix = PREFIXES[int(rng.integers(len(PREFIXES)))]

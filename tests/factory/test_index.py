@@ -15,7 +15,6 @@ from factory.index import (
     DuplicateItemId,
     EmptyIndex,
     ExactIndex,
-    FaissIndex,
     IncompleteIndex,
     IndexDimensionMismatch,
     IndexNotFound,
@@ -25,6 +24,7 @@ from factory.index import (
     create_index,
     load_index,
 )
+from factory.index_faiss import FaissIndex
 from jobs.s3server import SeaweedS3
 
 DIM = 64
