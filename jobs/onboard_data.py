@@ -38,19 +38,22 @@ def decode_batch(batch: dict, size: int, s3: S3Options | None) -> dict:
 class ImageEncoder:
     """Ray Data actor: CLIP features and diffusion latents of decoded images."""
 
-    def __init__(self, backbone: str, weights: str | None, s3: S3Options | None, threads: int = 1):
+    def __init__(self, backbone: str, weights: str | None, s3: S3Options | None, threads: int = 1,
+                 latents: bool = True, keep: tuple[str, ...] = ("concept_id", "parent")):
         import torch
 
         from factory.backbones import load_backbone
 
         torch.set_num_threads(threads)  # several actors share a node: do not oversubscribe its cores
         self.backbone = load_backbone(backbone, weights=weights, s3=s3)
+        self.latents, self.keep = latents, keep
 
     def __call__(self, batch: dict) -> dict:
         from factory.concepts import encode_images
 
-        feats, lats = encode_images(self.backbone, np.asarray(batch["image"]), latents=True)
-        out = {"concept_id": batch["concept_id"], "parent": batch["parent"], "features": feats.numpy()}
+        feats, lats = encode_images(self.backbone, np.asarray(batch["image"]), latents=self.latents)
+        out = {k: batch[k] for k in self.keep}
+        out["features"] = feats.numpy()
         if lats is not None:
             out["latents"] = lats.numpy()
         return out

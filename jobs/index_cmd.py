@@ -1,0 +1,100 @@
+"""`tokenfactory index`: embed a gallery's images with Ray Data batch inference into a vector index.
+
+``--gallery`` is the root (or manifest.json) of a catalog written by `tokenfactory world` (its gallery
+table is used), a bare gallery table (CatalogRow Parquet/JSONL), or a folder of image files (S3 or
+local; item id = file name without extension). Images are read and validated by tasks and encoded by
+an actor pool; bad images are listed, never fatal. The index (exact, or FAISS HNSW/IVF) is written to
+``--out`` with item ids and URIs.
+"""
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import time
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("index", help="embed gallery images into a vector index (Ray Data batch inference)",
+                       description=__doc__)
+    p.add_argument("--gallery", required=True, help="catalog root / manifest.json, a gallery Parquet/JSONL, or a folder of images")
+    p.add_argument("--out", required=True, help="URI of the index folder to write")
+    p.add_argument("--backbone", default="fashion-mini", help="backbone name (default: fashion-mini)")
+    p.add_argument("--weights", default=None, help="backbone weights URI (default: the config's own)")
+    p.add_argument("--backend", choices=["exact", "hnsw", "ivf"], default="exact", help="index backend (default: exact)")
+    p.add_argument("--batch-size", type=int, default=128, help="Ray Data batch size (default: 128)")
+    p.add_argument("--decode-tasks", type=int, default=2, help="concurrent decode tasks (default: 2)")
+    p.add_argument("--encoders", type=int, default=1, help="image-encoder actors (default: 1)")
+    p.add_argument("--s3-endpoint", default=None, help="S3 endpoint URL (default: from the environment)")
+    p.add_argument("--s3-region", default=None, help="S3 region (default: AWS_REGION or us-east-1)")
+    p.set_defaults(func=run)
+
+
+def gallery_items(uri: str, s3) -> list[dict]:
+    """(id, uri) of every gallery image named by ``uri`` (see the module docstring)."""
+    from factory import storage
+    from factory.catalog import read_rows
+    from schemas import CatalogManifest
+
+    if uri.endswith((".parquet", ".jsonl")):
+        rows = read_rows(uri, s3)
+    elif storage.exists(uri if uri.endswith(".json") else storage.join(uri, "manifest.json"), s3):
+        manifest_uri = uri if uri.endswith(".json") else storage.join(uri, "manifest.json")
+        manifest = CatalogManifest.model_validate(storage.read_json(manifest_uri, s3))
+        if not manifest.gallery_uri:
+            raise ValueError(f"catalog {uri} has no gallery")
+        base = manifest_uri.rsplit("/", 1)[0]
+        rows = read_rows(storage.join(base, manifest.gallery_uri), s3)
+    else:
+        files = [f for f in storage.glob_files(uri, s3=s3) if f.lower().endswith(IMAGE_SUFFIXES)]
+        return [{"item_id": posixpath.splitext(posixpath.basename(f))[0], "uri": f} for f in files]
+    return [{"item_id": r.attributes.get("item") or posixpath.splitext(posixpath.basename(r.image_uri))[0],
+             "uri": r.image_uri} for r in rows]
+
+
+def run(args) -> int:
+    import numpy as np
+    import ray
+    import ray.data
+
+    from factory.backbones import get_backbone_config
+    from factory.index import create_index
+    from jobs.cli import absolute_uri, effective_config
+    from jobs.onboard_cmd import s3_options
+    from jobs.onboard_data import ImageEncoder, decode_batch
+
+    args.gallery, args.out, args.weights = (absolute_uri(x) for x in (args.gallery, args.out, args.weights))
+    print("[index] config: " + json.dumps(effective_config(args), sort_keys=True), flush=True)
+    s3 = s3_options(args)
+    t0 = time.perf_counter()
+    items = gallery_items(args.gallery, s3)
+    if not items:
+        raise ValueError(f"no gallery images found at {args.gallery}")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), logging_level="WARNING")
+    size = get_backbone_config(args.backbone).image.size
+    decoded = ray.data.from_items(items).map_batches(
+        decode_batch, fn_kwargs={"size": size, "s3": s3}, batch_size=args.batch_size, concurrency=args.decode_tasks,
+    ).materialize()
+    bad = decoded.filter(lambda r: r["error"] != "").select_columns(["uri", "error"]).take_all()
+    encoded = decoded.filter(lambda r: r["error"] == "").map_batches(
+        ImageEncoder, fn_constructor_kwargs={"backbone": args.backbone, "weights": args.weights, "s3": s3,
+                                             "latents": False, "keep": ("item_id", "uri")},
+        batch_size=args.batch_size, concurrency=args.encoders,
+    )
+    ids, uris, feats = [], [], []
+    for batch in encoded.iter_batches(batch_size=None, batch_format="numpy"):
+        ids += [str(x) for x in batch["item_id"]]
+        uris += [str(x) for x in batch["uri"]]
+        feats.append(batch["features"])
+    index = create_index(args.backend, int(feats[0].shape[1]))
+    index.add(np.concatenate(feats).astype(np.float32), ids, uris)
+    index.save(args.out, s3)
+    print(f"[index] {len(index)} items ({len(bad)} rejected) -> {args.out} [{args.backend}] "
+          f"in {time.perf_counter() - t0:.1f}s", flush=True)
+    for r in bad:
+        print(f"  rejected {r['uri']}: {r['error']}")
+    return 0
