@@ -167,4 +167,4 @@ def _to_float_nchw(images) -> torch.Tensor:
         arr = np.stack(arrs)
     if arr.ndim != 4 or arr.shape[-1] != 3:
         raise ValueError(f"expected images [N, H, W, 3], got shape {arr.shape}")
-    return torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2).float() / 255.0
+    return torch.from_numpy(np.require(arr, requirements=["C", "W"])).permute(0, 3, 1, 2).float() / 255.0
