@@ -17,6 +17,8 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 def register(sub) -> None:
+    from jobs.cli import add_s3_arguments
+
     p = sub.add_parser("index", help="embed gallery images into a vector index (Ray Data batch inference)",
                        description=__doc__)
     p.add_argument("--gallery", required=True, help="catalog root / manifest.json, a gallery Parquet/JSONL, or a folder of images")
@@ -27,8 +29,7 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=int, default=128, help="Ray Data batch size (default: 128)")
     p.add_argument("--decode-tasks", type=int, default=2, help="concurrent decode tasks (default: 2)")
     p.add_argument("--encoders", type=int, default=1, help="image-encoder actors (default: 1)")
-    p.add_argument("--s3-endpoint", default=None, help="S3 endpoint URL (default: from the environment)")
-    p.add_argument("--s3-region", default=None, help="S3 region (default: AWS_REGION or us-east-1)")
+    add_s3_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -61,8 +62,7 @@ def run(args) -> int:
 
     from factory.backbones import get_backbone_config
     from factory.index import create_index
-    from jobs.cli import absolute_uri, effective_config
-    from jobs.onboard_cmd import s3_options
+    from jobs.cli import absolute_uri, effective_config, s3_options
     from jobs.onboard_data import ImageEncoder, decode_batch
 
     args.gallery, args.out, args.weights = (absolute_uri(x) for x in (args.gallery, args.out, args.weights))

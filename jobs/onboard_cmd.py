@@ -22,6 +22,8 @@ log = logging.getLogger(__name__)
 
 
 def register(sub) -> None:
+    from jobs.cli import add_s3_arguments
+
     p = sub.add_parser("onboard", help="learn tokens for a whole catalog on Ray (S3 -> Ray Data -> Ray Train -> registry)",
                        description=__doc__)
     p.add_argument("--catalog", required=True, help="catalog URI: a folder/manifest.json written by `world`, or a CatalogRow Parquet/JSONL")
@@ -49,20 +51,8 @@ def register(sub) -> None:
     p.add_argument("--encoders", type=int, default=1, help="image-encoder actors (default: 1)")
     p.add_argument("--max-failures", type=int, default=3, help="Ray Train worker-group restarts allowed (default: 3)")
     p.add_argument("--report", default=None, help="also write the run report (JSON) to this URI")
-    p.add_argument("--s3-endpoint", default=None, help="S3 endpoint URL (default: TOKENFACTORY_S3_ENDPOINT / AWS_ENDPOINT_URL)")
-    p.add_argument("--s3-region", default=None, help="S3 region (default: AWS_REGION or us-east-1); keys come from AWS_* env vars")
+    add_s3_arguments(p)
     p.set_defaults(func=run)
-
-
-def s3_options(args):
-    """S3 options from the environment, overridden by --s3-endpoint / --s3-region."""
-    import dataclasses
-
-    from factory.storage import S3Options
-
-    opts = S3Options.from_env()
-    changes = {k: v for k, v in (("endpoint", args.s3_endpoint), ("region", args.s3_region)) if v}
-    return dataclasses.replace(opts, **changes) if changes else opts
 
 
 def _learner_config(args) -> dict:
@@ -77,7 +67,7 @@ def run(args) -> int:
     from factory.backbones import get_backbone_config
     from factory.catalog import read_concepts
     from factory.registry import TokenRegistry
-    from jobs.cli import absolute_uri, effective_config
+    from jobs.cli import absolute_uri, effective_config, s3_options
 
     for name in ("catalog", "registry", "weights", "report"):
         setattr(args, name, absolute_uri(getattr(args, name)))

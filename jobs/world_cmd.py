@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 
 _DESCRIPTION = """\
 Render a sample catalog from the fashion world (real Fashion-MNIST garments, coloured, patterned and
@@ -16,6 +15,8 @@ never from the command line, where other users could read them in the process li
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from jobs.cli import add_s3_arguments
+
     p = sub.add_parser(
         "world", help="render a sample fashion-world catalog (local folder or s3://)",
         description=_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -36,26 +37,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--size", type=int, default=32, metavar="PX", help="image side in pixels. Default: 32")
     p.add_argument("--categories", nargs="+", metavar="WORD",
                    help="only these garment categories (e.g. dress coat). Default: all ten")
-    p.add_argument("--s3-endpoint", metavar="URL",
-                   help="S3 endpoint, e.g. http://127.0.0.1:8333. Default: $TOKENFACTORY_S3_ENDPOINT, "
-                        "$AWS_ENDPOINT_URL_S3 or $AWS_ENDPOINT_URL, else AWS")
-    p.add_argument("--s3-region", metavar="REGION",
-                   help="S3 region. Default: $AWS_REGION or $AWS_DEFAULT_REGION, else us-east-1")
+    add_s3_arguments(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     import sys
 
-    from factory.storage import S3Options, join
+    from factory.storage import join
+    from jobs.cli import s3_options
     from factory.world.catalog import write_catalog
     from factory.world.fashion_mnist import FashionMNISTMissing
 
-    s3 = S3Options.from_env()
-    if args.s3_endpoint:
-        s3 = dataclasses.replace(s3, endpoint=args.s3_endpoint)
-    if args.s3_region:
-        s3 = dataclasses.replace(s3, region=args.s3_region)
+    s3 = s3_options(args)
     try:
         manifest = write_catalog(
             args.out, args.seed, products=args.products, shots=args.shots, heldout=args.heldout,
