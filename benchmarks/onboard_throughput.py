@@ -27,7 +27,7 @@ from factory.concepts import encode_images
 from factory.evaluation import heldout_accuracy
 from factory.learner import DEFAULT_TEMPLATES, LearnerConfig, learn_tokens
 from factory.losses import LossWeights
-from factory.onboarding import heldout_features, learn_in_chunks, load_images, negative_banks, prepare_concepts
+from factory.onboarding import heldout_features, image_size_for, learn_in_chunks, load_images, negative_banks, prepare_concepts
 from factory.registry import TokenRegistry
 from factory.world import write_catalog
 
@@ -91,7 +91,7 @@ def main(argv=None) -> int:
     # Image-side CE couples the concepts of a chunk, so it is off here: every way optimises the same
     # per-concept objective and only the execution differs.
     cfg = LearnerConfig(steps=args.steps, weights=LossWeights(ti=1.0, ce=1.0, image_ce=0.0), log_every=0)
-    size = max(backbone.config.image.size, backbone.generator.image_size)
+    size = image_size_for(backbone.config)
 
     rows = []
     secs, toks = naive(backbone, specs, concepts, banks, cfg, size)

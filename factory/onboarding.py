@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from factory import storage
-from factory.backbones import Backbone
+from factory.backbones import Backbone, BackboneConfig
 from factory.concepts import concept_data, encode_images, negative_banks
 from factory.images import BadImage, load_rgb
 from factory.learner import ConceptData, LearnedToken, LearnerConfig, NegativeBank, learn_tokens
@@ -32,10 +32,9 @@ class LoadedImages:
     rejected: list[tuple[str, str]] = field(default_factory=list)  # (uri, reason)
 
 
-def image_size_for(backbone: Backbone) -> int:
+def image_size_for(config: BackboneConfig) -> int:
     """One size that serves both encoders (each resizes further if it needs less)."""
-    size = backbone.config.image.size
-    return max(size, backbone.generator.image_size) if backbone.generator is not None else size
+    return max(config.image.size, config.generator.image_size if config.generator is not None else 0)
 
 
 def load_images(uris_by_concept: dict[str, Sequence[str]], size: int, s3: S3Options | None = None,
@@ -63,7 +62,7 @@ def prepare_concepts(backbone: Backbone, specs: Sequence[ConceptSpec], s3: S3Opt
                      min_images: int = 1, latents: bool = True) -> tuple[list[ConceptData], LoadedImages, dict[str, str]]:
     """Load and encode the few-shot images of ``specs``; returns the usable concepts, the load result and
     the concepts skipped (id -> reason) for having fewer than ``min_images`` good images."""
-    loaded = load_images({s.concept_id: s.image_uris for s in specs}, image_size_for(backbone), s3)
+    loaded = load_images({s.concept_id: s.image_uris for s in specs}, image_size_for(backbone.config), s3)
     feats, lats = encode_images(backbone, loaded.images, latents=latents) if len(loaded.images) else (None, None)
     counts = {cid: loaded.owners.count(cid) for cid in {s.concept_id for s in specs}}
     skipped = {s.concept_id: f"only {counts[s.concept_id]} usable image(s), need {min_images}"

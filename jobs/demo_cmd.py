@@ -140,7 +140,7 @@ def _draw(backbone, specs, tokens, args, path, s3) -> None:
         uncond = backbone.encode_prompts([""]).hidden
         images = to_uint8(backbone.generator.sample(cond, uncond, steps=args.sample_steps, guidance=args.guidance,
                                                     seed=args.seed))
-    shots = load_images({s.concept_id: s.image_uris[:3] for s in chosen}, image_size_for(backbone), s3)
+    shots = load_images({s.concept_id: s.image_uris[:3] for s in chosen}, image_size_for(backbone.config), s3)
     owners = np.array(shots.owners)
     per = 1 + len(COMPOSITIONS)
     rows = [(s.concept_id, list(shots.images[owners == s.concept_id]) + list(images[i * per: (i + 1) * per]))

@@ -88,10 +88,10 @@ def run(args) -> int:
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), logging_level="WARNING", include_dashboard=True,
                  dashboard_host="127.0.0.1")
+    from factory.onboarding import image_size_for
     from jobs.onboard_data import encode_catalog
 
-    cfg = get_backbone_config(args.backbone)
-    size = max(cfg.image.size, _generator_size(args.backbone))
+    size = image_size_for(get_backbone_config(args.backbone))
     encoded = encode_catalog(specs, args.backbone, args.weights, size, s3, args.batch_size, args.decode_tasks,
                              args.encoders)
     stages["read_encode"] = time.perf_counter() - t0
@@ -116,18 +116,6 @@ def run(args) -> int:
 
         storage.write_json(args.report, report, s3)
     return 0
-
-
-def _generator_size(name: str) -> int:
-    from factory.backbones import get_backbone_config
-
-    g = get_backbone_config(name).generator
-    if g is None:
-        return 0
-    size = g.unet["sample_size"]
-    if g.vae is not None:
-        size *= 2 ** (len(g.vae["block_out_channels"]) - 1)
-    return size
 
 
 def _banks(records):

@@ -42,6 +42,14 @@ class GeneratorConfig:
     vae: dict | None = None  # None: the UNet works on pixels in [-1, 1]
     latent_scale: float = 1.0  # the VAE's scaling_factor (0.18215 for SD 1.x)
 
+    @property
+    def image_size(self) -> int:
+        """Pixel resolution of generated images: the UNet's sample size times the VAE's downsampling."""
+        size = self.unet["sample_size"]
+        if self.vae is not None:
+            size *= 2 ** (len(self.vae["block_out_channels"]) - 1)
+        return size
+
 
 @dataclass
 class BackboneConfig:

@@ -27,10 +27,7 @@ class Generator(nn.Module):
     @property
     def image_size(self) -> int:
         """Pixel resolution of generated images (latent size times the VAE's downsampling)."""
-        size = self.unet.config.sample_size
-        if self.vae is not None:
-            size *= 2 ** (len(self.vae.config.block_out_channels) - 1)
-        return size
+        return self.config.image_size
 
     def noise_scheduler(self):
         """A fresh DDPM scheduler for training-time noising (the TI loss)."""
