@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -58,15 +59,19 @@ def load_images(uris_by_concept: dict[str, Sequence[str]], size: int, s3: S3Opti
     return LoadedImages(images, [g[0] for g in good], [(uri, why) for _, uri, img, why in results if img is None])
 
 
+def too_few_images(specs: Sequence[ConceptSpec], counts: Mapping[str, int], min_images: int) -> dict[str, str]:
+    """Concepts (id -> reason) with fewer than ``min_images`` usable images; ``counts`` maps id -> count."""
+    return {s.concept_id: f"only {counts.get(s.concept_id, 0)} usable image(s), need {min_images}"
+            for s in specs if counts.get(s.concept_id, 0) < min_images}
+
+
 def prepare_concepts(backbone: Backbone, specs: Sequence[ConceptSpec], s3: S3Options | None = None,
                      min_images: int = 1, latents: bool = True) -> tuple[list[ConceptData], LoadedImages, dict[str, str]]:
     """Load and encode the few-shot images of ``specs``; returns the usable concepts, the load result and
     the concepts skipped (id -> reason) for having fewer than ``min_images`` good images."""
     loaded = load_images({s.concept_id: s.image_uris for s in specs}, image_size_for(backbone.config), s3)
     feats, lats = encode_images(backbone, loaded.images, latents=latents) if len(loaded.images) else (None, None)
-    counts = {cid: loaded.owners.count(cid) for cid in {s.concept_id for s in specs}}
-    skipped = {s.concept_id: f"only {counts[s.concept_id]} usable image(s), need {min_images}"
-               for s in specs if counts[s.concept_id] < min_images}
+    skipped = too_few_images(specs, Counter(loaded.owners), min_images)
     keep = [s for s in specs if s.concept_id not in skipped]
     if not keep:
         return [], loaded, skipped
@@ -107,4 +112,4 @@ def heldout_features(backbone: Backbone, specs: Sequence[ConceptSpec], s3: S3Opt
 
 
 __all__ = ["LoadedImages", "chunks_by_parent", "heldout_features", "image_size_for", "learn_in_chunks",
-           "load_images", "negative_banks", "prepare_concepts"]
+           "load_images", "negative_banks", "prepare_concepts", "too_few_images"]

@@ -88,16 +88,14 @@ def run(args) -> int:
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), logging_level="WARNING", include_dashboard=True,
                  dashboard_host="127.0.0.1")
-    from factory.onboarding import image_size_for
+    from factory.onboarding import image_size_for, too_few_images
     from jobs.onboard_data import encode_catalog
 
     size = image_size_for(get_backbone_config(args.backbone))
     encoded = encode_catalog(specs, args.backbone, args.weights, size, s3, args.batch_size, args.decode_tasks,
                              args.encoders)
     stages["read_encode"] = time.perf_counter() - t0
-    counts = {r["concept_id"]: len(r["features"]) for r in encoded.records}
-    skipped = {s.concept_id: f"only {counts.get(s.concept_id, 0)} usable image(s), need {args.min_images}"
-               for s in specs if counts.get(s.concept_id, 0) < args.min_images}
+    skipped = too_few_images(specs, {r["concept_id"]: len(r["features"]) for r in encoded.records}, args.min_images)
     records = [r for r in encoded.records if r["concept_id"] not in skipped]
     print(f"[onboard] {len(specs)} concepts, {encoded.images_read} images read, {len(encoded.rejected)} rejected, "
           f"{len(skipped)} concepts skipped, {len(records)} to learn", flush=True)
