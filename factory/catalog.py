@@ -1,7 +1,8 @@
 """Reading a catalog's concepts from any URI, whatever wrote it.
 
 A catalog is either a folder (or its ``manifest.json``, a `schemas.CatalogManifest`) as `tokenfactory
-world` writes it, or a bare table of `schemas.CatalogRow` rows: Parquet, or JSON Lines. Relative image
+world` writes it, a bare table of `schemas.CatalogRow` rows (Parquet, or JSON Lines), or the
+``<split>_fsl_train.txt`` of a catalog laid out like PerVL-DeepFashion2 (`factory.pervl`). Relative image
 URIs are resolved against the catalog's folder.
 """
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import json
 
 from factory import storage
+from factory.pervl import is_pervl, read_pervl
 from factory.storage import S3Options
 from schemas import CatalogManifest, CatalogRow, ConceptSpec, concepts_from_rows, from_arrow
 
@@ -22,7 +24,9 @@ def _resolve(base: str, uri: str) -> str:
 
 
 def read_rows(uri: str, s3: S3Options | None = None) -> list[CatalogRow]:
-    """Rows of a catalog folder, manifest, Parquet table or JSONL file (image URIs made absolute)."""
+    """Rows of a catalog folder, manifest, Parquet table, JSONL file or PerVL layout (image URIs absolute)."""
+    if is_pervl(uri):
+        return read_pervl(uri, s3).rows
     if uri.endswith(".parquet"):
         rows, base = from_arrow(storage.read_parquet(uri, s3), CatalogRow), _base(uri)
     elif uri.endswith(".jsonl"):

@@ -27,6 +27,7 @@ from factory.backbones import Backbone
 from factory.errors import MalformedMarker, UnknownConceptMarker
 from factory.figures import to_uint8
 from factory.tokens import marker, split_on_markers
+from schemas import CONCEPT_SLOT
 
 DEFAULT_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
@@ -53,6 +54,7 @@ class GairRequest:
     guidance: float = 4.0
     seed: int = 0
     expand: float = 0.0  # weight of the chosen previews' mean image feature added to the query (0: off)
+    template: str | None = None  # the query with a {concept} slot; None: "a photo of {concept} <intent>"
 
     def __post_init__(self):
         if self.mode not in ("auto", "manual"):
@@ -65,6 +67,9 @@ class GairRequest:
             raise ValueError("alphas must be a non-empty list of values in [0, 1]")
         if split_on_markers(self.intent)[1]:
             raise MalformedMarker("the intent must be plain words: concept markers belong in concept_ids")
+        if self.template is not None:
+            if self.template.count(CONCEPT_SLOT) != 1 or split_on_markers(self.template)[1]:
+                raise ValueError(f"template must have exactly one {CONCEPT_SLOT} slot and no concept markers")
 
 
 @dataclass
@@ -74,6 +79,7 @@ class GairStep:
     intent: float  # mean cosine of previews to the words-only prompt
     score: float  # the balance `auto` maximises (fidelity and intent min-max normalised over the schedule)
     previews: np.ndarray  # uint8 [n, H, W, 3]
+    features: np.ndarray | None = field(default=None, repr=False)  # [n, D] normalised CLIP features of previews
 
 
 @dataclass
@@ -84,12 +90,18 @@ class GairResult:
     ranking: list[tuple[str, str | None, float]] = field(default_factory=list)  # (id, uri, score)
 
 
-def prompts_for(concepts: Sequence[str], parents: Sequence[str], intent: str) -> tuple[str, str]:
-    """(prompt with the tokens and the intent, prompt with the parent words and the intent)."""
+def prompts_for(concepts: Sequence[str], parents: Sequence[str], intent: str,
+                template: str | None = None) -> tuple[str, str]:
+    """(prompt with the tokens and the intent, prompt with the parent words and the intent).
+
+    ``template`` has one ``{concept}`` slot that receives "a <concept:ID> dress" (joined by "and" for
+    several concepts) or "a dress"; by default it is "a photo of {concept} <intent>".
+    """
+    template = template or f"a photo of {CONCEPT_SLOT} {intent}"
     with_tokens = " and ".join(f"a {marker(c)} {p}" for c, p in zip(concepts, parents))
     with_words = " and ".join(f"a {p}" for p in parents)
-    return (" ".join(f"a photo of {with_tokens} {intent}".split()),
-            " ".join(f"a photo of {with_words} {intent}".split()))
+    fill = lambda phrase: " ".join(template.replace(CONCEPT_SLOT, phrase).split())  # noqa: E731
+    return fill(with_tokens), fill(with_words)
 
 
 class Gair:
@@ -107,7 +119,8 @@ class Gair:
         if missing:
             raise UnknownConceptMarker(missing, known=len(self.concepts))
         chosen = [self.concepts[c] for c in request.concept_ids]
-        tok_prompt, word_prompt = prompts_for(request.concept_ids, [c.parent for c in chosen], request.intent)
+        tok_prompt, word_prompt = prompts_for(request.concept_ids, [c.parent for c in chosen], request.intent,
+                                              request.template)
         tokens = {cid: c.vector for cid, c in zip(request.concept_ids, chosen)}
         parents = {cid: bb.word_embedding(c.parent) for cid, c in zip(request.concept_ids, chosen)}
 
@@ -119,14 +132,19 @@ class Gair:
         protos = F.normalize(torch.stack([c.prototype.float() for c in chosen]).to(f_tok.device), dim=-1)
 
         alphas = [float(request.alpha)] if request.mode == "manual" else [float(a) for a in request.alphas]
+        # The whole schedule is one sampling batch, and every α starts from the same noise: previews of
+        # different α differ only by their conditioning, so their scores compare the balance, not the luck
+        # of the draw (and one batched UNet pass is much faster than one per α).
+        n = request.previews
+        cond = torch.cat([(a * tok.hidden + (1 - a) * aligned.hidden).expand(n, -1, -1) for a in alphas])
+        noise = bb.generator.initial_noise(n, request.seed).repeat(len(alphas), 1, 1, 1)
+        u8 = to_uint8(bb.generator.sample(cond, uncond, steps=request.steps, guidance=request.guidance,
+                                          noise=noise))
+        feats = F.normalize(bb.encode_image(bb.preprocess(u8)).float(), dim=-1)
         raw = []
-        for a in alphas:
-            cond = a * tok.hidden + (1 - a) * aligned.hidden
-            imgs = bb.generator.sample(cond.expand(request.previews, -1, -1), uncond, steps=request.steps,
-                                       guidance=request.guidance, seed=request.seed)
-            u8 = to_uint8(imgs)
-            feats = F.normalize(bb.encode_image(bb.preprocess(u8)).float(), dim=-1)
-            raw.append((a, float((feats @ protos.T).mean()), float((feats @ f_words).mean()), u8, feats))
+        for i, a in enumerate(alphas):
+            f = feats[i * n: (i + 1) * n]
+            raw.append((a, float((f @ protos.T).mean()), float((f @ f_words).mean()), u8[i * n: (i + 1) * n], f))
         steps = _score(raw)
         best = max(range(len(steps)), key=lambda i: (steps[i].score, steps[i].alpha))
         alpha = steps[best].alpha
@@ -151,4 +169,4 @@ def _score(raw) -> list[GairStep]:
         return (x - x.min()) / span if span > 1e-8 else np.full_like(x, 0.5)
 
     score = 0.5 * (norm(fid) + norm(inten))
-    return [GairStep(r[0], r[1], r[2], float(s), r[3]) for r, s in zip(raw, score)]
+    return [GairStep(r[0], r[1], r[2], float(s), r[3], r[4].cpu().numpy()) for r, s in zip(raw, score)]

@@ -2,7 +2,8 @@
 
 ``--gallery`` is the root (or manifest.json) of a catalog written by `tokenfactory world` (its gallery
 table is used), a bare gallery table (CatalogRow Parquet/JSONL), or a folder of image files (S3 or
-local; item id = file name without extension). Images are read and validated by tasks and encoded by
+local; item id = file name without extension), or the ``<split>_fsl_train.txt`` of a PerVL-DeepFashion2
+layout (its retrieval images). Images are read and validated by tasks and encoded by
 an actor pool; bad images are listed, never fatal. The index (exact, or FAISS HNSW/IVF) is written to
 ``--out`` with item ids and URIs.
 """
@@ -21,7 +22,7 @@ def register(sub) -> None:
 
     p = sub.add_parser("index", help="embed gallery images into a vector index (Ray Data batch inference)",
                        description=__doc__)
-    p.add_argument("--gallery", required=True, help="catalog root / manifest.json, a gallery Parquet/JSONL, or a folder of images")
+    p.add_argument("--gallery", required=True, help="catalog root / manifest.json, a gallery Parquet/JSONL, a PerVL <split>_fsl_train.txt, or a folder of images")
     p.add_argument("--out", required=True, help="URI of the index folder to write")
     p.add_argument("--backbone", default="fashion-mini", help="backbone name (default: fashion-mini)")
     p.add_argument("--weights", default=None, help="backbone weights URI (default: the config's own)")
@@ -39,7 +40,11 @@ def gallery_items(uri: str, s3) -> list[dict]:
     from factory.catalog import read_rows
     from schemas import CatalogManifest
 
-    if uri.endswith((".parquet", ".jsonl")):
+    from factory.pervl import is_pervl, read_pervl
+
+    if is_pervl(uri):
+        rows = read_pervl(uri, s3).gallery
+    elif uri.endswith((".parquet", ".jsonl")):
         rows = read_rows(uri, s3)
     elif storage.exists(uri if uri.endswith(".json") else storage.join(uri, "manifest.json"), s3):
         manifest_uri = uri if uri.endswith(".json") else storage.join(uri, "manifest.json")

@@ -55,7 +55,8 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def _learner_config(args) -> dict:
+def learner_config(args) -> dict:
+    """The `LearnerConfig` fields of an onboarding run, from its flags (also read back by `evaluate`)."""
     return {"steps": args.steps, "lr": args.lr, "seed": args.seed, "parametrization": args.parametrization,
             "weights": {"ti": args.lambda_ti, "ce": args.lambda_ce, "image_ce": args.lambda_image_ce,
                         "reg": args.lambda_reg}, "log_every": 0}
@@ -133,7 +134,7 @@ def _train(args, s3, run_id, job_config, records, registry) -> None:
     from jobs.onboard_train import learn_shard
 
     config = {"backbone": args.backbone, "weights": args.weights, "s3": s3, "registry": args.registry,
-              "run_id": run_id, "job_config": job_config, "learner": _learner_config(args),
+              "run_id": run_id, "job_config": job_config, "learner": learner_config(args),
               "concepts_per_step": args.concepts_per_step, "threads": args.threads_per_worker,
               "use_gpu": args.use_gpu, "concepts": ray.put(records), "banks": ray.put(_banks(records))}
     workers = max(1, min(args.workers, len(records)))

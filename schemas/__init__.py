@@ -9,9 +9,11 @@ from schemas.arrow import (
     to_arrow,
 )
 from schemas.catalog import (
+    CONCEPT_SLOT,
     CatalogManifest,
     CatalogRow,
     ConceptSpec,
+    RetrievalQuery,
     Split,
     concepts_from_rows,
     rows_from_concepts,
@@ -41,6 +43,7 @@ __all__ = [
     "CATALOG_ROW_SCHEMA",
     "CONCEPT_ID_PATTERN",
     "CONCEPT_ID_RULE",
+    "CONCEPT_SLOT",
     "REGISTRY_FORMAT",
     "TOKEN_RECORD_SCHEMA",
     "CatalogManifest",
@@ -52,6 +55,7 @@ __all__ = [
     "RegistryFile",
     "RegistryManifest",
     "RejectedImage",
+    "RetrievalQuery",
     "RunId",
     "RunReport",
     "SkippedConcept",

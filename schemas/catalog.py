@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, field_validator
 
 from schemas.ids import ConceptId, NonEmptyStr, ParentWord, UtcDatetime, utc_now
 
@@ -123,3 +123,35 @@ def rows_from_concepts(specs: Iterable[ConceptSpec]) -> list[CatalogRow]:
                 for uri in uris
             )
     return rows
+
+
+CONCEPT_SLOT = "{concept}"
+
+
+class RetrievalQuery(BaseModel):
+    """One composite text-to-image query with its ground truth, whatever catalog it came from.
+
+    ``template`` is the query's words with one ``{concept}`` slot where the concept goes: a method fills it
+    with "a <concept:ID> dress" (the token), "a dress" (the parent word) or a mix of the two. ``intent``
+    is what the user adds to the concept ("on the beach"): the words previews are judged against.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    query_id: NonEmptyStr
+    concept_id: ConceptId
+    parent: ParentWord
+    template: NonEmptyStr
+    intent: str
+    relevant: list[NonEmptyStr] = Field(min_length=1, description="gallery item ids that answer the query")
+
+    @field_validator("template")
+    @classmethod
+    def _one_slot(cls, v: str) -> str:
+        if v.count(CONCEPT_SLOT) != 1 or v.replace(CONCEPT_SLOT, "").count("{") or "}" in v.replace(CONCEPT_SLOT, ""):
+            raise ValueError(f"template must contain exactly one {CONCEPT_SLOT} slot and no other braces: {v!r}")
+        return v
+
+    def text(self, concept_phrase: str) -> str:
+        """The query with ``concept_phrase`` in its slot, whitespace collapsed."""
+        return " ".join(self.template.replace(CONCEPT_SLOT, concept_phrase).split())

@@ -59,20 +59,28 @@ class Generator(nn.Module):
         return self.vae.decode(latents / self.config.latent_scale).sample.clamp(-1, 1)
 
     @torch.no_grad()
+    def initial_noise(self, n: int, seed: int = 0) -> torch.Tensor:
+        """The starting latents ``[n, c, s, s]`` that ``sample`` draws for a seed (on the CPU)."""
+        s = self.unet.config.sample_size
+        return torch.randn(n, self.latent_channels, s, s, generator=torch.Generator().manual_seed(seed))
+
+    @torch.no_grad()
     def sample(self, cond: torch.Tensor, uncond: torch.Tensor | None = None, steps: int = 40,
-               guidance: float = 4.0, seed: int = 0) -> torch.Tensor:
+               guidance: float = 4.0, seed: int = 0, noise: torch.Tensor | None = None) -> torch.Tensor:
         """DDIM sampling with classifier-free guidance; returns images in [-1, 1], [B, 3, H, W].
 
         ``cond`` [B, L, w] are the text hidden states of the prompts (tokens already injected), ``uncond``
         those of the empty prompt (broadcast over B) — the caller encodes both, so a generator never needs
-        to know about tokens. ``guidance`` 1 (or ``uncond`` None) disables guidance.
+        to know about tokens. ``guidance`` 1 (or ``uncond`` None) disables guidance. ``noise`` overrides
+        the seed's starting latents (e.g. the same noise repeated, to compare conditionings image by image).
         """
         sched = self.sampling_scheduler()
         sched.set_timesteps(steps)
         b = cond.shape[0]
-        s = self.unet.config.sample_size
-        g = torch.Generator().manual_seed(seed)
-        x = torch.randn(b, self.latent_channels, s, s, generator=g).to(cond.device) * sched.init_noise_sigma
+        x = self.initial_noise(b, seed) if noise is None else noise
+        if x.shape[0] != b:
+            raise ValueError(f"noise has {x.shape[0]} rows for {b} prompts")
+        x = x.to(cond.device) * sched.init_noise_sigma
         guided = uncond is not None and guidance != 1.0
         if guided:
             uncond = uncond.expand(b, -1, -1)

@@ -70,3 +70,21 @@ def test_prompts_pair_tokens_with_parents():
     tok, words = prompts_for(["a1", "b2"], ["dress", "coat"], "on the beach")
     assert tok == "a photo of a <concept:a1> dress and a <concept:b2> coat on the beach"
     assert words == "a photo of a dress and a coat on the beach"
+
+
+def test_prompts_fill_a_template_slot():
+    tok, words = prompts_for(["a1"], ["skirt"], "ignored", template="a person wearing {concept} on a bench")
+    assert tok == "a person wearing a <concept:a1> skirt on a bench"
+    assert words == "a person wearing a skirt on a bench"
+    with pytest.raises(ValueError, match="slot"):
+        GairRequest(["sku-1"], "x", template="no slot here")
+    with pytest.raises(ValueError, match="slot"):
+        GairRequest(["sku-1"], "x", template="{concept} and <concept:sku-2>")
+
+
+def test_every_alpha_starts_from_the_same_noise(gair):
+    # Two equal α values must give identical previews: only the conditioning may differ between steps.
+    res = gair(GairRequest(["sku-1"], "on the beach", alphas=[0.5, 0.5, 1.0], previews=2, steps=2, seed=5))
+    assert np.array_equal(res.steps[0].previews, res.steps[1].previews)
+    assert not np.array_equal(res.steps[0].previews[0], res.steps[0].previews[1])  # previews still differ
+    assert res.steps[0].features.shape[0] == 2

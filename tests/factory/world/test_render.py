@@ -133,3 +133,22 @@ def test_patterns_and_backgrounds_change_the_image() -> None:
 
     stats = [scene_stats(b) for b in range(len(BACKGROUNDS))]
     assert min(np.linalg.norm(a - b) for i, a in enumerate(stats) for b in stats[i + 1:]) > 20
+
+
+@pytest.mark.parametrize("pattern", [p for p in PATTERNS if p != "plain"])
+def test_pattern_colour_is_a_minority_of_the_garment(pattern: str) -> None:
+    # The caption names one colour, so it must be the garment's majority colour: count the garment pixels
+    # of red garments with a blue pattern that came out nearer blue than red.
+    n = 64
+    g = _garments(n, seed=1)
+    red, blue = COLOURS.index("red"), COLOURS.index("blue")
+    images = render(g, np.full(n, red), np.full(n, PATTERNS.index(pattern)), np.full(n, blue),
+                    np.full(n, BACKGROUNDS.index("studio")), np.random.default_rng(0)).astype(np.float32)
+    plain = render(g, np.full(n, red), np.zeros(n, int), np.full(n, -1),
+                   np.full(n, BACKGROUNDS.index("studio")), np.random.default_rng(0)).astype(np.float32)
+    garment = np.abs(plain - render(g, np.full(n, blue), np.zeros(n, int), np.full(n, -1),
+                                    np.full(n, BACKGROUNDS.index("studio")),
+                                    np.random.default_rng(0))).sum(-1) > 60  # pixels the fill colour reaches
+    bluish = images[..., 2] - images[..., 0] > 0
+    share = bluish[garment].mean()
+    assert 0.1 < share < 0.42, f"{pattern}: {share:.2f} of the garment is in the pattern colour"

@@ -1,8 +1,8 @@
-"""Held-out classification of concepts among the concepts of the same parent class."""
+"""Scoring primitives: held-out classification among a parent's concepts, and ranking metrics (MRR, recall@k)."""
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Collection, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -47,3 +47,25 @@ def heldout_accuracy(backbone: Backbone, concepts: Sequence[tuple[str, str]],
             per_concept[cid] = correct / len(x)
             hits, total = hits + correct, total + len(x)
     return (hits / total if total else float("nan")), per_concept
+
+
+def first_relevant_rank(ranking: Sequence[str], relevant: Collection[str]) -> int | None:
+    """1-based position of the first relevant id in ``ranking``; None when no relevant item was ranked."""
+    for i, item in enumerate(ranking, start=1):
+        if item in relevant:
+            return i
+    return None
+
+
+def ranking_metrics(ranks: Sequence[int | None], ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+    """MRR and recall@k of one method over its queries, from each query's first relevant rank.
+
+    A query whose relevant items were never ranked contributes 0 to MRR and recall (it is not dropped:
+    dropping it would reward a method for losing items).
+    """
+    if not ranks:
+        raise ValueError("no queries to score")
+    out = {"mrr": sum(1.0 / r for r in ranks if r) / len(ranks)}
+    for k in ks:
+        out[f"r{k}"] = sum(1 for r in ranks if r and r <= k) / len(ranks)
+    return out

@@ -1,0 +1,193 @@
+"""Every method of the evaluation, computed the same way on the same data.
+
+Classification (held-out images of each concept, classified among the concepts of the same parent):
+
+    parent_word   the parent word alone, in the learner's templates ("a photo of a dress")
+    caption       the catalog's hand-written caption of the concept ("a red striped dress")
+    ti            textual-inversion loss only, free token            (learned here: the ablation)
+    ce            CE losses only, projected token                     (learned here)
+    ti_ce_free    both losses, free token                             (learned here)
+    ti_ce_proj    both losses, projected token: the method            (the registry's tokens)
+
+The ablations are learned on the same few-shot images, with the registry run's own learner settings
+(steps, learning rate, seed, λs, concepts per step), changing only what the method name says.
+
+Retrieval (one query per (concept, context); its relevant gallery items are the targets):
+
+    words         the query with the parent word in the concept's place
+    token         the token alone ("a photo of a <concept:ID> dress"), no intent
+    token_intent  the query with the token in the concept's place
+    mix_0.5       normalize(0.5 · token_intent + 0.5 · words): a fixed balance
+    gair_auto     GAIR: the balance α chosen per query by generated previews (`factory.gair`)
+
+Generation: the previews GAIR makes at α = 1 (exactly the token_intent prompt) and at its chosen α, from
+the same noise, judged by the backbone among all intents of the catalog.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from factory.backbones import Backbone
+from factory.concepts import negative_banks
+from factory.evaluation.data import EvalCatalog
+from factory.evaluation.metrics import first_relevant_rank, heldout_accuracy, ranking_metrics
+from factory.gair import DEFAULT_ALPHAS, ConceptToken, Gair, GairRequest, GairResult
+from factory.learner import DEFAULT_TEMPLATES, ConceptData, LearnerConfig
+from factory.losses import LossWeights
+from factory.onboarding import learn_in_chunks
+from factory.tokens import marker
+
+log = logging.getLogger(__name__)
+
+CLASSIFICATION_METHODS = ("parent_word", "caption", "ti", "ce", "ti_ce_free", "ti_ce_proj")
+RETRIEVAL_METHODS = ("words", "token", "token_intent", "mix_0.5", "gair_auto")
+GENERATION_METHODS = ("token_intent", "gair_auto")
+# The ablations: (loss weights replaced, parametrisation). "ce" keeps both CE terms of the run (text- and
+# image-side); "ti" drops both.
+ABLATIONS: dict[str, tuple[dict[str, float], str]] = {
+    "ti": ({"ce": 0.0, "image_ce": 0.0}, "free"),
+    "ce": ({"ti": 0.0}, "projected"),
+    "ti_ce_free": ({}, "free"),
+    "ti_ce_proj": ({}, "projected"),
+}
+
+
+def ablation_config(base: LearnerConfig, method: str) -> LearnerConfig:
+    """The run's learner settings with the losses and parametrisation of ``method``."""
+    overrides, parametrization = ABLATIONS[method]
+    weights = LossWeights(**{**dataclasses.asdict(base.weights), **overrides})
+    if method.startswith("ti") and weights.ti == 0:
+        weights.ti = 1.0  # a run learned without TI still gets TI in the methods named for it
+    return dataclasses.replace(base, weights=weights, parametrization=parametrization, log_every=0)
+
+
+def learn_ablation(backbone: Backbone, data: Sequence[ConceptData], base: LearnerConfig, method: str,
+                   concepts_per_step: int) -> dict[str, torch.Tensor]:
+    """Learn one ablation's tokens for ``data``; concept id -> token vector."""
+    banks = negative_banks(data)
+    learned = learn_in_chunks(backbone, data, banks, ablation_config(base, method), concepts_per_step)
+    return {t.concept_id: t.vector.detach().float().cpu() for t in learned}
+
+
+def _templated(concept):
+    def prompts(cid: str, parent: str) -> list[str]:
+        return [" ".join(t.format(concept=concept(cid), parent=parent).split()) for t in DEFAULT_TEMPLATES]
+    return prompts
+
+
+def classification(backbone: Backbone, concepts: Sequence[tuple[str, str]], heldout: Mapping[str, torch.Tensor],
+                   captions: Mapping[str, str | None], token_sets: Mapping[str, Mapping[str, torch.Tensor]],
+                   ) -> dict[str, dict[str, float]]:
+    """``classification.<method>.accuracy`` for the word baselines and every method in ``token_sets``.
+
+    ``concepts`` are the (id, parent) pairs every method is scored on (those that have tokens in every
+    set), so all methods face the same images and the same candidates.
+    """
+    n_images = sum(len(heldout[c]) for c, _ in concepts if c in heldout)
+    out: dict[str, dict[str, float]] = {}
+    acc, _ = heldout_accuracy(backbone, concepts, heldout, _templated(lambda c: ""))
+    out["parent_word"] = {"accuracy": acc, "n_images": n_images}
+    if all(captions.get(c) for c, _ in concepts):
+        acc, _ = heldout_accuracy(backbone, concepts, heldout, lambda c, p: [captions[c]])
+        out["caption"] = {"accuracy": acc, "n_images": n_images}
+    for method, tokens in token_sets.items():
+        acc, _ = heldout_accuracy(backbone, concepts, heldout, _templated(marker), tokens)
+        out[method] = {"accuracy": acc, "n_images": n_images}
+    return out
+
+
+def token_norms(token_sets: Mapping[str, Mapping[str, torch.Tensor]]) -> dict[str, float]:
+    return {m: float(torch.stack(list(t.values())).norm(dim=-1).mean()) for m, t in token_sets.items() if t}
+
+
+@dataclass
+class GairSettings:
+    alphas: Sequence[float] = DEFAULT_ALPHAS
+    previews: int = 2
+    steps: int = 20
+    guidance: float = 4.0
+    seed: int = 0
+
+    def __post_init__(self):
+        if 1.0 not in [float(a) for a in self.alphas]:
+            raise ValueError("the α schedule must contain 1.0: its previews are the token_intent baseline's")
+
+
+@dataclass
+class RetrievalOutcome:
+    retrieval: dict[str, dict[str, float]]
+    generation: dict[str, dict[str, float]]
+    alphas: dict[str, int]  # chosen α -> number of queries
+    traces: list[tuple[str, str, GairResult]] = field(default_factory=list)  # (query id, prompt, trace)
+
+
+@torch.no_grad()
+def _features(backbone: Backbone, prompts: list[str], tokens, batch: int = 256) -> torch.Tensor:
+    out = [backbone.encode_prompts(prompts[i: i + batch], tokens).features.float() for i in range(0, len(prompts), batch)]
+    return F.normalize(torch.cat(out), dim=-1).cpu()
+
+
+def _ranks(index, queries: torch.Tensor, relevant: Sequence[Sequence[str]]) -> list[int | None]:
+    res = index.search(queries.numpy().astype(np.float32), len(index))
+    return [first_relevant_rank(ids, set(rel)) for ids, rel in zip(res.ids, relevant)]
+
+
+def retrieval_and_generation(backbone: Backbone, catalog: EvalCatalog, index, concepts: Mapping[str, ConceptToken],
+                             settings: GairSettings, keep_traces: int = 4, progress: bool = True) -> RetrievalOutcome:
+    """Retrieval metrics of every method over the catalog's queries, and generation metrics of GAIR's
+    previews. Queries whose concept has no token are left out (counted in ``n_queries``)."""
+    queries = [q for q in catalog.queries if q.concept_id in concepts]
+    if not queries:
+        raise ValueError("no query names a concept that has a token: evaluate the registry learned on this catalog")
+    tokens = {c: t.vector for c, t in concepts.items()}
+    phrase = {q.query_id: f"a {marker(q.concept_id)} {q.parent}" for q in queries}
+    words = _features(backbone, [q.text(f"a {q.parent}") for q in queries], tokens)
+    token = _features(backbone, [f"a photo of {phrase[q.query_id]}" for q in queries], tokens)
+    token_intent = _features(backbone, [q.text(phrase[q.query_id]) for q in queries], tokens)
+    mix = F.normalize(0.5 * token_intent + 0.5 * words, dim=-1)
+
+    gair, gair_queries = Gair(backbone, concepts, index), []
+    intents = catalog.intents
+    judge = {p: _features(backbone, [" ".join(f"a photo of a {p} {i}".split()) for i in intents], None)
+             for p in {q.parent for q in queries}}
+    hits = {m: [] for m in GENERATION_METHODS}
+    fidelity = {m: [] for m in GENERATION_METHODS}
+    chosen, traces = Counter(), []
+    for n, q in enumerate(tqdm(queries, desc="GAIR", unit="query", disable=not progress)):
+        req = GairRequest([q.concept_id], q.intent, top_k=1, alphas=settings.alphas, previews=settings.previews,
+                          steps=settings.steps, guidance=settings.guidance, seed=settings.seed + n,
+                          template=q.template)
+        res = gair(req)
+        gair_queries.append(torch.from_numpy(res.query))
+        chosen[f"{res.alpha:g}"] += 1
+        proto = F.normalize(concepts[q.concept_id].prototype.float(), dim=0)
+        steps = {"token_intent": next(s for s in res.steps if s.alpha == 1.0),
+                 "gair_auto": next(s for s in res.steps if s.alpha == res.alpha)}
+        for m, step in steps.items():
+            f = torch.from_numpy(step.features)
+            hits[m] += ((f @ judge[q.parent].T).argmax(1) == intents.index(q.intent)).tolist()
+            fidelity[m].append(float((f @ proto).mean()))
+        if len(traces) < keep_traces:
+            traces.append((q.query_id, q.text(phrase[q.query_id]), res))
+
+    relevant = [q.relevant for q in queries]
+    vectors = {"words": words, "token": token, "token_intent": token_intent, "mix_0.5": mix,
+               "gair_auto": torch.stack(gair_queries)}
+    retrieval = {m: {**ranking_metrics(_ranks(index, v, relevant)), "n_queries": len(queries)} for m, v in vectors.items()}
+    generation = {m: {"intent_accuracy": float(np.mean(hits[m])), "fidelity": float(np.mean(fidelity[m])),
+                      "n_previews": len(hits[m]), "chance": 1.0 / len(intents)} for m in GENERATION_METHODS}
+    return RetrievalOutcome(retrieval, generation, dict(sorted(chosen.items())), traces)
+
+
+__all__ = ["ABLATIONS", "CLASSIFICATION_METHODS", "GENERATION_METHODS", "GairSettings", "RETRIEVAL_METHODS",
+           "RetrievalOutcome", "ablation_config", "classification", "learn_ablation", "retrieval_and_generation",
+           "token_norms"]

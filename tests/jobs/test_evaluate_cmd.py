@@ -1,0 +1,35 @@
+"""`tokenfactory evaluate` end to end on a 4-concept catalog: world -> onboard (Ray) -> index (Ray) -> evaluate."""
+import json
+
+import pytest
+
+from factory.evaluation.methods import CLASSIFICATION_METHODS, RETRIEVAL_METHODS
+from factory.evaluation.report import FILES
+from factory.world import write_catalog
+from jobs.cli import main
+
+
+@pytest.mark.ray
+def test_evaluate_a_four_concept_catalog(ray_cluster, tmp_path):
+    catalog, registry, index, out = (str(tmp_path / d) for d in ("catalog", "registry", "index", "eval"))
+    write_catalog(catalog, seed=2, products=4, shots=2, heldout=2, contexts=2, distractors=4)
+    assert main(["onboard", "--catalog", catalog, "--registry", registry, "--backbone", "tiny-hf-clip",
+                 "--steps", "2", "--concepts-per-step", "2", "--workers", "1"]) == 0
+    assert main(["index", "--gallery", catalog, "--out", index, "--backbone", "tiny-hf-clip"]) == 0
+    assert main(["evaluate", "--catalog", catalog, "--registry", registry, "--index", index, "--out", out,
+                 "--previews", "1", "--sample-steps", "2", "--alphas", "0,1"]) == 0
+
+    m = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert all((tmp_path / "eval" / f).stat().st_size > 0 for f in FILES)
+    assert set(m["classification"]) == set(CLASSIFICATION_METHODS)
+    assert all(0.0 <= v["accuracy"] <= 1.0 and v["n_images"] == 8 for v in m["classification"].values())
+    assert set(m["retrieval"]) == set(RETRIEVAL_METHODS)
+    for v in m["retrieval"].values():
+        assert v["n_queries"] == 8 and 0.0 < v["mrr"] <= 1.0 and v["r1"] <= v["r5"] <= v["r10"] <= 1.0
+    assert m["generation"]["ti"]["token_norm"] > 0 and m["generation"]["ti_ce_proj"]["token_norm"] > 0
+    assert {"token_intent", "gair_auto"} <= set(m["generation"])
+    assert m["learner"]["steps"] == 2 and m["learner"]["concepts_per_step"] == 2  # the run's own settings
+    assert m["registry"]["version"] == 1
+    assert set(m["targets"]) == {"ti_ce_proj_beats_caption_ti_parent", "gair_mrr_gain", "gair_intent_beats_token_intent"}
+    report = (tmp_path / "eval" / "report.md").read_text()
+    assert "| ti_ce_proj |" in report and "| gair_auto |" in report
