@@ -1,0 +1,58 @@
+"""Building, starting and stopping the application.
+
+``build_app(settings)`` wires the deployments; ``app_builder(args)`` is the ``import_path`` target of the
+Serve config files in ``serve/configs/`` (``serve deploy serve/configs/local.yaml``), with ``args`` being
+`ServeSettings` fields; ``start``/``stop`` run it on the connected Ray cluster for `tokenfactory serve`,
+the demo and the tests.
+"""
+from __future__ import annotations
+
+import time
+
+from ray import serve
+from ray.serve import Application
+
+from serve.deployments import GalleryIndex, Generator, ImageEncoder, RegistryWatcher, TextEncoder
+from serve.ingress import Ingress
+from serve.settings import ServeSettings
+
+APP_NAME = "tokenfactory"
+
+
+def build_app(settings: ServeSettings) -> Application:
+    digest = settings.api_key_digest()  # read here, in the process that has the key; replicas get a hash
+    cfg = settings.model_dump()
+    watcher = RegistryWatcher.bind(cfg)
+    return Ingress.bind(cfg, digest, TextEncoder.bind(cfg, watcher), ImageEncoder.bind(cfg), GalleryIndex.bind(cfg),
+                        Generator.bind(cfg, watcher), watcher)
+
+
+def app_builder(args: dict) -> Application:
+    """Entry point of ``serve deploy`` / ``serve run serve.app:app_builder registry=… index=…``."""
+    return build_app(ServeSettings(**args))
+
+
+def start(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000, ready_timeout_s: float = 300.0) -> str:
+    """Run the app on the connected Ray cluster; returns its URL once ``/readyz`` answers 200."""
+    import httpx
+
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(build_app(settings), name=APP_NAME, route_prefix="/", blocking=False)
+    url = f"http://{host}:{port}"
+    deadline = time.monotonic() + ready_timeout_s
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            r = httpx.get(f"{url}/readyz", timeout=10.0)
+            if r.status_code == 200:
+                return url
+            last = r.text
+        except httpx.HTTPError as e:
+            last = repr(e)
+        time.sleep(0.5)
+    raise TimeoutError(f"the service at {url} was not ready after {ready_timeout_s:.0f}s (last answer: {last})")
+
+
+def stop() -> None:
+    serve.delete(APP_NAME)
+    serve.shutdown()

@@ -1,0 +1,265 @@
+"""The FastAPI ingress: validation, limits, authentication and timeouts in front of the deployments.
+
+Everything a client can get wrong is checked here, before any model runs, and answered with a 4xx JSON
+error naming the problem (`serve.api.ApiError`). The ingress itself holds no model and no tokens.
+"""
+# No `from __future__ import annotations` here: FastAPI reads the route signatures' annotations at run time,
+# and Serve's class-based ingress cannot resolve them when they are strings.
+import asyncio
+import base64
+import binascii
+import hashlib
+import hmac
+import logging
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from factory.images import BadImage, load_rgb
+from schemas import validate_concept_id
+from serve.api import (
+    ApiError, ClassifyRequest, ClassifyResponse, GairApiRequest, GairResponse, GenerateRequest, GenerateResponse,
+    ReloadRequest, ReloadResponse, RetrieveRequest, RetrieveResponse, TokenDetail, TokensResponse,
+)
+from serve.settings import Limits, ServeSettings
+
+log = logging.getLogger("tokenfactory.serve")
+
+app = FastAPI(title="tokenfactory", version="1",
+              description="Classification, retrieval, generation and GAIR with learned concept tokens.")
+
+
+class BodyLimit:
+    """ASGI middleware: refuse request bodies over the limit (413) while they stream in, whether or not
+    the client sent a Content-Length, so a huge upload is never buffered whole."""
+
+    limit = Limits().max_request_bytes  # set from the settings by the ingress replica that owns the app
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.inner(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
+            return await _send_error(scope, send, ApiError(413, "request_too_large",
+                                                    f"request body over the limit of {self.limit} bytes"))
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise ApiError(413, "request_too_large", f"request body over the limit of {self.limit} bytes")
+            return message
+
+        return await self.inner(scope, limited, send)
+
+
+async def _send_error(scope, send, e: ApiError) -> None:
+    response = JSONResponse(e.body(), status_code=e.status)
+    await response(scope, None, send)
+
+
+app.add_middleware(BodyLimit)
+
+
+@app.exception_handler(ApiError)
+async def _api_error(_: Request, e: ApiError):
+    return JSONResponse(e.body(), status_code=e.status)
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation_error(_: Request, e: RequestValidationError):
+    problems = []
+    for err in e.errors():
+        where = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
+        problems.append(f"{where}: {err.get('msg', 'invalid')}")
+    return JSONResponse(ApiError(422, "invalid_request", "; ".join(problems)).body(), status_code=422)
+
+
+@app.exception_handler(Exception)
+async def _unexpected(_: Request, e: Exception):
+    log.exception("unexpected error")
+    return JSONResponse(ApiError(500, "internal", f"internal error ({type(e).__name__}); see the server log").body(),
+                        status_code=500)
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(_: Request, e: StarletteHTTPException):
+    code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code, "http_error")
+    return JSONResponse(ApiError(e.status_code, code, str(e.detail)).body(), status_code=e.status_code)
+
+
+def _check_range(name: str, value: int | float, low: float, high: float) -> None:
+    if not low <= value <= high:
+        raise ApiError(422, "out_of_range", f"{name} must be between {low:g} and {high:g}, got {value}")
+
+
+def _check_text(name: str, text: str, limit: int) -> None:
+    if len(text) > limit:
+        raise ApiError(422, "prompt_too_long", f"{name} has {len(text)} characters; the limit is {limit}")
+    if "\x00" in text:
+        raise ApiError(422, "bad_prompt", f"{name} contains a NUL character")
+
+
+def _raise_if_error(result: dict) -> dict:
+    if isinstance(result, dict) and "error" in result:
+        e = result["error"]
+        raise ApiError(e["status"], e["code"], e["message"])
+    return result
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=256)
+@serve.ingress(app)
+class Ingress:
+    def __init__(self, settings: dict, key_digest: str | None, text, image, index, generator, watcher):
+        from factory.backbones import get_backbone_config
+
+        self.s = ServeSettings(**settings)
+        self.limits = self.s.limits
+        BodyLimit.limit = self.limits.max_request_bytes
+        self.key_digest = key_digest
+        self.text, self.image, self.index, self.generator, self.watcher = text, image, index, generator, watcher
+        self.image_size = get_backbone_config(self.s.backbone).image.size
+
+    # --- plumbing -------------------------------------------------------------------------------------
+    async def _call(self, response, timeout: float | None = None):
+        try:
+            return _raise_if_error(await asyncio.wait_for(response, timeout or self.limits.timeout_s))
+        except asyncio.TimeoutError:
+            response.cancel()
+            raise ApiError(504, "timeout", f"no answer within {timeout or self.limits.timeout_s:g}s; retry later") from None
+
+    def _authorise(self, request: Request, admin: bool) -> None:
+        if not admin and not self.s.require_key:
+            return
+        if self.key_digest is None:
+            raise ApiError(403, "admin_disabled", "the admin API is off: start the service with --api-key-env")
+        header = request.headers.get("authorization", "")
+        scheme, _, key = header.partition(" ")
+        if scheme.lower() != "bearer" or not key:
+            raise ApiError(401, "unauthorized", "send the API key as 'Authorization: Bearer <key>'")
+        digest = hashlib.sha256(key.strip().encode()).hexdigest()
+        if not hmac.compare_digest(digest, self.key_digest):  # constant time: no timing oracle on the key
+            raise ApiError(401, "unauthorized", "wrong API key")
+
+    async def _image(self, req: ClassifyRequest) -> np.ndarray:
+        if req.image is not None:
+            if len(req.image) > self.limits.max_request_bytes:
+                raise ApiError(413, "request_too_large", "image over the request size limit")
+            try:
+                data = base64.b64decode(req.image, validate=True)
+            except (binascii.Error, ValueError):
+                raise ApiError(422, "bad_base64", "image is not valid base64") from None
+        else:
+            data = await self._read_uri(req.image_uri)
+        try:
+            return load_rgb(data, self.image_size, max_pixels=self.limits.max_image_pixels)
+        except BadImage as e:
+            status = 413 if str(e).startswith("too large") else 422
+            raise ApiError(status, "bad_image", f"image: {e}") from None
+
+    async def _read_uri(self, uri: str) -> bytes:
+        from factory import storage
+        from factory.storage import S3Options
+
+        # Only object-store URIs: a file:// or plain path would let a client read the server's own files.
+        if not uri.startswith("s3://") or len(uri) > 1024:
+            raise ApiError(422, "bad_image_uri", "image_uri must be an s3:// URI")
+        try:
+            data = await asyncio.to_thread(storage.read_bytes, uri, S3Options.from_env())
+        except FileNotFoundError:
+            raise ApiError(404, "image_not_found", f"no object at {uri}") from None
+        except Exception as e:  # permissions, bad bucket names, unreachable store: the client's URI
+            raise ApiError(422, "bad_image_uri", f"cannot read {uri}: {type(e).__name__}") from None
+        if len(data) > self.limits.max_request_bytes:
+            raise ApiError(413, "request_too_large", f"{uri} is over the size limit")
+        return data
+
+    # --- routes ---------------------------------------------------------------------------------------
+    @app.get("/healthz")
+    async def healthz(self) -> dict:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz(self):
+        try:
+            version, text_v, index_n, _ = await asyncio.wait_for(asyncio.gather(
+                self.watcher.current.remote(), self.text.ready.remote(), self.index.ready.remote(),
+                self.image.ready.remote()), 10.0)
+        except Exception as e:
+            return JSONResponse({"ready": False, "reason": f"{type(e).__name__}: {e}"[:300]}, status_code=503)
+        return {"ready": True, "registry_version": version, "gallery_items": index_n}
+
+    @app.post("/v1/classify", response_model=ClassifyResponse)
+    async def classify(self, body: ClassifyRequest, request: Request):
+        self._authorise(request, admin=False)
+        _check_range("top_k", body.top_k, 1, self.limits.max_top_k)
+        features = await self._call(self.image.encode.remote(await self._image(body)))
+        out = await self._call(self.text.classify.remote(features, body.parent, body.top_k))
+        return {"concepts": [{"concept_id": c, "parent": p, "score": s} for c, p, s in out["concepts"]],
+                "registry_version": out["registry_version"]}
+
+    @app.post("/v1/retrieve", response_model=RetrieveResponse)
+    async def retrieve(self, body: RetrieveRequest, request: Request):
+        self._authorise(request, admin=False)
+        _check_text("query", body.query, self.limits.max_prompt_chars)
+        _check_range("top_k", body.top_k, 1, self.limits.max_top_k)
+        enc = await self._call(self.text.encode.remote(body.query))
+        hits = await self._call(self.index.search.remote((enc["features"], body.top_k)))
+        return {"items": [{"id": i, "uri": u, "score": s} for i, u, s in hits],
+                "registry_version": enc["registry_version"]}
+
+    @app.post("/v1/generate", response_model=GenerateResponse)
+    async def generate(self, body: GenerateRequest, request: Request):
+        self._authorise(request, admin=False)
+        _check_text("prompt", body.prompt, self.limits.max_prompt_chars)
+        _check_range("n", body.n, 1, self.limits.max_images)
+        _check_range("steps", body.steps, 1, self.limits.max_steps)
+        return await self._call(self.generator.generate.remote(body.prompt, body.n, body.seed, body.steps,
+                                                               float(body.guidance)), self.limits.generation_timeout_s)
+
+    @app.post("/v1/gair", response_model=GairResponse)
+    async def gair(self, body: GairApiRequest, request: Request):
+        self._authorise(request, admin=False)
+        lim = self.limits
+        _check_text("intent", body.intent, lim.max_prompt_chars)
+        _check_range("top_k", body.top_k, 1, lim.max_top_k)
+        _check_range("previews", body.previews, 1, lim.max_previews)
+        _check_range("steps", body.steps, 1, lim.max_steps)
+        _check_range("number of concept_ids", len(body.concept_ids), 1, lim.max_concepts)
+        if body.alphas is not None:
+            _check_range("number of alphas", len(body.alphas), 1, lim.max_alphas)
+            for a in body.alphas:
+                _check_range("each alpha", a, 0.0, 1.0)
+        if body.mode == "manual" and body.alpha is None:
+            raise ApiError(422, "invalid_request", "manual mode needs alpha")
+        req = body.model_dump(exclude_none=True)
+        return await self._call(self.generator.gair.remote(req), lim.generation_timeout_s)
+
+    @app.get("/v1/tokens", response_model=TokensResponse)
+    async def tokens(self, request: Request):
+        self._authorise(request, admin=False)
+        return await self._call(self.text.tokens.remote())
+
+    @app.get("/v1/tokens/{concept_id}", response_model=TokenDetail)
+    async def token(self, concept_id: str, request: Request):
+        self._authorise(request, admin=False)
+        try:
+            validate_concept_id(concept_id)
+        except ValueError as e:
+            raise ApiError(422, "bad_concept_id", str(e)) from None
+        return await self._call(self.text.token.remote(concept_id))
+
+    @app.post("/v1/admin/reload", response_model=ReloadResponse)
+    async def reload(self, request: Request, body: ReloadRequest | None = None):
+        self._authorise(request, admin=True)
+        return await self._call(self.watcher.reload.remote(body.version if body else None))

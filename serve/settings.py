@@ -1,0 +1,60 @@
+"""How the service is configured: where tokens and the gallery live, which backbone, limits, security.
+
+One pydantic model, so the same settings come from `tokenfactory serve` flags or from the ``args`` of a
+Serve config file (``serve deploy``), and a typo in either is an error at start-up, not a silent default.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt
+
+
+class Limits(BaseModel):
+    """Per-request limits: anything above is refused with a 4xx naming the limit."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_request_bytes: PositiveInt = 8 << 20  # a 4 Mpx PNG fits; base64 adds a third
+    max_image_pixels: PositiveInt = 4096 * 4096
+    max_prompt_chars: PositiveInt = 500
+    max_top_k: PositiveInt = 100
+    max_images: PositiveInt = 8  # `n` of /v1/generate
+    max_steps: PositiveInt = 100  # DDIM steps of /v1/generate and /v1/gair
+    max_previews: PositiveInt = 4  # GAIR previews per α
+    max_alphas: PositiveInt = 11
+    max_concepts: PositiveInt = 4  # concept ids of one GAIR request
+    timeout_s: PositiveFloat = 60.0  # encoders and index
+    generation_timeout_s: PositiveFloat = 300.0  # generate and GAIR (CPU sampling is slow)
+
+
+class ServeSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    registry: str = Field(description="token registry root URI")
+    index: str = Field(description="gallery index URI (written by `tokenfactory index`)")
+    backbone: str = "fashion-mini"
+    weights: str | None = None
+    api_key_env: str | None = Field(default=None, description="env var holding the API key; unset: admin API off")
+    require_key: bool = Field(default=False, description="require the API key on every /v1 route, not only admin")
+    poll_s: float = Field(default=30.0, ge=0, description="seconds between checks for a newer registry version (0: off)")
+    max_batch_size: PositiveInt = 32  # @serve.batch of the encoders and the index (1: no batching)
+    batch_wait_s: float = Field(default=0.005, ge=0)
+    threads: PositiveInt = 1  # torch threads per replica
+    limits: Limits = Field(default_factory=Limits)
+
+    def api_key_digest(self) -> str | None:
+        """sha256 of the API key read from ``api_key_env`` now (in the process building the app).
+
+        Replicas get the digest, never the key: the settings travel through Ray and Serve's config
+        store, where a plain secret would be readable by anyone who can read the config.
+        """
+        if not self.api_key_env:
+            return None
+        key = os.environ.get(self.api_key_env)
+        if not key:
+            raise ValueError(f"--api-key-env {self.api_key_env}: that environment variable is empty or unset")
+        if len(key) < 16:
+            raise ValueError(f"the API key in ${self.api_key_env} is shorter than 16 characters: use a random key")
+        return hashlib.sha256(key.encode()).hexdigest()

@@ -1,0 +1,97 @@
+"""One real Ray Serve app over HTTP on loopback for the whole package, on the session's Ray cluster.
+
+The registry holds tokens learned here on `fashion-mini` (CE losses only, so learning takes seconds)
+for products of a sample catalog, one per look-alike group, so every request has one unambiguous right
+answer (how well tokens separate look-alikes is the evaluation's business, not the server's). The
+gallery index holds those products' gallery images and the catalog's non-mimicking distractors.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+import httpx
+import pytest
+
+API_KEY = "test-key-0123456789abcdef"
+KEY_ENV = "TOKENFACTORY_TEST_API_KEY"
+
+
+def learn_version(registry_uri: str, specs, run_id: str, backbone, steps: int = 120) -> int:
+    """Learn tokens for ``specs`` in-process and commit them as one registry version."""
+    from factory.learner import LearnerConfig, to_record
+    from factory.losses import LossWeights
+    from factory.onboarding import learn_in_chunks, negative_banks, prepare_concepts
+    from factory.registry import TokenRegistry
+
+    data, _, _ = prepare_concepts(backbone, specs, latents=False)
+    config = LearnerConfig(steps=steps, weights=LossWeights(ti=0.0, ce=1.0, image_ce=1.0), log_every=0)
+    learned = learn_in_chunks(backbone, data, negative_banks(data), config, concepts_per_step=8)
+    writer = TokenRegistry(registry_uri).begin(run_id, backbone.name, backbone.fingerprint())
+    writer.write_shard("all", [to_record(t, backbone, run_id) for t in learned])
+    return writer.commit()
+
+
+def build_index(index_uri: str, gallery, backbone) -> None:
+    import numpy as np
+    import torch.nn.functional as F
+
+    from factory.concepts import encode_images
+    from factory.index import create_index
+    from factory.onboarding import load_images
+
+    loaded = load_images({r.attributes["item"]: [r.image_uri] for r in gallery}, backbone.config.image.size)
+    feats, _ = encode_images(backbone, loaded.images, latents=False)
+    index = create_index("exact", feats.shape[1])
+    uri_of = {r.attributes["item"]: r.image_uri for r in gallery}
+    index.add(F.normalize(feats, dim=-1).numpy().astype(np.float32), loaded.owners, [uri_of[i] for i in loaded.owners])
+    index.save(index_uri)
+
+
+@dataclass
+class Service:
+    url: str
+    client: httpx.Client
+    catalog: object  # factory.world.Catalog
+    registry: str
+    backbone: object
+    specs: list
+
+    def admin(self) -> dict:
+        return {"Authorization": f"Bearer {API_KEY}"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="package")
+def service(ray_cluster, tmp_path_factory):
+    from factory.backbones import load_backbone
+    from factory.world import read_catalog, write_catalog
+    from serve.app import start, stop
+    from serve.settings import ServeSettings
+
+    root = tmp_path_factory.mktemp("serve")
+    catalog_uri, registry, index = str(root / "catalog"), str(root / "registry"), str(root / "index")
+    write_catalog(catalog_uri, seed=5, products=14, shots=4, heldout=3, contexts=2, distractors=12)
+    catalog = read_catalog(catalog_uri)
+    backbone = load_backbone("fashion-mini")
+    one_per_group = list({s.attributes["group"]: s for s in catalog.concepts}.values())
+    specs = one_per_group[:5]  # the next one is learned into version 2 by the reload test
+    chosen = {s.concept_id for s in one_per_group}
+    catalog.gallery = [r for r in catalog.gallery
+                       if r.concept_id in chosen or (r.attributes.get("distractor") == "1" and "mimics" not in r.attributes)]
+    catalog.concepts = one_per_group
+    learn_version(registry, specs, "serve-test-v1", backbone)
+    build_index(index, catalog.gallery, backbone)
+    os.environ[KEY_ENV] = API_KEY
+    settings = ServeSettings(registry=registry, index=index, backbone="fashion-mini", api_key_env=KEY_ENV,
+                             poll_s=0, max_batch_size=16)
+    url = start(settings, port=_free_port())
+    with httpx.Client(base_url=url, timeout=120.0) as client:
+        yield Service(url, client, catalog, registry, backbone, specs)
+    stop()
