@@ -8,7 +8,7 @@ STAMP := $(VENV)/.tokenfactory-installed
 # Debian packages the project needs: the real Fashion-MNIST garments for the embedded default.
 APT_PACKAGES := dataset-fashion-mnist
 
-.PHONY: setup test demo apt clean-venv
+.PHONY: setup test demo serve apt clean-venv
 
 setup: apt $(STAMP)
 
@@ -36,6 +36,10 @@ test: setup
 
 demo: setup
 	$(VENV)/bin/tokenfactory demo
+
+# The demo, keeping its service (and embedded S3) up on http://127.0.0.1:8000 until Ctrl-C.
+serve: setup
+	$(VENV)/bin/tokenfactory demo --keep-serving
 
 clean-venv:
 	rm -rf $(VENV)

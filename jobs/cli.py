@@ -12,7 +12,7 @@ import logging
 import sys
 
 # Subcommand modules, in the order `--help` lists them.
-COMMANDS = ["jobs.demo_cmd", "jobs.onboard_cmd", "jobs.index_cmd", "jobs.evaluate_cmd", "jobs.world_cmd", "jobs.pretrain_cmd", "jobs.backbones_cmd"]
+COMMANDS = ["jobs.demo_cmd", "jobs.onboard_cmd", "jobs.index_cmd", "jobs.evaluate_cmd", "jobs.serve_cmd", "jobs.world_cmd", "jobs.pretrain_cmd", "jobs.backbones_cmd"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -5,7 +5,10 @@
 3. runs `tokenfactory onboard` on a local Ray cluster, reading ``s3://`` and writing the token registry
    to ``s3://`` (TI + CE losses, subspace projection, on `fashion-mini`);
 4. prints held-out classification accuracy of the tokens against the parent word and the caption;
-5. writes a PNG: few-shot images beside images generated from each token alone and composed with words.
+5. writes a PNG: few-shot images beside images generated from each token alone and composed with words;
+6. indexes the catalog's gallery (`tokenfactory index`, Ray Data), starts the online service (Ray Serve,
+   `serve/`), sends one request of each kind with a real HTTP client, prints the answers and stops it
+   (``--keep-serving``, i.e. `make serve`, keeps it up until Ctrl-C).
 """
 from __future__ import annotations
 
@@ -35,6 +38,9 @@ def register(sub) -> None:
     p.add_argument("--sample-steps", type=int, default=40, help="DDIM steps for the PNG's images (default: 40)")
     p.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale (default: 4)")
     p.add_argument("--seed", type=int, default=0, help="seed of catalog, learning and sampling (default: 0)")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port of the service (default: 8000)")
+    p.add_argument("--keep-serving", action="store_true", help="keep the service (and the embedded S3) up until Ctrl-C")
+    p.add_argument("--no-serve", action="store_true", help="stop after the table and the PNG (no index, no service)")
     p.set_defaults(func=run)
 
 
@@ -51,7 +57,7 @@ def run(args) -> int:
         saved = {k: os.environ.get(k) for k in server.env}
         os.environ.update(server.env)  # the onboarding job (and its Ray workers) read S3 settings from env
         try:
-            return _run(args, bucket, server.s3_options)
+            return _run(args, bucket, server.s3_options, server.env)
         finally:
             for k, v in saved.items():
                 if v is None:
@@ -60,7 +66,7 @@ def run(args) -> int:
                     os.environ[k] = v
 
 
-def _run(args, bucket: str, s3) -> int:
+def _run(args, bucket: str, s3, s3_env: dict) -> int:
     import torch
     from rich.console import Console
     from rich.table import Table
@@ -118,6 +124,10 @@ def _run(args, bucket: str, s3) -> int:
     _draw(backbone, specs, tokens, args, figure, s3)
     result = {"registry_version": version.version, "accuracy": accuracy, "products": len(specs),
               "learned": len(tokens), "figure": figure, "onboard_report": report_path}
+    if not args.no_serve:
+        from jobs.demo_service import serve_tour
+
+        result["service"] = serve_tour(args, bucket, catalog_uri, registry_uri, s3_env, specs)
     storage.write_json(os.path.join(args.out, "demo.json"), result)
     console.print(f"[demo] picture: {figure}\n[demo] results: {os.path.join(args.out, 'demo.json')}")
     return 0

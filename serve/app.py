@@ -22,9 +22,16 @@ APP_NAME = "tokenfactory"
 def build_app(settings: ServeSettings) -> Application:
     digest = settings.api_key_digest()  # read here, in the process that has the key; replicas get a hash
     cfg = settings.model_dump()
-    watcher = RegistryWatcher.bind(cfg)
-    return Ingress.bind(cfg, digest, TextEncoder.bind(cfg, watcher), ImageEncoder.bind(cfg), GalleryIndex.bind(cfg),
-                        Generator.bind(cfg, watcher), watcher)
+
+    def d(deployment):
+        if not settings.replica_env:
+            return deployment
+        options = {**(deployment.ray_actor_options or {}), "runtime_env": {"env_vars": dict(settings.replica_env)}}
+        return deployment.options(ray_actor_options=options)
+
+    watcher = d(RegistryWatcher).bind(cfg)
+    return d(Ingress).bind(cfg, digest, d(TextEncoder).bind(cfg, watcher), d(ImageEncoder).bind(cfg),
+                           d(GalleryIndex).bind(cfg), d(Generator).bind(cfg, watcher), watcher)
 
 
 def app_builder(args: dict) -> Application:

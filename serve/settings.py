@@ -42,6 +42,10 @@ class ServeSettings(BaseModel):
     max_batch_size: PositiveInt = 32  # @serve.batch of the encoders and the index (1: no batching)
     batch_wait_s: float = Field(default=0.005, ge=0)
     threads: PositiveInt = 1  # torch threads per replica
+    replica_env: dict[str, str] = Field(
+        default_factory=dict,
+        description="environment variables set in every replica (e.g. the S3 endpoint of a local store); the "
+        "settings are visible in Serve's config, so put real secrets in the cluster's environment instead")
     limits: Limits = Field(default_factory=Limits)
 
     def api_key_digest(self) -> str | None:

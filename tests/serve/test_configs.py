@@ -1,0 +1,31 @@
+"""The Serve config files deploy the same application, with valid settings and autoscaling."""
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import pytest
+import yaml
+from ray.serve.schema import ServeDeploySchema
+
+from serve.settings import ServeSettings
+
+CONFIGS = sorted((Path(__file__).parents[2] / "serve" / "configs").glob("*.yaml"))
+DEPLOYMENTS = {"Ingress", "TextEncoder", "ImageEncoder", "GalleryIndex", "Generator", "RegistryWatcher"}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_config_file_is_a_valid_serve_config_of_our_app(path):
+    schema = ServeDeploySchema.model_validate(yaml.safe_load(path.read_text()))
+    (app,) = schema.applications
+    module, _, attr = app.import_path.partition(":")
+    assert callable(getattr(importlib.import_module(module), attr))
+    ServeSettings(**app.args)  # the args are exactly the settings: a typo would fail here
+    assert {d.name for d in app.deployments} == DEPLOYMENTS
+
+
+def test_cluster_generator_gets_a_gpu_and_scales_to_zero():
+    schema = ServeDeploySchema.model_validate(yaml.safe_load((CONFIGS[0].parent / "cluster.yaml").read_text()))
+    gen = next(d for d in schema.applications[0].deployments if d.name == "Generator")
+    assert gen.ray_actor_options.num_gpus == 1
+    assert gen.autoscaling_config["min_replicas"] == 0
