@@ -151,7 +151,7 @@ def print_row(n: int, r: dict[str, Any]) -> None:
               f"{s['speedup_vs_exact']:.1f}x")
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="JSON results file (any URI)")
     p.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
@@ -168,7 +168,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--nprobe", type=int, nargs="+", default=[8, 16, 32, 64])
     p.add_argument("--target-recall", type=float, default=0.95)
     p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     results = run(args)
     storage.write_json(args.out, results)
     print(f"wrote {args.out}")

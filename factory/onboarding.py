@@ -111,5 +111,24 @@ def heldout_features(backbone: Backbone, specs: Sequence[ConceptSpec], s3: S3Opt
     return {cid: feats[torch.from_numpy(np.nonzero(owners == cid)[0])] for cid in dict.fromkeys(loaded.owners)}
 
 
-__all__ = ["LoadedImages", "chunks_by_parent", "heldout_features", "image_size_for", "learn_in_chunks",
+
+def learn_and_commit(registry, specs: Sequence[ConceptSpec], run_id: str, backbone: Backbone, config: LearnerConfig,
+                     concepts_per_step: int = 8, s3: S3Options | None = None) -> int:
+    """Onboard ``specs`` in this process and commit them as one registry version; returns its number.
+
+    The single-process counterpart of `tokenfactory onboard` (no Ray): for small catalogs, tests and
+    benchmarks. ``registry`` is a `factory.registry.TokenRegistry`.
+    """
+    from factory.learner import to_record
+
+    data, _, skipped = prepare_concepts(backbone, specs, s3, latents=config.weights.ti > 0)
+    if not data:
+        raise ValueError(f"no concept has a usable image ({len(skipped)} skipped)")
+    learned = learn_in_chunks(backbone, data, negative_banks(data), config, concepts_per_step)
+    writer = registry.begin(run_id, backbone.name, backbone.fingerprint())
+    writer.write_shard("all", [to_record(t, backbone, run_id) for t in learned])
+    return writer.commit()
+
+
+__all__ = ["LoadedImages", "chunks_by_parent", "heldout_features", "image_size_for", "learn_and_commit", "learn_in_chunks",
            "load_images", "negative_banks", "prepare_concepts", "too_few_images"]

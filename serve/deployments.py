@@ -6,9 +6,10 @@
     GalleryIndex     vector search over the gallery (@serve.batch: one matrix search per batch)
     Generator        text-conditioned sampling and GAIR (its own deployment: GPU-able, scales to zero)
 
-Replicas that hold tokens ask the watcher for the current version on every call (one cheap actor call)
-and switch by building the new `TokenState` first and then swapping one reference, so no request ever
-sees half a version and none fails during a reload. Client errors are *returned* as ``{"error": …}``
+Replicas that hold tokens ask the watcher for the current version at most every ``version_check_s``
+(one actor call; the admin reload waits that long before it answers, so every request sent after it
+returns sees the new version) and switch by building the new `TokenState` first and then swapping one
+reference, so no request ever sees half a version and none fails during a reload. Client errors are *returned* as ``{"error": …}``
 dicts, not raised: a raised exception would cross the actor boundary wrapped and lose its meaning.
 """
 from __future__ import annotations
@@ -65,13 +66,17 @@ def _backbone(s: ServeSettings):
 class VersionFollower:
     """Keeps a replica's `TokenState` at the version the watcher names."""
 
-    def __init__(self, watcher, load: Callable[[int | None], TokenState]):
-        self.watcher, self._load = watcher, load
+    def __init__(self, watcher, load: Callable[[int | None], TokenState], check_s: float):
+        self.watcher, self._load, self.check_s = watcher, load, check_s
         self.current = load(None)  # the newest committed version, so the replica starts ready
         self._lock = asyncio.Lock()
+        self._checked_at = time.monotonic()
 
     async def state(self) -> TokenState:
+        if time.monotonic() - self._checked_at < self.check_s:
+            return self.current
         version = await self.watcher.current.remote()
+        self._checked_at = time.monotonic()
         if version != self.current.version:
             async with self._lock:
                 if version != self.current.version:
@@ -138,7 +143,7 @@ class TextEncoder(_Batched):
         s = _setup(settings)
         self.backbone = _backbone(s)
         registry = TokenRegistry(s.registry, S3Options.from_env())
-        self.follower = VersionFollower(watcher, lambda v: TokenState.load(registry, v, self.backbone))
+        self.follower = VersionFollower(watcher, lambda v: TokenState.load(registry, v, self.backbone), s.version_check_s)
         self._configure_batching(s, self.encode)
 
     async def ready(self) -> int:
@@ -244,7 +249,8 @@ class Generator:
         if self.backbone.generator is None:
             raise ValueError(f"backbone {s.backbone!r} has no generator: /v1/generate and /v1/gair need one")
         registry = TokenRegistry(s.registry, S3Options.from_env())
-        self.follower = VersionFollower(watcher, lambda v: TokenState.load(registry, v, self.backbone, with_classes=False))
+        self.follower = VersionFollower(watcher, lambda v: TokenState.load(registry, v, self.backbone, with_classes=False),
+                                        s.version_check_s)
         self.index = load_index(s.index, S3Options.from_env())
 
     async def ready(self) -> int:

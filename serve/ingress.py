@@ -262,4 +262,6 @@ class Ingress:
     @app.post("/v1/admin/reload", response_model=ReloadResponse)
     async def reload(self, request: Request, body: ReloadRequest | None = None):
         self._authorise(request, admin=True)
-        return await self._call(self.watcher.reload.remote(body.version if body else None))
+        out = await self._call(self.watcher.reload.remote(body.version if body else None))
+        await asyncio.sleep(self.s.version_check_s)  # every replica's cached version has now expired
+        return out

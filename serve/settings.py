@@ -39,6 +39,8 @@ class ServeSettings(BaseModel):
     api_key_env: str | None = Field(default=None, description="env var holding the API key; unset: admin API off")
     require_key: bool = Field(default=False, description="require the API key on every /v1 route, not only admin")
     poll_s: float = Field(default=30.0, ge=0, description="seconds between checks for a newer registry version (0: off)")
+    version_check_s: float = Field(default=0.5, ge=0, le=10,
+                                   description="how stale a replica's idea of the served version may be")
     max_batch_size: PositiveInt = 32  # @serve.batch of the encoders and the index (1: no batching)
     batch_wait_s: float = Field(default=0.005, ge=0)
     threads: PositiveInt = 1  # torch threads per replica

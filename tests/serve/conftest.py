@@ -19,34 +19,14 @@ KEY_ENV = "TOKENFACTORY_TEST_API_KEY"
 
 
 def learn_version(registry_uri: str, specs, run_id: str, backbone, steps: int = 120) -> int:
-    """Learn tokens for ``specs`` in-process and commit them as one registry version."""
-    from factory.learner import LearnerConfig, to_record
+    """Learn tokens for ``specs`` in-process (CE losses only: seconds) and commit them as one version."""
+    from factory.learner import LearnerConfig
     from factory.losses import LossWeights
-    from factory.onboarding import learn_in_chunks, negative_banks, prepare_concepts
+    from factory.onboarding import learn_and_commit
     from factory.registry import TokenRegistry
 
-    data, _, _ = prepare_concepts(backbone, specs, latents=False)
     config = LearnerConfig(steps=steps, weights=LossWeights(ti=0.0, ce=1.0, image_ce=1.0), log_every=0)
-    learned = learn_in_chunks(backbone, data, negative_banks(data), config, concepts_per_step=8)
-    writer = TokenRegistry(registry_uri).begin(run_id, backbone.name, backbone.fingerprint())
-    writer.write_shard("all", [to_record(t, backbone, run_id) for t in learned])
-    return writer.commit()
-
-
-def build_index(index_uri: str, gallery, backbone) -> None:
-    import numpy as np
-    import torch.nn.functional as F
-
-    from factory.concepts import encode_images
-    from factory.index import create_index
-    from factory.onboarding import load_images
-
-    loaded = load_images({r.attributes["item"]: [r.image_uri] for r in gallery}, backbone.config.image.size)
-    feats, _ = encode_images(backbone, loaded.images, latents=False)
-    index = create_index("exact", feats.shape[1])
-    uri_of = {r.attributes["item"]: r.image_uri for r in gallery}
-    index.add(F.normalize(feats, dim=-1).numpy().astype(np.float32), loaded.owners, [uri_of[i] for i in loaded.owners])
-    index.save(index_uri)
+    return learn_and_commit(TokenRegistry(registry_uri), specs, run_id, backbone, config)
 
 
 @dataclass
@@ -71,6 +51,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="package")
 def service(ray_cluster, tmp_path_factory):
     from factory.backbones import load_backbone
+    from factory.gallery import index_images
     from factory.world import read_catalog, write_catalog
     from serve.app import start, stop
     from serve.settings import ServeSettings
@@ -87,7 +68,9 @@ def service(ray_cluster, tmp_path_factory):
                        if r.concept_id in chosen or (r.attributes.get("distractor") == "1" and "mimics" not in r.attributes)]
     catalog.concepts = one_per_group
     learn_version(registry, specs, "serve-test-v1", backbone)
-    build_index(index, catalog.gallery, backbone)
+    gallery_index, rejected = index_images(backbone, {r.attributes["item"]: r.image_uri for r in catalog.gallery})
+    assert not rejected
+    gallery_index.save(index)
     os.environ[KEY_ENV] = API_KEY
     settings = ServeSettings(registry=registry, index=index, backbone="fashion-mini", api_key_env=KEY_ENV,
                              poll_s=0, max_batch_size=16)
