@@ -23,7 +23,7 @@ COMPOSITIONS = ("on the beach", "in the snow")
 
 
 def register(sub) -> None:
-    p = sub.add_parser("demo", help="the main job on the embedded default: world -> S3 -> onboard on Ray -> table + PNG",
+    p = sub.add_parser("demo", help="the main job on the embedded default: world -> S3 -> onboard on Ray -> table + PNG -> index -> service",
                        description=__doc__)
     p.add_argument("--out", default="out/demo", help="local folder for the report, the table and the PNG (default: out/demo)")
     p.add_argument("--backbone", default="fashion-mini", help="backbone name (default: fashion-mini)")

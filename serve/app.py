@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 
+import ray
 from ray import serve
 from ray.serve import Application
 
@@ -43,7 +44,14 @@ def start(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000, re
     """Run the app on the connected Ray cluster; returns its URL once ``/readyz`` answers 200."""
     import httpx
 
-    serve.start(http_options={"host": host, "port": port})
+    for attempt in range(3):  # a proxy that misses Serve's 60 s start-up deadline on a loaded machine is retried
+        try:
+            serve.start(http_options={"host": host, "port": port})
+            break
+        except ray.exceptions.ActorDiedError:
+            if attempt == 2:
+                raise
+            serve.shutdown()
     serve.run(build_app(settings), name=APP_NAME, route_prefix="/", blocking=False)
     url = f"http://{host}:{port}"
     deadline = time.monotonic() + ready_timeout_s

@@ -49,10 +49,11 @@ def _gair_grid(ev: Evaluation) -> bytes:
         images, titles = [], []
         for s in res.steps:
             images.append(s.previews[0])
-            titles.append(f"α={s.alpha:g}" + (" *" if s.alpha == res.alpha else ""))
-        rows.append((f"{qid}: {prompt[:38]}", images))
+            titles.append(f"alpha={s.alpha:g}" + (" *" if s.alpha == res.alpha else ""))  # PIL's font has no α
+        short = prompt if len(prompt) <= 44 else "..." + prompt[-41:]
+        rows.append((f"{qid}: {short}", images))
     buf = io.BytesIO()
-    image_grid(rows, titles, scale=3, label_w=260).save(buf, format="PNG")
+    image_grid(rows, titles, scale=3, label_w=300).save(buf, format="PNG")
     return buf.getvalue()
 
 

@@ -3,7 +3,7 @@
 The registry holds tokens learned here on `fashion-mini` (CE losses only, so learning takes seconds)
 for products of a sample catalog, one per look-alike group, so every request has one unambiguous right
 answer (how well tokens separate look-alikes is the evaluation's business, not the server's). The
-gallery index holds those products' gallery images and the catalog's non-mimicking distractors.
+gallery index holds those products' gallery images and distractors of other categories.
 """
 from __future__ import annotations
 
@@ -64,8 +64,11 @@ def service(ray_cluster, tmp_path_factory):
     one_per_group = list({s.attributes["group"]: s for s in catalog.concepts}.values())
     specs = one_per_group[:5]  # the next one is learned into version 2 by the reload test
     chosen = {s.concept_id for s in one_per_group}
+    # Distractors of a learned product's category could be look-alikes by chance (a random colourway
+    # near the product's): keep only those of other categories, so every query has one right answer.
+    categories = {s.parent for s in one_per_group}
     catalog.gallery = [r for r in catalog.gallery
-                       if r.concept_id in chosen or (r.attributes.get("distractor") == "1" and "mimics" not in r.attributes)]
+                       if r.concept_id in chosen or (r.attributes.get("distractor") == "1" and r.parent not in categories)]
     catalog.concepts = one_per_group
     learn_version(registry, specs, "serve-test-v1", backbone)
     gallery_index, rejected = index_images(backbone, {r.attributes["item"]: r.image_uri for r in catalog.gallery})
