@@ -127,7 +127,11 @@ def _run(args, bucket: str, s3, s3_env: dict) -> int:
     if not args.no_serve:
         from jobs.demo_service import serve_tour
 
-        result["service"] = serve_tour(args, bucket, catalog_uri, registry_uri, s3_env, specs)
+        from factory.world import read_catalog
+
+        queries = read_catalog(catalog_uri, s3).queries  # a scene the first product really appears in
+        intent = next((q.intent for q in queries if q.concept_id == specs[0].concept_id), "on the beach")
+        result["service"] = serve_tour(args, bucket, catalog_uri, registry_uri, s3_env, specs, intent)
     storage.write_json(os.path.join(args.out, "demo.json"), result)
     console.print(f"[demo] picture: {figure}\n[demo] results: {os.path.join(args.out, 'demo.json')}")
     return 0

@@ -9,8 +9,9 @@ import time
 KEY_ENV = "TOKENFACTORY_DEMO_API_KEY"
 
 
-def serve_tour(args, bucket: str, catalog_uri: str, registry_uri: str, s3_env: dict, specs) -> dict:
-    """Index, serve, call every endpoint over HTTP; returns a summary of each answer."""
+def serve_tour(args, bucket: str, catalog_uri: str, registry_uri: str, s3_env: dict, specs, intent: str) -> dict:
+    """Index, serve, call every endpoint over HTTP; returns a summary of each answer. ``intent`` is a
+    scene the first product appears in within the gallery, so its retrieval has a right answer."""
     import httpx
     from rich.console import Console
 
@@ -31,7 +32,7 @@ def serve_tour(args, bucket: str, catalog_uri: str, registry_uri: str, s3_env: d
     console.print(f"[demo] service ready at {url} (OpenAPI at {url}/docs)")
     try:
         with httpx.Client(base_url=url, timeout=300.0) as client:
-            summary = _tour(client, specs, args, console)
+            summary = _tour(client, specs, args, console, intent)
         if args.keep_serving:
             console.print(f"[demo] serving at {url} until Ctrl-C (registry {registry_uri}, index {index_uri})")
             try:
@@ -45,7 +46,7 @@ def serve_tour(args, bucket: str, catalog_uri: str, registry_uri: str, s3_env: d
         console.print("[demo] service stopped")
 
 
-def _tour(client, specs, args, console) -> dict:
+def _tour(client, specs, args, console, intent: str) -> dict:
     from rich.table import Table
 
     from factory import storage
@@ -57,8 +58,8 @@ def _tour(client, specs, args, console) -> dict:
     calls = [
         ("GET /readyz", "get", "/readyz", None, {}),
         ("GET /v1/tokens", "get", "/v1/tokens", None, {}),
-        ("POST /v1/classify", "post", "/v1/classify", {"image": image, "top_k": 3}, {}),
-        ("POST /v1/retrieve", "post", "/v1/retrieve", {"query": f"a photo of a {m} {spec.parent} on the beach", "top_k": 3}, {}),
+        ("POST /v1/classify", "post", "/v1/classify", {"image": image, "parent": spec.parent, "top_k": 3}, {}),
+        ("POST /v1/retrieve", "post", "/v1/retrieve", {"query": f"a photo of a {m} {spec.parent} {intent}", "top_k": 3}, {}),
         ("POST /v1/generate", "post", "/v1/generate", {"prompt": f"a {m} {spec.parent} in the snow", "n": 2,
                                                       "steps": args.sample_steps, "seed": args.seed}, {}),
         ("POST /v1/gair", "post", "/v1/gair", {"concept_ids": [spec.concept_id], "intent": "on the grass", "top_k": 3,
@@ -92,7 +93,7 @@ def _describe(path: str, r, spec, args) -> str:
         return ", ".join(f"{c['concept_id']} {c['score']:.2f}" for c in body["concepts"]) + \
             f"  (truth: {spec.concept_id})"
     if path == "/v1/retrieve":
-        return ", ".join(f"{it['id']} {it['score']:.2f}" for it in body["items"])
+        return ", ".join(f"{it['id']} {it['score']:.2f}" for it in body["items"]) + f"  (wanted: {spec.concept_id}-…)"
     if path == "/v1/generate":
         for i, b64 in enumerate(body["images"]):
             with open(os.path.join(args.out, f"service-generate-{i}.png"), "wb") as f:
