@@ -25,7 +25,7 @@ from factory.backbones import load_backbone
 from factory.catalog import read_concepts
 from factory.concepts import encode_images
 from factory.evaluation import heldout_accuracy
-from factory.learner import DEFAULT_TEMPLATES, LearnerConfig, learn_tokens
+from factory.learner import LearnerConfig, learn_tokens, template_prompts
 from factory.losses import LossWeights
 from factory.onboarding import heldout_features, image_size_for, learn_in_chunks, load_images, negative_banks, prepare_concepts
 from factory.registry import TokenRegistry
@@ -34,7 +34,7 @@ from factory.world import write_catalog
 
 def _accuracy(backbone, specs, heldout, tokens):
     pairs = [(s.concept_id, s.parent) for s in specs if s.concept_id in tokens]
-    prompts = lambda c, p: [t.format(concept=f"<concept:{c}>", parent=p) for t in DEFAULT_TEMPLATES]  # noqa: E731
+    prompts = lambda c, p: template_prompts(f"<concept:{c}>", p)  # noqa: E731
     return heldout_accuracy(backbone, pairs, heldout, prompts, tokens)[0]
 
 

@@ -35,6 +35,12 @@ DEFAULT_TEMPLATES = (
 )
 
 
+def template_prompts(concept: str, parent: str, templates: Sequence[str] = DEFAULT_TEMPLATES) -> list[str]:
+    """The templates filled with a concept phrase (a marker, or "" for the parent word alone) and the parent
+    word, whitespace collapsed: the prompts that stand for a concept when classifying."""
+    return [" ".join(t.format(concept=concept, parent=parent).split()) for t in templates]
+
+
 @dataclass
 class LearnerConfig:
     steps: int = 200

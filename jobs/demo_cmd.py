@@ -75,7 +75,7 @@ def _run(args, bucket: str, s3, s3_env: dict) -> int:
     from factory.backbones import load_backbone
     from factory.catalog import read_concepts
     from factory.evaluation import heldout_accuracy
-    from factory.learner import DEFAULT_TEMPLATES
+    from factory.learner import template_prompts
     from factory.onboarding import heldout_features
     from factory.registry import TokenRegistry
     from factory.world import write_catalog
@@ -104,7 +104,7 @@ def _run(args, bucket: str, s3, s3_env: dict) -> int:
     captions = {s.concept_id: s.caption for s in specs}
 
     def templated(concept):
-        return lambda c, p: [" ".join(t.format(concept=concept(c), parent=p).split()) for t in DEFAULT_TEMPLATES]
+        return lambda c, p: template_prompts(concept(c), p)
 
     methods = {
         "parent word": (templated(lambda c: ""), None),

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from factory.backbones import Backbone
 from factory.evaluation import class_embeddings
-from factory.learner import DEFAULT_TEMPLATES
+from factory.learner import template_prompts
 from factory.registry import TokenRegistry
 from factory.tokens import marker
 from schemas import TokenRecord
@@ -49,8 +49,7 @@ class TokenState:
         state = cls(opened.version, records, tokens)
         if with_classes and records:
             state.class_ids = sorted(records)
-            prompts = [[" ".join(t.format(concept=marker(c), parent=records[c].parent).split())
-                        for t in DEFAULT_TEMPLATES] for c in state.class_ids]
+            prompts = [template_prompts(marker(c), records[c].parent) for c in state.class_ids]
             with torch.no_grad():
                 state.class_matrix = class_embeddings(backbone, prompts, tokens)
             parents: dict[str, list[int]] = {}

@@ -41,7 +41,7 @@ from factory.concepts import negative_banks
 from factory.evaluation.data import EvalCatalog
 from factory.evaluation.metrics import first_relevant_rank, heldout_accuracy, ranking_metrics
 from factory.gair import DEFAULT_ALPHAS, ConceptToken, Gair, GairRequest, GairResult
-from factory.learner import DEFAULT_TEMPLATES, ConceptData, LearnerConfig
+from factory.learner import ConceptData, LearnerConfig, template_prompts
 from factory.losses import LossWeights
 from factory.onboarding import learn_in_chunks
 from factory.tokens import marker
@@ -79,9 +79,7 @@ def learn_ablation(backbone: Backbone, data: Sequence[ConceptData], base: Learne
 
 
 def _templated(concept):
-    def prompts(cid: str, parent: str) -> list[str]:
-        return [" ".join(t.format(concept=concept(cid), parent=parent).split()) for t in DEFAULT_TEMPLATES]
-    return prompts
+    return lambda cid, parent: template_prompts(concept(cid), parent)
 
 
 def classification(backbone: Backbone, concepts: Sequence[tuple[str, str]], heldout: Mapping[str, torch.Tensor],
