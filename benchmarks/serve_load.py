@@ -16,7 +16,11 @@ latency and recall@10 of the ANN index (FAISS HNSW) against the exact one.
 The same runs also call the ImageEncoder deployment through its handle from 32 concurrent callers (no
 HTTP, no proxy, no ingress): batching's effect on the model itself.
 
-JSON: ``http.<batched|unbatched>.<endpoint>.<clients>.{rps,p50_ms,p99_ms,errors}``,
+Each HTTP cell also records ``cpu_ms_per_request``: CPU milliseconds per answered request spent by each
+part of the service (proxy, ingress, each deployment, Serve's controller) and by the clients, read from
+/proc: where a request's cost goes, and so how much of it batching can amortise.
+
+JSON: ``http.<batched|unbatched>.<endpoint>.<clients>.{rps,p50_ms,p99_ms,errors,cpu_ms_per_request}``,
 ``encoder_batching_speedup_32`` (the handle-level ratio),
 ``batching_speedup_32`` (the smaller of the two endpoints' batched/unbatched requests/s at 32 clients;
 per endpoint in ``batching_speedup_32_by_endpoint``), and ``ann.N.{recall_at_10,speedup_vs_exact,…}``.
@@ -70,6 +74,34 @@ def build_service_data(root: str, seed: int) -> dict[str, Any]:
     return {"registry": registry, "index": index, "images": images, "queries": queries, "pixels": pixels}
 
 
+def _cpu_seconds() -> dict[str, float]:
+    """CPU seconds used so far by each part of the service on this machine, from /proc (Linux): the
+    proxy, each deployment's replicas, Serve's controller, and this process (the HTTP clients). Other
+    processes (e.g. a training job sharing the machine) are not counted. Empty where there is no /proc."""
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    out: dict[str, float] = {}
+    for pid in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().split(b"\0")[0].decode(errors="replace")
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended while we looked
+            continue
+        if int(pid) == os.getpid():
+            part = "clients"
+        elif cmd.startswith("ray::ServeReplica:"):
+            part = cmd.split(":")[-1]  # ray::ServeReplica:<app>:<Deployment>
+        elif cmd.startswith(("ray::ProxyActor", "ray::ServeController")):
+            part = cmd[5:].split(".")[0]
+        else:
+            continue
+        out[part] = out.get(part, 0.0) + (int(fields[11]) + int(fields[12])) / tick  # utime + stime
+    return out
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -121,7 +153,7 @@ async def _encoder_load(images: list, clients: int, duration: float) -> dict[str
         nonlocal done
         i = k
         while time.perf_counter() < deadline:
-            await handle.encode.remote(images[i % len(images)])
+            await handle.encode.remote(images[i % len(images)][None])
             done += 1
             i += clients
 
@@ -147,10 +179,18 @@ def bench_http(data: dict, args: argparse.Namespace) -> dict[str, Any]:
                 asyncio.run(_load(url, endpoint, payloads[endpoint], 4, 1.0))  # warm-up: every replica hot
                 out[mode][endpoint] = {}
                 for clients in args.concurrency:
+                    before = _cpu_seconds()
                     cell = asyncio.run(_load(url, endpoint, payloads[endpoint], clients, args.duration))
+                    after = _cpu_seconds()
+                    cell["cpu_ms_per_request"] = {k: round(1000 * (v - before.get(k, 0.0)) / max(cell["requests"], 1), 2)
+                                                  for k, v in sorted(after.items())}
+                    cell["cpu_ms_per_request"]["total"] = round(sum(cell["cpu_ms_per_request"].values()), 2)
                     out[mode][endpoint][str(clients)] = cell
                     print(f"{mode:>9} {endpoint:>8} {clients:>7} {cell['rps']:>9.1f} {cell['p50_ms']:>8.1f} "
                           f"{cell['p99_ms']:>8.1f} {cell['errors']:>6}", flush=True)
+                cpu = out[mode][endpoint][str(max(args.concurrency))]["cpu_ms_per_request"]
+                print(f"{'':>9} {'':>8} CPU ms per request at {max(args.concurrency)} clients: "
+                      + ", ".join(f"{k} {v:.1f}" for k, v in cpu.items() if v >= 0.05), flush=True)
             top = max(args.concurrency)
             cell = asyncio.run(_encoder_load(data["pixels"], top, args.duration))
             out[mode]["image_encoder_handle"] = {str(top): cell}

@@ -5,6 +5,9 @@ states and must not chase a moving target:
 
 * ``clip``: contrastive image-caption training of the CLIP pair. Captions that repeat within a batch
   (partial captions like "a dress" often do) are soft positives of each other, not false negatives.
+  ``towers="image"`` trains only the image tower against the frozen text tower (as LiT does the other
+  way round): it keeps the generator's conditioning valid, so a trained pair can be improved afterwards
+  without retraining its UNet.
 * ``unet``: the diffusion UNet learns to denoise images conditioned on the *frozen* text encoder, with
   caption dropout (for classifier-free guidance), min-SNR loss weighting and an EMA of its weights.
 
@@ -43,11 +46,14 @@ class PretrainConfig:
     caption_dropout: float = 0.1  # unet: share of empty captions, for classifier-free guidance
     ema_decay: float = 0.999  # unet
     min_snr_gamma: float = 5.0  # unet: min-SNR-γ loss weighting (Hang et al. 2023); 0 disables
+    towers: str = "both"  # clip: "both", or "image" (the text tower stays frozen)
     seed: int = 0
 
     def __post_init__(self):
         if self.stage not in ("clip", "unet"):
             raise ValueError(f"stage must be 'clip' or 'unet', got {self.stage!r}")
+        if self.towers not in ("both", "image"):
+            raise ValueError(f"towers must be 'both' or 'image', got {self.towers!r}")
 
 
 class Pretrainer:
@@ -56,7 +62,11 @@ class Pretrainer:
         self.backbone, self.cfg, self.batches, self.grad_sync = backbone, cfg, batches, grad_sync
         backbone.requires_grad_(False)
         self.module = backbone.clip if cfg.stage == "clip" else backbone.generator.unet
-        self.module.requires_grad_(True).train()
+        trained = [self.module] if cfg.stage == "unet" or cfg.towers == "both" else backbone.image_tower()
+        for m in trained:
+            m.requires_grad_(True).train()
+        if cfg.stage == "clip":
+            backbone.clip.logit_scale.requires_grad_(True)
         self.params = [p for p in self.module.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, self._lr_factor)
@@ -139,6 +149,9 @@ class Pretrainer:
     def load_state_dict(self, state: dict) -> None:
         if state["config"]["stage"] != self.cfg.stage:
             raise ValueError(f"checkpoint is of stage {state['config']['stage']!r}, not {self.cfg.stage!r}")
+        if state["config"].get("towers", "both") != self.cfg.towers:
+            raise ValueError(f"checkpoint trained towers={state['config'].get('towers', 'both')!r}, this run "
+                             f"towers={self.cfg.towers!r}: use another --out, or the same setting")
         self.module.load_state_dict(state["module"])
         self.opt.load_state_dict(state["opt"])
         self.sched.load_state_dict(state["sched"])

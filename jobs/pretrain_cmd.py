@@ -33,6 +33,12 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=int, default=256, help="images per step per worker (default: 256)")
     p.add_argument("--clip-lr", type=float, default=7e-4, help="peak AdamW learning rate of the clip stage")
     p.add_argument("--unet-lr", type=float, default=1e-3, help="peak AdamW learning rate of the unet stage")
+    p.add_argument("--clip-towers", choices=["both", "image"], default="both",
+                   help="clip stage: train both towers, or only the image tower against the frozen text tower "
+                        "(keeps an already trained UNet's conditioning valid; use with --init)")
+    p.add_argument("--group-size", type=int, default=4,
+                   help="clip stage: renders per hard-negative group, which share all attributes but one "
+                        "(1: independent renders; default: 4)")
     p.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints (default: 100)")
     p.add_argument("--time-limit-min", type=float, default=0.0,
                    help="end this sitting after about this many minutes, checkpointed (0: run to the end)")
@@ -45,11 +51,12 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def world_batches(image_size: int, partial_captions: float):
+def world_batches(image_size: int, partial_captions: float, group_size: int = 1):
     """A BatchFn over freshly rendered world images of train-split garments.
 
     A share of captions is *partial* (some attributes left out, e.g. "a red dress"): CLIP then learns
     each attribute word on its own, which is what zero-shot prompts that vary one attribute need.
+    ``group_size`` > 1 draws hard-negative groups (`FashionWorld.sample`).
     """
     from factory.world import FashionWorld
     from factory.world.captions import partial_caption
@@ -57,7 +64,7 @@ def world_batches(image_size: int, partial_captions: float):
     world = FashionWorld(seed=0, size=image_size, split="train")
 
     def batches(n, rng):
-        r = world.sample(n, rng=rng)
+        r = world.sample(n, rng=rng, group_size=group_size)
         caps = [partial_caption(r, i, rng) if rng.random() < partial_captions else r.captions[i] for i in range(n)]
         return r.images, caps
 
@@ -122,10 +129,11 @@ def _run_stage(backbone, stage: dict, config: dict, rank: int, grad_sync, deadli
     from factory.pretrain import PretrainConfig, Pretrainer
 
     name, out = stage["stage"], config["out"]
+    clip = name == "clip"
     cfg = PretrainConfig(stage=name, steps=stage["steps"], batch_size=config["batch_size"], lr=stage["lr"],
-                         seed=config["seed"])
-    trainer = Pretrainer(backbone, cfg, world_batches(config["image_size"], 0.3 if name == "clip" else 0.0),
-                         grad_sync=grad_sync, rank=rank)
+                         towers=config["clip_towers"] if clip else "both", seed=config["seed"])
+    batches = world_batches(config["image_size"], 0.3 if clip else 0.0, config["group_size"] if clip else 1)
+    trainer = Pretrainer(backbone, cfg, batches, grad_sync=grad_sync, rank=rank)
     ckpt_uri = storage.join(out, "checkpoints", f"{name}.pt")
     _load_state(trainer, name, ckpt_uri)
     start_step, log_uri, t_start = trainer.step, storage.join(out, f"pretrain-{name}.jsonl"), time.time()
@@ -167,7 +175,8 @@ def run_stages(args, stages: list[dict]) -> None:
     cpus = args.cpus_per_worker or max(1.0, (os.cpu_count() or 1) / args.workers)
     config = dict(backbone=args.backbone, stages=stages, out=args.out, init=init, batch_size=args.batch_size,
                   checkpoint_every=args.checkpoint_every, seed=args.seed, image_size=args.image_size,
-                  time_limit_min=args.time_limit_min, use_gpu=args.use_gpu, threads=cpus)
+                  time_limit_min=args.time_limit_min, use_gpu=args.use_gpu, threads=cpus,
+                  clip_towers=args.clip_towers, group_size=args.group_size)
     print("[pretrain] config:", json.dumps(config, sort_keys=True), flush=True)
     storage_path = os.path.join(args.out, "ray") if "://" not in args.out else tempfile.mkdtemp()
     trainer = TorchTrainer(

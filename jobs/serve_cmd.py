@@ -27,7 +27,7 @@ def register(sub) -> None:
     p.add_argument("--poll-s", type=float, default=30.0,
                    help="seconds between checks for a newer committed registry version; 0 disables (default: 30)")
     p.add_argument("--max-batch-size", type=int, default=32,
-                   help="largest batch of the encoders and the index (@serve.batch); 1 disables batching (default: 32)")
+                   help="largest batch of the ingress, the encoders and the index (@serve.batch); 1 disables batching (default: 32)")
     p.add_argument("--batch-wait-s", type=float, default=0.005,
                    help="how long a batch waits to fill (default: 0.005)")
     p.add_argument("--exit-when-ready", action="store_true", help="deploy, print the URL and return (the app keeps running on the cluster)")

@@ -28,7 +28,7 @@ from ray import serve
 
 from factory.errors import MalformedMarker, PromptTooLong, TokenFactoryError, UnknownConceptMarker, UnknownWord
 from factory.storage import S3Options
-from serve.settings import ServeSettings
+from serve.settings import ServeSettings, configure_batching
 from serve.state import TokenState
 
 log = logging.getLogger("tokenfactory.serve")
@@ -49,6 +49,12 @@ def prompt_error(e: Exception) -> dict:
     if isinstance(e, UnknownWord):
         return error(422, "unknown_word", str(e))
     return error(422, "bad_prompt", str(e))
+
+
+def split_calls(flat, sizes: list[int]) -> list:
+    """Undo the flattening of a batch of calls that each carried ``sizes[i]`` items."""
+    bounds = np.cumsum([0, *sizes])
+    return [flat[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 def _setup(settings: dict) -> ServeSettings:
@@ -126,17 +132,8 @@ class RegistryWatcher:
         return {"registry_version": self.version, "previous_version": previous}
 
 
-class _Batched:
-    """Applies the settings' batch size to a deployment's @serve.batch methods."""
-
-    def _configure_batching(self, s: ServeSettings, *methods) -> None:
-        for m in methods:
-            m.set_max_batch_size(s.max_batch_size)
-            m.set_batch_wait_timeout_s(s.batch_wait_s)
-
-
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=128)
-class TextEncoder(_Batched):
+class TextEncoder:
     def __init__(self, settings: dict, watcher):
         from factory.registry import TokenRegistry
 
@@ -144,15 +141,17 @@ class TextEncoder(_Batched):
         self.backbone = _backbone(s)
         registry = TokenRegistry(s.registry, S3Options.from_env())
         self.follower = VersionFollower(watcher, lambda v: TokenState.load(registry, v, self.backbone), s.version_check_s)
-        self._configure_batching(s, self.encode)
+        configure_batching(s, self.encode)
 
     async def ready(self) -> int:
         return self.follower.current.version
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
-    async def encode(self, prompts: list[str]) -> list[dict]:
-        """Normalised text features of each prompt, or its error; valid prompts are encoded together."""
+    async def encode(self, calls: list[list[str]]) -> list[list[dict]]:
+        """Normalised text features of each prompt, or its error; a call carries a list of prompts (one
+        request, or an ingress batch of them) and the valid prompts of all calls are encoded together."""
         state = await self.follower.state()
+        prompts = [p for call in calls for p in call]
         out: list[dict] = [{} for _ in prompts]
         good = []
         for i, p in enumerate(prompts):
@@ -168,14 +167,19 @@ class TextEncoder(_Batched):
             feats = F.normalize(feats.float(), dim=-1).cpu().numpy()
             for j, i in enumerate(good):
                 out[i] = {"features": feats[j], "registry_version": state.version}
-        return out
+        return split_calls(out, [len(c) for c in calls])
 
-    async def classify(self, features: np.ndarray, parent: str | None, top_k: int) -> dict:
+    async def classify(self, features: np.ndarray, parents: list[str | None], top_ks: list[int]) -> list[dict]:
+        """The best concepts for each row of ``features`` [k, D], among its parent's when one is given."""
         state = await self.follower.state()
-        if parent is not None and parent not in state.by_parent:
-            return error(404, "unknown_parent", f"no learned concept has parent {parent!r} "
-                                                f"(registry version {state.version})")
-        return {"concepts": state.classify(features, parent, top_k), "registry_version": state.version}
+        out = []
+        for f, parent, top_k in zip(features, parents, top_ks):
+            if parent is not None and parent not in state.by_parent:
+                out.append(error(404, "unknown_parent", f"no learned concept has parent {parent!r} "
+                                                        f"(registry version {state.version})"))
+            else:
+                out.append({"concepts": state.classify(f, parent, top_k), "registry_version": state.version})
+        return out
 
     async def tokens(self) -> dict:
         state = await self.follower.state()
@@ -193,43 +197,46 @@ class TextEncoder(_Batched):
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=128)
-class ImageEncoder(_Batched):
+class ImageEncoder:
     def __init__(self, settings: dict):
         s = _setup(settings)
         self.backbone = _backbone(s)
-        self._configure_batching(s, self.encode)
+        configure_batching(s, self.encode)
 
     async def ready(self) -> bool:
         return True
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
-    async def encode(self, images: list[np.ndarray]) -> list[np.ndarray]:
-        """uint8 [S, S, 3] images (already at the backbone's size) -> normalised features."""
+    async def encode(self, calls: list[np.ndarray]) -> list[np.ndarray]:
+        """uint8 images [k, S, S, 3] per call (already at the backbone's size) -> normalised features
+        [k, D] per call, all calls in one forward pass."""
         with torch.no_grad():
-            feats = self.backbone.encode_image(self.backbone.preprocess(np.stack(images)))
-        return list(F.normalize(feats.float(), dim=-1).cpu().numpy())
+            feats = self.backbone.encode_image(self.backbone.preprocess(np.concatenate(calls)))
+        feats = F.normalize(feats.float(), dim=-1).cpu().numpy()
+        return [np.asarray(f) for f in split_calls(feats, [len(c) for c in calls])]
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=256)
-class GalleryIndex(_Batched):
+class GalleryIndex:
     def __init__(self, settings: dict):
         from factory.index import load_index
 
         s = _setup(settings)
         self.index = load_index(s.index, S3Options.from_env())
-        self._configure_batching(s, self.search)
+        configure_batching(s, self.search)
 
     async def ready(self) -> int:
         return len(self.index)
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
-    async def search(self, requests: list[tuple[np.ndarray, int]]) -> list[list[tuple[str, str | None, float]]]:
-        """One matrix search for the whole batch at the largest k, each request cut to its own k."""
-        queries = np.stack([q for q, _ in requests]).astype(np.float32)
-        k = min(max(k for _, k in requests), len(self.index))
-        res = self.index.search(queries, k)
-        return [list(zip(res.ids[i][:kk], res.uris[i][:kk], map(float, res.scores[i][:kk])))
-                for i, (_, kk) in enumerate(requests)]
+    async def search(self, calls: list[tuple[np.ndarray, list[int]]]) -> list[list[list[tuple[str, str | None, float]]]]:
+        """One matrix search for all queries of all calls at the largest k, each query cut to its own k.
+        A call is (queries [k, D], the k of each query)."""
+        queries = np.concatenate([q for q, _ in calls]).astype(np.float32)
+        ks = [k for _, call_ks in calls for k in call_ks]
+        res = self.index.search(queries, min(max(ks), len(self.index)))
+        hits = [list(zip(res.ids[i][:k], res.uris[i][:k], map(float, res.scores[i][:k]))) for i, k in enumerate(ks)]
+        return split_calls(hits, [len(k) for _, k in calls])
 
 
 def _png_b64(images: np.ndarray) -> list[str]:

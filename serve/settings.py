@@ -41,7 +41,7 @@ class ServeSettings(BaseModel):
     poll_s: float = Field(default=30.0, ge=0, description="seconds between checks for a newer registry version (0: off)")
     version_check_s: float = Field(default=0.5, ge=0, le=10,
                                    description="how stale a replica's idea of the served version may be")
-    max_batch_size: PositiveInt = 32  # @serve.batch of the encoders and the index (1: no batching)
+    max_batch_size: PositiveInt = 32  # @serve.batch of the ingress, the encoders and the index (1: no batching)
     batch_wait_s: float = Field(default=0.005, ge=0)
     threads: PositiveInt = 1  # torch threads per replica
     replica_env: dict[str, str] = Field(
@@ -64,3 +64,10 @@ class ServeSettings(BaseModel):
         if len(key) < 16:
             raise ValueError(f"the API key in ${self.api_key_env} is shorter than 16 characters: use a random key")
         return hashlib.sha256(key.encode()).hexdigest()
+
+
+def configure_batching(s: ServeSettings, *methods) -> None:
+    """Apply the settings' batch size and wait to a replica's @serve.batch methods (1: no batching)."""
+    for m in methods:
+        m.set_max_batch_size(s.max_batch_size)
+        m.set_batch_wait_timeout_s(s.batch_wait_s)

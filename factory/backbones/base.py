@@ -56,6 +56,10 @@ class Backbone(nn.Module):
     def logit_scale(self) -> float:
         raise NotImplementedError
 
+    def image_tower(self) -> list[nn.Module]:
+        """The modules that map pixels to image features (what a vision-only pretraining step trains)."""
+        raise NotImplementedError
+
     # ---- shared ----------------------------------------------------------------------------------
     @property
     def name(self) -> str:

@@ -39,6 +39,9 @@ class HFClipBackbone(Backbone):
     def logit_scale(self) -> float:
         return float(self.clip.logit_scale.exp())
 
+    def image_tower(self) -> list[nn.Module]:
+        return [self.clip.vision_model, self.clip.visual_projection]
+
     def text_encoder_state_dict(self) -> dict[str, torch.Tensor]:
         """Weights of a standalone `CLIPTextModel` (what a diffusers pipeline's `text_encoder` holds)."""
         return self.clip.text_model.state_dict()

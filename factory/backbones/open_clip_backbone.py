@@ -44,3 +44,6 @@ class OpenClipBackbone(Backbone):
     @property
     def logit_scale(self) -> float:
         return float(self.clip.logit_scale.exp())
+
+    def image_tower(self) -> list[nn.Module]:
+        return [self.clip.visual]

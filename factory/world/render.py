@@ -159,6 +159,28 @@ def render(
     return np.ascontiguousarray(out.transpose(0, 2, 3, 1))  # [N, S, S, 3], what PIL and users expect
 
 
+# Which attribute varies inside a hard-negative group (see `FashionWorld.sample`), and how often: category
+# and pattern are the ones CLIP confuses (shirt/coat/pullover at 32 px, dots/checks), so they get most.
+GROUP_VARY: dict[str, float] = {"garment": 0.4, "colour": 0.2, "pattern": 0.3, "background": 0.1}
+
+
+def _grouped(rng: np.random.Generator, group_size: int, **attrs: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Copy each group's first render's attributes to the whole group, except the one drawn to vary.
+
+    ``attrs`` are per-render arrays named as in `GROUP_VARY` (plus ``offset``, the pattern colour's
+    distance from the fill, which always follows the group). Returns them in the order given.
+    """
+    n = len(next(iter(attrs.values())))
+    first = np.arange(n) // group_size * group_size  # index of each render's group leader
+    names = list(GROUP_VARY)
+    vary = rng.choice(len(names), -(-n // group_size), p=list(GROUP_VARY.values()))
+    varied = np.repeat(vary, group_size)[:n]
+    return tuple(
+        np.where(varied == names.index(k), a, a[first]) if k in GROUP_VARY else a[first]
+        for k, a in attrs.items()
+    )
+
+
 @dataclass
 class Renders:
     """A batch of renders with their labels (indices into the attribute tuples) and captions."""
@@ -196,19 +218,27 @@ class FashionWorld:
         self.garments, self.labels = load_fashion_mnist(split)
         self.rng = np.random.default_rng(seed)
 
-    def sample(self, n: int, rng: np.random.Generator | None = None) -> Renders:
+    def sample(self, n: int, rng: np.random.Generator | None = None, group_size: int = 1) -> Renders:
         """``n`` renders with uniformly random garment, colour, pattern, pattern colour and scene.
 
         ``rng`` overrides the world's own generator (pretraining passes its checkpointed one).
+        ``group_size > 1`` draws *hard negatives* for contrastive pretraining: consecutive groups of that
+        many renders share everything (the same garment, colourway and scene) but one attribute, drawn
+        per group with `GROUP_VARY` odds. In a uniformly random batch two captions almost never differ
+        in the category alone, so CLIP gets little pressure to tell a shirt from a coat or dots from
+        checks; a group puts exactly those pairs side by side.
         """
         rng = self.rng if rng is None else rng
         garment = rng.integers(0, len(self.garments), n)
         colour = rng.integers(0, len(COLOURS), n)
         pattern = rng.integers(0, len(PATTERNS), n)
-        # The second colour always differs from the fill, else a pattern would be invisible.
-        other = (colour + rng.integers(1, len(COLOURS), n)) % len(COLOURS)
-        pattern_colour = np.where(pattern == PLAIN, NO_PATTERN_COLOUR, other)
+        offset = rng.integers(1, len(COLOURS), n)  # pattern colour = colour + offset: never the fill
         background = rng.integers(0, len(BACKGROUNDS), n)
+        if group_size > 1:
+            garment, colour, pattern, offset, background = _grouped(
+                rng, group_size, garment=garment, colour=colour, pattern=pattern, offset=offset,
+                background=background)
+        pattern_colour = np.where(pattern == PLAIN, NO_PATTERN_COLOUR, (colour + offset) % len(COLOURS))
         images = render(self.garments[garment], colour, pattern, pattern_colour, background, rng, self.size)
         category = self.labels[garment].astype(np.int64)
         return Renders(images, category, colour, pattern, pattern_colour, background, garment,

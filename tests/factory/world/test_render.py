@@ -152,3 +152,25 @@ def test_pattern_colour_is_a_minority_of_the_garment(pattern: str) -> None:
     bluish = images[..., 2] - images[..., 0] > 0
     share = bluish[garment].mean()
     assert 0.1 < share < 0.42, f"{pattern}: {share:.2f} of the garment is in the pattern colour"
+
+
+def test_hard_negative_groups_share_all_but_one_attribute() -> None:
+    r = FashionWorld(5).sample(400, group_size=4)
+    attrs = {"garment": r.garment_index, "colour": r.colour, "pattern": r.pattern, "background": r.background}
+    varied_kinds = set()
+    for g in range(0, 400, 4):
+        differing = [k for k, a in attrs.items() if len(set(a[g: g + 4].tolist())) > 1]
+        assert len(differing) <= 1, f"group {g // 4} differs in {differing}"
+        varied_kinds.update(differing)
+        # A pattern colour is never the fill and only plain garments have none, in groups as elsewhere.
+        assert all((r.pattern_colour[i] == -1) == (r.pattern[i] == 0) for i in range(g, g + 4))
+        assert all(r.pattern_colour[i] != r.colour[i] for i in range(g, g + 4))
+    assert varied_kinds == set(attrs)  # each kind of hard negative occurs
+    assert r.captions == [caption(CATEGORIES[c], COLOURS[k], PATTERNS[p], BACKGROUNDS[b]) for c, k, p, b
+                          in zip(r.category, r.colour, r.pattern, r.background)]
+
+
+def test_group_size_one_is_the_plain_sampler() -> None:
+    a, b = FashionWorld(6).sample(50), FashionWorld(6).sample(50, group_size=1)
+    np.testing.assert_array_equal(a.images, b.images)
+    assert a.captions == b.captions
