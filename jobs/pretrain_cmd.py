@@ -195,6 +195,8 @@ def run(args) -> int:
 
     from jobs.cli import absolute_uri
 
+    if args.group_size < 1:
+        raise SystemExit(f"--group-size must be at least 1, got {args.group_size}")
     args.out, args.init = absolute_uri(args.out), absolute_uri(args.init)  # Ray workers run elsewhere
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")

@@ -228,6 +228,8 @@ class FashionWorld:
         in the category alone, so CLIP gets little pressure to tell a shirt from a coat or dots from
         checks; a group puts exactly those pairs side by side.
         """
+        if group_size < 1:
+            raise ValueError(f"group_size must be at least 1, got {group_size}")
         rng = self.rng if rng is None else rng
         garment = rng.integers(0, len(self.garments), n)
         colour = rng.integers(0, len(COLOURS), n)

@@ -174,3 +174,5 @@ def test_group_size_one_is_the_plain_sampler() -> None:
     a, b = FashionWorld(6).sample(50), FashionWorld(6).sample(50, group_size=1)
     np.testing.assert_array_equal(a.images, b.images)
     assert a.captions == b.captions
+    with pytest.raises(ValueError, match="group_size must be at least 1"):
+        FashionWorld(6).sample(8, group_size=0)
