@@ -74,8 +74,7 @@ def _run(args, bucket: str, s3, s3_env: dict) -> int:
     from factory import storage
     from factory.backbones import load_backbone
     from factory.catalog import read_concepts
-    from factory.evaluation import heldout_accuracy
-    from factory.learner import template_prompts
+    from factory.evaluation.methods import classification
     from factory.onboarding import heldout_features
     from factory.registry import TokenRegistry
     from factory.world import write_catalog
@@ -102,16 +101,9 @@ def _run(args, bucket: str, s3, s3_env: dict) -> int:
     heldout = heldout_features(backbone, specs, s3)
     pairs = [(s.concept_id, s.parent) for s in specs if s.concept_id in tokens]
     captions = {s.concept_id: s.caption for s in specs}
-
-    def templated(concept):
-        return lambda c, p: template_prompts(concept(c), p)
-
-    methods = {
-        "parent word": (templated(lambda c: ""), None),
-        "hand-written caption": (lambda c, p: [captions[c]], None),
-        "learned token": (templated(lambda c: f"<concept:{c}>"), tokens),
-    }
-    accuracy = {name: heldout_accuracy(backbone, pairs, heldout, fn, toks)[0] for name, (fn, toks) in methods.items()}
+    scores = classification(backbone, pairs, heldout, captions, {"token": tokens})  # the evaluation's own scoring
+    accuracy = {name: scores[key]["accuracy"] for name, key in
+                (("parent word", "parent_word"), ("hand-written caption", "caption"), ("learned token", "token"))}
     table = Table(title=f"held-out classification among products of the same category "
                         f"({len(pairs)} products, registry version {version.version})")
     table.add_column("prompt")

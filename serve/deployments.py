@@ -213,7 +213,7 @@ class ImageEncoder:
         with torch.no_grad():
             feats = self.backbone.encode_image(self.backbone.preprocess(np.concatenate(calls)))
         feats = F.normalize(feats.float(), dim=-1).cpu().numpy()
-        return [np.asarray(f) for f in split_calls(feats, [len(c) for c in calls])]
+        return split_calls(feats, [len(c) for c in calls])
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=256)

@@ -205,8 +205,9 @@ class Ingress:
     # about as much as the model itself, so a batch makes one call per hop instead of one per request.
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
     async def _classify_batch(self, items: list[tuple[np.ndarray, str | None, int]]) -> list[dict]:
-        features = await self._call(self.image.encode.remote(np.stack([px for px, _, _ in items])))
-        return await self._call(self.text.classify.remote(features, [p for _, p, _ in items], [k for *_, k in items]))
+        pixels, parents, top_ks = zip(*items)
+        features = await self._call(self.image.encode.remote(np.stack(pixels)))
+        return await self._call(self.text.classify.remote(features, list(parents), list(top_ks)))
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
     async def _retrieve_batch(self, items: list[tuple[str, int]]) -> list[dict]:
