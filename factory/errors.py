@@ -68,3 +68,7 @@ class NonFiniteLoss(TokenFactoryError, FloatingPointError):
 
 class WeightsError(TokenFactoryError, ValueError):
     """Backbone weights that are missing, unreadable, or do not fit the named config."""
+
+
+class BackboneMismatch(TokenFactoryError, ValueError):
+    """Parts of a backbone that are not a pair: a pipeline whose text encoder is not the CLIP's text tower."""

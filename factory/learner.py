@@ -10,6 +10,7 @@ whether it is learned alone or beside others (up to float rounding in batched ke
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
@@ -56,6 +57,11 @@ class LearnerConfig:
     vocabulary: str | None = None  # attribute vocabulary name; None: chosen by parent word
     rank_tol: float = 1e-4
     log_every: int = 50
+    # Memory (a GPU at production size): the TI term's UNet samples in micro-batches of this many, each
+    # backpropagated to the text states on its own (0: all C × ti_samples in one call; the token is the
+    # same either way), and UNet gradient checkpointing (recompute activations in the backward pass).
+    ti_micro_batch: int = 0
+    gradient_checkpointing: bool = False
 
     def __post_init__(self):
         if self.parametrization not in ("projected", "free"):
@@ -63,6 +69,8 @@ class LearnerConfig:
         if isinstance(self.weights, dict):
             self.weights = LossWeights(**self.weights)
         self.templates = tuple(self.templates)
+        if self.ti_micro_batch < 0:
+            raise ValueError(f"ti_micro_batch must be >= 0 (0: one batch), got {self.ti_micro_batch}")
 
 
 @dataclass
@@ -186,72 +194,116 @@ def learn_tokens(backbone: Backbone, concepts: Sequence[ConceptData], banks: Map
     opt = torch.optim.Adam(params.parameters(), lr=cfg.lr)
 
     active = torch.ones(C, dtype=torch.bool, device=dev)
-    ema = torch.full((C,), float("nan"), device=dev)
-    best = torch.full((C,), float("inf"), device=dev)
-    wait = torch.zeros(C, dtype=torch.long, device=dev)
-    steps_run = torch.zeros(C, dtype=torch.long, device=dev)
-    last: dict[str, torch.Tensor] = {}
+    state = {"ema": torch.full((C,), float("nan"), device=dev), "best": torch.full((C,), float("inf"), device=dev),
+             "wait": torch.zeros(C, dtype=torch.long, device=dev),
+             "steps_run": torch.zeros(C, dtype=torch.long, device=dev), "last": {}}
     frozen = [p.detach().clone() for p in params.parameters()]
     t0 = time.perf_counter()
-
-    for step in range(cfg.steps):
-        vectors = params()
-        enc = backbone.encode_text(batch, vectors)
-        text = F.normalize(enc.features, dim=-1).view(C, T, -1)
-        terms = _objective_terms(backbone, cfg, concepts, text, enc.hidden, pos, pos_mask, neg, neg_mask,
-                                 scale, scheduler, gens, vectors, init)
-        per_concept = sum(terms.values())
-        if not torch.isfinite(per_concept).all():
-            bad = [concepts[i].concept_id for i in torch.nonzero(~torch.isfinite(per_concept)).flatten().tolist()]
-            raise NonFiniteLoss(
-                f"loss became non-finite at step {step} for concept(s) {bad[:5]}: lower the learning rate "
-                f"(now {cfg.lr}) or check the images/latents of these concepts for NaN values"
-            )
-        opt.zero_grad(set_to_none=True)
-        (per_concept * active).sum().backward()
-        opt.step()
-        with torch.no_grad():
-            for p, f in zip(params.parameters(), frozen):
-                p[~active] = f[~active]  # a stopped concept stays exactly where it stopped
-                f[active] = p[active]
-            steps_run += active.long()
-            detached = per_concept.detach()
-            ema = torch.where(torch.isnan(ema), detached, cfg.ema * ema + (1 - cfg.ema) * detached)
-            for k, v in terms.items():
-                last[k] = torch.where(active, v.detach(), last.get(k, v.detach()))
-            if cfg.patience > 0:
-                improved = ema < best - cfg.min_delta
-                best = torch.where(improved & active, ema, best)
-                wait = torch.where(improved, torch.zeros_like(wait), wait + 1)
-                active &= wait < cfg.patience
-        if on_step is not None:
-            on_step(step + 1, cfg.steps)
-        if cfg.log_every and (step + 1) % cfg.log_every == 0:
-            rate = (step + 1) / (time.perf_counter() - t0)
-            log.info("step %d/%d  loss %.4f  active %d/%d  %.1f steps/s  eta %.0fs", step + 1, cfg.steps,
-                     float(ema.mean()), int(active.sum()), C, rate, (cfg.steps - step - 1) / rate)
-        if not active.any():
-            break
+    with _checkpointing(backbone, cfg.gradient_checkpointing and scheduler is not None):
+        for step in range(cfg.steps):
+            if not _step(backbone, cfg, concepts, batch, params, opt, frozen, active, state, pos, pos_mask,
+                         neg, neg_mask, scale, scheduler, gens, init, step, t0, on_step):
+                break
     return _finish(backbone, cfg, concepts, batch, params, spaces, pos, pos_mask, neg, neg_mask, scale, init,
-                   last, ema, steps_run)
+                   state["last"], state["ema"], state["steps_run"])
+
+
+@contextlib.contextmanager
+def _checkpointing(backbone: Backbone, on: bool):
+    unet = backbone.generator.unet if backbone.generator is not None else None
+    was = bool(unet is not None and unet.is_gradient_checkpointing)
+    if on and unet is not None:
+        unet.enable_gradient_checkpointing()
+    try:
+        yield
+    finally:
+        if on and unet is not None and not was:
+            unet.disable_gradient_checkpointing()
+
+
+def _step(backbone, cfg, concepts, batch, params, opt, frozen, active, state, pos, pos_mask, neg, neg_mask, scale,
+          scheduler, gens, init, step, t0, on_step) -> bool:
+    """One optimisation step of every active concept; False once no concept is active."""
+    C, T = len(concepts), len(cfg.templates)
+    vectors = params()
+    enc = backbone.encode_text(batch, vectors)
+    text = F.normalize(enc.features.float(), dim=-1).view(C, T, -1)
+    split_ti = cfg.weights.ti > 0 and cfg.ti_micro_batch > 0
+    cut = enc.hidden.detach().requires_grad_() if split_ti else enc.hidden
+    terms = _objective_terms(backbone, cfg, concepts, text, cut, pos, pos_mask, neg, neg_mask,
+                             scale, scheduler, gens, vectors, init, active)
+    per_concept = sum(terms.values())
+    if not torch.isfinite(per_concept).all():
+        bad = [concepts[i].concept_id for i in torch.nonzero(~torch.isfinite(per_concept)).flatten().tolist()]
+        raise NonFiniteLoss(
+            f"loss became non-finite at step {step} for concept(s) {bad[:5]}: lower the learning rate "
+            f"(now {cfg.lr}) or check the images/latents of these concepts for NaN values"
+        )
+    opt.zero_grad(set_to_none=True)
+    if split_ti:
+        # The TI term already sent its gradient to the text states (`cut.grad`), one micro-batch at a time;
+        # carry it through the text encoder together with the other terms in one backward pass.
+        rest = sum(v for k, v in terms.items() if k != "ti")
+        loss = (rest * active).sum() if torch.is_tensor(rest) else enc.hidden.sum() * 0
+        (loss + (enc.hidden * cut.grad).sum()).backward()
+    else:
+        (per_concept * active).sum().backward()
+    opt.step()
+    _bookkeep(cfg, params, frozen, active, state, terms, per_concept)
+    if on_step is not None:
+        on_step(step + 1, cfg.steps)
+    if cfg.log_every and (step + 1) % cfg.log_every == 0:
+        rate = (step + 1) / (time.perf_counter() - t0)
+        log.info("step %d/%d  loss %.4f  active %d/%d  %.1f steps/s  eta %.0fs", step + 1, cfg.steps,
+                 float(state["ema"].mean()), int(active.sum()), C, rate, (cfg.steps - step - 1) / rate)
+    return bool(active.any())
+
+
+@torch.no_grad()
+def _bookkeep(cfg, params, frozen, active, state, terms, per_concept) -> None:
+    """Freeze stopped concepts, update the loss EMA, the last term values and early stopping (in place)."""
+    for p, f in zip(params.parameters(), frozen):
+        p[~active] = f[~active]  # a stopped concept stays exactly where it stopped
+        f[active] = p[active]
+    state["steps_run"] += active.long()
+    detached, ema = per_concept.detach(), state["ema"]
+    state["ema"] = ema = torch.where(torch.isnan(ema), detached, cfg.ema * ema + (1 - cfg.ema) * detached)
+    last = state["last"]
+    for k, v in terms.items():
+        last[k] = torch.where(active, v.detach(), last.get(k, v.detach()))
+    if cfg.patience > 0:
+        improved = ema < state["best"] - cfg.min_delta
+        state["best"] = torch.where(improved & active, ema, state["best"])
+        state["wait"] = torch.where(improved, torch.zeros_like(state["wait"]), state["wait"] + 1)
+        active &= state["wait"] < cfg.patience
 
 
 def _objective_terms(backbone, cfg, concepts, text, hidden, pos, pos_mask, neg, neg_mask, scale, scheduler,
-                     gens, vectors, init) -> dict[str, torch.Tensor]:
-    """Weighted per-concept terms [C] of the objective; a term with λ = 0 is never computed."""
+                     gens, vectors, init, active) -> dict[str, torch.Tensor]:
+    """Weighted per-concept terms [C] of the objective; a term with λ = 0 is never computed.
+
+    With ``cfg.ti_micro_batch`` the TI term comes back detached: its gradient is already in ``hidden.grad``.
+    """
     w, terms = cfg.weights, {}
     if w.ce > 0:
         terms["ce"] = w.ce * text_side_ce(text, pos, pos_mask, neg, neg_mask, scale)[0]
     if w.image_ce > 0:
         terms["image_ce"] = w.image_ce * image_side_ce(text, pos, pos_mask, scale)
     if w.ti > 0:
-        terms["ti"] = w.ti * _ti_term(backbone, cfg, concepts, hidden, scheduler, gens)
+        terms["ti"] = w.ti * _ti_term(backbone, cfg, concepts, hidden, scheduler, gens, w.ti * active.float())
     if w.reg > 0:
         terms["reg"] = w.reg * (vectors - init).pow(2).sum(-1)
     return terms
 
 
-def _ti_term(backbone, cfg, concepts, hidden, scheduler, gens) -> torch.Tensor:
+def _ti_term(backbone, cfg, concepts, hidden, scheduler, gens, weight) -> torch.Tensor:
+    """Per-concept denoising MSE [C] under the token prompts' text states ``hidden`` [C·T, L, w].
+
+    Each concept draws its (image, template, noise, timestep) samples from its own generator, before any
+    splitting, so micro-batching changes memory, not the samples. With ``cfg.ti_micro_batch`` each
+    micro-batch is backpropagated at once (scaled by ``weight`` [C], the term's λ times "still active")
+    into ``hidden.grad`` and the returned losses are detached.
+    """
     T, S = len(cfg.templates), cfg.ti_samples
     lat, noise, steps, rows = [], [], [], []
     for i, (c, g) in enumerate(zip(concepts, gens)):
@@ -262,10 +314,20 @@ def _ti_term(backbone, cfg, concepts, hidden, scheduler, gens) -> torch.Tensor:
         noise.append(torch.randn(x.shape, generator=g))
         steps.append(torch.randint(scheduler.config.num_train_timesteps, (S,), generator=g))
         rows.append(i * T + tpl)
-    dev = hidden.device
-    mse = textual_inversion_loss(backbone.generator.unet, scheduler, torch.cat(lat).to(dev), hidden[torch.cat(rows)],
-                                 torch.cat(noise).to(dev), torch.cat(steps).to(dev))
-    return mse.view(len(concepts), S).mean(1)
+    dev, unet = hidden.device, backbone.generator.unet
+    lat, noise, steps, rows = torch.cat(lat).to(dev), torch.cat(noise).to(dev), torch.cat(steps).to(dev), torch.cat(rows)
+    micro = cfg.ti_micro_batch
+    if micro <= 0:
+        mse = textual_inversion_loss(unet, scheduler, lat, hidden[rows], noise, steps)
+        return mse.view(len(concepts), S).mean(1)
+    per_sample = weight.repeat_interleave(S) / S  # d(Σ_c weight_c · mean_s mse_cs) / d mse_cs
+    out = []
+    for a in range(0, len(rows), micro):
+        sl = slice(a, a + micro)
+        mse = textual_inversion_loss(unet, scheduler, lat[sl], hidden[rows[sl]], noise[sl], steps[sl])
+        (mse * per_sample[sl]).sum().backward()
+        out.append(mse.detach())
+    return torch.cat(out).view(len(concepts), S).mean(1)
 
 
 @torch.no_grad()
@@ -273,7 +335,7 @@ def _finish(backbone, cfg, concepts, batch, params, spaces, pos, pos_mask, neg, 
             ema, steps_run) -> list[LearnedToken]:
     vectors = params()
     C, T = len(concepts), len(cfg.templates)
-    text = F.normalize(backbone.encode_text(batch, vectors).features, dim=-1).view(C, T, -1)
+    text = F.normalize(backbone.encode_text(batch, vectors).features.float(), dim=-1).view(C, T, -1)
     ce, acc = text_side_ce(text, pos, pos_mask, neg, neg_mask, scale)
     vocab_norm = backbone.vocab_mean_norm
     out = []

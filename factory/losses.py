@@ -67,7 +67,7 @@ def textual_inversion_loss(unet, scheduler, latents: torch.Tensor, cond: torch.T
     `UNet2DConditionModel` and a scheduler with `add_noise` (epsilon, v-prediction or sample targets).
     """
     noisy = scheduler.add_noise(latents, noise, timesteps)
-    pred = unet(noisy, timesteps, encoder_hidden_states=cond).sample
+    pred = unet(noisy.to(unet.dtype), timesteps, encoder_hidden_states=cond.to(unet.dtype)).sample
     kind = scheduler.config.prediction_type
     if kind == "epsilon":
         target = noise

@@ -32,12 +32,14 @@ class TextEncoding:
 class Backbone(nn.Module):
     """Base class; see `HFClipBackbone` and `OpenClipBackbone`."""
 
-    def __init__(self, config: BackboneConfig):
+    def __init__(self, config: BackboneConfig, generator: Generator | None = None):
         super().__init__()
         self.config = config
         tc = config.tokenizer
         self.tokenizer = PromptTokenizer(tc.context_length, tc.pad, tc.keep_ids)
-        self.generator: Generator | None = Generator(config.generator) if config.generator else None
+        if generator is None and config.generator:
+            generator = Generator(config.generator)
+        self.generator: Generator | None = generator
         self._fingerprint: str | None = None
 
     # ---- family-specific -------------------------------------------------------------------------
@@ -59,6 +61,25 @@ class Backbone(nn.Module):
     def image_tower(self) -> list[nn.Module]:
         """The modules that map pixels to image features (what a vision-only pretraining step trains)."""
         raise NotImplementedError
+
+    def to_training_device(self, device: str | torch.device) -> "Backbone":
+        """Move only what learning runs through (text tower, UNet) to ``device``.
+
+        Image features and latents are computed once before learning, so the image tower and the VAE stay
+        where they are: on a GPU that is the difference between ViT-L/14 + VAE in memory or not.
+        """
+        stay = [*self.image_tower(), *([self.generator.vae] if self.generator and self.generator.vae else [])]
+        skip = {id(m) for s in stay for m in s.modules()}
+        for mod in self.modules():
+            if id(mod) in skip:
+                continue
+            for p in mod._parameters.values():
+                if p is not None:
+                    p.data = p.data.to(device)
+            for k, b in mod._buffers.items():
+                if b is not None:
+                    mod._buffers[k] = b.to(device)
+        return self
 
     # ---- shared ----------------------------------------------------------------------------------
     @property
@@ -107,7 +128,8 @@ class Backbone(nn.Module):
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         """Preprocessed pixels [N, 3, S, S] -> image features [N, D] (not normalised)."""
-        return self.image_features(pixels.to(self.device))
+        p = next(self.image_tower()[0].parameters())  # the image tower may sit apart (`to_training_device`)
+        return self.image_features(pixels.to(p.device, p.dtype))
 
     def preprocess(self, images) -> torch.Tensor:
         """PIL images or uint8 arrays [N, H, W, 3] -> normalised float pixels at the configured size."""
@@ -132,12 +154,12 @@ class Backbone(nn.Module):
     def word_embedding(self, word: str) -> torch.Tensor:
         """Input embedding of a word: the mean of its BPE pieces' rows."""
         ids = torch.tensor(self.tokenizer.word_ids(word), device=self.device)
-        return self.token_embedding(ids).mean(0)
+        return self.token_embedding(ids).float().mean(0)
 
     @property
     def vocab_mean_norm(self) -> float:
         """Mean L2 norm of the word-embedding rows: the yardstick for a learned token's norm."""
-        return float(self.token_embedding.weight.norm(dim=1).mean())
+        return float(self.token_embedding.weight.float().norm(dim=1).mean())
 
     def fingerprint(self) -> str:
         """sha256 of the weights (state dict bytes), computed once; identifies tokens' compatibility."""

@@ -5,20 +5,30 @@ what lets one learned token both classify and generate.
 """
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 
 from factory.backbones.config import GeneratorConfig
 
 
+def _scheduler(cls, config: dict):
+    """``cls`` from a scheduler config of any kind (PNDM, DDIM, Euler…): the keys ``cls`` does not take
+    (``skip_prk_steps``, ``set_alpha_to_one`` …) are dropped instead of crashing its constructor."""
+    accepted = set(inspect.signature(cls.__init__).parameters)
+    return cls.from_config({k: v for k, v in config.items() if k in accepted})
+
+
 class Generator(nn.Module):
-    def __init__(self, cfg: GeneratorConfig):
+    def __init__(self, cfg: GeneratorConfig, unet=None, vae=None):
         super().__init__()
         from diffusers import AutoencoderKL, UNet2DConditionModel
 
+        # unet / vae: models already loaded with `from_pretrained`; else built (random) from the config.
         self.config = cfg
-        self.unet = UNet2DConditionModel(**cfg.unet)
-        self.vae = AutoencoderKL(**cfg.vae) if cfg.vae is not None else None
+        self.unet = unet if unet is not None else UNet2DConditionModel(**cfg.unet)
+        self.vae = vae if vae is not None else (AutoencoderKL(**cfg.vae) if cfg.vae is not None else None)
 
     @property
     def latent_channels(self) -> int:
@@ -30,16 +40,20 @@ class Generator(nn.Module):
         return self.config.image_size
 
     def noise_scheduler(self):
-        """A fresh DDPM scheduler for training-time noising (the TI loss)."""
+        """A fresh DDPM scheduler for training-time noising (the TI loss), on the configured schedule.
+
+        For a pipeline folder the config is its own scheduler's (SD ships PNDM): DDPM takes the same
+        betas, timesteps and prediction type from it, as diffusers' training examples do.
+        """
         from diffusers import DDPMScheduler
 
-        return DDPMScheduler(**self.config.scheduler)
+        return _scheduler(DDPMScheduler, self.config.scheduler)
 
     def sampling_scheduler(self):
-        """A DDIM scheduler with the same noise schedule, for fast deterministic sampling."""
+        """A DDIM scheduler with the same noise schedule (and the folder's own offsets), for sampling."""
         from diffusers import DDIMScheduler
 
-        return DDIMScheduler.from_config(self.noise_scheduler().config)
+        return _scheduler(DDIMScheduler, {**self.noise_scheduler().config, **self.config.scheduler})
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
@@ -49,6 +63,7 @@ class Generator(nn.Module):
         """
         if self.vae is None:
             return images
+        images = images.to(self.vae.device, self.vae.dtype)
         return self.vae.encode(images).latent_dist.mean * self.config.latent_scale
 
     @torch.no_grad()
@@ -56,7 +71,8 @@ class Generator(nn.Module):
         """The UNet's space -> images in [-1, 1]."""
         if self.vae is None:
             return latents.clamp(-1, 1)
-        return self.vae.decode(latents / self.config.latent_scale).sample.clamp(-1, 1)
+        latents = latents.to(self.vae.device, self.vae.dtype)
+        return self.vae.decode(latents / self.config.latent_scale).sample.float().clamp(-1, 1)
 
     @torch.no_grad()
     def initial_noise(self, n: int, seed: int = 0) -> torch.Tensor:
@@ -87,9 +103,14 @@ class Generator(nn.Module):
             context = torch.cat([uncond, cond])
         for t in sched.timesteps:
             if guided:
-                eps_u, eps_c = self.unet(torch.cat([x, x]), t, encoder_hidden_states=context).sample.chunk(2)
+                eps_u, eps_c = self._eps(torch.cat([x, x]), t, context).chunk(2)
                 eps = eps_u + guidance * (eps_c - eps_u)
             else:
-                eps = self.unet(x, t, encoder_hidden_states=cond).sample
+                eps = self._eps(x, t, cond)
             x = sched.step(eps, t, x).prev_sample
         return self.decode(x)
+
+    def _eps(self, x: torch.Tensor, t, context: torch.Tensor) -> torch.Tensor:
+        """The UNet's prediction in float32, whatever precision the UNet runs in."""
+        dt = self.unet.dtype
+        return self.unet(x.to(dt), t, encoder_hidden_states=context.to(dt)).sample.float()

@@ -10,11 +10,12 @@ from factory.tokens.injection import pool_at
 
 
 class HFClipBackbone(Backbone):
-    def __init__(self, config: BackboneConfig):
-        super().__init__(config)
+    def __init__(self, config: BackboneConfig, clip=None, generator=None):
+        super().__init__(config, generator)
         from transformers import CLIPConfig, CLIPModel
 
-        self.clip = CLIPModel(CLIPConfig(**config.clip))
+        # `clip` is a CLIPModel already loaded from a standard folder; else built (random) from the config.
+        self.clip = clip if clip is not None else CLIPModel(CLIPConfig(**config.clip))
 
     @property
     def token_embedding(self) -> nn.Embedding:
@@ -28,9 +29,13 @@ class HFClipBackbone(Backbone):
         tm = self.clip.text_model
         h = tm.embeddings(inputs_embeds=embeddings)
         mask = create_causal_mask(config=tm.config, inputs_embeds=h, attention_mask=None, past_key_values=None)
-        h = tm.encoder(inputs_embeds=h, attention_mask=mask, is_causal=True).last_hidden_state
-        h = tm.final_layer_norm(h)
-        return TextEncoding(self.clip.text_projection(pool_at(h, eot)), h)
+        layers = tm.encoder.layers
+        for layer in layers[:-1]:
+            h = layer(h, mask, is_causal=True)
+        # SD 2.x conditions its UNet on the penultimate layer (then the final layer norm), SD 1.x on the last.
+        cond = tm.final_layer_norm(h) if self.config.text_layer == "penultimate" else None
+        h = tm.final_layer_norm(layers[-1](h, mask, is_causal=True))
+        return TextEncoding(self.clip.text_projection(pool_at(h, eot)), h if cond is None else cond)
 
     def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.clip.get_image_features(pixel_values=pixels).pooler_output

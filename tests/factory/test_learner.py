@@ -160,3 +160,40 @@ def test_wrong_feature_dimension_is_a_named_error(hf_backbone):
     with pytest.raises(DimensionMismatch, match="encode with this backbone"):
         learn_tokens(hf_backbone, [ConceptData("c0", "dress", torch.randn(3, 7))], {},
                      LearnerConfig(steps=1, weights=CE_ONLY))
+
+
+def _vectors(backbone, concepts, banks, **config):
+    config = {"weights": LossWeights(ti=10.0, ce=1.0, image_ce=1.0), **config}
+    cfg = LearnerConfig(steps=6, ti_samples=3, log_every=0, **config)
+    return torch.stack([t.vector for t in learn_tokens(backbone, concepts, banks, cfg)])
+
+
+@pytest.mark.parametrize("micro", [1, 4])
+def test_ti_micro_batches_learn_the_same_tokens(backbone, micro):
+    # The objective is a sum over concepts and samples: accumulating its gradient micro-batch by
+    # micro-batch at the text states must give the token that one big UNet batch gives.
+    concepts, _, banks = _world(backbone, n_concepts=3, shots=3, heldout=0, latents=True)
+    whole = _vectors(backbone, concepts, banks)
+    split = _vectors(backbone, concepts, banks, ti_micro_batch=micro)
+    assert not torch.equal(whole, _vectors(backbone, concepts, banks, weights=LossWeights(ti=0.0)))  # TI mattered
+    torch.testing.assert_close(split, whole, atol=1e-6, rtol=1e-5)
+
+
+def test_unet_gradient_checkpointing_learns_the_same_tokens(backbone):
+    concepts, _, banks = _world(backbone, n_concepts=2, shots=3, heldout=0, latents=True)
+    torch.testing.assert_close(_vectors(backbone, concepts, banks, gradient_checkpointing=True),
+                               _vectors(backbone, concepts, banks), atol=1e-6, rtol=1e-5)
+    assert not backbone.generator.unet.is_gradient_checkpointing  # switched back off after learning
+
+
+def test_bf16_backbone_learns_close_to_fp32(backbone):
+    from factory.backbones import load_backbone
+
+    concepts, _, banks = _world(backbone, n_concepts=2, shots=3, heldout=0, latents=True)
+    half = load_backbone(backbone.name, dtype=torch.bfloat16)
+    assert half.fingerprint() == backbone.fingerprint()  # tokens learned in bf16 serve on the fp32 weights
+    got, want = _vectors(half, concepts, banks), _vectors(backbone, concepts, banks)
+    assert got.dtype == torch.float32 and torch.isfinite(got).all()
+    start = torch.stack([backbone.word_embedding("dress")] * 2)
+    # bf16 rounding moves the token by a small fraction of how far learning moved it.
+    assert (got - want).norm() < 0.25 * (want - start).norm()
