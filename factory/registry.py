@@ -170,21 +170,8 @@ class TokenRegistry:
         token: str | None = None,
         version: int | None = None,
     ) -> str:
-        """Write one token in the diffusers textual-inversion format and return the token string.
-
-        The file is a safetensors dict with exactly one entry ``{token: float32 tensor [1, d]}``. diffusers'
-        ``load_textual_inversion`` takes a one-key state dict as ``(token, embedding)`` and, for a 2-D
-        embedding with one row, adds a single token whose input embedding is that row.
-        """
-        # torch is only needed here; keep the registry importable (and fast to import) without it.
-        import torch
-        from safetensors.torch import save
-
-        record = self.open(version).get(concept_id)
-        token = token or f"<concept:{concept_id}>"
-        tensor = torch.tensor(record.vector, dtype=torch.float32).reshape(1, record.dim)
-        storage.write_bytes(out_uri, save({token: tensor}), self.s3)
-        return token
+        """Write one token in the diffusers textual-inversion format; see `RegistryVersion.export_textual_inversion`."""
+        return self.open(version).export_textual_inversion(concept_id, out_uri, token)
 
 
 class RegistryVersion:
@@ -260,6 +247,23 @@ class RegistryVersion:
             raise UnknownConcept(
                 f"concept {concept_id!r} is not in registry version {self.version} ({self.uri})"
             ) from None
+
+    def export_textual_inversion(self, concept_id: str, out_uri: str, token: str | None = None) -> str:
+        """Write one token in the diffusers textual-inversion format and return the token string.
+
+        The file is a safetensors dict with exactly one entry ``{token: float32 tensor [1, d]}``. diffusers'
+        ``load_textual_inversion`` takes a one-key state dict as ``(token, embedding)`` and, for a 2-D
+        embedding with one row, adds a single token whose input embedding is that row.
+        """
+        # torch is only needed here; keep the registry importable (and fast to import) without it.
+        import torch
+        from safetensors.torch import save
+
+        record = self.get(concept_id)
+        token = token or f"<concept:{concept_id}>"
+        tensor = torch.tensor(record.vector, dtype=torch.float32).reshape(1, record.dim)
+        storage.write_bytes(out_uri, save({token: tensor}), self.s3)
+        return token
 
     def vectors(self, concept_ids: Sequence[str]) -> np.ndarray:
         """Stacked token vectors, float32 ``[len(concept_ids), dim]``, in the order asked."""

@@ -12,7 +12,8 @@ import logging
 import sys
 
 # Subcommand modules, in the order `--help` lists them.
-COMMANDS = ["jobs.demo_cmd", "jobs.onboard_cmd", "jobs.index_cmd", "jobs.evaluate_cmd", "jobs.serve_cmd", "jobs.world_cmd", "jobs.pretrain_cmd", "jobs.backbones_cmd"]
+COMMANDS = ["jobs.demo_cmd", "jobs.onboard_cmd", "jobs.index_cmd", "jobs.evaluate_cmd", "jobs.serve_cmd",
+            "jobs.export_cmd", "jobs.world_cmd", "jobs.pretrain_cmd", "jobs.backbones_cmd"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,10 +29,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from factory.errors import TokenFactoryError
+    from factory.registry import RegistryError
+    from factory.storage import StorageError
+
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=getattr(logging, args.log_level.upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except (TokenFactoryError, RegistryError, StorageError) as e:
+        # Errors raised on purpose say what to do: one line, no traceback, exit status 2 (a usage error).
+        print(f"tokenfactory {args.command}: error: {e}", file=sys.stderr, flush=True)
+        return 2
 
 
 if __name__ == "__main__":

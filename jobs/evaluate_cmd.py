@@ -75,7 +75,9 @@ def run(args) -> int:
     version = TokenRegistry(args.registry, s3).open(args.version)
     catalog = read_eval_catalog(args.catalog, s3)
     index = load_index(args.index, s3)
-    backbone = load_backbone(args.backbone or version.manifest.backbone, weights=args.weights)
+    # The run's own resolved backbone config when it recorded one (a standard-layout backbone needs its ROOT).
+    recorded = version.manifest.config.get("backbone_config") or version.manifest.backbone
+    backbone = load_backbone(args.backbone or recorded, weights=args.weights, s3=s3)
     learner, per_step = run_learner_config(version.manifest.config, args.ablation_steps)
     config = EvaluationConfig(
         learner=learner, concepts_per_step=per_step, max_queries=args.max_queries,

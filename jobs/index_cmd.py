@@ -24,8 +24,12 @@ def register(sub) -> None:
                        description=__doc__)
     p.add_argument("--gallery", required=True, help="catalog root / manifest.json, a gallery Parquet/JSONL, a PerVL <split>_fsl_train.txt, or a folder of images")
     p.add_argument("--out", required=True, help="URI of the index folder to write")
-    p.add_argument("--backbone", default="fashion-mini", help="backbone name (default: fashion-mini)")
-    p.add_argument("--weights", default=None, help="backbone weights URI (default: the config's own)")
+    p.add_argument("--backbone", default="fashion-mini",
+                   help="backbone: a registered name or a config file/URI (default: fashion-mini)")
+    p.add_argument("--weights", default=None, help="backbone weights URI or ROOT (default: the config's own)")
+    p.add_argument("--use-gpu", action="store_true", help="one GPU per image-encoder actor")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
+                   help="precision of the image encoder (default: fp32)")
     p.add_argument("--backend", choices=["exact", "hnsw", "ivf"], default="exact", help="index backend (default: exact)")
     p.add_argument("--batch-size", type=int, default=128, help="Ray Data batch size (default: 128)")
     p.add_argument("--decode-tasks", type=int, default=2, help="concurrent decode tasks (default: 2)")
@@ -65,30 +69,31 @@ def run(args) -> int:
     import ray
     import ray.data
 
-    from factory.backbones import get_backbone_config
+    from factory.backbones import resolve_backbone_config
     from factory.index import create_index
     from jobs.cli import absolute_uri, effective_config, s3_options
-    from jobs.onboard_data import ImageEncoder, decode_batch
+    from jobs.onboard_data import ImageEncoder, decode_batch, encoder_options
 
     args.gallery, args.out, args.weights = (absolute_uri(x) for x in (args.gallery, args.out, args.weights))
     print("[index] config: " + json.dumps(effective_config(args), sort_keys=True), flush=True)
     s3 = s3_options(args)
     t0 = time.perf_counter()
+    backbone = resolve_backbone_config(args.backbone, args.weights, s3)  # fails fast, travels as data
     items = gallery_items(args.gallery, s3)
     if not items:
         raise ValueError(f"no gallery images found at {args.gallery}")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), logging_level="WARNING")
-    size = get_backbone_config(args.backbone).image.size
+    size = backbone.image.size
     decoded = ray.data.from_items(items).map_batches(
         decode_batch, fn_kwargs={"size": size, "s3": s3}, batch_size=args.batch_size, concurrency=args.decode_tasks,
     ).materialize()
     bad = decoded.filter(lambda r: r["error"] != "").select_columns(["uri", "error"]).take_all()
     encoded = decoded.filter(lambda r: r["error"] == "").map_batches(
-        ImageEncoder, fn_constructor_kwargs={"backbone": args.backbone, "weights": args.weights, "s3": s3,
-                                             "latents": False, "keep": ("item_id", "uri")},
-        batch_size=args.batch_size, concurrency=args.encoders,
+        ImageEncoder, fn_constructor_kwargs={"backbone": backbone.to_dict(), "weights": None, "s3": s3,
+                                             "latents": False, "keep": ("item_id", "uri"), "precision": args.precision},
+        batch_size=args.batch_size, concurrency=args.encoders, **encoder_options(args.use_gpu),
     )
     ids, uris, feats = [], [], []
     for batch in encoded.iter_batches(batch_size=None, batch_format="numpy"):

@@ -28,14 +28,26 @@ def register(sub) -> None:
                        description=__doc__)
     p.add_argument("--catalog", required=True, help="catalog URI: a folder/manifest.json written by `world`, or a CatalogRow Parquet/JSONL")
     p.add_argument("--registry", required=True, help="token registry root URI (s3://bucket/prefix or a local folder)")
-    p.add_argument("--backbone", default="fashion-mini", help="backbone name (default: fashion-mini)")
-    p.add_argument("--weights", default=None, help="backbone weights URI (default: the backbone config's own)")
+    p.add_argument("--backbone", default="fashion-mini",
+                   help="backbone: a registered name (`tokenfactory backbones`) or a config file/URI (default: fashion-mini)")
+    p.add_argument("--weights", default=None,
+                   help="backbone weights URI; for clip-vit-l14+sd15 / openclip-vit-h14+sd21 a ROOT (folder or s3:// "
+                        "prefix) holding clip/ and diffusion/ (default: the backbone config's own)")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
+                   help="precision of the frozen models in encoding and learning; tokens stay fp32 (default: fp32, "
+                        "the CPU choice; bf16 on GPUs)")
+    p.add_argument("--ti-micro-batch", type=int, default=0,
+                   help="UNet samples per TI forward/backward; 0: all concepts x samples at once (default: 0)")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute UNet activations in the backward pass (less GPU memory, ~30%% more time)")
+    p.add_argument("--ti-samples", type=int, default=2, help="TI (latent, noise, t) samples per concept per step (default: 2)")
     p.add_argument("--run-id", default=None, help="run id; reuse it to resume an interrupted run (default: a new id)")
     p.add_argument("--workers", type=int, default=2, help="Ray Train workers (default: 2)")
     p.add_argument("--cpus-per-worker", type=float, default=0.5,
                    help="CPUs reserved per Train worker; fractional leaves room for Ray Data (default: 0.5)")
     p.add_argument("--threads-per-worker", type=int, default=1, help="torch threads per Train worker (default: 1)")
-    p.add_argument("--use-gpu", action="store_true", help="one GPU per Train worker")
+    p.add_argument("--use-gpu", action="store_true",
+                   help="one GPU per Train worker and per image-encoder actor of the Data stage")
     p.add_argument("--concepts-per-step", type=int, default=8, help="concepts learned together per optimisation (default: 8)")
     p.add_argument("--min-images", type=int, default=2, help="fewest usable images a concept needs (default: 2)")
     p.add_argument("--steps", type=int, default=150, help="learner steps per chunk (default: 150)")
@@ -59,13 +71,14 @@ def learner_config(args) -> dict:
     """The `LearnerConfig` fields of an onboarding run, from its flags (also read back by `evaluate`)."""
     return {"steps": args.steps, "lr": args.lr, "seed": args.seed, "parametrization": args.parametrization,
             "weights": {"ti": args.lambda_ti, "ce": args.lambda_ce, "image_ce": args.lambda_image_ce,
-                        "reg": args.lambda_reg}, "log_every": 0}
+                        "reg": args.lambda_reg}, "log_every": 0, "ti_samples": args.ti_samples,
+            "ti_micro_batch": args.ti_micro_batch, "gradient_checkpointing": args.gradient_checkpointing}
 
 
 def run(args) -> int:
     import ray
 
-    from factory.backbones import get_backbone_config
+    from factory.backbones import resolve_backbone_config
     from factory.catalog import read_concepts
     from factory.registry import TokenRegistry
     from jobs.cli import absolute_uri, effective_config, s3_options
@@ -73,8 +86,11 @@ def run(args) -> int:
     for name in ("catalog", "registry", "weights", "report"):
         setattr(args, name, absolute_uri(getattr(args, name)))
     s3 = s3_options(args)
+    # Resolved here, before Ray starts: a bad name, path or checkpoint pairing fails in seconds. The resolved
+    # config is what Data actors and Train workers get (and what the version records), as plain data.
+    backbone = resolve_backbone_config(args.backbone, args.weights, s3)
     run_id = args.run_id or f"onboard-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
-    job_config = {**effective_config(args), "run_id": run_id}
+    job_config = {**effective_config(args), "run_id": run_id, "backbone_config": backbone.to_dict()}
     print("[onboard] config: " + json.dumps(job_config, sort_keys=True), flush=True)
     registry = TokenRegistry(args.registry, s3)
     done = registry.committed_version_for_run(run_id)
@@ -92,9 +108,8 @@ def run(args) -> int:
     from factory.onboarding import image_size_for, too_few_images
     from jobs.onboard_data import encode_catalog
 
-    size = image_size_for(get_backbone_config(args.backbone))
-    encoded = encode_catalog(specs, args.backbone, args.weights, size, s3, args.batch_size, args.decode_tasks,
-                             args.encoders)
+    encoded = encode_catalog(specs, backbone.to_dict(), image_size_for(backbone), s3, args.batch_size,
+                             args.decode_tasks, args.encoders, use_gpu=args.use_gpu, precision=args.precision)
     stages["read_encode"] = time.perf_counter() - t0
     skipped = too_few_images(specs, {r["concept_id"]: len(r["features"]) for r in encoded.records}, args.min_images)
     records = [r for r in encoded.records if r["concept_id"] not in skipped]
@@ -103,11 +118,12 @@ def run(args) -> int:
 
     t0 = time.perf_counter()
     if records:
-        _train(args, s3, run_id, job_config, records, registry)
+        _train(args, s3, run_id, job_config, records, registry, backbone)
     stages["train"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    version, report = _commit(args, registry, run_id, job_config, specs, records, skipped, encoded, started, stages)
+    version, report = _commit(registry, run_id, job_config, specs, records, skipped, encoded, started, stages,
+                              backbone.name)
     report.stage_seconds["commit"] = time.perf_counter() - t0
     _print_summary(report, version)
     if args.report:
@@ -126,14 +142,14 @@ def _banks(records):
     return negative_banks([ConceptData(r["concept_id"], r["parent"], torch.from_numpy(r["features"])) for r in records])
 
 
-def _train(args, s3, run_id, job_config, records, registry) -> None:
+def _train(args, s3, run_id, job_config, records, registry, backbone) -> None:
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from jobs.onboard_train import learn_shard
 
-    config = {"backbone": args.backbone, "weights": args.weights, "s3": s3, "registry": args.registry,
+    config = {"backbone": backbone.to_dict(), "precision": args.precision, "s3": s3, "registry": args.registry,
               "run_id": run_id, "job_config": job_config, "learner": learner_config(args),
               "concepts_per_step": args.concepts_per_step, "threads": args.threads_per_worker,
               "use_gpu": args.use_gpu, "concepts": ray.put(records), "banks": ray.put(_banks(records))}
@@ -148,7 +164,7 @@ def _train(args, s3, run_id, job_config, records, registry) -> None:
     outcome: dict = {}
     thread = threading.Thread(target=lambda: outcome.update(result=_fit(trainer)), daemon=True)
     thread.start()
-    _watch(thread, registry, run_id, args.backbone, len(records))
+    _watch(thread, registry, run_id, backbone.name, len(records))
     if isinstance(outcome.get("result"), BaseException):
         raise outcome["result"]
 
@@ -179,7 +195,7 @@ def _watch(thread, registry, run_id, backbone, total) -> None:
             last = n
 
 
-def _commit(args, registry, run_id, job_config, specs, records, skipped, encoded, started, stages):
+def _commit(registry, run_id, job_config, specs, records, skipped, encoded, started, stages, backbone_name):
     from schemas import RejectedImage, RunReport, SkippedConcept
 
     report = RunReport(
@@ -189,7 +205,7 @@ def _commit(args, registry, run_id, job_config, specs, records, skipped, encoded
         images_rejected=[RejectedImage(uri=u, reason=r) for u, r in encoded.rejected],
         stage_seconds=dict(stages), config=job_config,
     )
-    writer = registry.begin(run_id, args.backbone, "-")
+    writer = registry.begin(run_id, backbone_name, "-")
     staged = writer.staged_concept_ids()
     missing = {r["concept_id"] for r in records} - staged
     if missing:

@@ -38,14 +38,15 @@ def decode_batch(batch: dict, size: int, s3: S3Options | None) -> dict:
 class ImageEncoder:
     """Ray Data actor: CLIP features and diffusion latents of decoded images."""
 
-    def __init__(self, backbone: str, weights: str | None, s3: S3Options | None, threads: int = 1,
-                 latents: bool = True, keep: tuple[str, ...] = ("concept_id", "parent")):
+    def __init__(self, backbone: str | dict, weights: str | None, s3: S3Options | None, threads: int = 1,
+                 latents: bool = True, keep: tuple[str, ...] = ("concept_id", "parent"), precision: str = "fp32"):
         import torch
 
-        from factory.backbones import load_backbone
+        from factory.backbones import PRECISIONS, load_backbone
 
         torch.set_num_threads(threads)  # several actors share a node: do not oversubscribe its cores
-        self.backbone = load_backbone(backbone, weights=weights, s3=s3)
+        device = "cuda" if torch.cuda.is_available() and ray_gpu_ids() else "cpu"
+        self.backbone = load_backbone(backbone, weights=weights, s3=s3, dtype=PRECISIONS[precision], device=device)
         self.latents, self.keep = latents, keep
 
     def __call__(self, batch: dict) -> dict:
@@ -59,6 +60,19 @@ class ImageEncoder:
         return out
 
 
+def ray_gpu_ids() -> list:
+    """The GPUs Ray gave this actor (none unless it was started with num_gpus)."""
+    import ray
+
+    return ray.get_gpu_ids() if ray.is_initialized() else []
+
+
+def encoder_options(use_gpu: bool) -> dict:
+    """Ray Data `map_batches` resources of an encoder actor: a whole GPU with --use-gpu (ViT-L/14 and the
+    VAE on a CPU are the slowest part of onboarding), else one CPU."""
+    return {"num_gpus": 1} if use_gpu else {}
+
+
 @dataclass
 class EncodedCatalog:
     records: list[dict]  # per concept: concept_id, parent, features [n, D], latents [n, ...] | None
@@ -66,8 +80,9 @@ class EncodedCatalog:
     images_read: int
 
 
-def encode_catalog(specs, backbone: str, weights: str | None, image_size: int, s3: S3Options | None,
-                   batch_size: int = 64, decode_tasks: int = 2, encoders: int = 1) -> EncodedCatalog:
+def encode_catalog(specs, backbone: str | dict, image_size: int, s3: S3Options | None, batch_size: int = 64,
+                   decode_tasks: int = 2, encoders: int = 1, use_gpu: bool = False,
+                   precision: str = "fp32") -> EncodedCatalog:
     import ray.data
 
     rows = [{"concept_id": s.concept_id, "parent": s.parent, "uri": u} for s in specs for u in s.image_uris]
@@ -79,8 +94,8 @@ def encode_catalog(specs, backbone: str, weights: str | None, image_size: int, s
     bad = decoded.filter(lambda r: r["error"] != "").select_columns(["uri", "error"]).take_all()
     good = decoded.filter(lambda r: r["error"] == "")
     encoded = good.map_batches(
-        ImageEncoder, fn_constructor_kwargs={"backbone": backbone, "weights": weights, "s3": s3},
-        batch_size=batch_size, concurrency=encoders,
+        ImageEncoder, fn_constructor_kwargs={"backbone": backbone, "weights": None, "s3": s3, "precision": precision},
+        batch_size=batch_size, concurrency=encoders, **encoder_options(use_gpu),
     )
     feats, lats, parent = defaultdict(list), defaultdict(list), {}
     for batch in encoded.iter_batches(batch_size=None, batch_format="numpy"):

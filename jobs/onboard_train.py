@@ -25,7 +25,7 @@ def learn_shard(config: dict) -> None:
     import ray.train
     import torch
 
-    from factory.backbones import load_backbone
+    from factory.backbones import PRECISIONS, load_backbone
     from factory.learner import ConceptData, LearnerConfig, to_record
     from factory.onboarding import learn_in_chunks
     from factory.registry import TokenRegistry
@@ -34,9 +34,9 @@ def learn_shard(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(max(1, int(config["threads"])))
     s3 = config["s3"]
-    backbone = load_backbone(config["backbone"], weights=config["weights"], s3=s3)
+    backbone = load_backbone(config["backbone"], s3=s3, dtype=PRECISIONS[config["precision"]])
     if config["use_gpu"]:
-        backbone.to("cuda")
+        backbone.to_training_device("cuda")  # features and latents are precomputed: no image tower, no VAE
     writer = TokenRegistry(config["registry"], s3).begin(config["run_id"], backbone.name, backbone.fingerprint(),
                                                          config["job_config"])
     done = writer.staged_concept_ids()

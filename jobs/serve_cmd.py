@@ -17,8 +17,9 @@ def register(sub) -> None:
                        description=__doc__)
     p.add_argument("--registry", required=True, help="token registry root URI")
     p.add_argument("--index", required=True, help="gallery index URI (written by `tokenfactory index`)")
-    p.add_argument("--backbone", default="fashion-mini", help="backbone name (default: fashion-mini)")
-    p.add_argument("--weights", default=None, help="backbone weights URI (default: the config's own)")
+    p.add_argument("--backbone", default="fashion-mini",
+                   help="backbone: a registered name or a config file/URI (default: fashion-mini)")
+    p.add_argument("--weights", default=None, help="backbone weights URI or ROOT (default: the config's own)")
     p.add_argument("--host", default="127.0.0.1", help="HTTP host to bind (default: 127.0.0.1, loopback only)")
     p.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000)")
     p.add_argument("--api-key-env", default=None, metavar="VAR",
@@ -35,11 +36,15 @@ def register(sub) -> None:
 
 
 def settings_from(args):
+    from factory.backbones import resolve_backbone_config
+    from factory.storage import S3Options
     from jobs.cli import absolute_uri
     from serve.settings import ServeSettings
 
-    return ServeSettings(registry=absolute_uri(args.registry), index=absolute_uri(args.index), backbone=args.backbone,
-                         weights=absolute_uri(args.weights), api_key_env=args.api_key_env, require_key=args.require_key,
+    # Resolved before anything is deployed (a bad backbone fails here, in seconds); replicas get the data.
+    backbone = resolve_backbone_config(args.backbone, absolute_uri(args.weights), S3Options.from_env())
+    return ServeSettings(registry=absolute_uri(args.registry), index=absolute_uri(args.index),
+                         backbone=backbone.to_dict(), weights=backbone.weights, api_key_env=args.api_key_env, require_key=args.require_key,
                          poll_s=args.poll_s, max_batch_size=args.max_batch_size, batch_wait_s=args.batch_wait_s)
 
 

@@ -121,14 +121,15 @@ def _raise_if_error(result: dict) -> dict:
 @serve.ingress(app)
 class Ingress:
     def __init__(self, settings: dict, key_digest: str | None, text, image, index, generator, watcher):
-        from factory.backbones import get_backbone_config
+        from factory.backbones import resolve_backbone_config
+        from factory.storage import S3Options
 
         self.s = ServeSettings(**settings)
         self.limits = self.s.limits
         BodyLimit.limit = self.limits.max_request_bytes
         self.key_digest = key_digest
         self.text, self.image, self.index, self.generator, self.watcher = text, image, index, generator, watcher
-        self.image_size = get_backbone_config(self.s.backbone).image.size
+        self.image_size = resolve_backbone_config(self.s.backbone, self.s.weights, S3Options.from_env()).image.size
         configure_batching(self.s, self._classify_batch, self._retrieve_batch)
 
     # --- plumbing -------------------------------------------------------------------------------------

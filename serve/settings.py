@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt
 
@@ -34,7 +35,8 @@ class ServeSettings(BaseModel):
 
     registry: str = Field(description="token registry root URI")
     index: str = Field(description="gallery index URI (written by `tokenfactory index`)")
-    backbone: str = "fashion-mini"
+    backbone: str | dict[str, Any] = Field(
+        default="fashion-mini", description="a registered name, a config file/URI, or a resolved config (a dict)")
     weights: str | None = None
     api_key_env: str | None = Field(default=None, description="env var holding the API key; unset: admin API off")
     require_key: bool = Field(default=False, description="require the API key on every /v1 route, not only admin")
