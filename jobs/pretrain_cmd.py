@@ -111,12 +111,12 @@ def _load_state(trainer, stage: str, ckpt_uri: str) -> None:
     resumed = ray.train.get_checkpoint()
     if resumed is not None:
         with resumed.as_directory() as d:
-            state = torch.load(os.path.join(d, "state.pt"), weights_only=False)
+            state = torch.load(os.path.join(d, "state.pt"), weights_only=True)
         if state["config"]["stage"] == stage:
             trainer.load_state_dict(state)
             return
     if storage.exists(ckpt_uri):
-        trainer.load_state_dict(torch.load(io.BytesIO(storage.read_bytes(ckpt_uri)), weights_only=False))
+        trainer.load_state_dict(torch.load(io.BytesIO(storage.read_bytes(ckpt_uri)), weights_only=True))
 
 
 def _run_stage(backbone, stage: dict, config: dict, rank: int, grad_sync, deadline: float) -> bool:

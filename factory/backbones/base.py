@@ -73,9 +73,9 @@ class Backbone(nn.Module):
         for mod in self.modules():
             if id(mod) in skip:
                 continue
-            for p in mod._parameters.values():
+            for k, p in mod._parameters.items():
                 if p is not None:
-                    p.data = p.data.to(device)
+                    mod._parameters[k] = nn.Parameter(p.detach().to(device), requires_grad=p.requires_grad)
             for k, b in mod._buffers.items():
                 if b is not None:
                     mod._buffers[k] = b.to(device)

@@ -125,3 +125,19 @@ def test_sd2_root_onboard_in_process_and_export(catalog, tmp_path):
     export_tokens(registry, str(out))
     pipe, index = _pipeline_with_tokens(root, out)
     _assert_pipeline_uses_the_tokens(pipe, index, backbone, TokenRegistry(registry).open())
+
+
+@pytest.mark.parametrize("backbone, weights, message", [
+    ("no-such-backbone", None, "unknown backbone 'no-such-backbone'"),
+    ("clip-vit-l14+sd15", None, "give --weights ROOT"),
+    ("clip-vit-l14+sd15", "/nonexistent/root", "clip/config.json"),
+])
+def test_onboard_refuses_a_bad_backbone_in_seconds(catalog, tmp_path, capsys, backbone, weights, message):
+    import time
+
+    t0 = time.perf_counter()
+    rc = main(["onboard", "--catalog", catalog, "--registry", str(tmp_path / "r"), "--backbone", backbone,
+               *(["--weights", weights] if weights else [])])
+    assert rc == 2 and time.perf_counter() - t0 < 10
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1  # one line, no traceback

@@ -161,3 +161,11 @@ def test_a_config_file_is_a_backbone_spec(tmp_path):
     # The resolved config is plain data: it rebuilds the same backbone without touching the registry.
     again = load_backbone(config.to_dict())
     assert again.fingerprint() == load_backbone(str(spec)).fingerprint()
+
+
+def test_only_what_learning_runs_through_moves_to_the_training_device(layout):
+    _, name, root, _, _ = layout
+    backbone = load_backbone(name, weights=str(root)).to_training_device("meta")  # "meta" stands in for a GPU
+    assert backbone.token_embedding.weight.is_meta and all(p.is_meta for p in backbone.generator.unet.parameters())
+    stays = [*backbone.image_tower(), backbone.generator.vae]
+    assert not any(p.is_meta for m in stays for p in m.parameters())
