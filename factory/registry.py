@@ -2,6 +2,7 @@
 
 Layout::
 
+    <root>/versions/v000001/claim.json               created exclusively: the commit that owns the number
     <root>/versions/v000001/tokens-<shard>.parquet   data, one Parquet per shard (TokenRecord schema)
     <root>/versions/v000001/manifest.json            written LAST; lists every data file with its sha256
     <root>/_staging/<run_id>/tokens-<shard>.parquet  a run's shards before commit
@@ -11,15 +12,18 @@ holding data but no manifest, a staging folder) is invisible to readers, so a jo
 leaves the registry exactly as it was. Staging is keyed by run id: a restarted job with the same run id
 sees what its previous attempt already staged (``staged_concept_ids``) and only learns the rest.
 
-Commits assume a single committer per registry (the job driver). Object stores offer no atomic
-"create if absent" through pyarrow, so two drivers committing at once could pick the same version number.
+Concurrent commits are safe: a version number is claimed with a conditional create (``O_EXCL`` locally,
+``If-None-Match: *`` on S3), a commit never deletes a folder it did not claim, and a run's staged shards
+are removed only after its manifest has been read back.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import posixpath
 import re
+import uuid
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -34,6 +38,7 @@ from schemas import RegistryFile, RegistryManifest, TokenRecord, from_arrow, to_
 VERSIONS_DIR = "versions"
 STAGING_DIR = "_staging"
 MANIFEST_NAME = "manifest.json"
+CLAIM_NAME = "claim.json"  # created exclusively by the one commit that owns a version number
 SHARD_GLOB = "tokens-*.parquet"
 _VERSION_DIR_RE = re.compile(r"v(\d{6,})")
 
@@ -140,6 +145,20 @@ class TokenRegistry:
         if verify:
             opened.verify()
         return opened
+
+    def newest_readable(self) -> tuple[RegistryVersion, dict[int, str]]:
+        """The newest committed version whose files verify, and why each newer committed one was skipped.
+
+        What a server starts on: a corrupt newest version must not keep it from serving the one before.
+        """
+        skipped: dict[int, str] = {}
+        for v in reversed(self.versions()):
+            try:
+                return self.open(v), skipped
+            except (RegistryError, storage.StorageError) as e:
+                skipped[v] = str(e)
+        raise NoCommittedVersion(f"no readable committed version in registry {self.root_uri}"
+                                 + (f" (skipped: {skipped})" if skipped else "") + ": run `tokenfactory onboard` first")
 
     def committed_version_for_run(self, run_id: str) -> int | None:
         """The version a run committed, if any: a rerun of a finished run id can then do nothing."""
@@ -392,11 +411,9 @@ class VersionWriter:
         # Shards were checked when written, but perhaps by an earlier attempt with other settings.
         self._check(all_records)
 
-        version = (self.registry.latest() or 0) + 1
+        nonce = uuid.uuid4().hex
+        version = self._claim(nonce)
         version_uri = self.registry.version_uri(version)
-        # Anything already there is debris of an interrupted commit (it has no valid manifest, or
-        # latest() would have counted it), so it is safe to clear.
-        storage.delete(version_uri, s3=self._s3)
         files = []
         for uri, data in contents.items():
             name = posixpath.basename(uri)
@@ -418,7 +435,32 @@ class VersionWriter:
             files=files,
             config=self.config,
             report=report,
+            claim=nonce,
         )
         storage.write_json(storage.join(version_uri, MANIFEST_NAME), manifest, self._s3)
+        written = self.registry._manifest(version)
+        if written is None or written.claim != nonce:  # confirmed before the staged tokens are dropped
+            raise RegistryError(f"version {version} of {self.registry.root_uri} does not hold run {self.run_id!r}'s "
+                                f"manifest after the commit; its staged tokens are kept: rerun to commit them")
         self.abort()
         return version
+
+    def _claim(self, nonce: str) -> int:
+        """The next free version number, claimed atomically (see `storage.create_exclusive`).
+
+        Concurrent commits each try max(existing) + 1 and move up on a loss, so no two runs are ever told
+        the same version. A claimed folder is never cleared or reused, even if its commit died: it is
+        skipped by readers (no manifest) and above it the next commit claims a new number.
+        """
+        body = json.dumps({"run_id": self.run_id, "nonce": nonce}).encode()
+        version = max(self.registry._version_dirs(), default=0) + 1
+        while True:
+            uri = storage.join(self.registry.version_uri(version), CLAIM_NAME)
+            if storage.create_exclusive(uri, body, self._s3):
+                return version
+            try:  # a retried request may have created it for us
+                if json.loads(storage.read_bytes(uri, self._s3)).get("nonce") == nonce:
+                    return version
+            except (NotFoundInStorage, ValueError):
+                pass
+            version += 1

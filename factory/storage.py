@@ -239,6 +239,55 @@ def write_bytes(uri: str, data: bytes, s3: S3Options | None = None) -> None:
             raise
 
 
+@functools.lru_cache(maxsize=None)
+def _boto3_client(options: S3Options):
+    """A boto3 S3 client, for the calls pyarrow has no API for (conditional writes)."""
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client(
+        "s3", endpoint_url=options.endpoint_url, region_name=options.region, aws_access_key_id=options.access_key,
+        aws_secret_access_key=options.secret_key, aws_session_token=options.session_token,
+        config=Config(s3={"addressing_style": "path"} if options.endpoint else {},
+                      retries={"mode": "standard", "max_attempts": options.max_attempts}),
+    )
+
+
+def create_exclusive(uri: str, data: bytes, s3: S3Options | None = None) -> bool:
+    """Create ``uri`` holding ``data`` only if nothing is there yet; True if this call created it.
+
+    The one primitive concurrent writers agree on a name with: locally ``O_CREAT | O_EXCL``; on S3 a
+    conditional PUT (``If-None-Match: *``), which AWS S3 and SeaweedFS honour (412 when the key exists).
+    A retried request may report a loss for a write that landed: callers put a nonce in ``data`` and
+    read the object back when told False.
+    """
+    loc = _locate(uri, s3)
+    if loc.is_s3:
+        from botocore.exceptions import ClientError
+
+        bucket, _, key = loc.path.partition("/")
+        try:
+            _boto3_client(s3 or S3Options.from_env()).put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+        except ClientError as e:
+            status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if status in (409, 412):  # exists (412), or a concurrent conditional write won (409)
+                return False
+            raise StorageError(f"create {uri}: {e}", uri=uri) from e
+        return True
+    parent = posixpath.dirname(loc.path)
+    with _translate(uri, "create"):
+        os.makedirs(parent, exist_ok=True)
+        try:
+            fd = os.open(loc.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    return True
+
+
 def exists(uri: str, s3: S3Options | None = None) -> bool:
     """True for an existing file, and for a folder (on S3: a prefix that has objects under it)."""
     loc = _locate(uri, s3)

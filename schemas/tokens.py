@@ -134,6 +134,7 @@ class RegistryManifest(BaseModel):
     files: list[RegistryFile]
     config: dict[str, Any] = Field(default_factory=dict)
     report: dict[str, Any] | None = None
+    claim: str | None = Field(default=None, description="nonce of the version claim this commit holds")
 
     @model_validator(mode="after")
     def _counts_agree(self) -> RegistryManifest:

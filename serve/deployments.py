@@ -70,39 +70,59 @@ def _backbone(s: ServeSettings):
 
 
 class VersionFollower:
-    """Keeps a replica's `TokenState` at the version the watcher names."""
+    """Keeps a replica's `TokenState` at the version the watcher names.
+
+    A version that fails to load here (an unreadable file, weights of another backbone) is not fatal: the
+    replica keeps serving the one it has, logs why, and tries again after a backoff that doubles up to
+    ``MAX_BACKOFF_S``, so a bad version costs one attempt per backoff, not one per request.
+    """
+
+    MAX_BACKOFF_S = 60.0
 
     def __init__(self, watcher, load: Callable[[int | None], TokenState], check_s: float):
         self.watcher, self._load, self.check_s = watcher, load, check_s
-        self.current = load(None)  # the newest committed version, so the replica starts ready
+        self.current = load(None)  # the newest readable version, so the replica starts ready
         self._lock = asyncio.Lock()
         self._checked_at = time.monotonic()
+        self._failed: dict[int, tuple[float, float]] = {}  # version -> (retry at, backoff)
 
     async def state(self) -> TokenState:
         if time.monotonic() - self._checked_at < self.check_s:
             return self.current
         version = await self.watcher.current.remote()
         self._checked_at = time.monotonic()
-        if version != self.current.version:
+        if version != self.current.version and time.monotonic() >= self._failed.get(version, (0.0, 0.0))[0]:
             async with self._lock:
                 if version != self.current.version:
-                    t0 = time.perf_counter()
-                    self.current = await asyncio.to_thread(self._load, version)
-                    log.info("now serving registry version %d (%.2fs to load)", version, time.perf_counter() - t0)
+                    await self._switch(version)
         return self.current
+
+    async def _switch(self, version: int) -> None:
+        t0 = time.perf_counter()
+        try:
+            self.current = await asyncio.to_thread(self._load, version)
+        except Exception as e:  # keep serving what we have; the watcher only names verified versions
+            backoff = min(self.MAX_BACKOFF_S, 2 * self._failed.get(version, (0.0, 0.5))[1])
+            self._failed[version] = (time.monotonic() + backoff, backoff)
+            log.error("registry version %d failed to load (%s); still serving %d, retrying in %.0fs",
+                      version, e, self.current.version, backoff)
+            return
+        self._failed.pop(version, None)
+        log.info("now serving registry version %d (%.2fs to load)", version, time.perf_counter() - t0)
 
 
 @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
 class RegistryWatcher:
     def __init__(self, settings: dict):
-        from factory.registry import NoCommittedVersion, TokenRegistry
+        from factory.registry import TokenRegistry
 
         s = ServeSettings(**settings)
         self.registry = TokenRegistry(s.registry, S3Options.from_env())
-        latest = self.registry.latest()
-        if latest is None:
-            raise NoCommittedVersion(f"no committed version in registry {s.registry}: run `tokenfactory onboard` first")
-        self.version, self.pinned = latest, False
+        opened, skipped = self.registry.newest_readable()  # NoCommittedVersion names `tokenfactory onboard`
+        for v, why in skipped.items():
+            log.error("registry version %d is unreadable, starting on %d: %s", v, opened.version, why)
+        self.version, self.pinned = opened.version, False
+        self._bad: dict[int, float] = {v: time.monotonic() + s.poll_s for v in skipped}  # version -> retry at
         if s.poll_s > 0:
             threading.Thread(target=self._poll, args=(s.poll_s,), daemon=True).start()
 
@@ -114,9 +134,16 @@ class RegistryWatcher:
             except Exception as e:  # a flaky store must not stop polling
                 log.warning("registry poll failed: %s", e)
                 continue
-            if not self.pinned and latest is not None and latest > self.version:
-                log.info("registry version %d committed: switching from %d", latest, self.version)
-                self.version = latest
+            if self.pinned or latest is None or latest <= self.version or time.monotonic() < self._bad.get(latest, 0):
+                continue
+            try:
+                self.registry.open(latest)  # verified before any replica is told to load it
+            except Exception as e:
+                self._bad[latest] = time.monotonic() + 10 * every
+                log.error("registry version %d fails verification, still serving %d: %s", latest, self.version, e)
+                continue
+            log.info("registry version %d committed: switching from %d", latest, self.version)
+            self.version = latest
 
     async def current(self) -> int:
         return self.version
@@ -124,8 +151,14 @@ class RegistryWatcher:
     async def reload(self, version: int | None = None) -> dict:
         from factory.registry import RegistryError
 
+        from factory.registry import ChecksumMismatch
+        from factory.storage import StorageError
+
         try:
             opened = await asyncio.to_thread(self.registry.open, version)  # verifies checksums first
+        except (ChecksumMismatch, StorageError) as e:  # exists but unreadable: keep serving the current one
+            log.error("reload to %s refused, still serving %d: %s", version or "the newest version", self.version, e)
+            return error(409, "version_unreadable", f"{e}; still serving version {self.version}")
         except (RegistryError, FileNotFoundError) as e:
             return error(404 if version is not None else 409, "no_such_version", str(e))
         previous, self.version, self.pinned = self.version, opened.version, version is not None

@@ -6,6 +6,7 @@ state finishes on it, which is what makes reloads lose no request.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -18,6 +19,8 @@ from factory.learner import template_prompts
 from factory.registry import TokenRegistry
 from factory.tokens import marker
 from schemas import TokenRecord
+
+log = logging.getLogger("tokenfactory.serve")
 
 
 class IncompatibleRegistry(ValueError):
@@ -36,7 +39,12 @@ class TokenState:
     @classmethod
     def load(cls, registry: TokenRegistry, version: int | None, backbone: Backbone,
              with_classes: bool = True) -> TokenState:
-        opened = registry.open(version)
+        if version is None:  # start-up: the newest version that verifies (a corrupt newest one is skipped)
+            opened, skipped = registry.newest_readable()
+            for v, why in skipped.items():
+                log.error("registry version %d is unreadable, serving %d instead: %s", v, opened.version, why)
+        else:
+            opened = registry.open(version)
         records = {r.concept_id: r for r in opened.records()}
         fingerprint = backbone.fingerprint()
         wrong = [r.concept_id for r in records.values() if r.backbone_fingerprint != fingerprint]

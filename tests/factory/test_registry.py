@@ -1,6 +1,9 @@
 from collections.abc import Callable
 from pathlib import Path
 
+import json
+import multiprocessing
+
 import numpy as np
 import pytest
 
@@ -117,15 +120,39 @@ def test_version_folder_without_manifest_is_invisible(registry: TokenRegistry, m
         registry.open(2)
 
 
-def test_next_commit_reuses_the_number_of_an_interrupted_one(
+def test_a_folder_without_manifest_is_never_cleared_or_reused(
     registry: TokenRegistry,
     make_token: MakeToken,
 ) -> None:
+    # Debris of an interrupted commit, or a commit still in flight in another process: either way not ours.
     storage.write_bytes(storage.join(registry.version_uri(1), "tokens-debris.parquet"), b"junk", registry.s3)
-    assert _commit_one(registry, make_token) == 1
+    assert _commit_one(registry, make_token) == 2
+    assert storage.listdir(registry.version_uri(1), registry.s3) == ["tokens-debris.parquet"]
     version = registry.open()
-    assert [f.path for f in version.manifest.files] == ["tokens-w0.parquet"]
-    assert storage.listdir(registry.version_uri(1), registry.s3) == ["manifest.json", "tokens-w0.parquet"]
+    assert version.version == 2 and [f.path for f in version.manifest.files] == ["tokens-w0.parquet"]
+    assert storage.listdir(registry.version_uri(2), registry.s3) == ["claim.json", "manifest.json", "tokens-w0.parquet"]
+
+
+def test_a_folder_of_a_newer_format_is_left_alone(registry: TokenRegistry, make_token: MakeToken) -> None:
+    newer = json.dumps({"format": "tokenfactory.registry/2", "version": 1}).encode()
+    storage.write_bytes(storage.join(registry.version_uri(1), "manifest.json"), newer, registry.s3)
+    assert _commit_one(registry, make_token) == 2
+    assert storage.read_bytes(storage.join(registry.version_uri(1), "manifest.json"), registry.s3) == newer
+
+
+def test_forced_interleaving_gives_each_commit_its_own_version(registry: TokenRegistry, make_token: MakeToken,
+                                                               monkeypatch) -> None:
+    # Both commits list the versions before either claims one: the old code told both "version 1".
+    a, b = (registry.begin(run, "fashion-mini", "fp-0123") for run in ("run-a", "run-b"))
+    a.write_shard("w0", [make_token(concept_id="sku-a", run_id="run-a")])
+    b.write_shard("w0", [make_token(concept_id="sku-b", run_id="run-b")])
+    listed = registry._version_dirs()
+    monkeypatch.setattr(registry, "_version_dirs", lambda: listed)
+    versions = [a.commit(), b.commit()]
+    monkeypatch.undo()
+    assert sorted(versions) == [1, 2]
+    assert {registry.open(v).manifest.run_id: registry.open(v).concept_ids() for v in versions} == {
+        "run-a": ["sku-a"], "run-b": ["sku-b"]}
 
 
 def test_unparseable_manifest_is_invisible(registry: TokenRegistry, make_token: MakeToken) -> None:
@@ -314,3 +341,33 @@ def test_exported_file_is_what_diffusers_load_textual_inversion_accepts(
     assert tokens == ["<concept:a>"]
     assert tuple(embeddings[0].shape) == (8,)
     np.testing.assert_allclose(embeddings[0].numpy(), make_token("a").vector, rtol=1e-6)
+
+
+def _commit_many(root: str, s3, worker: str, n: int, start) -> list[int]:
+    """A separate process committing ``n`` runs as fast as it can (after a shared start signal)."""
+    from factory.registry import TokenRegistry
+    from schemas import TokenRecord
+
+    registry, versions = TokenRegistry(root, s3), []
+    start.wait()
+    for i in range(n):
+        run = f"{worker}-{i}"
+        writer = registry.begin(run, "fashion-mini", "fp-0123")
+        writer.write_shard("w0", [TokenRecord(concept_id=f"sku-{run}", parent="dress", backbone="fashion-mini",
+                                              backbone_fingerprint="fp-0123", dim=2, vector=[0.5, float(i)],
+                                              parametrization="free", run_id=run)])
+        versions.append(writer.commit())
+    return versions
+
+
+def test_two_processes_committing_30_times_each_lose_nothing(registry: TokenRegistry) -> None:
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Manager() as manager, ctx.Pool(2) as pool:
+        start = manager.Event()
+        jobs = [pool.apply_async(_commit_many, (registry.root_uri, registry.s3, w, 30, start)) for w in ("p", "q")]
+        start.set()
+        told = [v for j in jobs for v in j.get(timeout=240)]
+    assert sorted(told) == list(range(1, 61))  # every commit told its own version
+    assert registry.versions() == list(range(1, 61))
+    runs = {registry.open(v).manifest.run_id: registry.open(v).concept_ids() for v in registry.versions()}
+    assert runs == {f"{w}-{i}": [f"sku-{w}-{i}"] for w in ("p", "q") for i in range(30)}  # all readable, none lost

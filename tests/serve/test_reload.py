@@ -58,3 +58,33 @@ def test_reload_while_clients_send_requests(service):
     r = service.client.post("/v1/generate", json={"prompt": f"a <concept:{new.concept_id}> {new.parent}", "steps": 2})
     assert r.status_code == 200 and r.json()["registry_version"] == 2
     assert service.client.get("/readyz").json()["registry_version"] == 2
+
+
+def test_a_corrupt_newest_version_under_load_fails_no_request(service):
+    from pathlib import Path
+
+    from factory.registry import TokenRegistry
+
+    served = service.client.get("/readyz").json()["registry_version"]
+    version = learn_version(service.registry, service.specs, "serve-test-corrupt", service.backbone, steps=5)
+    shard = next(Path(TokenRegistry(service.registry).version_uri(version)).glob("tokens-*.parquet"))
+    shard.write_bytes(shard.read_bytes()[:-16] + b"\0" * 16)  # the manifest parses, the checksum does not
+    old = service.specs[0]
+    stop, results = threading.Event(), []
+    threads = [threading.Thread(target=_hammer, args=(service.url, old.concept_id, old.parent, stop, results))
+               for _ in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(1.0)
+        r = service.client.post("/v1/admin/reload", json={}, headers=service.admin())
+        assert r.status_code == 409 and r.json()["error"]["code"] == "version_unreadable", r.text
+        assert f"still serving version {served}" in r.json()["error"]["message"]
+        time.sleep(2.0)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert len(results) > 10 and not [r for r in results if r[0] != 200]
+    assert {v for _, v in results} == {served}
+    assert service.client.get("/readyz").json()["registry_version"] == served
