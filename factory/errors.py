@@ -72,3 +72,11 @@ class WeightsError(TokenFactoryError, ValueError):
 
 class BackboneMismatch(TokenFactoryError, ValueError):
     """Parts of a backbone that are not a pair: a pipeline whose text encoder is not the CLIP's text tower."""
+
+
+class SamplingCancelled(TokenFactoryError):
+    """Sampling stopped because its caller asked (a request that timed out or whose client went away)."""
+
+
+class CatalogError(TokenFactoryError, ValueError):
+    """A catalog that cannot be onboarded as it is (e.g. image URIs outside the catalog)."""

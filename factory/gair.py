@@ -17,7 +17,7 @@ previews and scores are returned, so a person can see why.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -113,7 +113,8 @@ class Gair:
         self.backbone, self.concepts, self.index = backbone, concepts, index
 
     @torch.no_grad()
-    def __call__(self, request: GairRequest) -> GairResult:
+    def __call__(self, request: GairRequest, should_stop: Callable[[], bool] | None = None) -> GairResult:
+        """Run one GAIR request; ``should_stop`` is polled between sampling steps (see `Generator.sample`)."""
         bb = self.backbone
         missing = [c for c in request.concept_ids if c not in self.concepts]
         if missing:
@@ -139,7 +140,7 @@ class Gair:
         cond = torch.cat([(a * tok.hidden + (1 - a) * aligned.hidden).expand(n, -1, -1) for a in alphas])
         noise = bb.generator.initial_noise(n, request.seed).repeat(len(alphas), 1, 1, 1)
         u8 = to_uint8(bb.generator.sample(cond, uncond, steps=request.steps, guidance=request.guidance,
-                                          noise=noise))
+                                          noise=noise, should_stop=should_stop))
         feats = F.normalize(bb.encode_image(bb.preprocess(u8)).float(), dim=-1)
         raw = []
         for i, a in enumerate(alphas):

@@ -208,10 +208,12 @@ def _open_file(loc: _Location, uri: str) -> Iterator[pa.NativeFile]:
         yield stream
 
 
-def read_bytes(uri: str, s3: S3Options | None = None) -> bytes:
+def read_bytes(uri: str, s3: S3Options | None = None, max_bytes: int | None = None) -> bytes:
+    """The file's bytes; with ``max_bytes``, at most that many (a caller checking a size limit reads
+    limit + 1 bytes and never more, however large the object)."""
     loc = _locate(uri, s3)
     with _open_file(loc, uri) as f:
-        return f.read()
+        return f.read() if max_bytes is None else f.read(max_bytes)
 
 
 def write_bytes(uri: str, data: bytes, s3: S3Options | None = None) -> None:

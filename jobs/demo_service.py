@@ -9,7 +9,7 @@ import time
 KEY_ENV = "TOKENFACTORY_DEMO_API_KEY"
 
 
-def serve_tour(args, bucket: str, catalog_uri: str, registry_uri: str, s3_env: dict, specs, intent: str) -> dict:
+def serve_tour(args, bucket: str, catalog_uri: str, registry_uri: str, specs, intent: str) -> dict:
     """Index, serve, call every endpoint over HTTP; returns a summary of each answer. ``intent`` is a
     scene the first product appears in within the gallery, so its retrieval has a right answer."""
     import httpx
@@ -26,8 +26,10 @@ def serve_tour(args, bucket: str, catalog_uri: str, registry_uri: str, s3_env: d
                                        "--backbone", args.backbone, *weights])
     index.func(index)
     os.environ[KEY_ENV] = secrets.token_urlsafe(24)  # a fresh admin key for this run, never printed
+    # No S3 keys in the Serve config (anyone who can read it would see them): the demo started Ray after
+    # putting the embedded store's settings in its environment, and the replicas inherit that environment.
     settings = ServeSettings(registry=registry_uri, index=index_uri, backbone=args.backbone, weights=args.weights,
-                             api_key_env=KEY_ENV, poll_s=5, replica_env=s3_env)
+                             admin_key_env=KEY_ENV, poll_s=5)
     url = start(settings, port=args.port)
     console.print(f"[demo] service ready at {url} (OpenAPI at {url}/docs)")
     try:

@@ -28,6 +28,8 @@ def register(sub) -> None:
                    help="backbone: a registered name or a config file/URI (default: fashion-mini)")
     p.add_argument("--weights", default=None, help="backbone weights URI or ROOT (default: the config's own)")
     p.add_argument("--use-gpu", action="store_true", help="one GPU per image-encoder actor")
+    p.add_argument("--allow-outside-catalog", action="store_true",
+                   help="accept gallery image URIs outside the catalog's bucket/folder (default: refused)")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
                    help="precision of the image encoder (default: fp32)")
     p.add_argument("--backend", choices=["exact", "hnsw", "ivf"], default="exact", help="index backend (default: exact)")
@@ -38,7 +40,7 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def gallery_items(uri: str, s3) -> list[dict]:
+def gallery_items(uri: str, s3, allow_outside: bool = False) -> list[dict]:
     """(id, uri) of every gallery image named by ``uri`` (see the module docstring)."""
     from factory import storage
     from factory.catalog import read_rows
@@ -49,14 +51,14 @@ def gallery_items(uri: str, s3) -> list[dict]:
     if is_pervl(uri):
         rows = read_pervl(uri, s3).gallery
     elif uri.endswith((".parquet", ".jsonl")):
-        rows = read_rows(uri, s3)
+        rows = read_rows(uri, s3, allow_outside)
     elif storage.exists(uri if uri.endswith(".json") else storage.join(uri, "manifest.json"), s3):
         manifest_uri = uri if uri.endswith(".json") else storage.join(uri, "manifest.json")
         manifest = CatalogManifest.model_validate(storage.read_json(manifest_uri, s3))
         if not manifest.gallery_uri:
             raise ValueError(f"catalog {uri} has no gallery")
         base = manifest_uri.rsplit("/", 1)[0]
-        rows = read_rows(storage.join(base, manifest.gallery_uri), s3)
+        rows = read_rows(storage.join(base, manifest.gallery_uri), s3, allow_outside)
     else:
         files = [f for f in storage.glob_files(uri, s3=s3) if f.lower().endswith(IMAGE_SUFFIXES)]
         return [{"item_id": posixpath.splitext(posixpath.basename(f))[0], "uri": f} for f in files]
@@ -79,7 +81,7 @@ def run(args) -> int:
     s3 = s3_options(args)
     t0 = time.perf_counter()
     backbone = resolve_backbone_config(args.backbone, args.weights, s3)  # fails fast, travels as data
-    items = gallery_items(args.gallery, s3)
+    items = gallery_items(args.gallery, s3, args.allow_outside_catalog)
     if not items:
         raise ValueError(f"no gallery images found at {args.gallery}")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")

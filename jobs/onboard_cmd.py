@@ -63,6 +63,8 @@ def register(sub) -> None:
     p.add_argument("--encoders", type=int, default=1, help="image-encoder actors (default: 1)")
     p.add_argument("--max-failures", type=int, default=3, help="Ray Train worker-group restarts allowed (default: 3)")
     p.add_argument("--report", default=None, help="also write the run report (JSON) to this URI")
+    p.add_argument("--allow-outside-catalog", action="store_true",
+                   help="accept image URIs outside the catalog's bucket/folder (default: refused, see factory.catalog)")
     add_s3_arguments(p)
     p.set_defaults(func=run)
 
@@ -100,7 +102,7 @@ def run(args) -> int:
 
     started, stages = datetime.now(timezone.utc), {}
     t0 = time.perf_counter()
-    specs = read_concepts(args.catalog, s3)
+    specs = read_concepts(args.catalog, s3, allow_outside=args.allow_outside_catalog)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), logging_level="WARNING", include_dashboard=True,

@@ -108,6 +108,7 @@ class SeaweedS3:
         self.weed = weed or find_weed()
         self.access_key = "tf" + secrets.token_hex(8)
         self.secret_key = secrets.token_hex(20)
+        self._jwt_key = secrets.token_hex(24)  # signs filer/volume HTTP requests; never leaves this object
         self.ports: dict[str, int] = {}  # fixed at first start, reused by restart()
         self._proc: subprocess.Popen[bytes] | None = None
         self._log_file: Any = None
@@ -205,6 +206,15 @@ class SeaweedS3:
             "-s3.port.lance=0",
         ]
 
+    def _env(self) -> dict[str, str]:
+        """weed's environment: JWT signing keys (``WEED_`` + the security.toml key, upper-cased) so that the
+        filer's and volume server's HTTP ports refuse unsigned reads and writes. Without them anyone on the
+        machine could GET or PUT any object, a registry manifest included, past the S3 credentials."""
+        env = dict(os.environ)
+        for name in ("JWT_FILER_SIGNING_KEY", "JWT_FILER_SIGNING_READ_KEY", "JWT_SIGNING_KEY", "JWT_SIGNING_READ_KEY"):
+            env["WEED_" + name] = self._jwt_key
+        return env
+
     def _write_config(self) -> None:
         identities = {
             "identities": [
@@ -215,7 +225,11 @@ class SeaweedS3:
                 }
             ]
         }
-        (self.root / "s3.json").write_text(json.dumps(identities))
+        path = self.root / "s3.json"  # holds the secret key: owner-only, from the moment it exists
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(identities))
+        os.chmod(path, 0o600)  # a file left by an older version keeps its mode through O_TRUNC
 
     def log_tail(self, n_bytes: int = 4000) -> str:
         """The end of the server's console output and of its most recent log file."""
@@ -254,6 +268,7 @@ class SeaweedS3:
         self._run_dir.mkdir(parents=True, exist_ok=True)
         self._proc = subprocess.Popen(
             self._command(),
+            env=self._env(),
             stdout=self._log_file,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,

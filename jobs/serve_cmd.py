@@ -4,7 +4,11 @@ Connects to the Ray cluster at $RAY_ADDRESS, else starts a local one; deploys th
 `serve/app.py` with these settings; prints its URL once ``/readyz`` answers; serves until Ctrl-C.
 On a cluster, prefer ``serve deploy serve/configs/cluster.yaml`` (same application, autoscaling
 configured per deployment). The API key is read from the environment variable named by
-``--api-key-env`` (never from a flag: flags show up in ``ps``); without it the admin API is off.
+``--api-key-env`` (never from a flag: flags show up in ``ps``) and required on every /v1 route with
+``--require-key``; the admin API has its own key (``--admin-key-env``), without which it is off. Binding
+beyond loopback (``--host 0.0.0.0``) is refused unless ``--require-key`` is on. ``--image-uri-prefix``
+allows ``image_uri`` reads under an s3:// prefix (none by default: the server reads nothing on a
+client's behalf unless told where).
 """
 from __future__ import annotations
 
@@ -23,8 +27,12 @@ def register(sub) -> None:
     p.add_argument("--host", default="127.0.0.1", help="HTTP host to bind (default: 127.0.0.1, loopback only)")
     p.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000)")
     p.add_argument("--api-key-env", default=None, metavar="VAR",
-                   help="environment variable holding the API key for /v1/admin/* (default: admin API off)")
-    p.add_argument("--require-key", action="store_true", help="require the API key on every /v1 route")
+                   help="environment variable holding the clients' API key (with --require-key)")
+    p.add_argument("--require-key", action="store_true", help="require the clients' API key on every /v1 route")
+    p.add_argument("--admin-key-env", default=None, metavar="VAR",
+                   help="environment variable holding the admin key of /v1/admin/* (default: admin API off)")
+    p.add_argument("--image-uri-prefix", action="append", default=[], metavar="s3://BUCKET/PREFIX/",
+                   help="allow image_uri reads under this prefix (repeatable; default: image_uri off)")
     p.add_argument("--poll-s", type=float, default=30.0,
                    help="seconds between checks for a newer committed registry version; 0 disables (default: 30)")
     p.add_argument("--max-batch-size", type=int, default=32,
@@ -45,6 +53,7 @@ def settings_from(args):
     backbone = resolve_backbone_config(args.backbone, absolute_uri(args.weights), S3Options.from_env())
     return ServeSettings(registry=absolute_uri(args.registry), index=absolute_uri(args.index),
                          backbone=backbone.to_dict(), weights=backbone.weights, api_key_env=args.api_key_env, require_key=args.require_key,
+                         admin_key_env=args.admin_key_env, image_uri_prefixes=args.image_uri_prefix,
                          poll_s=args.poll_s, max_batch_size=args.max_batch_size, batch_wait_s=args.batch_wait_s)
 
 

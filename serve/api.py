@@ -16,9 +16,9 @@ from schemas import ConceptId, ParentWord
 class ApiError(Exception):
     """An error meant for the client: HTTP status, a stable machine-readable code, a human message."""
 
-    def __init__(self, status: int, code: str, message: str):
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None):
         super().__init__(message)
-        self.status, self.code, self.message = status, code, message
+        self.status, self.code, self.message, self.headers = status, code, message, headers or {}
 
     def body(self) -> dict:
         return {"error": {"code": self.code, "message": self.message}}
@@ -55,11 +55,12 @@ class GenerateRequest(Request):
 
 
 class GairApiRequest(Request):
-    concept_ids: list[ConceptId] = Field(min_length=1)
+    concept_ids: list[ConceptId] = Field(min_length=1, max_length=16)
     intent: StrictStr = Field(description="plain words the user adds to the concept(s): 'on the beach'")
     top_k: StrictInt = 10
     mode: Literal["auto", "manual"] = "auto"
-    alphas: list[StrictFloat | StrictInt] | None = Field(default=None, description="auto: the α schedule to search")
+    alphas: list[StrictFloat | StrictInt] | None = Field(default=None, max_length=32,
+                                                         description="auto: the α schedule to search")
     alpha: StrictFloat | StrictInt | None = Field(default=None, ge=0.0, le=1.0, description="manual: the α to use")
     previews: StrictInt = 2
     steps: StrictInt = 20

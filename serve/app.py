@@ -22,6 +22,7 @@ APP_NAME = "tokenfactory"
 
 def build_app(settings: ServeSettings) -> Application:
     digest = settings.api_key_digest()  # read here, in the process that has the key; replicas get a hash
+    admin = settings.admin_key_digest()
     cfg = settings.model_dump()
 
     def d(deployment):
@@ -31,8 +32,10 @@ def build_app(settings: ServeSettings) -> Application:
         return deployment.options(ray_actor_options=options)
 
     watcher = d(RegistryWatcher).bind(cfg)
-    return d(Ingress).bind(cfg, digest, d(TextEncoder).bind(cfg, watcher), d(ImageEncoder).bind(cfg),
-                           d(GalleryIndex).bind(cfg), d(Generator).bind(cfg, watcher), watcher)
+    # Past max_queued_requests waiting for the ingress, Serve answers 503 at once instead of queueing.
+    ingress = d(Ingress).options(max_queued_requests=settings.limits.max_queued_requests)
+    return ingress.bind(cfg, digest, d(TextEncoder).bind(cfg, watcher), d(ImageEncoder).bind(cfg),
+                        d(GalleryIndex).bind(cfg), d(Generator).bind(cfg, watcher), watcher, admin)
 
 
 def app_builder(args: dict) -> Application:
@@ -41,9 +44,12 @@ def app_builder(args: dict) -> Application:
 
 
 def start(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000, ready_timeout_s: float = 300.0) -> str:
-    """Run the app on the connected Ray cluster; returns its URL once ``/readyz`` answers 200."""
+    """Run the app on the connected Ray cluster; returns its URL once ``/readyz`` answers 200.
+
+    Refuses a host beyond loopback unless every route needs a key (`ServeSettings.check_exposure`)."""
     import httpx
 
+    settings.check_exposure(host)
     for attempt in range(3):  # a proxy that misses Serve's 60 s start-up deadline on a loaded machine is retried
         try:
             serve.start(http_options={"host": host, "port": port})

@@ -272,6 +272,18 @@ class GalleryIndex:
         return split_calls(hits, [len(k) for _, k in calls])
 
 
+async def run_cancellable(fn: Callable[[Callable[[], bool]], Any]) -> Any:
+    """Run ``fn(should_stop)`` in a thread; when this request is cancelled (the ingress timed out, or the
+    client went away and Serve cancelled the call), ``should_stop`` turns True and ``fn`` stops at its next
+    sampling step instead of finishing work nobody will read."""
+    stop = threading.Event()
+    try:
+        return await asyncio.to_thread(fn, stop.is_set)
+    except asyncio.CancelledError:
+        stop.set()
+        raise
+
+
 def _png_b64(images: np.ndarray) -> list[str]:
     from factory.images import encode_png
 
@@ -303,15 +315,15 @@ class Generator:
         except (TokenFactoryError, ValueError) as e:
             return prompt_error(e)
 
-        def run() -> np.ndarray:
+        def run(should_stop) -> np.ndarray:
             from factory.figures import to_uint8
 
             with torch.no_grad():
                 uncond = self.backbone.encode_prompts([""]).hidden
                 return to_uint8(self.backbone.generator.sample(cond.expand(n, -1, -1), uncond, steps=steps,
-                                                               guidance=guidance, seed=seed))
+                                                               guidance=guidance, seed=seed, should_stop=should_stop))
 
-        images = await asyncio.to_thread(run)
+        images = await run_cancellable(run)
         return {"images": _png_b64(images), "seed": seed, "registry_version": state.version}
 
     async def gair(self, request: dict[str, Any]) -> dict:
@@ -333,7 +345,8 @@ class Generator:
         except (TokenFactoryError, ValueError) as e:
             return prompt_error(e)
         try:
-            res = await asyncio.to_thread(Gair(self.backbone, concepts, self.index), req)
+            gair = Gair(self.backbone, concepts, self.index)
+            res = await run_cancellable(lambda should_stop: gair(req, should_stop))
         except (TokenFactoryError, ValueError) as e:
             return prompt_error(e)
         return {"alpha": res.alpha, "registry_version": state.version,

@@ -25,6 +25,8 @@ from serve.api import (
     ApiError, ClassifyRequest, ClassifyResponse, GairApiRequest, GairResponse, GenerateRequest, GenerateResponse,
     ReloadRequest, ReloadResponse, RetrieveRequest, RetrieveResponse, TokenDetail, TokensResponse,
 )
+from factory.gair import DEFAULT_ALPHAS, GairRequest
+from serve.guard import CHEAP, COSTLY, Admission, check_cost, unet_passes
 from serve.settings import Limits, ServeSettings, configure_batching
 
 log = logging.getLogger("tokenfactory.serve")
@@ -35,9 +37,12 @@ app = FastAPI(title="tokenfactory", version="1",
 
 class BodyLimit:
     """ASGI middleware: refuse request bodies over the limit (413) while they stream in, whether or not
-    the client sent a Content-Length, so a huge upload is never buffered whole."""
+    the client sent a Content-Length, so a huge upload is never buffered whole. Only /v1/classify takes
+    images; every other route gets the small JSON limit, so a 2M-item list is refused before it is parsed."""
 
     limit = Limits().max_request_bytes  # set from the settings by the ingress replica that owns the app
+    json_limit = Limits().max_json_bytes
+    IMAGE_ROUTES = ("/v1/classify",)
 
     def __init__(self, inner):
         self.inner = inner
@@ -45,10 +50,11 @@ class BodyLimit:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.inner(scope, receive, send)
+        limit = self.limit if scope.get("path") in self.IMAGE_ROUTES else self.json_limit
         declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
+        if declared is not None and (not declared.isdigit() or int(declared) > limit):
             return await _send_error(scope, send, ApiError(413, "request_too_large",
-                                                    f"request body over the limit of {self.limit} bytes"))
+                                                    f"request body over the limit of {limit} bytes"))
         seen = 0
 
         async def limited():
@@ -56,15 +62,15 @@ class BodyLimit:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.limit:
-                    raise ApiError(413, "request_too_large", f"request body over the limit of {self.limit} bytes")
+                if seen > limit:
+                    raise ApiError(413, "request_too_large", f"request body over the limit of {limit} bytes")
             return message
 
         return await self.inner(scope, limited, send)
 
 
 async def _send_error(scope, send, e: ApiError) -> None:
-    response = JSONResponse(e.body(), status_code=e.status)
+    response = JSONResponse(e.body(), status_code=e.status, headers=e.headers)
     await response(scope, None, send)
 
 
@@ -73,7 +79,7 @@ app.add_middleware(BodyLimit)
 
 @app.exception_handler(ApiError)
 async def _api_error(_: Request, e: ApiError):
-    return JSONResponse(e.body(), status_code=e.status)
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
 
 @app.exception_handler(RequestValidationError)
@@ -110,6 +116,13 @@ def _check_text(name: str, text: str, limit: int) -> None:
         raise ApiError(422, "bad_prompt", f"{name} contains a NUL character")
 
 
+def _b64decode(text: str) -> bytes:
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(422, "bad_base64", "image is not valid base64") from None
+
+
 def _raise_if_error(result: dict) -> dict:
     if isinstance(result, dict) and "error" in result:
         e = result["error"]
@@ -120,14 +133,16 @@ def _raise_if_error(result: dict) -> dict:
 @serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=256)
 @serve.ingress(app)
 class Ingress:
-    def __init__(self, settings: dict, key_digest: str | None, text, image, index, generator, watcher):
+    def __init__(self, settings: dict, key_digest: str | None, text, image, index, generator, watcher,
+                 admin_digest: str | None = None):
         from factory.backbones import resolve_backbone_config
         from factory.storage import S3Options
 
         self.s = ServeSettings(**settings)
         self.limits = self.s.limits
-        BodyLimit.limit = self.limits.max_request_bytes
-        self.key_digest = key_digest
+        BodyLimit.limit, BodyLimit.json_limit = self.limits.max_request_bytes, self.limits.max_json_bytes
+        self.key_digest, self.admin_digest = key_digest, admin_digest
+        self.admission = Admission(self.limits)
         self.text, self.image, self.index, self.generator, self.watcher = text, image, index, generator, watcher
         self.image_size = resolve_backbone_config(self.s.backbone, self.s.weights, S3Options.from_env()).image.size
         configure_batching(self.s, self._classify_batch, self._retrieve_batch)
@@ -137,53 +152,65 @@ class Ingress:
         try:
             return _raise_if_error(await asyncio.wait_for(response, timeout or self.limits.timeout_s))
         except asyncio.TimeoutError:
-            response.cancel()
+            response.cancel()  # the replica's work stops too (sampling polls for it between steps)
             raise ApiError(504, "timeout", f"no answer within {timeout or self.limits.timeout_s:g}s; retry later") from None
+        except asyncio.CancelledError:  # the client went away
+            response.cancel()
+            raise
 
-    def _authorise(self, request: Request, admin: bool) -> None:
-        if not admin and not self.s.require_key:
-            return
-        if self.key_digest is None:
-            raise ApiError(403, "admin_disabled", "the admin API is off: start the service with --api-key-env")
+    def _authorise(self, request: Request, admin: bool) -> str:
+        """Check the key the route needs; returns who is asking (for rate limits): a key digest or an address."""
         header = request.headers.get("authorization", "")
         scheme, _, key = header.partition(" ")
-        if scheme.lower() != "bearer" or not key:
-            raise ApiError(401, "unauthorized", "send the API key as 'Authorization: Bearer <key>'")
-        digest = hashlib.sha256(key.strip().encode()).hexdigest()
-        if not hmac.compare_digest(digest, self.key_digest):  # constant time: no timing oracle on the key
-            raise ApiError(401, "unauthorized", "wrong API key")
+        digest = hashlib.sha256(key.strip().encode()).hexdigest() if scheme.lower() == "bearer" and key else None
+        needed = self.admin_digest if admin else (self.key_digest if self.s.require_key else None)
+        if admin and needed is None:
+            raise ApiError(403, "admin_disabled", "the admin API is off: start the service with --admin-key-env")
+        if needed is not None:
+            if digest is None:
+                raise ApiError(401, "unauthorized", "send the API key as 'Authorization: Bearer <key>'")
+            if not hmac.compare_digest(digest, needed):  # constant time: no timing oracle on the key
+                raise ApiError(401, "unauthorized", "wrong API key")
+            return "key:" + digest[:16]
+        return "addr:" + (request.client.host if request.client else "?")
 
     async def _image(self, req: ClassifyRequest) -> np.ndarray:
         if req.image is not None:
             if len(req.image) > self.limits.max_request_bytes:
                 raise ApiError(413, "request_too_large", "image over the request size limit")
-            try:
-                data = base64.b64decode(req.image, validate=True)
-            except (binascii.Error, ValueError):
-                raise ApiError(422, "bad_base64", "image is not valid base64") from None
+            data = await asyncio.to_thread(_b64decode, req.image)
         else:
             data = await self._read_uri(req.image_uri)
-        try:
-            return load_rgb(data, self.image_size, max_pixels=self.limits.max_image_pixels)
+        try:  # decoding a large PNG takes CPU-seconds: never on the event loop, which serves every route
+            return await asyncio.to_thread(load_rgb, data, self.image_size, max_pixels=self.limits.max_image_pixels)
         except BadImage as e:
             status = 413 if str(e).startswith("too large") else 422
             raise ApiError(status, "bad_image", f"image: {e}") from None
 
     async def _read_uri(self, uri: str) -> bytes:
+        """An image the server reads on the client's behalf: only under the configured prefixes (none by
+        default), size checked before reading, and one answer for "absent" and "not allowed" so the
+        store's contents cannot be probed through the service."""
         from factory import storage
-        from factory.storage import S3Options
+        from factory.storage import NotFoundInStorage, S3Options, StorageError
 
-        # Only object-store URIs: a file:// or plain path would let a client read the server's own files.
-        if not uri.startswith("s3://") or len(uri) > 1024:
-            raise ApiError(422, "bad_image_uri", "image_uri must be an s3:// URI")
+        unavailable = ApiError(404, "image_unavailable", "no readable image at that image_uri")
+        if len(uri) > 1024 or not uri.startswith("s3://") or ".." in uri.split("/"):
+            raise unavailable
+        if not any(uri.startswith(p.rstrip("/") + "/") for p in self.s.image_uri_prefixes):
+            raise unavailable
+        s3, limit = S3Options.from_env(), self.limits.max_request_bytes
         try:
-            data = await asyncio.to_thread(storage.read_bytes, uri, S3Options.from_env())
-        except FileNotFoundError:
-            raise ApiError(404, "image_not_found", f"no object at {uri}") from None
-        except Exception as e:  # permissions, bad bucket names, unreachable store: the client's URI
-            raise ApiError(422, "bad_image_uri", f"cannot read {uri}: {type(e).__name__}") from None
-        if len(data) > self.limits.max_request_bytes:
-            raise ApiError(413, "request_too_large", f"{uri} is over the size limit")
+            data = await asyncio.to_thread(storage.read_bytes, uri, s3, limit + 1)  # at most limit + 1 bytes
+        except NotFoundInStorage:
+            raise unavailable from None
+        except StorageError as e:
+            if "ACCESS_DENIED" in str(e) or "403" in str(e):
+                raise unavailable from None
+            log.error("image store unreachable for %s: %s", uri, e)
+            raise ApiError(503, "store_unavailable", "the image store is unreachable; retry later") from None
+        if len(data) > limit:
+            raise ApiError(413, "request_too_large", f"the image at image_uri is over {limit} bytes")
         return data
 
     # --- routes ---------------------------------------------------------------------------------------
@@ -197,8 +224,9 @@ class Ingress:
             version, text_v, index_n, _ = await asyncio.wait_for(asyncio.gather(
                 self.watcher.current.remote(), self.text.ready.remote(), self.index.ready.remote(),
                 self.image.ready.remote()), 10.0)
-        except Exception as e:
-            return JSONResponse({"ready": False, "reason": f"{type(e).__name__}: {e}"[:300]}, status_code=503)
+        except Exception as e:  # the details go to the log, not to whoever asks
+            log.warning("not ready: %s: %s", type(e).__name__, e)
+            return JSONResponse({"ready": False, "reason": "starting or degraded; see the server log"}, status_code=503)
         return {"ready": True, "registry_version": version, "gallery_items": index_n}
 
     # Concurrent classify and retrieve requests are batched here, at the ingress, and not only in the
@@ -223,34 +251,38 @@ class Ingress:
 
     @app.post("/v1/classify", response_model=ClassifyResponse)
     async def classify(self, body: ClassifyRequest, request: Request):
-        self._authorise(request, admin=False)
+        who = self._authorise(request, admin=False)
         _check_range("top_k", body.top_k, 1, self.limits.max_top_k)
-        pixels = await self._image(body)
-        out = _raise_if_error(await self._classify_batch((pixels, body.parent, body.top_k)))
+        with self.admission.admit(who, CHEAP):
+            pixels = await self._image(body)
+            out = _raise_if_error(await self._classify_batch((pixels, body.parent, body.top_k)))
         return {"concepts": [{"concept_id": c, "parent": p, "score": s} for c, p, s in out["concepts"]],
                 "registry_version": out["registry_version"]}
 
     @app.post("/v1/retrieve", response_model=RetrieveResponse)
     async def retrieve(self, body: RetrieveRequest, request: Request):
-        self._authorise(request, admin=False)
+        who = self._authorise(request, admin=False)
         _check_text("query", body.query, self.limits.max_prompt_chars)
         _check_range("top_k", body.top_k, 1, self.limits.max_top_k)
-        out = _raise_if_error(await self._retrieve_batch((body.query, body.top_k)))
+        with self.admission.admit(who, CHEAP):
+            out = _raise_if_error(await self._retrieve_batch((body.query, body.top_k)))
         return {"items": [{"id": i, "uri": u, "score": s} for i, u, s in out["items"]],
                 "registry_version": out["registry_version"]}
 
     @app.post("/v1/generate", response_model=GenerateResponse)
     async def generate(self, body: GenerateRequest, request: Request):
-        self._authorise(request, admin=False)
+        who = self._authorise(request, admin=False)
         _check_text("prompt", body.prompt, self.limits.max_prompt_chars)
         _check_range("n", body.n, 1, self.limits.max_images)
         _check_range("steps", body.steps, 1, self.limits.max_steps)
-        return await self._call(self.generator.generate.remote(body.prompt, body.n, body.seed, body.steps,
-                                                               float(body.guidance)), self.limits.generation_timeout_s)
+        check_cost(unet_passes(body.n, body.steps, float(body.guidance)), self.limits)
+        with self.admission.admit(who, COSTLY):
+            return await self._call(self.generator.generate.remote(body.prompt, body.n, body.seed, body.steps,
+                                                                   float(body.guidance)), self.limits.generation_timeout_s)
 
     @app.post("/v1/gair", response_model=GairResponse)
     async def gair(self, body: GairApiRequest, request: Request):
-        self._authorise(request, admin=False)
+        who = self._authorise(request, admin=False)
         lim = self.limits
         _check_text("intent", body.intent, lim.max_prompt_chars)
         _check_range("top_k", body.top_k, 1, lim.max_top_k)
@@ -263,22 +295,26 @@ class Ingress:
                 _check_range("each alpha", a, 0.0, 1.0)
         if body.mode == "manual" and body.alpha is None:
             raise ApiError(422, "invalid_request", "manual mode needs alpha")
+        n_alphas = 1 if body.mode == "manual" else len(body.alphas or DEFAULT_ALPHAS)
+        check_cost(unet_passes(body.previews * n_alphas, body.steps, GairRequest.guidance), lim)
         req = body.model_dump(exclude_none=True)
-        return await self._call(self.generator.gair.remote(req), lim.generation_timeout_s)
+        with self.admission.admit(who, COSTLY):
+            return await self._call(self.generator.gair.remote(req), lim.generation_timeout_s)
 
     @app.get("/v1/tokens", response_model=TokensResponse)
     async def tokens(self, request: Request):
-        self._authorise(request, admin=False)
-        return await self._call(self.text.tokens.remote())
+        with self.admission.admit(self._authorise(request, admin=False), CHEAP):
+            return await self._call(self.text.tokens.remote())
 
     @app.get("/v1/tokens/{concept_id}", response_model=TokenDetail)
     async def token(self, concept_id: str, request: Request):
-        self._authorise(request, admin=False)
+        who = self._authorise(request, admin=False)
         try:
             validate_concept_id(concept_id)
         except ValueError as e:
             raise ApiError(422, "bad_concept_id", str(e)) from None
-        return await self._call(self.text.token.remote(concept_id))
+        with self.admission.admit(who, CHEAP):
+            return await self._call(self.text.token.remote(concept_id))
 
     @app.post("/v1/admin/reload", response_model=ReloadResponse)
     async def reload(self, request: Request, body: ReloadRequest | None = None):

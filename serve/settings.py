@@ -11,13 +11,16 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt
 
+from factory.errors import TokenFactoryError
+
 
 class Limits(BaseModel):
     """Per-request limits: anything above is refused with a 4xx naming the limit."""
 
     model_config = ConfigDict(extra="forbid")
 
-    max_request_bytes: PositiveInt = 8 << 20  # a 4 Mpx PNG fits; base64 adds a third
+    max_request_bytes: PositiveInt = 8 << 20  # /v1/classify: a 4 Mpx PNG fits; base64 adds a third
+    max_json_bytes: PositiveInt = 64 << 10  # every other route: prompts and ids only, refused before parsing
     max_image_pixels: PositiveInt = 4096 * 4096
     max_prompt_chars: PositiveInt = 500
     max_top_k: PositiveInt = 100
@@ -28,6 +31,18 @@ class Limits(BaseModel):
     max_concepts: PositiveInt = 4  # concept ids of one GAIR request
     timeout_s: PositiveFloat = 60.0  # encoders and index
     generation_timeout_s: PositiveFloat = 300.0  # generate and GAIR (CPU sampling is slow)
+    # Cost: UNet passes one request may buy (generate: n × steps × 2 with guidance; GAIR: previews × α × steps × 2).
+    max_unet_passes: PositiveInt = 400
+    # Abuse resistance, per client (API key, else address) and route class: cheap = classify, retrieve,
+    # tokens; costly = generate, GAIR. A request over its rate or over the class's concurrency cap is a 429
+    # with Retry-After; past ``max_queued_requests`` Serve itself answers a fast 503.
+    cheap_per_s: PositiveFloat = 50.0
+    cheap_burst: PositiveInt = 100
+    costly_per_s: PositiveFloat = 0.2
+    costly_burst: PositiveInt = 2
+    max_concurrent_cheap: PositiveInt = 64
+    max_concurrent_costly: PositiveInt = 2
+    max_queued_requests: PositiveInt = 64
 
 
 class ServeSettings(BaseModel):
@@ -38,8 +53,12 @@ class ServeSettings(BaseModel):
     backbone: str | dict[str, Any] = Field(
         default="fashion-mini", description="a registered name, a config file/URI, or a resolved config (a dict)")
     weights: str | None = None
-    api_key_env: str | None = Field(default=None, description="env var holding the API key; unset: admin API off")
-    require_key: bool = Field(default=False, description="require the API key on every /v1 route, not only admin")
+    api_key_env: str | None = Field(default=None, description="env var holding the clients' API key (--require-key)")
+    require_key: bool = Field(default=False, description="require the clients' API key on every /v1 route")
+    admin_key_env: str | None = Field(default=None,
+                                      description="env var holding the admin key of /v1/admin/*; unset: admin API off")
+    image_uri_prefixes: list[str] = Field(
+        default_factory=list, description="s3:// prefixes `image_uri` may read from; empty (default): image_uri is off")
     poll_s: float = Field(default=30.0, ge=0, description="seconds between checks for a newer registry version (0: off)")
     version_check_s: float = Field(default=0.5, ge=0, le=10,
                                    description="how stale a replica's idea of the served version may be")
@@ -53,19 +72,50 @@ class ServeSettings(BaseModel):
     limits: Limits = Field(default_factory=Limits)
 
     def api_key_digest(self) -> str | None:
-        """sha256 of the API key read from ``api_key_env`` now (in the process building the app).
+        """sha256 of the clients' API key read from ``api_key_env`` now (in the process building the app).
 
         Replicas get the digest, never the key: the settings travel through Ray and Serve's config
         store, where a plain secret would be readable by anyone who can read the config.
         """
-        if not self.api_key_env:
-            return None
-        key = os.environ.get(self.api_key_env)
-        if not key:
-            raise ValueError(f"--api-key-env {self.api_key_env}: that environment variable is empty or unset")
-        if len(key) < 16:
-            raise ValueError(f"the API key in ${self.api_key_env} is shorter than 16 characters: use a random key")
-        return hashlib.sha256(key.encode()).hexdigest()
+        return _digest(self.api_key_env, "--api-key-env")
+
+    def admin_key_digest(self) -> str | None:
+        """sha256 of the admin key (``admin_key_env``); it must differ from the clients' key."""
+        digest = _digest(self.admin_key_env, "--admin-key-env")
+        if digest is not None and digest == self.api_key_digest():
+            raise ValueError("the admin key equals the clients' API key: give the admin API a key of its own")
+        return digest
+
+    def check_exposure(self, host: str) -> None:
+        """Refuse to bind beyond loopback unless every /v1 route needs a key."""
+        if not is_loopback(host) and not (self.require_key and self.api_key_env):
+            raise ExposureRefused(f"binding {host!r} exposes the service beyond this machine: start it with "
+                             "--require-key and --api-key-env VAR (and --admin-key-env for the admin API)")
+
+
+class ExposureRefused(TokenFactoryError, ValueError):
+    """A service that would answer anyone on the network without a key."""
+
+
+def is_loopback(host: str) -> bool:
+    import ipaddress
+    import socket
+
+    try:
+        return all(ipaddress.ip_address(a[4][0]).is_loopback for a in socket.getaddrinfo(host, None))
+    except (OSError, ValueError):
+        return False
+
+
+def _digest(env: str | None, flag: str) -> str | None:
+    if not env:
+        return None
+    key = os.environ.get(env)
+    if not key:
+        raise ValueError(f"{flag} {env}: that environment variable is empty or unset")
+    if len(key) < 16:
+        raise ValueError(f"the key in ${env} is shorter than 16 characters: use a random key")
+    return hashlib.sha256(key.encode()).hexdigest()
 
 
 def configure_batching(s: ServeSettings, *methods) -> None:

@@ -6,11 +6,13 @@ what lets one learned token both classify and generate.
 from __future__ import annotations
 
 import inspect
+from typing import Callable
 
 import torch
 from torch import nn
 
 from factory.backbones.config import GeneratorConfig
+from factory.errors import SamplingCancelled
 
 
 def _scheduler(cls, config: dict):
@@ -82,13 +84,17 @@ class Generator(nn.Module):
 
     @torch.no_grad()
     def sample(self, cond: torch.Tensor, uncond: torch.Tensor | None = None, steps: int = 40,
-               guidance: float = 4.0, seed: int = 0, noise: torch.Tensor | None = None) -> torch.Tensor:
+               guidance: float = 4.0, seed: int = 0, noise: torch.Tensor | None = None,
+               should_stop: Callable[[], bool] | None = None) -> torch.Tensor:
         """DDIM sampling with classifier-free guidance; returns images in [-1, 1], [B, 3, H, W].
 
         ``cond`` [B, L, w] are the text hidden states of the prompts (tokens already injected), ``uncond``
         those of the empty prompt (broadcast over B) — the caller encodes both, so a generator never needs
         to know about tokens. ``guidance`` 1 (or ``uncond`` None) disables guidance. ``noise`` overrides
         the seed's starting latents (e.g. the same noise repeated, to compare conditionings image by image).
+        ``should_stop`` is polled before every step: once it says True, sampling raises `SamplingCancelled`
+        (a server sets it when the request timed out or its client went away, so no CPU is spent on an
+        answer nobody will read).
         """
         sched = self.sampling_scheduler()
         sched.set_timesteps(steps)
@@ -102,6 +108,8 @@ class Generator(nn.Module):
             uncond = uncond.expand(b, -1, -1)
             context = torch.cat([uncond, cond])
         for t in sched.timesteps:
+            if should_stop is not None and should_stop():
+                raise SamplingCancelled(f"sampling stopped before step {int(t)}: the request was cancelled")
             if guided:
                 eps_u, eps_c = self._eps(torch.cat([x, x]), t, context).chunk(2)
                 eps = eps_u + guidance * (eps_c - eps_u)

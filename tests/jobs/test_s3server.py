@@ -59,3 +59,23 @@ def test_a_server_that_exits_at_startup_reports_it(tmp_path: Path) -> None:
         server.start()
     assert not server.running
     server.close()
+
+
+def test_the_filer_and_volume_ports_refuse_unsigned_requests(s3_server, s3_bucket):
+    import urllib.error
+    import urllib.request
+
+    bucket = s3_bucket.removeprefix("s3://")
+    s3_server.client().put_object(Bucket=bucket, Key="registry/manifest.json", Body=b"{}")
+    filer = f"http://127.0.0.1:{s3_server.ports['filer']}/buckets/{bucket}/registry/manifest.json"
+    for method, data in (("GET", None), ("PUT", b"{\"forged\": true}")):
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(urllib.request.Request(filer, data=data, method=method), timeout=5)
+        assert e.value.code == 401
+    assert s3_server.client().get_object(Bucket=bucket, Key="registry/manifest.json")["Body"].read() == b"{}"
+
+
+def test_the_secrets_file_is_owner_only(s3_server):
+    import stat
+
+    assert stat.S_IMODE((s3_server.root / "s3.json").stat().st_mode) == 0o600

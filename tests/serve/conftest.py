@@ -14,8 +14,14 @@ from dataclasses import dataclass
 import httpx
 import pytest
 
-API_KEY = "test-key-0123456789abcdef"
+API_KEY = "test-key-0123456789abcdef"  # the admin key
 KEY_ENV = "TOKENFACTORY_TEST_API_KEY"
+CLIENT_KEY = "client-key-0123456789abcdef"  # the clients' key (not required by this app: see test_auth.py)
+CLIENT_KEY_ENV = "TOKENFACTORY_TEST_CLIENT_KEY"
+# Generous rates, so the tests' own traffic from one address is never throttled; a small costly
+# concurrency cap, which test_admission.py fills on purpose.
+TEST_LIMITS = dict(cheap_per_s=10_000, cheap_burst=10_000, costly_per_s=1_000, costly_burst=1_000,
+                   max_concurrent_costly=2)
 
 
 def learn_version(registry_uri: str, specs, run_id: str, backbone, steps: int = 120) -> int:
@@ -37,6 +43,8 @@ class Service:
     registry: str
     backbone: object
     specs: list
+    bucket: str  # s3://… of this app's image_uri tests: <bucket>/allowed/ is the one allowed prefix
+    s3: object
 
     def admin(self) -> dict:
         return {"Authorization": f"Bearer {API_KEY}"}
@@ -49,7 +57,7 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="package")
-def service(ray_cluster, tmp_path_factory):
+def service(ray_cluster, tmp_path_factory, s3_server):
     from factory.backbones import load_backbone
     from factory.gallery import index_images
     from factory.world import read_catalog, write_catalog
@@ -74,10 +82,12 @@ def service(ray_cluster, tmp_path_factory):
     gallery_index, rejected = index_images(backbone, {r.attributes["item"]: r.image_uri for r in catalog.gallery})
     assert not rejected
     gallery_index.save(index)
-    os.environ[KEY_ENV] = API_KEY
-    settings = ServeSettings(registry=registry, index=index, backbone="fashion-mini", api_key_env=KEY_ENV,
-                             poll_s=0, max_batch_size=16)
+    os.environ[KEY_ENV], os.environ[CLIENT_KEY_ENV] = API_KEY, CLIENT_KEY
+    bucket = s3_server.create_bucket("serve-images")
+    settings = ServeSettings(registry=registry, index=index, backbone="fashion-mini", admin_key_env=KEY_ENV,
+                             api_key_env=CLIENT_KEY_ENV, poll_s=0, max_batch_size=16, limits=TEST_LIMITS,
+                             image_uri_prefixes=[f"{bucket}/allowed/"], replica_env=s3_server.env)
     url = start(settings, port=_free_port())
     with httpx.Client(base_url=url, timeout=120.0) as client:
-        yield Service(url, client, catalog, registry, backbone, specs)
+        yield Service(url, client, catalog, registry, backbone, specs, bucket, s3_server.s3_options)
     stop()

@@ -1,0 +1,121 @@
+"""Admission control, cancellation and exposure rules, on the plain classes (no Serve needed)."""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from serve.api import ApiError
+from serve.guard import CHEAP, COSTLY, Admission, check_cost, unet_passes
+from serve.settings import Limits, ServeSettings
+
+
+def test_a_client_over_its_rate_gets_429_with_retry_after():
+    admission = Admission(Limits(costly_per_s=0.5, costly_burst=2))
+    for _ in range(2):
+        with admission.admit("key:a", COSTLY):
+            pass
+    with pytest.raises(ApiError) as e:
+        with admission.admit("key:a", COSTLY):
+            pass
+    assert e.value.status == 429 and e.value.code == "rate_limited" and int(e.value.headers["Retry-After"]) >= 1
+    with admission.admit("key:b", COSTLY):  # another client has its own bucket
+        pass
+    with admission.admit("key:a", CHEAP):  # and the cheap class its own budget
+        pass
+
+
+def test_the_costly_class_has_a_concurrency_cap_that_leaves_cheap_routes_alone():
+    admission = Admission(Limits(max_concurrent_costly=2, costly_burst=100))
+    with admission.admit("a", COSTLY), admission.admit("b", COSTLY):
+        with pytest.raises(ApiError) as e:
+            with admission.admit("c", COSTLY):
+                pass
+        assert e.value.code == "busy" and e.value.headers["Retry-After"]
+        with admission.admit("c", CHEAP):
+            pass
+    with admission.admit("c", COSTLY):  # freed on exit, errors included
+        pass
+    assert admission.in_flight == {CHEAP: 0, COSTLY: 0}
+
+
+def test_rate_refills_over_time():
+    admission = Admission(Limits(cheap_per_s=20, cheap_burst=1))
+    with admission.admit("a", CHEAP):
+        pass
+    with pytest.raises(ApiError):
+        with admission.admit("a", CHEAP):
+            pass
+    time.sleep(0.1)
+    with admission.admit("a", CHEAP):
+        pass
+
+
+def test_unet_budget():
+    assert unet_passes(4, 20, 4.0) == 160 and unet_passes(4, 20, 1.0) == 80
+    check_cost(400, Limits())
+    with pytest.raises(ApiError, match="400"):
+        check_cost(401, Limits())
+
+
+def test_binding_beyond_loopback_needs_a_required_key(monkeypatch):
+    monkeypatch.setenv("TF_CLIENT_KEY", "k" * 24)
+    open_settings = ServeSettings(registry="r", index="i")
+    for host in ("127.0.0.1", "localhost", "::1"):
+        open_settings.check_exposure(host)
+    with pytest.raises(ValueError, match="--require-key"):
+        open_settings.check_exposure("0.0.0.0")
+    ServeSettings(registry="r", index="i", api_key_env="TF_CLIENT_KEY", require_key=True).check_exposure("0.0.0.0")
+
+
+def test_start_refuses_to_expose_an_open_service():
+    from serve.app import start
+
+    with pytest.raises(ValueError, match="exposes the service"):
+        start(ServeSettings(registry="r", index="i"), host="0.0.0.0", port=1)  # refused before anything deploys
+
+
+def test_the_admin_key_must_differ_from_the_clients_key(monkeypatch):
+    monkeypatch.setenv("TF_KEY_A", "a" * 24)
+    with pytest.raises(ValueError, match="a key of its own"):
+        ServeSettings(registry="r", index="i", api_key_env="TF_KEY_A", admin_key_env="TF_KEY_A").admin_key_digest()
+
+
+def test_a_cancelled_request_stops_its_sampling_thread():
+    from serve.deployments import run_cancellable
+
+    steps, stopped = [], threading.Event()
+
+    def sample(should_stop):
+        for i in range(500):
+            if should_stop():
+                stopped.set()
+                return None
+            steps.append(i)
+            time.sleep(0.01)
+
+    async def request():
+        await asyncio.wait_for(run_cancellable(sample), 0.1)  # the ingress's timeout
+
+    with pytest.raises(asyncio.TimeoutError):
+        asyncio.run(request())
+    assert stopped.wait(2.0) and len(steps) < 50  # it stopped, long before its 500 steps
+
+
+def test_generator_sampling_polls_should_stop(hf_backbone_for_serve):
+    from factory.errors import SamplingCancelled
+
+    gen, calls = hf_backbone_for_serve.generator, []
+    cond = hf_backbone_for_serve.encode_prompts(["a dress"]).hidden
+    with pytest.raises(SamplingCancelled):
+        gen.sample(cond, steps=10, should_stop=lambda: calls.append(1) or len(calls) > 3)
+    assert len(calls) == 4
+
+
+@pytest.fixture(scope="module")
+def hf_backbone_for_serve():
+    from factory.backbones import load_backbone
+
+    return load_backbone("tiny-hf-clip")
