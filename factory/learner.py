@@ -62,6 +62,9 @@ class LearnerConfig:
     # same either way), and UNet gradient checkpointing (recompute activations in the backward pass).
     ti_micro_batch: int = 0
     gradient_checkpointing: bool = False
+    # Bound each token's norm to this multiple of the vocabulary's mean word norm (0: unbounded). A token
+    # far longer than any word dominates every prompt it is in, which is what breaks composition.
+    max_norm_ratio: float = 0.0
 
     def __post_init__(self):
         if self.parametrization not in ("projected", "free"):
@@ -71,6 +74,8 @@ class LearnerConfig:
         self.templates = tuple(self.templates)
         if self.ti_micro_batch < 0:
             raise ValueError(f"ti_micro_batch must be >= 0 (0: one batch), got {self.ti_micro_batch}")
+        if self.max_norm_ratio < 0:
+            raise ValueError(f"max_norm_ratio must be >= 0 (0: unbounded), got {self.max_norm_ratio}")
 
 
 @dataclass
@@ -158,7 +163,7 @@ def learn_tokens(backbone: Backbone, concepts: Sequence[ConceptData], banks: Map
     with torch.no_grad():
         probe = backbone.encode_prompts(["a"]).features
     _validate(backbone, concepts, cfg, probe.shape[-1])
-    C, T = len(concepts), len(cfg.templates)
+    C = len(concepts)
     parents = [c.parent for c in concepts]
 
     prompts = [t.format(concept=marker(c.concept_id), parent=c.parent) for c in concepts for t in cfg.templates]
@@ -196,7 +201,8 @@ def learn_tokens(backbone: Backbone, concepts: Sequence[ConceptData], banks: Map
     active = torch.ones(C, dtype=torch.bool, device=dev)
     state = {"ema": torch.full((C,), float("nan"), device=dev), "best": torch.full((C,), float("inf"), device=dev),
              "wait": torch.zeros(C, dtype=torch.long, device=dev),
-             "steps_run": torch.zeros(C, dtype=torch.long, device=dev), "last": {}}
+             "steps_run": torch.zeros(C, dtype=torch.long, device=dev), "last": {},
+             "max_norm": cfg.max_norm_ratio * backbone.vocab_mean_norm if cfg.max_norm_ratio > 0 else 0.0}
     frozen = [p.detach().clone() for p in params.parameters()]
     t0 = time.perf_counter()
     with _checkpointing(backbone, cfg.gradient_checkpointing and scheduler is not None):
@@ -249,6 +255,8 @@ def _step(backbone, cfg, concepts, batch, params, opt, frozen, active, state, po
     else:
         (per_concept * active).sum().backward()
     opt.step()
+    if state["max_norm"] > 0:
+        params.bound_norms_(state["max_norm"])
     _bookkeep(cfg, params, frozen, active, state, terms, per_concept)
     if on_step is not None:
         on_step(step + 1, cfg.steps)

@@ -57,7 +57,7 @@ def run(args) -> int:
         saved = {k: os.environ.get(k) for k in server.env}
         os.environ.update(server.env)  # the onboarding job (and its Ray workers) read S3 settings from env
         try:
-            return _run(args, bucket, server.s3_options)
+            return _run(args, bucket, server.s3_options, server.env)
         finally:
             for k, v in saved.items():
                 if v is None:
@@ -66,7 +66,7 @@ def run(args) -> int:
                     os.environ[k] = v
 
 
-def _run(args, bucket: str, s3) -> int:
+def _run(args, bucket: str, s3, s3_env: dict) -> int:
     import torch
     from rich.console import Console
     from rich.table import Table
@@ -123,7 +123,7 @@ def _run(args, bucket: str, s3) -> int:
 
         queries = read_catalog(catalog_uri, s3).queries  # a scene the first product really appears in
         intent = next((q.intent for q in queries if q.concept_id == specs[0].concept_id), "on the beach")
-        result["service"] = serve_tour(args, bucket, catalog_uri, registry_uri, specs, intent)
+        result["service"] = serve_tour(args, bucket, catalog_uri, registry_uri, s3_env, specs, intent)
     storage.write_json(os.path.join(args.out, "demo.json"), result)
     console.print(f"[demo] picture: {figure}\n[demo] results: {os.path.join(args.out, 'demo.json')}")
     return 0

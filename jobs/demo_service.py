@@ -9,7 +9,7 @@ import time
 KEY_ENV = "TOKENFACTORY_DEMO_API_KEY"
 
 
-def serve_tour(args, bucket: str, catalog_uri: str, registry_uri: str, specs, intent: str) -> dict:
+def serve_tour(args, bucket: str, catalog_uri: str, registry_uri: str, s3_env: dict, specs, intent: str) -> dict:
     """Index, serve, call every endpoint over HTTP; returns a summary of each answer. ``intent`` is a
     scene the first product appears in within the gallery, so its retrieval has a right answer."""
     import httpx
@@ -26,10 +26,10 @@ def serve_tour(args, bucket: str, catalog_uri: str, registry_uri: str, specs, in
                                        "--backbone", args.backbone, *weights])
     index.func(index)
     os.environ[KEY_ENV] = secrets.token_urlsafe(24)  # a fresh admin key for this run, never printed
-    # No S3 keys in the Serve config (anyone who can read it would see them): the demo started Ray after
-    # putting the embedded store's settings in its environment, and the replicas inherit that environment.
+    # No S3 keys in the Serve config (anyone who can read it would see them): the replicas read them from
+    # an owner-only file whose path is all the config holds.
     settings = ServeSettings(registry=registry_uri, index=index_uri, backbone=args.backbone, weights=args.weights,
-                             admin_key_env=KEY_ENV, poll_s=5)
+                             admin_key_env=KEY_ENV, poll_s=5, s3_env_file=_private_json(s3_env))
     url = start(settings, port=args.port)
     console.print(f"[demo] service ready at {url} (OpenAPI at {url}/docs)")
     try:
@@ -46,6 +46,18 @@ def serve_tour(args, bucket: str, catalog_uri: str, registry_uri: str, specs, in
     finally:
         stop()
         console.print("[demo] service stopped")
+
+
+def _private_json(values: dict) -> str:
+    """Write ``values`` to a fresh owner-only file (in an owner-only folder); returns its path."""
+    import json
+    import tempfile
+
+    path = os.path.join(tempfile.mkdtemp(prefix="tokenfactory-secrets-"), "s3-env.json")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(values, f)
+    return path
 
 
 def _tour(client, specs, args, console, intent: str) -> dict:

@@ -41,6 +41,8 @@ def register(sub) -> None:
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute UNet activations in the backward pass (less GPU memory, ~30%% more time)")
     p.add_argument("--ti-samples", type=int, default=2, help="TI (latent, noise, t) samples per concept per step (default: 2)")
+    p.add_argument("--max-norm-ratio", type=float, default=0.0,
+                   help="bound each token's norm to this multiple of the mean word-embedding norm; 0: unbounded (default: 0)")
     p.add_argument("--run-id", default=None, help="run id; reuse it to resume an interrupted run (default: a new id)")
     p.add_argument("--workers", type=int, default=2, help="Ray Train workers (default: 2)")
     p.add_argument("--cpus-per-worker", type=float, default=0.5,
@@ -74,7 +76,8 @@ def learner_config(args) -> dict:
     return {"steps": args.steps, "lr": args.lr, "seed": args.seed, "parametrization": args.parametrization,
             "weights": {"ti": args.lambda_ti, "ce": args.lambda_ce, "image_ce": args.lambda_image_ce,
                         "reg": args.lambda_reg}, "log_every": 0, "ti_samples": args.ti_samples,
-            "ti_micro_batch": args.ti_micro_batch, "gradient_checkpointing": args.gradient_checkpointing}
+            "ti_micro_batch": args.ti_micro_batch, "gradient_checkpointing": args.gradient_checkpointing,
+            "max_norm_ratio": args.max_norm_ratio}
 
 
 def run(args) -> int:

@@ -35,6 +35,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="extra gallery images of other garments; half copy a product's category and colourway. "
                         "Default: 48")
     p.add_argument("--size", type=int, default=32, metavar="PX", help="image side in pixels. Default: 32")
+    p.add_argument("--groups-per-parent", type=int, default=1, metavar="G",
+                   help="look-alike groups (colourways) per category; 2+ makes the caption a real baseline. Default: 1")
     p.add_argument("--categories", nargs="+", metavar="WORD",
                    help="only these garment categories (e.g. dress coat). Default: all ten")
     add_s3_arguments(p)
@@ -54,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
         manifest = write_catalog(
             args.out, args.seed, products=args.products, shots=args.shots, heldout=args.heldout,
             contexts=args.contexts, distractors=args.distractors, size=args.size, categories=args.categories,
-            s3=s3,
+            s3=s3, groups_per_parent=args.groups_per_parent,
         )
     except (ValueError, FashionMNISTMissing) as e:  # bad sizes or a missing dataset: say so, no traceback
         print(f"tokenfactory world: error: {e}", file=sys.stderr)

@@ -27,7 +27,6 @@ import torch.nn.functional as F
 from ray import serve
 
 from factory.errors import MalformedMarker, PromptTooLong, TokenFactoryError, UnknownConceptMarker, UnknownWord
-from factory.storage import S3Options
 from serve.settings import ServeSettings, configure_batching
 from serve.state import TokenState
 
@@ -66,7 +65,7 @@ def _setup(settings: dict) -> ServeSettings:
 def _backbone(s: ServeSettings):
     from factory.backbones import load_backbone
 
-    return load_backbone(s.backbone, weights=s.weights, s3=S3Options.from_env())
+    return load_backbone(s.backbone, weights=s.weights, s3=s.s3())
 
 
 class VersionFollower:
@@ -117,7 +116,7 @@ class RegistryWatcher:
         from factory.registry import TokenRegistry
 
         s = ServeSettings(**settings)
-        self.registry = TokenRegistry(s.registry, S3Options.from_env())
+        self.registry = TokenRegistry(s.registry, s.s3())
         opened, skipped = self.registry.newest_readable()  # NoCommittedVersion names `tokenfactory onboard`
         for v, why in skipped.items():
             log.error("registry version %d is unreadable, starting on %d: %s", v, opened.version, why)
@@ -172,7 +171,7 @@ class TextEncoder:
 
         s = _setup(settings)
         self.backbone = _backbone(s)
-        registry = TokenRegistry(s.registry, S3Options.from_env())
+        registry = TokenRegistry(s.registry, s.s3())
         self.follower = VersionFollower(watcher, lambda v: TokenState.load(registry, v, self.backbone), s.version_check_s)
         configure_batching(s, self.encode)
 
@@ -255,7 +254,7 @@ class GalleryIndex:
         from factory.index import load_index
 
         s = _setup(settings)
-        self.index = load_index(s.index, S3Options.from_env())
+        self.index = load_index(s.index, s.s3())
         configure_batching(s, self.search)
 
     async def ready(self) -> int:
@@ -300,10 +299,10 @@ class Generator:
         self.backbone = _backbone(s)
         if self.backbone.generator is None:
             raise ValueError(f"backbone {s.backbone!r} has no generator: /v1/generate and /v1/gair need one")
-        registry = TokenRegistry(s.registry, S3Options.from_env())
+        registry = TokenRegistry(s.registry, s.s3())
         self.follower = VersionFollower(watcher, lambda v: TokenState.load(registry, v, self.backbone, with_classes=False),
                                         s.version_check_s)
-        self.index = load_index(s.index, S3Options.from_env())
+        self.index = load_index(s.index, s.s3())
 
     async def ready(self) -> int:
         return self.follower.current.version

@@ -136,7 +136,6 @@ class Ingress:
     def __init__(self, settings: dict, key_digest: str | None, text, image, index, generator, watcher,
                  admin_digest: str | None = None):
         from factory.backbones import resolve_backbone_config
-        from factory.storage import S3Options
 
         self.s = ServeSettings(**settings)
         self.limits = self.s.limits
@@ -144,7 +143,7 @@ class Ingress:
         self.key_digest, self.admin_digest = key_digest, admin_digest
         self.admission = Admission(self.limits)
         self.text, self.image, self.index, self.generator, self.watcher = text, image, index, generator, watcher
-        self.image_size = resolve_backbone_config(self.s.backbone, self.s.weights, S3Options.from_env()).image.size
+        self.image_size = resolve_backbone_config(self.s.backbone, self.s.weights, self.s.s3()).image.size
         configure_batching(self.s, self._classify_batch, self._retrieve_batch)
 
     # --- plumbing -------------------------------------------------------------------------------------
@@ -192,14 +191,14 @@ class Ingress:
         default), size checked before reading, and one answer for "absent" and "not allowed" so the
         store's contents cannot be probed through the service."""
         from factory import storage
-        from factory.storage import NotFoundInStorage, S3Options, StorageError
+        from factory.storage import NotFoundInStorage, StorageError
 
         unavailable = ApiError(404, "image_unavailable", "no readable image at that image_uri")
         if len(uri) > 1024 or not uri.startswith("s3://") or ".." in uri.split("/"):
             raise unavailable
         if not any(uri.startswith(p.rstrip("/") + "/") for p in self.s.image_uri_prefixes):
             raise unavailable
-        s3, limit = S3Options.from_env(), self.limits.max_request_bytes
+        s3, limit = self.s.s3(), self.limits.max_request_bytes
         try:
             data = await asyncio.to_thread(storage.read_bytes, uri, s3, limit + 1)  # at most limit + 1 bytes
         except NotFoundInStorage:

@@ -69,7 +69,21 @@ class ServeSettings(BaseModel):
         default_factory=dict,
         description="environment variables set in every replica (e.g. the S3 endpoint of a local store); the "
         "settings are visible in Serve's config, so put real secrets in the cluster's environment instead")
+    s3_env_file: str | None = Field(
+        default=None, description="a JSON file (owner-only) of S3 environment variables the replicas read: keys "
+        "stay out of the Serve config, which anyone who can read the cluster's config store can see")
     limits: Limits = Field(default_factory=Limits)
+
+    def s3(self):
+        """The S3 options of this service: the process environment, overlaid with ``s3_env_file``."""
+        import json
+
+        from factory.storage import S3Options
+
+        if not self.s3_env_file:
+            return S3Options.from_env()
+        with open(self.s3_env_file) as f:
+            return S3Options.from_env({**os.environ, **json.load(f)})
 
     def api_key_digest(self) -> str | None:
         """sha256 of the clients' API key read from ``api_key_env`` now (in the process building the app).

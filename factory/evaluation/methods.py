@@ -5,9 +5,14 @@ Classification (held-out images of each concept, classified among the concepts o
     parent_word   the parent word alone, in the learner's templates ("a photo of a dress")
     caption       the catalog's hand-written caption of the concept ("a red striped dress")
     ti            textual-inversion loss only, free token            (learned here: the ablation)
+    ti_proj       textual-inversion loss only, projected token        (learned here)
     ce            CE losses only, projected token                     (learned here)
+    ce_free       CE losses only, free token                          (learned here)
     ti_ce_free    both losses, free token                             (learned here)
     ti_ce_proj    both losses, projected token: the method            (the registry's tokens)
+
+so each factor (loss, projection) is isolated: ti vs ti_proj and ce_free vs ce isolate the projection,
+ti_proj vs ce vs ti_ce_proj the losses. A k-way tie for the top score counts 1/k (`tie_aware_hits`).
 
 The ablations are learned on the same few-shot images, with the registry run's own learner settings
 (steps, learning rate, seed, λs, concepts per step), changing only what the method name says.
@@ -48,14 +53,16 @@ from factory.tokens import marker
 
 log = logging.getLogger(__name__)
 
-CLASSIFICATION_METHODS = ("parent_word", "caption", "ti", "ce", "ti_ce_free", "ti_ce_proj")
+CLASSIFICATION_METHODS = ("parent_word", "caption", "ti", "ti_proj", "ce", "ce_free", "ti_ce_free", "ti_ce_proj")
 RETRIEVAL_METHODS = ("words", "token", "token_intent", "mix_0.5", "gair_auto")
 GENERATION_METHODS = ("token_intent", "gair_auto")
 # The ablations: (loss weights replaced, parametrisation). "ce" keeps both CE terms of the run (text- and
 # image-side); "ti" drops both.
 ABLATIONS: dict[str, tuple[dict[str, float], str]] = {
     "ti": ({"ce": 0.0, "image_ce": 0.0}, "free"),
+    "ti_proj": ({"ce": 0.0, "image_ce": 0.0}, "projected"),
     "ce": ({"ti": 0.0}, "projected"),
+    "ce_free": ({"ti": 0.0}, "free"),
     "ti_ce_free": ({}, "free"),
     "ti_ce_proj": ({}, "projected"),
 }

@@ -42,11 +42,19 @@ def heldout_accuracy(backbone: Backbone, concepts: Sequence[tuple[str, str]],
             x = heldout.get(cid)
             if x is None or len(x) == 0:
                 continue
-            pred = (F.normalize(x.float(), dim=-1) @ emb.T).argmax(1)
-            correct = int((pred == k).sum())
+            correct = float(tie_aware_hits(F.normalize(x.float(), dim=-1) @ emb.T, k).sum())
             per_concept[cid] = correct / len(x)
             hits, total = hits + correct, total + len(x)
     return (hits / total if total else float("nan")), per_concept
+
+
+def tie_aware_hits(scores: torch.Tensor, target: int) -> torch.Tensor:
+    """Per row of ``scores`` [n, K]: 1/k when the target is among the k classes tied for the top score,
+    else 0. Identical prompts (a parent word standing for every concept) tie exactly: argmax would credit
+    whichever class comes first, and a method with no information would look better than chance."""
+    top = scores.max(dim=1, keepdim=True).values
+    tied = scores >= top
+    return tied[:, target].float() / tied.sum(dim=1).float()
 
 
 def first_relevant_rank(ranking: Sequence[str], relevant: Collection[str]) -> int | None:

@@ -44,6 +44,14 @@ class TokenParameters(nn.Module):
             return torch.einsum("cdk,ck->cd", self.bases, self.coefficients)
         return self.vectors_free
 
+    @torch.no_grad()
+    def bound_norms_(self, max_norm: float) -> None:
+        """Scale every token longer than ``max_norm`` back to it, in place. Both modes are linear in their
+        parameters, so scaling the coefficients (or the free vector) scales the token."""
+        norms = self.forward().norm(dim=-1, keepdim=True)
+        scale = (max_norm / norms.clamp_min(1e-12)).clamp(max=1.0)
+        (self.coefficients if self.projected else self.vectors_free).mul_(scale)
+
     def coefficients_of(self, i: int) -> list[float] | None:
         if not self.projected:
             return None

@@ -25,16 +25,26 @@ class AttributeVocabulary:
     name: str
     parents: tuple[str, ...]
     attributes: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # Kinds that describe a scene or an intent ("background": beach, snow…), not the object itself. They
+    # stay out of the token's basis: a token that can move along "beach" can absorb the very scene it
+    # must later compose with ("a <token> dress on the beach").
+    context: tuple[str, ...] = ()
 
     @classmethod
     def from_dict(cls, d: dict) -> "AttributeVocabulary":
         attrs = {k: tuple(v) for k, v in d.get("attributes", {}).items()}
-        return cls(name=d["name"], parents=tuple(d.get("parents", ())), attributes=attrs)
+        context = tuple(d.get("context", ()))
+        unknown = [k for k in context if k not in attrs]
+        if unknown:
+            raise ValueError(f"vocabulary {d.get('name')!r}: context kinds {unknown} are not attribute kinds")
+        return cls(name=d["name"], parents=tuple(d.get("parents", ())), attributes=attrs, context=context)
 
-    def words(self) -> list[str]:
-        """Every attribute word once, in file order."""
+    def words(self, include_context: bool = False) -> list[str]:
+        """Every attribute word once, in file order; the context kinds' words only if asked for."""
         seen: dict[str, None] = {}
-        for values in self.attributes.values():
+        for kind, values in self.attributes.items():
+            if kind in self.context and not include_context:
+                continue
             for w in values:
                 seen.setdefault(w, None)
         return list(seen)

@@ -137,14 +137,20 @@ def _group_sizes(n: int, rng: np.random.Generator) -> list[int]:
 
 
 def make_products(
-    n: int, rng: np.random.Generator, pool: _GarmentPool, categories: list[int]
+    n: int, rng: np.random.Generator, pool: _GarmentPool, categories: list[int], groups_per_parent: int = 1,
 ) -> list[Product]:
-    """``n`` products in groups sharing category and colourway; no two groups share both."""
+    """``n`` products in groups sharing category and colourway; no two groups share both.
+
+    ``groups_per_parent`` consecutive groups share a category (in different colourways): with 2 or more, a
+    product's caption names its colourway among same-category rivals, so the caption is a real baseline
+    (with 1, every product of a category shares one colourway and its caption says no more than the
+    parent word).
+    """
     products: list[Product] = []
     used: set[tuple[int, tuple[int, int, int]]] = set()
     order = list(rng.permutation(categories))
     for g, size in enumerate(_group_sizes(n, rng)):
-        category = int(order[g % len(order)])  # cycle so categories stay balanced
+        category = int(order[(g // groups_per_parent) % len(order)])  # cycle so categories stay balanced
         while (category, colourway := _random_colourway(rng)) in used:
             pass  # 370 colourways per category: a clash is rare and a redraw is cheap
         used.add((category, colourway))
@@ -178,6 +184,7 @@ def _category_indices(categories: list[str] | None) -> list[int]:
 def write_catalog(
     out_uri: str, seed: int, products: int = 24, shots: int = 5, heldout: int = 10, contexts: int = 3,
     distractors: int = 48, size: int = 32, categories: list[str] | None = None, s3: S3Options | None = None,
+    groups_per_parent: int = 1,
 ) -> CatalogManifest:
     """Render and write a sample catalog under ``out_uri`` (a path, ``file://`` or ``s3://``).
 
@@ -185,8 +192,8 @@ def write_catalog(
     renders and distractors draw from separate seeded streams, so asking for more distractors does not
     change the products. Existing files of the same names are overwritten; nothing else is deleted.
     """
-    if products < 1 or shots < 1 or heldout < 0 or distractors < 0:
-        raise ValueError("need products >= 1, shots >= 1, heldout >= 0 and distractors >= 0")
+    if products < 1 or shots < 1 or heldout < 0 or distractors < 0 or groups_per_parent < 1:
+        raise ValueError("need products >= 1, shots >= 1, heldout >= 0, distractors >= 0 and groups_per_parent >= 1")
     if not 1 <= contexts <= len(BACKGROUNDS):
         raise ValueError(f"contexts must be between 1 and {len(BACKGROUNDS)} (the number of scenes)")
     cats = _category_indices(categories)
@@ -194,7 +201,7 @@ def write_catalog(
     seeds = np.random.SeedSequence(seed).spawn(3)
     product_rng, render_rng, distractor_rng = (np.random.default_rng(s) for s in seeds)
     pool = _GarmentPool(product_rng)
-    prods = make_products(products, product_rng, pool, cats)
+    prods = make_products(products, product_rng, pool, cats, groups_per_parent)
     world = FashionWorld(seed, size=size, split="test")
 
     files: dict[str, bytes] = {}

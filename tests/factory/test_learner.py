@@ -1,4 +1,5 @@
 """The multi-concept learner on tiny random models with synthetic, separable image features."""
+import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
@@ -197,3 +198,15 @@ def test_bf16_backbone_learns_close_to_fp32(backbone):
     start = torch.stack([backbone.word_embedding("dress")] * 2)
     # bf16 rounding moves the token by a small fraction of how far learning moved it.
     assert (got - want).norm() < 0.25 * (want - start).norm()
+
+
+@pytest.mark.parametrize("parametrization", ["projected", "free"])
+def test_token_norm_bound(backbone, parametrization):
+    concepts, _, banks = _world(backbone, n_concepts=2, shots=3, heldout=0)
+    cfg = LearnerConfig(steps=30, lr=0.2, log_every=0, weights=LossWeights(ti=0.0, ce=1.0, image_ce=1.0),
+                        parametrization=parametrization, max_norm_ratio=1.5)
+    bound = 1.5 * backbone.vocab_mean_norm
+    free = learn_tokens(backbone, concepts, banks, dataclasses.replace(cfg, max_norm_ratio=0.0))
+    assert max(t.metrics["token_norm"] for t in free) > bound  # without the bound this lr overshoots it
+    tokens = learn_tokens(backbone, concepts, banks, cfg)
+    assert all(t.metrics["token_norm"] <= bound * (1 + 1e-5) for t in tokens)

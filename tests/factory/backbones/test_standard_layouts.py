@@ -7,7 +7,6 @@ with what the factory computes, and the training noise schedule is the pipeline'
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch

@@ -22,3 +22,13 @@ def test_mrr_and_recall_by_hand():
 def test_ranking_metrics_needs_queries():
     with pytest.raises(ValueError, match="no queries"):
         ranking_metrics([])
+
+
+def test_a_k_way_tie_counts_one_kth():
+    import torch
+
+    from factory.evaluation.metrics import tie_aware_hits
+
+    scores = torch.tensor([[0.5, 0.5, 0.5], [0.9, 0.1, 0.2], [0.1, 0.9, 0.9]])
+    torch.testing.assert_close(tie_aware_hits(scores, 0), torch.tensor([1 / 3, 1.0, 0.0]))
+    torch.testing.assert_close(tie_aware_hits(scores, 2), torch.tensor([1 / 3, 0.0, 0.5]))

@@ -84,3 +84,14 @@ def test_padded_coefficients_never_move(backbone):
     params().pow(2).sum().backward()
     assert params.coefficients.grad[0, small.rank:].abs().max() == 0
     assert len(params.coefficients_of(0)) == small.rank
+
+
+def test_scene_words_stay_out_of_the_basis():
+    from factory.backbones import load_backbone
+    from factory.tokens import build_subspace, vocabulary_for_parent
+
+    vocab = vocabulary_for_parent("dress")
+    assert "background" in vocab.context and "beach" in vocab.words(include_context=True)
+    assert "beach" not in vocab.words() and "striped" in vocab.words()
+    space = build_subspace(load_backbone("tiny-hf-clip").word_embedding, vocab, "dress")
+    assert not {"beach", "snow", "street", "grass", "studio", "night"} & set(space.words)

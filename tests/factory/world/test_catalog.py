@@ -124,3 +124,18 @@ def test_categories_and_bad_sizes(tmp_path: Path) -> None:
         write_catalog(str(tmp_path), seed=1, contexts=7)
     queries = [json.loads(line) for line in (tmp_path / "queries.jsonl").read_text().splitlines()]
     assert queries[0]["relevant"] and np.all([q["intent"].split()[0] in ("on", "in", "at") for q in queries])
+
+
+def test_several_colourway_groups_per_parent_make_the_caption_informative(tmp_path):
+    from factory.world import read_catalog, write_catalog
+
+    write_catalog(str(tmp_path / "c"), seed=0, products=12, shots=1, heldout=0, contexts=1, distractors=0,
+                  groups_per_parent=2)
+    concepts = read_catalog(str(tmp_path / "c")).concepts
+    by_parent: dict[str, set] = {}
+    for s in concepts:
+        by_parent.setdefault(s.parent, set()).add(s.attributes["group"])
+    shared = [p for p, groups in by_parent.items() if len(groups) >= 2]
+    assert len(shared) >= len(by_parent) - 1  # every category but perhaps the last has two colourway groups
+    for parent in shared:  # and there the caption tells the groups apart, unlike the parent word
+        assert len({s.caption for s in concepts if s.parent == parent}) >= 2
