@@ -5,8 +5,9 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.tokenfactory-installed
-# Debian packages the project needs: the real Fashion-MNIST garments for the embedded default.
-APT_PACKAGES := dataset-fashion-mnist
+# Debian packages the project needs: the real Fashion-MNIST garments for the embedded default, and a real
+# headless browser (Chromium + its WebDriver) for the GAIR studio's page test.
+APT_PACKAGES := dataset-fashion-mnist chromium chromium-driver
 
 .PHONY: setup test demo serve apt clean-venv
 

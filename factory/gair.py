@@ -54,6 +54,7 @@ class GairRequest:
     guidance: float = 4.0
     seed: int = 0
     expand: float = 0.0  # weight of the chosen previews' mean image feature added to the query (0: off)
+    expand_with: Sequence[int] | None = None  # which previews of the chosen α (default: all of them)
     template: str | None = None  # the query with a {concept} slot; None: "a photo of {concept} <intent>"
 
     def __post_init__(self):
@@ -151,7 +152,12 @@ class Gair:
         alpha = steps[best].alpha
         q = F.normalize(alpha * f_tok + (1 - alpha) * f_words, dim=-1)
         if request.expand > 0:
-            q = F.normalize(q + request.expand * raw[best][4].mean(0), dim=-1)
+            previews = raw[best][4]
+            if request.expand_with is not None:
+                if any(not 0 <= i < len(previews) for i in request.expand_with):
+                    raise ValueError(f"expand_with names previews outside 0..{len(previews) - 1}")
+                previews = previews[list(request.expand_with)]
+            q = F.normalize(q + request.expand * previews.mean(0), dim=-1)
         q = q.cpu().numpy().astype(np.float32)
         return GairResult(alpha, steps, q, self.retrieve(q, request.top_k))
 

@@ -54,6 +54,21 @@ def encode_png(image: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+THUMBNAIL_PX = 64
+
+
+def thumbnail_b64(image: np.ndarray, px: int = THUMBNAIL_PX) -> str:
+    """A small base64 PNG of a uint8 RGB image (at most ``px`` a side): what the studio shows of a concept."""
+    import base64
+
+    im = Image.fromarray(image)
+    if max(im.size) > px:
+        im.thumbnail((px, px), Image.BICUBIC)
+    buf = io.BytesIO()
+    im.save(buf, format="PNG", optimize=True)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
 def load_rgb(data: bytes, size: int, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Decode, centre-crop to a square and resize to ``size``: every image of a batch gets one shape."""
     arr = decode_image(data, max_pixels)

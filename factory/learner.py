@@ -376,8 +376,9 @@ def _finish(backbone, cfg, concepts, batch, params, spaces, pos, pos_mask, neg, 
     return out
 
 
-def to_record(token: LearnedToken, backbone: Backbone, run_id: str):
-    """The registry row of a learned token (`schemas.TokenRecord`)."""
+def to_record(token: LearnedToken, backbone: Backbone, run_id: str, thumbnails: list[str] | None = None):
+    """The registry row of a learned token (`schemas.TokenRecord`); ``thumbnails`` are base64 PNGs of its
+    few-shot images (`factory.images.thumbnail_b64`)."""
     from schemas import TokenRecord
 
     return TokenRecord(
@@ -386,4 +387,8 @@ def to_record(token: LearnedToken, backbone: Backbone, run_id: str):
         vector=token.vector.tolist(), parametrization=token.parametrization, coefficients=token.coefficients,
         basis_id=token.basis_id, metrics=token.metrics, run_id=run_id,
         prototype=token.prototype.tolist() if token.prototype is not None else None,
+        thumbnails=thumbnails[:MAX_THUMBNAILS] if thumbnails else None,
     )
+
+
+MAX_THUMBNAILS = 3

@@ -18,7 +18,7 @@ import torch
 from factory import storage
 from factory.backbones import Backbone, BackboneConfig
 from factory.concepts import concept_data, encode_images, negative_banks
-from factory.images import BadImage, load_rgb
+from factory.images import BadImage, load_rgb, thumbnail_b64
 from factory.learner import ConceptData, LearnedToken, LearnerConfig, NegativeBank, learn_tokens
 from factory.storage import S3Options
 from schemas import ConceptSpec
@@ -121,14 +121,24 @@ def learn_and_commit(registry, specs: Sequence[ConceptSpec], run_id: str, backbo
     """
     from factory.learner import to_record
 
-    data, _, skipped = prepare_concepts(backbone, specs, s3, latents=config.weights.ti > 0)
+    data, loaded, skipped = prepare_concepts(backbone, specs, s3, latents=config.weights.ti > 0)
     if not data:
         raise ValueError(f"no concept has a usable image ({len(skipped)} skipped)")
     learned = learn_in_chunks(backbone, data, negative_banks(data), config, concepts_per_step)
+    thumbs = thumbnails_of(loaded)
     writer = registry.begin(run_id, backbone.name, backbone.fingerprint())
-    writer.write_shard("all", [to_record(t, backbone, run_id) for t in learned])
+    writer.write_shard("all", [to_record(t, backbone, run_id, thumbs.get(t.concept_id)) for t in learned])
     return writer.commit()
 
 
+def thumbnails_of(loaded: LoadedImages, per_concept: int = 3) -> dict[str, list[str]]:
+    """The first few images of each concept as small base64 PNGs (stored with its token)."""
+    out: dict[str, list[str]] = {}
+    for image, cid in zip(loaded.images, loaded.owners):
+        if len(out.setdefault(cid, [])) < per_concept:
+            out[cid].append(thumbnail_b64(image))
+    return out
+
+
 __all__ = ["LoadedImages", "chunks_by_parent", "heldout_features", "image_size_for", "learn_and_commit", "learn_in_chunks",
-           "load_images", "negative_banks", "prepare_concepts", "too_few_images"]
+           "load_images", "negative_banks", "prepare_concepts", "thumbnails_of", "too_few_images"]

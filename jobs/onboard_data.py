@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from factory.learner import MAX_THUMBNAILS
 from factory.storage import S3Options
 
 
@@ -39,7 +40,8 @@ class ImageEncoder:
     """Ray Data actor: CLIP features and diffusion latents of decoded images."""
 
     def __init__(self, backbone: str | dict, weights: str | None, s3: S3Options | None, threads: int = 1,
-                 latents: bool = True, keep: tuple[str, ...] = ("concept_id", "parent"), precision: str = "fp32"):
+                 latents: bool = True, keep: tuple[str, ...] = ("concept_id", "parent"), precision: str = "fp32",
+                 thumbnails: bool = False):
         import torch
 
         from factory.backbones import PRECISIONS, load_backbone
@@ -47,7 +49,7 @@ class ImageEncoder:
         torch.set_num_threads(threads)  # several actors share a node: do not oversubscribe its cores
         device = "cuda" if torch.cuda.is_available() and ray_gpu_ids() else "cpu"
         self.backbone = load_backbone(backbone, weights=weights, s3=s3, dtype=PRECISIONS[precision], device=device)
-        self.latents, self.keep = latents, keep
+        self.latents, self.keep, self.thumbnails = latents, keep, thumbnails
 
     def __call__(self, batch: dict) -> dict:
         from factory.concepts import encode_images
@@ -57,6 +59,10 @@ class ImageEncoder:
         out["features"] = feats.numpy()
         if lats is not None:
             out["latents"] = lats.numpy()
+        if self.thumbnails:
+            from factory.images import thumbnail_b64
+
+            out["thumbnail"] = np.array([thumbnail_b64(im) for im in np.asarray(batch["image"])], dtype=object)
         return out
 
 
@@ -94,10 +100,11 @@ def encode_catalog(specs, backbone: str | dict, image_size: int, s3: S3Options |
     bad = decoded.filter(lambda r: r["error"] != "").select_columns(["uri", "error"]).take_all()
     good = decoded.filter(lambda r: r["error"] == "")
     encoded = good.map_batches(
-        ImageEncoder, fn_constructor_kwargs={"backbone": backbone, "weights": None, "s3": s3, "precision": precision},
+        ImageEncoder, fn_constructor_kwargs={"backbone": backbone, "weights": None, "s3": s3, "precision": precision,
+                                             "thumbnails": True},
         batch_size=batch_size, concurrency=encoders, **encoder_options(use_gpu),
     )
-    feats, lats, parent = defaultdict(list), defaultdict(list), {}
+    feats, lats, thumbs, parent = defaultdict(list), defaultdict(list), defaultdict(list), {}
     for batch in encoded.iter_batches(batch_size=None, batch_format="numpy"):
         for i, cid in enumerate(batch["concept_id"]):
             cid = str(cid)
@@ -105,6 +112,8 @@ def encode_catalog(specs, backbone: str | dict, image_size: int, s3: S3Options |
             feats[cid].append(batch["features"][i])
             if "latents" in batch:
                 lats[cid].append(batch["latents"][i])
+            if len(thumbs[cid]) < MAX_THUMBNAILS:
+                thumbs[cid].append(str(batch["thumbnail"][i]))
     records = [{"concept_id": cid, "parent": parent[cid], "features": np.stack(feats[cid]),
-                "latents": np.stack(lats[cid]) if lats.get(cid) else None} for cid in feats]
+                "latents": np.stack(lats[cid]) if lats.get(cid) else None, "thumbnails": thumbs[cid]} for cid in feats]
     return EncodedCatalog(records, [(str(r["uri"]), str(r["error"])) for r in bad], len(rows))

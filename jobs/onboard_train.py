@@ -46,10 +46,12 @@ def learn_shard(config: dict) -> None:
             for r in records if r["concept_id"] not in done]
     banks = ray.get(config["banks"])
     learner = LearnerConfig(**config["learner"])
+    thumbs = {r["concept_id"]: r.get("thumbnails") for r in records}
 
     def stage(tokens):
         # Shard names are unique per chunk (concept ids are), so a retried chunk overwrites itself.
-        writer.write_shard(f"c-{tokens[0].concept_id}", [to_record(t, backbone, config["run_id"]) for t in tokens])
+        writer.write_shard(f"c-{tokens[0].concept_id}",
+                           [to_record(t, backbone, config["run_id"], thumbs.get(t.concept_id)) for t in tokens])
 
     learn_in_chunks(backbone, todo, banks, learner, config["concepts_per_step"], on_chunk=stage)
     ray.train.report({"rank": rank, "learned": len(todo), "skipped_already_staged": len(records) - len(todo)})

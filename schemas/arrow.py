@@ -46,6 +46,7 @@ TOKEN_RECORD_SCHEMA = pa.schema(
         pa.field("coefficients", pa.list_(pa.float32())),
         pa.field("basis_id", pa.string()),
         pa.field("prototype", pa.list_(pa.float32())),
+        pa.field("thumbnails", pa.list_(pa.string())),
         pa.field("metrics", pa.map_(pa.string(), pa.float64()), nullable=False),
         pa.field("run_id", pa.string(), nullable=False),
         pa.field("created_at", UTC_TIMESTAMP, nullable=False),

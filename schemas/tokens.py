@@ -53,6 +53,11 @@ class TokenRecord(BaseModel):
         description="mean normalised CLIP image feature of the concept's few-shot images: the reference that "
         "GAIR scores generated previews against",
     )
+    thumbnails: list[str] | None = Field(
+        default=None, max_length=4,
+        description="base64 PNGs (at most 4, each at most 64 px a side) of the concept's few-shot images: what a "
+        "person sees of the concept in the GAIR studio",
+    )
     metrics: dict[str, float] = Field(default_factory=dict)
     run_id: RunId
     created_at: UtcDatetime = Field(default_factory=utc_now)
@@ -71,6 +76,14 @@ class TokenRecord(BaseModel):
     @classmethod
     def _prototype_finite(cls, v: list[float] | None) -> list[float] | None:
         return None if v is None else check_finite_float32(v, "prototype")
+
+    @field_validator("thumbnails")
+    @classmethod
+    def _small_pngs(cls, v: list[str] | None) -> list[str] | None:
+        for t in v or []:
+            if len(t) > 24_000 or not t.startswith("iVBORw0KGgo"):  # base64 of the PNG signature
+                raise ValueError("a thumbnail must be a base64 PNG under 18 KB")
+        return v
 
     @model_validator(mode="after")
     def _consistent(self) -> TokenRecord:

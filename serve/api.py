@@ -65,6 +65,10 @@ class GairApiRequest(Request):
     previews: StrictInt = 2
     steps: StrictInt = 20
     seed: StrictInt = Field(default=0, ge=0, lt=2**31)
+    expand: StrictFloat | StrictInt = Field(default=0.0, ge=0.0, le=2.0,
+                                           description="weight of accepted previews' image features added to the query")
+    expand_with: list[StrictInt] | None = Field(default=None, min_length=1, max_length=8,
+                                                description="which previews of the chosen α to add (default: all)")
 
 
 class ReloadRequest(Request):
@@ -122,6 +126,7 @@ class TokenInfo(BaseModel):
     run_id: str
     created_at: str
     backbone: str
+    thumbnails: int = Field(default=0, description="reference thumbnails at /v1/tokens/{id}/thumbnails/{k}")
 
 
 class TokenDetail(TokenInfo):

@@ -215,17 +215,28 @@ class TextEncoder:
 
     async def tokens(self) -> dict:
         state = await self.follower.state()
-        return {"tokens": [r.model_dump(mode="json", exclude={"vector", "coefficients", "prototype", "metrics",
-                                                              "basis_id", "backbone_fingerprint"})
+        return {"tokens": [{**r.model_dump(mode="json", exclude={"vector", "coefficients", "prototype", "metrics",
+                                                                 "basis_id", "backbone_fingerprint", "thumbnails"}),
+                            "thumbnails": len(r.thumbnails or [])}
                            for r in state.records.values()], "registry_version": state.version}
+
+    async def thumbnail(self, concept_id: str, k: int) -> dict:
+        """The k-th stored thumbnail (base64 PNG) of a concept's few-shot images."""
+        state = await self.follower.state()
+        rec = state.records.get(concept_id)
+        if rec is None or not 0 <= k < len(rec.thumbnails or []):
+            return error(404, "no_thumbnail", f"no thumbnail {k} of concept {concept_id!r} in registry version "
+                                              f"{state.version}")
+        return {"png": rec.thumbnails[k]}
 
     async def token(self, concept_id: str) -> dict:
         state = await self.follower.state()
         rec = state.records.get(concept_id)
         if rec is None:
             return error(404, "unknown_concept", f"no token for concept {concept_id!r} in registry version {state.version}")
-        return {**rec.model_dump(mode="json", exclude={"coefficients", "prototype", "basis_id", "backbone_fingerprint"}),
-                "registry_version": state.version}
+        return {**rec.model_dump(mode="json", exclude={"coefficients", "prototype", "basis_id", "backbone_fingerprint",
+                                                       "thumbnails"}),
+                "thumbnails": len(rec.thumbnails or []), "registry_version": state.version}
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=128)
@@ -255,10 +266,18 @@ class GalleryIndex:
 
         s = _setup(settings)
         self.index = load_index(s.index, s.s3())
+        self._uris = {i: u for i, u in zip(self.index.ids, self.index.uris) if u}
         configure_batching(s, self.search)
 
     async def ready(self) -> int:
         return len(self.index)
+
+    async def uri_of(self, item_id: str) -> dict:
+        """The stored URI of a gallery item: the only image URIs the studio's thumbnails may read."""
+        uri = self._uris.get(item_id)
+        if uri is None:
+            return error(404, "unknown_item", f"no gallery item {item_id!r} with an image")
+        return {"uri": uri}
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
     async def search(self, calls: list[tuple[np.ndarray, list[int]]]) -> list[list[list[tuple[str, str | None, float]]]]:

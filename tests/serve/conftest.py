@@ -16,8 +16,9 @@ import pytest
 
 API_KEY = "test-key-0123456789abcdef"  # the admin key
 KEY_ENV = "TOKENFACTORY_TEST_API_KEY"
-CLIENT_KEY = "client-key-0123456789abcdef"  # the clients' key (not required by this app: see test_auth.py)
+CLIENT_KEY = "client-key-0123456789abcdef"  # the clients' key: this app requires it on every /v1 route
 CLIENT_KEY_ENV = "TOKENFACTORY_TEST_CLIENT_KEY"
+CLIENT_HEADERS = {"Authorization": f"Bearer {CLIENT_KEY}"}
 # Generous rates, so the tests' own traffic from one address is never throttled; a small costly
 # concurrency cap, which test_admission.py fills on purpose.
 TEST_LIMITS = dict(cheap_per_s=10_000, cheap_burst=10_000, costly_per_s=1_000, costly_burst=1_000,
@@ -85,9 +86,9 @@ def service(ray_cluster, tmp_path_factory, s3_server):
     os.environ[KEY_ENV], os.environ[CLIENT_KEY_ENV] = API_KEY, CLIENT_KEY
     bucket = s3_server.create_bucket("serve-images")
     settings = ServeSettings(registry=registry, index=index, backbone="fashion-mini", admin_key_env=KEY_ENV,
-                             api_key_env=CLIENT_KEY_ENV, poll_s=0, max_batch_size=16, limits=TEST_LIMITS,
+                             api_key_env=CLIENT_KEY_ENV, require_key=True, poll_s=0, max_batch_size=16, limits=TEST_LIMITS,
                              image_uri_prefixes=[f"{bucket}/allowed/"], replica_env=s3_server.env)
     url = start(settings, port=_free_port())
-    with httpx.Client(base_url=url, timeout=120.0) as client:
+    with httpx.Client(base_url=url, timeout=120.0, headers=CLIENT_HEADERS) as client:
         yield Service(url, client, catalog, registry, backbone, specs, bucket, s3_server.s3_options)
     stop()

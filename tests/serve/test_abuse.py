@@ -10,7 +10,7 @@ import httpx
 from PIL import Image
 
 from factory import storage
-from tests.serve.conftest import CLIENT_KEY
+from tests.serve.conftest import CLIENT_HEADERS, CLIENT_KEY
 
 
 def _png_bytes(size=(32, 32)) -> bytes:
@@ -52,7 +52,7 @@ def test_a_gair_flood_gets_429_while_classify_answers(service):
     answers, lock = [], threading.Lock()
 
     def flood():
-        with httpx.Client(base_url=service.url, timeout=120) as c:
+        with httpx.Client(base_url=service.url, timeout=120, headers=CLIENT_HEADERS) as c:
             r = c.post("/v1/gair", json=body)
             with lock:
                 answers.append((r.status_code, r.headers.get("retry-after"), r.json().get("error", {}).get("code")))
@@ -78,3 +78,26 @@ def test_the_clients_key_is_not_the_admin_key(service):
 def test_readyz_shows_no_internals(service):
     body = service.client.get("/readyz").json()
     assert set(body) == {"ready", "registry_version", "gallery_items"}
+
+
+def test_with_a_required_key_every_route_refuses_requests_without_it(service):
+    for method, path, body in (("get", "/v1/tokens", None), ("post", "/v1/retrieve", {"query": "a boot"}),
+                               ("get", f"/v1/tokens/{service.specs[0].concept_id}/thumbnails/0", None),
+                               ("get", "/v1/items/anything/thumbnail", None)):
+        r = getattr(httpx, method)(service.url + path, **({"json": body} if body else {}))
+        assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized", (path, r.text)
+    assert httpx.get(service.url + "/v1/auth").json() == {"key_required": True, "key_valid": False}
+    assert service.client.get("/v1/auth").json() == {"key_required": True, "key_valid": True}
+
+
+def test_thumbnails_come_from_the_registry_and_the_index_only(service):
+    spec = service.specs[0]
+    r = service.client.get(f"/v1/tokens/{spec.concept_id}/thumbnails/0")
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png" and r.content.startswith(b"\x89PNG")
+    assert service.client.get(f"/v1/tokens/{spec.concept_id}/thumbnails/9").status_code == 404
+    item = service.client.post("/v1/retrieve", json={"query": f"a <concept:{spec.concept_id}> {spec.parent}",
+                                                     "top_k": 1}).json()["items"][0]["id"]
+    r = service.client.get(f"/v1/items/{item}/thumbnail")
+    assert r.status_code == 200 and r.content.startswith(b"\x89PNG")
+    assert service.client.get("/v1/items/not-in-the-index/thumbnail").status_code == 404
+    assert service.client.get("/v1/items/..%2F..%2Fetc%2Fpasswd/thumbnail").status_code == 404

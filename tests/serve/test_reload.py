@@ -9,11 +9,11 @@ import time
 
 import httpx
 
-from tests.serve.conftest import learn_version
+from tests.serve.conftest import CLIENT_HEADERS, learn_version
 
 
 def _hammer(url: str, concept_id: str, parent: str, stop: threading.Event, results: list) -> None:
-    with httpx.Client(base_url=url, timeout=120.0) as c:
+    with httpx.Client(base_url=url, timeout=120.0, headers=CLIENT_HEADERS) as c:
         while not stop.is_set():
             for method, path, body in (("post", "/v1/retrieve", {"query": f"a <concept:{concept_id}> {parent}", "top_k": 3}),
                                        ("get", "/v1/tokens", None)):
