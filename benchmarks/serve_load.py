@@ -74,29 +74,35 @@ def build_service_data(root: str, seed: int) -> dict[str, Any]:
     return {"registry": registry, "index": index, "images": images, "queries": queries, "pixels": pixels}
 
 
-def _cpu_seconds() -> dict[str, float]:
-    """CPU seconds used so far by each part of the service on this machine, from /proc (Linux): the
-    proxy, each deployment's replicas, Serve's controller, and this process (the HTTP clients). Other
-    processes (e.g. a training job sharing the machine) are not counted. Empty where there is no /proc."""
-    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-    out: dict[str, float] = {}
+def serve_processes():
+    """(pid, part) of every Serve process on this machine, from /proc (Linux): the proxy, each deployment's
+    replicas (by deployment name), Serve's controller, and this process ("clients"). Empty without /proc."""
     for pid in os.listdir("/proc") if os.path.isdir("/proc") else []:
         if not pid.isdigit():
             continue
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
                 cmd = f.read().split(b"\0")[0].decode(errors="replace")
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
         except OSError:  # the process ended while we looked
             continue
         if int(pid) == os.getpid():
-            part = "clients"
+            yield pid, "clients"
         elif cmd.startswith("ray::ServeReplica:"):
-            part = cmd.split(":")[-1]  # ray::ServeReplica:<app>:<Deployment>
+            yield pid, cmd.split(":")[-1]  # ray::ServeReplica:<app>:<Deployment>
         elif cmd.startswith(("ray::ProxyActor", "ray::ServeController")):
-            part = cmd[5:].split(".")[0]
-        else:
+            yield pid, cmd[5:].split(".")[0]
+
+
+def _cpu_seconds() -> dict[str, float]:
+    """CPU seconds used so far by each part of the service (`serve_processes`). Other processes (e.g. a
+    training job sharing the machine) are not counted."""
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    out: dict[str, float] = {}
+    for pid, part in serve_processes():
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
             continue
         out[part] = out.get(part, 0.0) + (int(fields[11]) + int(fields[12])) / tick  # utime + stime
     return out

@@ -36,7 +36,7 @@ sys.path.insert(0, HERE)
 
 import numpy as np  # noqa: E402
 
-from serve_load import _free_port, build_service_data  # noqa: E402
+from serve_load import _free_port, build_service_data, serve_processes  # noqa: E402
 
 CLIENT_KEY, ADMIN_KEY = "soak-client-key-0123456789", "soak-admin-key-0123456789"
 
@@ -44,23 +44,15 @@ CLIENT_KEY, ADMIN_KEY = "soak-client-key-0123456789", "soak-admin-key-0123456789
 def _rss_mb() -> dict[str, float]:
     """RSS (MB) of each Serve replica and the proxy on this machine, by deployment name."""
     out: dict[str, float] = {}
-    for pid in os.listdir("/proc") if os.path.isdir("/proc") else []:
-        if not pid.isdigit():
+    for pid, part in serve_processes():
+        if part in ("clients", "ServeController"):
             continue
         try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                cmd = f.read().split(b"\0")[0].decode(errors="replace")
             with open(f"/proc/{pid}/statm") as f:
                 rss_pages = int(f.read().split()[1])
         except OSError:
             continue
-        if cmd.startswith("ray::ServeReplica:"):
-            name = cmd.split(":")[-1]
-        elif cmd.startswith("ray::ProxyActor"):
-            name = "proxy"
-        else:
-            continue
-        out[name] = out.get(name, 0.0) + rss_pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+        out[part] = out.get(part, 0.0) + rss_pages * os.sysconf("SC_PAGE_SIZE") / 2**20
     return out
 
 

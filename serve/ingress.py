@@ -15,7 +15,7 @@ import logging
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, RedirectResponse, Response
+from fastapi.responses import JSONResponse, RedirectResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -27,6 +27,7 @@ from serve.api import (
 )
 from factory.gair import DEFAULT_ALPHAS, GairRequest
 from serve.guard import CHEAP, COSTLY, Admission, check_cost, unet_passes
+from serve.studio import THUMBNAIL_CACHE, png_response, static_file, thumbnail_png
 from serve.settings import Limits, ServeSettings, configure_batching
 
 log = logging.getLogger("tokenfactory.serve")
@@ -116,43 +117,11 @@ def _check_text(name: str, text: str, limit: int) -> None:
         raise ApiError(422, "bad_prompt", f"{name} contains a NUL character")
 
 
-THUMBNAIL_CACHE = 1024  # gallery thumbnails kept per ingress replica (a few KB each)
-STATIC = {"studio.html": "text/html", "studio.js": "text/javascript", "studio.css": "text/css"}
-
-
-def _static(name: str):
-    """The studio's files, shipped in the package (no CDN, no build step); nothing else is served."""
-    from importlib.resources import files
-
-    if name not in STATIC:
-        raise ApiError(404, "not_found", f"no studio file {name!r}")
-    body = (files("serve") / "static" / name).read_bytes()
-    return Response(body, media_type=STATIC[name], headers={"Cache-Control": "no-cache"})
-
-
-def _png_response(png: bytes):
-    return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=300"})
-
-
-def _thumbnail_png(uri: str, settings: ServeSettings, limits: Limits) -> bytes:
-    import base64 as b64
-
-    from factory import storage
-    from factory.images import decode_image, thumbnail_b64
-
+def _check_concept_id(concept_id: str) -> None:
     try:
-        data = storage.read_bytes(uri, settings.s3(), limits.max_request_bytes + 1)
-    except FileNotFoundError:
-        raise ApiError(404, "image_unavailable", "the gallery item's image is gone") from None
-    except storage.StorageError:
-        raise ApiError(503, "store_unavailable", "the image store is unreachable; retry later") from None
-    if len(data) > limits.max_request_bytes:
-        raise ApiError(413, "image_too_large", "the gallery item's image is over the size limit")
-    try:
-        image = decode_image(data, limits.max_image_pixels)
-    except BadImage as e:
-        raise ApiError(422, "bad_image", f"the gallery item's image: {e}") from None
-    return b64.b64decode(thumbnail_b64(image, px=128))
+        validate_concept_id(concept_id)
+    except ValueError as e:
+        raise ApiError(422, "bad_concept_id", str(e)) from None
 
 
 def _b64decode(text: str) -> bytes:
@@ -348,10 +317,7 @@ class Ingress:
     @app.get("/v1/tokens/{concept_id}", response_model=TokenDetail)
     async def token(self, concept_id: str, request: Request):
         who = self._authorise(request, admin=False)
-        try:
-            validate_concept_id(concept_id)
-        except ValueError as e:
-            raise ApiError(422, "bad_concept_id", str(e)) from None
+        _check_concept_id(concept_id)
         with self.admission.admit(who, CHEAP):
             return await self._call(self.text.token.remote(concept_id))
 
@@ -359,13 +325,10 @@ class Ingress:
     async def token_thumbnail(self, concept_id: str, k: int, request: Request):
         """A reference thumbnail of a concept, stored with its token at onboarding."""
         who = self._authorise(request, admin=False)
-        try:
-            validate_concept_id(concept_id)
-        except ValueError as e:
-            raise ApiError(422, "bad_concept_id", str(e)) from None
+        _check_concept_id(concept_id)
         with self.admission.admit(who, CHEAP):
             out = await self._call(self.text.thumbnail.remote(concept_id, k))
-        return _png_response(base64.b64decode(out["png"]))
+        return png_response(base64.b64decode(out["png"]))
 
     @app.get("/v1/items/{item_id}/thumbnail", responses={200: {"content": {"image/png": {}}}})
     async def item_thumbnail(self, item_id: str, request: Request):
@@ -378,11 +341,11 @@ class Ingress:
             png = self._thumbs.get(item_id)
             if png is None:
                 uri = (await self._call(self.index.uri_of.remote(item_id)))["uri"]
-                png = await asyncio.to_thread(_thumbnail_png, uri, self.s, self.limits)
+                png = await asyncio.to_thread(thumbnail_png, uri, self.s, self.limits)
                 self._thumbs[item_id] = png
                 while len(self._thumbs) > THUMBNAIL_CACHE:
                     self._thumbs.pop(next(iter(self._thumbs)))
-        return _png_response(png)
+        return png_response(png)
 
     @app.get("/v1/auth")
     async def auth(self, request: Request) -> dict:
@@ -401,11 +364,11 @@ class Ingress:
 
     @app.get("/studio", include_in_schema=False)
     async def studio(self):
-        return _static("studio.html")
+        return static_file("studio.html")
 
     @app.get("/studio/{name}", include_in_schema=False)
     async def studio_file(self, name: str):
-        return _static(name)
+        return static_file(name)
 
     @app.post("/v1/admin/reload", response_model=ReloadResponse)
     async def reload(self, request: Request, body: ReloadRequest | None = None):

@@ -59,7 +59,9 @@ def targets(metrics: dict) -> dict[str, dict]:
             "value": cls["ti_ce_proj"]["accuracy"], "rivals": rivals,
             "met": all(cls["ti_ce_proj"]["accuracy"] > v for v in rivals.values())}
     if "gair_auto" in ret:
-        best = max((m for m in ret if m != "gair_auto"), key=lambda m: ret[m]["mrr"])
+        # The rival is every method a user could run, with the best fixed α picked in hindsight; the
+        # per-query oracle is a ceiling, not a rival.
+        best = max((m for m in ret if m not in ("gair_auto", "oracle_alpha")), key=lambda m: ret[m]["mrr"])
         ratio = ret["gair_auto"]["mrr"] / ret[best]["mrr"] if ret[best]["mrr"] > 0 else float("inf")
         out["gair_mrr_gain"] = {"value": ratio, "best_other": best, "target": MRR_GAIN_TARGET,
                                 "met": ratio >= MRR_GAIN_TARGET}
@@ -121,7 +123,8 @@ def evaluate(backbone: Backbone, catalog: EvalCatalog, records: Sequence[TokenRe
     metrics = {
         "catalog": {"name": catalog.name, "concepts": len(catalog.concepts), "evaluated_concepts": len(data),
                     "queries": len(eval_catalog.queries), "gallery": len(index), "intents": len(eval_catalog.intents)},
-        "classification": cls, "retrieval": outcome.retrieval, "generation": generation,
+        "classification": cls, "retrieval": outcome.retrieval, "retrieval_summary": outcome.summary,
+        "generation": generation,
         "gair": {"chosen_alpha": outcome.alphas, "settings": asdict(config.gair)},
         "learner": {**asdict(config.learner), "concepts_per_step": config.concepts_per_step},
         "skipped_concepts": skipped, "stage_seconds": {**stage_seconds, "total": time.perf_counter() - t0},

@@ -22,8 +22,13 @@ Retrieval (one query per (concept, context); its relevant gallery items are the 
     words         the query with the parent word in the concept's place
     token         the token alone ("a photo of a <concept:ID> dress"), no intent
     token_intent  the query with the token in the concept's place
-    mix_0.5       normalize(0.5 · token_intent + 0.5 · words): a fixed balance
+    fixed_<α>     normalize(α · token_intent + (1 − α) · words) for α in FIXED_ALPHAS: one balance for all
+                  queries (fixed_1 is token_intent); the best of them, picked with hindsight, is a ceiling
+                  for any fixed choice
     gair_auto     GAIR: the balance α chosen per query by generated previews (`factory.gair`)
+    oracle_alpha  per query, the fixed α whose query ranks the target best: the ceiling of any per-query
+                  rule; ``retrieval_summary.gair_share_of_oracle_gain`` says how much of the way from the
+                  best fixed α to it GAIR goes
 
 Generation: the previews GAIR makes at α = 1 (exactly the token_intent prompt) and at its chosen α, from
 the same noise, judged by the backbone among all intents of the catalog.
@@ -54,7 +59,9 @@ from factory.tokens import marker
 log = logging.getLogger(__name__)
 
 CLASSIFICATION_METHODS = ("parent_word", "caption", "ti", "ti_proj", "ce", "ce_free", "ti_ce_free", "ti_ce_proj")
-RETRIEVAL_METHODS = ("words", "token", "token_intent", "mix_0.5", "gair_auto")
+FIXED_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
+FIXED_METHODS = tuple(f"fixed_{a:g}" for a in FIXED_ALPHAS)
+RETRIEVAL_METHODS = ("words", "token", "token_intent", *FIXED_METHODS, "gair_auto", "oracle_alpha")
 GENERATION_METHODS = ("token_intent", "gair_auto")
 # The ablations: (loss weights replaced, parametrisation). "ce" keeps both CE terms of the run (text- and
 # image-side); "ti" drops both.
@@ -133,6 +140,7 @@ class RetrievalOutcome:
     generation: dict[str, dict[str, float]]
     alphas: dict[str, int]  # chosen α -> number of queries
     traces: list[tuple[str, str, GairResult]] = field(default_factory=list)  # (query id, prompt, trace)
+    summary: dict = field(default_factory=dict)  # `retrieval_summary`
 
 
 @torch.no_grad()
@@ -158,7 +166,7 @@ def retrieval_and_generation(backbone: Backbone, catalog: EvalCatalog, index, co
     words = _features(backbone, [q.text(f"a {q.parent}") for q in queries], tokens)
     token = _features(backbone, [f"a photo of {phrase[q.query_id]}" for q in queries], tokens)
     token_intent = _features(backbone, [q.text(phrase[q.query_id]) for q in queries], tokens)
-    mix = F.normalize(0.5 * token_intent + 0.5 * words, dim=-1)
+    fixed = {m: F.normalize(a * token_intent + (1 - a) * words, dim=-1) for m, a in zip(FIXED_METHODS, FIXED_ALPHAS)}
 
     gair, gair_queries = Gair(backbone, concepts, index), []
     intents = catalog.intents
@@ -185,14 +193,27 @@ def retrieval_and_generation(backbone: Backbone, catalog: EvalCatalog, index, co
             traces.append((q.query_id, q.text(phrase[q.query_id]), res))
 
     relevant = [q.relevant for q in queries]
-    vectors = {"words": words, "token": token, "token_intent": token_intent, "mix_0.5": mix,
+    vectors = {"words": words, "token": token, "token_intent": token_intent, **fixed,
                "gair_auto": torch.stack(gair_queries)}
-    retrieval = {m: {**ranking_metrics(_ranks(index, v, relevant)), "n_queries": len(queries)} for m, v in vectors.items()}
+    ranks = {m: _ranks(index, v, relevant) for m, v in vectors.items()}
+    ranks["oracle_alpha"] = [min((r for r in per_alpha if r), default=None)
+                             for per_alpha in zip(*(ranks[m] for m in FIXED_METHODS))]
+    retrieval = {m: {**ranking_metrics(r), "n_queries": len(queries)} for m, r in ranks.items()}
     generation = {m: {"intent_accuracy": float(np.mean(hits[m])), "fidelity": float(np.mean(fidelity[m])),
                       "n_previews": len(hits[m]), "chance": 1.0 / len(intents)} for m in GENERATION_METHODS}
-    return RetrievalOutcome(retrieval, generation, dict(sorted(chosen.items())), traces)
+    return RetrievalOutcome(retrieval, generation, dict(sorted(chosen.items())), traces, retrieval_summary(retrieval))
 
 
-__all__ = ["ABLATIONS", "CLASSIFICATION_METHODS", "GENERATION_METHODS", "GairSettings", "RETRIEVAL_METHODS",
+def retrieval_summary(retrieval: Mapping[str, Mapping[str, float]]) -> dict[str, float | str]:
+    """The best fixed α (with hindsight), the per-query oracle, and the share of the way GAIR goes from
+    the first to the second: 1 is the oracle, 0 no better than the best fixed balance, < 0 worse."""
+    best = max(FIXED_METHODS, key=lambda m: retrieval[m]["mrr"])
+    b, o, g = retrieval[best]["mrr"], retrieval["oracle_alpha"]["mrr"], retrieval["gair_auto"]["mrr"]
+    return {"best_fixed": best, "best_fixed_mrr": b, "oracle_mrr": o, "gair_mrr": g,
+            "gair_share_of_oracle_gain": (g - b) / (o - b) if o > b else float("nan")}
+
+
+__all__ = ["ABLATIONS", "CLASSIFICATION_METHODS", "FIXED_ALPHAS", "FIXED_METHODS", "GENERATION_METHODS", "GairSettings",
+           "RETRIEVAL_METHODS", "retrieval_summary",
            "RetrievalOutcome", "ablation_config", "classification", "learn_ablation", "retrieval_and_generation",
            "token_norms"]

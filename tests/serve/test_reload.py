@@ -4,6 +4,7 @@ Runs after the other modules of the package (file order): it commits version 2 i
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 
@@ -24,26 +25,41 @@ def _hammer(url: str, concept_id: str, parent: str, stop: threading.Event, resul
                     results.append((repr(e), None))
 
 
-def test_reload_while_clients_send_requests(service):
-    old = service.specs[0]
-    new = next(s for s in service.catalog.concepts if s.concept_id not in {x.concept_id for x in service.specs})
+@contextlib.contextmanager
+def _clients(service, spec, n: int = 3):
+    """``n`` threads sending requests about ``spec`` until the block ends; yields their (status, version)s."""
     stop, results = threading.Event(), []
-    threads = [threading.Thread(target=_hammer, args=(service.url, old.concept_id, old.parent, stop, results))
-               for _ in range(3)]
+    threads = [threading.Thread(target=_hammer, args=(service.url, spec.concept_id, spec.parent, stop, results))
+               for _ in range(n)]
     for t in threads:
         t.start()
     try:
-        time.sleep(2.0)
+        yield results
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+
+
+def _until_more(results: list, more: int, timeout_s: float = 60.0) -> None:
+    """Wait (polling, with a deadline) until ``more`` further answers have come in."""
+    target, deadline = len(results) + more, time.monotonic() + timeout_s
+    while len(results) < target and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(results) >= target, f"only {len(results)} answers in {timeout_s:.0f}s"
+
+
+def test_reload_while_clients_send_requests(service):
+    old = service.specs[0]
+    new = next(s for s in service.catalog.concepts if s.concept_id not in {x.concept_id for x in service.specs})
+    with _clients(service, old) as results:
+        _until_more(results, 10)
         version = learn_version(service.registry, [*service.specs, new], "serve-test-v2", service.backbone)
         assert version == 2
         r = service.client.post("/v1/admin/reload", json={}, headers=service.admin())
         assert r.status_code == 200, r.text
         assert r.json() == {"registry_version": 2, "previous_version": 1}
-        time.sleep(3.0)
-    finally:
-        stop.set()
-        for t in threads:
-            t.join()
+        _until_more(results, 20)
 
     failed = [r for r in results if r[0] != 200]
     assert not failed, failed[:5]
@@ -69,22 +85,12 @@ def test_a_corrupt_newest_version_under_load_fails_no_request(service):
     version = learn_version(service.registry, service.specs, "serve-test-corrupt", service.backbone, steps=5)
     shard = next(Path(TokenRegistry(service.registry).version_uri(version)).glob("tokens-*.parquet"))
     shard.write_bytes(shard.read_bytes()[:-16] + b"\0" * 16)  # the manifest parses, the checksum does not
-    old = service.specs[0]
-    stop, results = threading.Event(), []
-    threads = [threading.Thread(target=_hammer, args=(service.url, old.concept_id, old.parent, stop, results))
-               for _ in range(3)]
-    for t in threads:
-        t.start()
-    try:
-        time.sleep(1.0)
+    with _clients(service, service.specs[0]) as results:
+        _until_more(results, 10)
         r = service.client.post("/v1/admin/reload", json={}, headers=service.admin())
         assert r.status_code == 409 and r.json()["error"]["code"] == "version_unreadable", r.text
         assert f"still serving version {served}" in r.json()["error"]["message"]
-        time.sleep(2.0)
-    finally:
-        stop.set()
-        for t in threads:
-            t.join()
+        _until_more(results, 20)
     assert len(results) > 10 and not [r for r in results if r[0] != 200]
     assert {v for _, v in results} == {served}
     assert service.client.get("/readyz").json()["registry_version"] == served

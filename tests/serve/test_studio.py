@@ -108,7 +108,8 @@ def test_a_person_composes_sees_refines_and_classifies(service, browser):
     _wait(d, lambda d: _texts(d, "#results .result span") != before
           and not d.find_element(By.ID, "progress").is_displayed())
     assert len(d.find_elements(By.CSS_SELECTOR, "#steps .step")) == 1  # manual mode: the one α
-    assert all(_decoded(d, "#steps img.preview")) and all(_decoded(d, "#results img.thumb"))
+    assert all(_decoded(d, "#steps img.preview"))  # data: URLs, decoded with the page
+    _wait(d, lambda d: all(_decoded(d, "#results img.thumb")))  # fetched with the key, one by one
 
     manual = _texts(d, "#results .result span")
     d.find_element(By.CSS_SELECTOR, "#steps figure button").click()  # use this preview: the query expands

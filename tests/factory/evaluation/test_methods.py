@@ -5,7 +5,9 @@ import torch
 import torch.nn.functional as F
 
 from factory.evaluation.data import EvalCatalog
-from factory.evaluation.methods import GairSettings, ablation_config, retrieval_and_generation
+from factory.evaluation.methods import (
+    FIXED_METHODS, RETRIEVAL_METHODS, GairSettings, ablation_config, retrieval_and_generation,
+)
 from factory.gair import ConceptToken
 from factory.index import create_index
 from factory.learner import LearnerConfig
@@ -51,7 +53,11 @@ def test_token_intent_finds_a_gallery_built_from_its_own_queries(hf_backbone):
     out = retrieval_and_generation(hf_backbone, EvalCatalog("t", [], queries, []), index, concepts,
                                    GairSettings(alphas=(0.0, 1.0), previews=2, steps=2), progress=False)
     assert out.retrieval["token_intent"] == {"mrr": 1.0, "r1": 1.0, "r5": 1.0, "r10": 1.0, "n_queries": 4}
-    assert set(out.retrieval) == {"words", "token", "token_intent", "mix_0.5", "gair_auto"}
+    assert set(out.retrieval) == set(RETRIEVAL_METHODS)
+    # the oracle picks each query's best fixed α: no fixed α beats it, and fixed_1 is token_intent itself
+    assert all(out.retrieval["oracle_alpha"]["mrr"] >= out.retrieval[m]["mrr"] for m in FIXED_METHODS)
+    assert out.retrieval["fixed_1"] == out.retrieval["token_intent"]
+    assert out.summary["best_fixed"] in FIXED_METHODS
     assert sum(out.alphas.values()) == 4 and set(out.alphas) <= {"0", "1"}
     for m in ("token_intent", "gair_auto"):
         assert out.generation[m]["n_previews"] == 8 and 0.0 <= out.generation[m]["intent_accuracy"] <= 1.0
