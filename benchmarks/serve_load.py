@@ -88,7 +88,7 @@ def serve_processes():
         if int(pid) == os.getpid():
             yield pid, "clients"
         elif cmd.startswith("ray::ServeReplica:"):
-            yield pid, cmd.split(":")[-1]  # ray::ServeReplica:<app>:<Deployment>
+            yield pid, cmd.split(":")[-1].split(".")[0]  # ray::ServeReplica:<app>:<Deployment>[.<method>]
         elif cmd.startswith(("ray::ProxyActor", "ray::ServeController")):
             yield pid, cmd[5:].split(".")[0]
 

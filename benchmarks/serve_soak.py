@@ -7,8 +7,9 @@ Builds the same small registry and gallery as `serve_load.py` (fashion-mini), st
 every route behind a key (``--require-key``, as a service bound beyond loopback must be), then
 
 1. baseline: ``--clients`` HTTP clients alternate /v1/classify and /v1/retrieve for ``--baseline-s``;
-2. soak: the same clients for ``--soak-s`` while two more flood /v1/gair back to back, one without a key
-   and one with it (the keyed one meets the costly class's rate limit and concurrency cap).
+2. soak: the same clients for ``--soak-s`` while /v1/gair is flooded back to back by ``--flooders``
+   threads without a key and as many with it (the keyed ones meet the costly class's rate limit and
+   concurrency cap).
 
 All traffic goes to 127.0.0.1, and every loop ends at its deadline. Memory: the RSS of each Serve replica
 and of the proxy, sampled every ``--sample-s`` from /proc (Linux).
@@ -109,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--baseline-s", type=float, default=30.0, help="seconds without the flood (default: 30)")
     p.add_argument("--soak-s", type=float, default=180.0, help="seconds under the GAIR flood (default: 180)")
     p.add_argument("--sample-s", type=float, default=5.0, help="seconds between memory samples (default: 5)")
+    p.add_argument("--flooders", type=int, default=4, help="GAIR flood threads with and without a key, each (default: 4)")
     p.add_argument("--seed", type=int, default=0, help="world seed of the sample data (default: 0)")
     p.add_argument("--out", default="build/serve_soak.json", help="JSON output (default: build/serve_soak.json)")
     args = p.parse_args(argv)
@@ -156,11 +158,11 @@ def _run(url: str, data: dict, args) -> dict:
     flood = {"no_key": Counter(), "with_key": Counter()}
     stop = threading.Event()
     flooders = [threading.Thread(target=_flood, args=(url, data, key, stop, flood[name]))
-                for name, key in (("no_key", None), ("with_key", CLIENT_KEY))]
+                for name, key in (("no_key", None), ("with_key", CLIENT_KEY)) for _ in range(args.flooders)]
     for t in flooders:
         t.start()
-    print(f"soak: the same clients for {args.soak_s:.0f}s under a GAIR flood (one client without a key, one with)",
-          flush=True)
+    print(f"soak: the same clients for {args.soak_s:.0f}s under a GAIR flood ({args.flooders} threads without a key, "
+          f"{args.flooders} with)", flush=True)
     try:
         soak = asyncio.run(_cheap_clients(url, data, args.clients, args.soak_s))
     finally:

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from factory.learner import MAX_THUMBNAILS
 from factory.storage import S3Options
 
 
@@ -90,6 +89,8 @@ def encode_catalog(specs, backbone: str | dict, image_size: int, s3: S3Options |
                    decode_tasks: int = 2, encoders: int = 1, use_gpu: bool = False,
                    precision: str = "fp32") -> EncodedCatalog:
     import ray.data
+
+    from factory.learner import MAX_THUMBNAILS
 
     rows = [{"concept_id": s.concept_id, "parent": s.parent, "uri": u} for s in specs for u in s.image_uris]
     if not rows:

@@ -41,6 +41,7 @@ __all__ = [
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
+
 def resolve_backbone_config(spec: str | dict | BackboneConfig, weights: str | None = None,
                             s3=None) -> BackboneConfig:
     """One complete `BackboneConfig` from a name, a config file/URI, a dict or a config.
