@@ -114,14 +114,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-async def _load(url: str, endpoint: str, payloads: list[dict], clients: int, duration: float) -> dict[str, float]:
+async def run_clients(url: str, clients: int, client, headers: dict | None = None) -> float:
+    """Run ``client(k, http)`` for k < ``clients`` concurrently over one pooled AsyncClient; the wall seconds."""
     import httpx
 
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=url, timeout=120.0, limits=limits, headers=headers) as http:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client(k, http) for k in range(clients)))
+        return time.perf_counter() - t0
+
+
+async def _load(url: str, endpoint: str, payloads: list[dict], clients: int, duration: float) -> dict[str, float]:
     latencies: list[float] = []
     errors = 0
     deadline = time.perf_counter() + duration
 
-    async def client(k: int, http: httpx.AsyncClient) -> None:
+    async def client(k: int, http) -> None:
         nonlocal errors
         i = k
         while time.perf_counter() < deadline:
@@ -133,11 +142,7 @@ async def _load(url: str, endpoint: str, payloads: list[dict], clients: int, dur
                 errors += 1
             i += clients
 
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(base_url=url, timeout=120.0, limits=limits) as http:
-        t0 = time.perf_counter()
-        await asyncio.gather(*(client(k, http) for k in range(clients)))
-        wall = time.perf_counter() - t0
+    wall = await run_clients(url, clients, client)
     lat = np.array(latencies) * 1000
     return {"rps": len(latencies) / wall, "p50_ms": float(np.percentile(lat, 50)) if len(lat) else float("nan"),
             "p99_ms": float(np.percentile(lat, 99)) if len(lat) else float("nan"), "requests": len(latencies),

@@ -37,7 +37,7 @@ sys.path.insert(0, HERE)
 
 import numpy as np  # noqa: E402
 
-from serve_load import _free_port, build_service_data, serve_processes  # noqa: E402
+from serve_load import _free_port, build_service_data, run_clients, serve_processes  # noqa: E402
 
 CLIENT_KEY, ADMIN_KEY = "soak-client-key-0123456789", "soak-admin-key-0123456789"
 
@@ -58,8 +58,6 @@ def _rss_mb() -> dict[str, float]:
 
 
 async def _cheap_clients(url: str, data: dict, clients: int, seconds: float) -> dict:
-    import httpx
-
     lat: dict[str, list[float]] = {"classify": [], "retrieve": []}
     statuses: Counter = Counter()
     deadline = time.perf_counter() + seconds
@@ -78,11 +76,7 @@ async def _cheap_clients(url: str, data: dict, clients: int, seconds: float) -> 
                 lat[route].append((time.perf_counter() - t0) * 1000)
             i += clients
 
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(base_url=url, timeout=120.0, limits=limits) as http:
-        t0 = time.perf_counter()
-        await asyncio.gather(*(client(k, http) for k in range(clients)))
-        wall = time.perf_counter() - t0
+    wall = await run_clients(url, clients, client)
     out = {r: {"p50_ms": float(np.percentile(v, 50)), "p99_ms": float(np.percentile(v, 99)), "requests": len(v),
                "rps": len(v) / wall} for r, v in lat.items() if v}
     out["statuses"] = {str(k): v for k, v in sorted(statuses.items())}
