@@ -28,6 +28,8 @@ def register(sub) -> None:
     p.add_argument("--backbone", default=None, help="backbone name (default: the registry's)")
     p.add_argument("--weights", default=None, help="backbone weights URI (default: the config's own)")
     p.add_argument("--max-queries", type=int, default=None, help="evaluate only the first N queries (default: all)")
+    p.add_argument("--generation-queries", type=int, default=24,
+                   help="queries whose composition prompts every method samples, from fresh noise (default: 24)")
     p.add_argument("--alphas", default="0,0.25,0.5,0.75,1", help="GAIR's α schedule, comma-separated; must include 1 (default: 0,0.25,0.5,0.75,1)")
     p.add_argument("--previews", type=int, default=2, help="GAIR previews per α (default: 2)")
     p.add_argument("--sample-steps", type=int, default=20, help="DDIM steps per preview (default: 20)")
@@ -81,6 +83,7 @@ def run(args) -> int:
     learner, per_step = run_learner_config(version.manifest.config, args.ablation_steps)
     config = EvaluationConfig(
         learner=learner, concepts_per_step=per_step, max_queries=args.max_queries,
+        generation_queries=args.generation_queries,
         gair=GairSettings(alphas=[float(a) for a in args.alphas.split(",")], previews=args.previews,
                           steps=args.sample_steps, guidance=args.guidance, seed=args.seed))
     print(f"[evaluate] {len(catalog.concepts)} concepts, {len(catalog.queries)} queries, gallery index of "

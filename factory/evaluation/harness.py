@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from factory.backbones import Backbone
+from factory.evaluation.composition import composition_generation
 from factory.evaluation.data import EvalCatalog
 from factory.evaluation.methods import (
     ABLATIONS, GairSettings, RetrievalOutcome, classification, learn_ablation, retrieval_and_generation, token_norms,
@@ -23,6 +24,7 @@ from schemas import TokenRecord
 log = logging.getLogger(__name__)
 
 MRR_GAIN_TARGET = 1.07  # the seed paper's +7% MRR on DeepFashion2
+COMPOSITION_METHODS = ("ti", "ce", "ti_ce_free", "ti_ce_proj")  # and the caption, always
 
 
 @dataclass
@@ -31,6 +33,7 @@ class EvaluationConfig:
     concepts_per_step: int = 8
     gair: GairSettings = field(default_factory=GairSettings)
     max_queries: int | None = None  # evaluate only the first N queries (GAIR costs previews per query)
+    generation_queries: int | None = 24  # queries whose composition prompts every method samples (None: all)
 
 
 @dataclass
@@ -65,6 +68,19 @@ def targets(metrics: dict) -> dict[str, dict]:
         ratio = ret["gair_auto"]["mrr"] / ret[best]["mrr"] if ret[best]["mrr"] > 0 else float("inf")
         out["gair_mrr_gain"] = {"value": ratio, "best_other": best, "target": MRR_GAIN_TARGET,
                                 "met": ratio >= MRR_GAIN_TARGET}
+    if {"ti_ce_proj", "ce", "caption"} <= set(cls):
+        value, ce, caption = (cls[m]["accuracy"] for m in ("ti_ce_proj", "ce", "caption"))
+        out["classification_ti_ce_proj_vs_ce_and_caption"] = {
+            "value": value, "ce": ce, "caption": caption, "met": value >= ce - 0.02 and value >= caption + 0.15}
+    if {"ti_ce_proj", "caption", "ce", "ti"} <= set(gen) and gen["ti_ce_proj"].get("colour_accuracy") is not None:
+        g = {m: gen[m] for m in ("ti_ce_proj", "caption", "ce", "ti")}
+        out["generation_composition"] = {
+            "value": g["ti_ce_proj"]["colour_accuracy"], "colour": g["ti_ce_proj"]["colour_accuracy"], "caption_colour": g["caption"]["colour_accuracy"],
+            "fidelity": g["ti_ce_proj"]["fidelity"], "ce_fidelity": g["ce"]["fidelity"],
+            "intent": g["ti_ce_proj"]["intent_accuracy"], "ti_intent": g["ti"]["intent_accuracy"],
+            "met": (g["ti_ce_proj"]["colour_accuracy"] >= 0.8 * (g["caption"]["colour_accuracy"] or 0.0)
+                    and g["ti_ce_proj"]["fidelity"] > g["ce"]["fidelity"]
+                    and g["ti_ce_proj"]["intent_accuracy"] > g["ti"]["intent_accuracy"])}
     if "gair_auto" in gen and "token_intent" in gen:
         out["gair_intent_beats_token_intent"] = {
             "value": gen["gair_auto"]["intent_accuracy"], "token_intent": gen["token_intent"]["intent_accuracy"],
@@ -116,7 +132,15 @@ def evaluate(backbone: Backbone, catalog: EvalCatalog, records: Sequence[TokenRe
     outcome = retrieval_and_generation(backbone, eval_catalog, index, concepts, config.gair, progress=progress)
     stage_seconds["retrieval_generation"] = time.perf_counter() - t1
 
+    t1 = time.perf_counter()
+    g = config.gair
+    composition = composition_generation(
+        backbone, eval_catalog, {m: token_sets[m] for m in COMPOSITION_METHODS if m in token_sets}, protos,
+        g.previews, g.steps, g.guidance, g.seed, config.generation_queries)
+    stage_seconds["composition"] = time.perf_counter() - t1
     generation = dict(outcome.generation)
+    for method, scores in composition.items():
+        generation[method] = {**generation.get(method, {}), **scores}
     for method, norm in token_norms(token_sets).items():
         generation[method] = {**generation.get(method, {}), "token_norm": norm}
     generation["vocabulary"] = {"token_norm": float(backbone.vocab_mean_norm)}

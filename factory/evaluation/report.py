@@ -74,6 +74,13 @@ def markdown(metrics: dict) -> str:
               "| method | intent accuracy | concept fidelity (cos) |", "|---|---:|---:|"]
     lines += [f"| {m} | {gen[m]['intent_accuracy']:.3f} | {gen[m]['fidelity']:.3f} |"
               for m in ("token_intent", "gair_auto") if m in gen]
+    composed = [m for m in ("ti", "ce", "ti_ce_free", "ti_ce_proj", "caption") if "category_accuracy" in gen.get(m, {})]
+    if composed:
+        lines += ["", "## Composition in generation (\"a photo of a <concept> <parent> <context>\", fresh noise)", "",
+                  "| method | colour | category | intent | fidelity |", "|---|---:|---:|---:|---:|"]
+        fmt = lambda v: "–" if v is None else f"{v:.3f}"  # noqa: E731
+        lines += [f"| {m} | {fmt(gen[m]['colour_accuracy'])} | {gen[m]['category_accuracy']:.3f} | "
+                  f"{gen[m]['intent_accuracy']:.3f} | {gen[m]['fidelity']:.3f} |" for m in composed]
     chance = gen.get("gair_auto", {}).get("chance")
     if chance:
         lines += ["", f"Chance intent accuracy: {chance:.3f}."]

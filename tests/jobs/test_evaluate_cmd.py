@@ -28,8 +28,16 @@ def test_evaluate_a_four_concept_catalog(ray_cluster, tmp_path):
         assert v["n_queries"] == 8 and 0.0 < v["mrr"] <= 1.0 and v["r1"] <= v["r5"] <= v["r10"] <= 1.0
     assert m["generation"]["ti"]["token_norm"] > 0 and m["generation"]["ti_ce_proj"]["token_norm"] > 0
     assert {"token_intent", "gair_auto"} <= set(m["generation"])
+    for method in ("ti", "ce", "ti_ce_free", "ti_ce_proj", "caption"):  # composition prompts, fresh noise
+        g = m["generation"][method]
+        assert all(0.0 <= g[k] <= 1.0 for k in ("colour_accuracy", "category_accuracy", "intent_accuracy"))
+        assert -1.0 <= g["fidelity"] <= 1.0 and g["n_images"] == 8
+    example = m["generation"]["ti_ce_proj"]["prompt_example"]  # the token beside the parent and the context words
+    assert example.startswith("a photo of a <concept:") and len(example.split("> ", 1)[1].split()) >= 2
+    assert "<concept:" not in m["generation"]["caption"]["prompt_example"]
     assert m["learner"]["steps"] == 2 and m["learner"]["concepts_per_step"] == 2  # the run's own settings
     assert m["registry"]["version"] == 1
-    assert set(m["targets"]) == {"ti_ce_proj_beats_caption_ti_parent", "gair_mrr_gain", "gair_intent_beats_token_intent"}
+    assert set(m["targets"]) == {"ti_ce_proj_beats_caption_ti_parent", "gair_mrr_gain", "gair_intent_beats_token_intent",
+                                 "classification_ti_ce_proj_vs_ce_and_caption", "generation_composition"}
     report = (tmp_path / "eval" / "report.md").read_text()
     assert "| ti_ce_proj |" in report and "| gair_auto |" in report

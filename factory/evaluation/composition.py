@@ -1,0 +1,94 @@
+"""Composition in generation: does a method's token, written beside ordinary words, still draw its concept
+*and* the words' context? (The seed paper's claim for the projection.)
+
+For every method with tokens (and for the hand-written caption, the baseline a person would type), each
+query's composition prompt "a photo of a <concept> <parent> <context>" is sampled from *fresh* noise
+(seeds disjoint from the ones GAIR chose α with, so the scores are not the ones a choice was made on),
+and every image is judged zero-shot by the backbone:
+
+    intent_accuracy    the context among the catalog's intents ("a photo of a dress on the beach", …)
+    colour_accuracy    the concept's colour among the catalog's colours (world catalogs only)
+    category_accuracy  the concept's parent among the catalog's parents
+    fidelity           mean cosine to the concept's few-shot prototype
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from factory.backbones import Backbone
+from factory.evaluation.data import EvalCatalog
+from factory.figures import to_uint8
+from factory.tokens import marker
+
+SEED_OFFSET = 1_000_003  # composition previews never reuse a GAIR preview's noise
+BATCH = 32
+
+
+@torch.no_grad()
+def _text(backbone: Backbone, prompts: list[str]) -> torch.Tensor:
+    return F.normalize(backbone.encode_prompts(prompts).features.float(), dim=-1).cpu()
+
+
+@torch.no_grad()
+def _sample(backbone: Backbone, prompts: list[str], tokens, previews: int, steps: int, guidance: float,
+            seed: int) -> torch.Tensor:
+    """Normalised image features of ``previews`` samples per prompt, [len(prompts) * previews, D]."""
+    gen, uncond = backbone.generator, backbone.encode_prompts([""]).hidden
+    feats = []
+    rows = [p for p in prompts for _ in range(previews)]
+    for i in range(0, len(rows), BATCH):
+        chunk = rows[i: i + BATCH]
+        cond = backbone.encode_prompts(chunk, tokens).hidden
+        noise = gen.initial_noise(len(chunk), seed + i)
+        u8 = to_uint8(gen.sample(cond, uncond, steps=steps, guidance=guidance, noise=noise))
+        feats.append(F.normalize(backbone.encode_image(backbone.preprocess(u8)).float(), dim=-1).cpu())
+    return torch.cat(feats)
+
+
+def composition_generation(backbone: Backbone, catalog: EvalCatalog, token_sets: Mapping[str, Mapping[str, torch.Tensor]],
+                           prototypes: Mapping[str, torch.Tensor], previews: int, steps: int, guidance: float,
+                           seed: int, max_queries: int | None = None) -> dict[str, dict[str, float]]:
+    """``generation.<method>.{intent_accuracy, colour_accuracy, category_accuracy, fidelity}`` (see above)."""
+    if backbone.generator is None:
+        return {}
+    specs = {s.concept_id: s for s in catalog.concepts}
+    queries = [q for q in catalog.queries if q.concept_id in prototypes][:max_queries]
+    if not queries:
+        return {}
+    intents = catalog.intents
+    parents = sorted({specs[q.concept_id].parent for q in queries})
+    colours = sorted({specs[q.concept_id].attributes.get("colour") for q in queries} - {None})
+    judge_intent = {p: _text(backbone, [" ".join(f"a photo of a {p} {i}".split()) for i in intents]) for p in parents}
+    judge_category = _text(backbone, [f"a photo of a {p}" for p in parents])
+    judge_colour = {p: _text(backbone, [f"a photo of a {c} {p}" for c in colours]) for p in parents} if colours else {}
+
+    methods: dict[str, tuple[list[str], Mapping[str, torch.Tensor] | None]] = {
+        m: ([q.text(f"a {marker(q.concept_id)} {q.parent}") for q in queries], tokens)
+        for m, tokens in token_sets.items()}
+    if all(specs[q.concept_id].caption for q in queries):
+        methods["caption"] = ([q.text(specs[q.concept_id].caption) for q in queries], None)
+    out = {}
+    for m, (prompts, tokens) in methods.items():
+        feats = _sample(backbone, prompts, tokens, previews, steps, guidance, seed + SEED_OFFSET)
+        hits = {"intent": [], "colour": [], "category": [], "fidelity": []}
+        for n, q in enumerate(queries):
+            spec, f = specs[q.concept_id], feats[n * previews: (n + 1) * previews]
+            hits["intent"] += ((f @ judge_intent[spec.parent].T).argmax(1) == intents.index(q.intent)).tolist()
+            hits["category"] += ((f @ judge_category.T).argmax(1) == parents.index(spec.parent)).tolist()
+            if colours and spec.attributes.get("colour") in colours:
+                truth = colours.index(spec.attributes["colour"])
+                hits["colour"] += ((f @ judge_colour[spec.parent].T).argmax(1) == truth).tolist()
+            hits["fidelity"].append(float((f @ F.normalize(prototypes[q.concept_id].float(), dim=0)).mean()))
+        out[m] = {"intent_accuracy": float(np.mean(hits["intent"])),
+                  "category_accuracy": float(np.mean(hits["category"])),
+                  "colour_accuracy": float(np.mean(hits["colour"])) if hits["colour"] else None,
+                  "fidelity": float(np.mean(hits["fidelity"])), "n_images": len(hits["intent"]),
+                  "prompt_example": prompts[0]}
+    return out
+
+
+__all__ = ["composition_generation"]
