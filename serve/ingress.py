@@ -152,7 +152,8 @@ class Ingress:
         self.admission = Admission(self.limits)
         self._thumbs: dict[str, bytes] = {}
         self.text, self.image, self.index, self.generator, self.watcher = text, image, index, generator, watcher
-        self.image_size = resolve_backbone_config(self.s.backbone, self.s.weights, self.s.s3()).image.size
+        self.s3 = self.s.s3()  # read once: image_uri and thumbnail reads are on the request path
+        self.image_size = resolve_backbone_config(self.s.backbone, self.s.weights, self.s3).image.size
         configure_batching(self.s, self._classify_batch, self._retrieve_batch)
 
     # --- plumbing -------------------------------------------------------------------------------------
@@ -207,7 +208,7 @@ class Ingress:
             raise unavailable
         if not any(uri.startswith(p.rstrip("/") + "/") for p in self.s.image_uri_prefixes):
             raise unavailable
-        s3, limit = self.s.s3(), self.limits.max_request_bytes
+        s3, limit = self.s3, self.limits.max_request_bytes
         try:
             data = await asyncio.to_thread(storage.read_bytes, uri, s3, limit + 1)  # at most limit + 1 bytes
         except NotFoundInStorage:
@@ -341,7 +342,7 @@ class Ingress:
             png = self._thumbs.get(item_id)
             if png is None:
                 uri = (await self._call(self.index.uri_of.remote(item_id)))["uri"]
-                png = await asyncio.to_thread(thumbnail_png, uri, self.s, self.limits)
+                png = await asyncio.to_thread(thumbnail_png, uri, self.s3, self.limits)
                 self._thumbs[item_id] = png
                 while len(self._thumbs) > THUMBNAIL_CACHE:
                     self._thumbs.pop(next(iter(self._thumbs)))

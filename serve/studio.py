@@ -9,7 +9,7 @@ from fastapi.responses import Response
 
 from factory.images import BadImage
 from serve.api import ApiError
-from serve.settings import Limits, ServeSettings
+from serve.settings import Limits
 
 THUMBNAIL_CACHE = 1024  # gallery thumbnails kept per ingress replica (a few KB each)
 STATIC = {"studio.html": "text/html", "studio.js": "text/javascript", "studio.css": "text/css"}
@@ -29,14 +29,14 @@ def png_response(png: bytes):
     return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=300"})
 
 
-def thumbnail_png(uri: str, settings: ServeSettings, limits: Limits) -> bytes:
+def thumbnail_png(uri: str, s3, limits: Limits) -> bytes:
     import base64 as b64
 
     from factory import storage
     from factory.images import decode_image, thumbnail_b64
 
     try:
-        data = storage.read_bytes(uri, settings.s3(), limits.max_request_bytes + 1)
+        data = storage.read_bytes(uri, s3, limits.max_request_bytes + 1)
     except FileNotFoundError:
         raise ApiError(404, "image_unavailable", "the gallery item's image is gone") from None
     except storage.StorageError:
