@@ -11,6 +11,7 @@ whether it is learned alone or beside others (up to float rounding in batched ke
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import math
@@ -198,8 +199,10 @@ def learn_tokens(backbone: Backbone, concepts: Sequence[ConceptData], banks: Map
     scale = backbone.logit_scale
     opt = torch.optim.Adam(params.parameters(), lr=cfg.lr)
 
+    ti_weight, ti_ratio = _ti_weights(backbone, cfg, concepts, batch, params, pos, pos_mask, neg, neg_mask, scale,
+                                      scheduler)
     active = torch.ones(C, dtype=torch.bool, device=dev)
-    state = {"ema": torch.full((C,), float("nan"), device=dev), "best": torch.full((C,), float("inf"), device=dev),
+    state = {"ti_weight": ti_weight, "ema": torch.full((C,), float("nan"), device=dev), "best": torch.full((C,), float("inf"), device=dev),
              "wait": torch.zeros(C, dtype=torch.long, device=dev),
              "steps_run": torch.zeros(C, dtype=torch.long, device=dev), "last": {},
              "max_norm": cfg.max_norm_ratio * backbone.vocab_mean_norm if cfg.max_norm_ratio > 0 else 0.0}
@@ -211,7 +214,56 @@ def learn_tokens(backbone: Backbone, concepts: Sequence[ConceptData], banks: Map
                          neg, neg_mask, scale, scheduler, gens, init, step, t0, on_step):
                 break
     return _finish(backbone, cfg, concepts, batch, params, spaces, pos, pos_mask, neg, neg_mask, scale, init,
-                   state["last"], state["ema"], state["steps_run"])
+                   state, ti_ratio)
+
+
+CALIBRATION_SAMPLES = 8  # TI samples per concept when measuring its gradient: one draw is too noisy
+
+
+def _ce_terms(cfg, text, pos, pos_mask, neg, neg_mask, scale) -> dict[str, torch.Tensor]:
+    w, terms = cfg.weights, {}
+    if w.ce > 0:
+        terms["ce"] = w.ce * text_side_ce(text, pos, pos_mask, neg, neg_mask, scale)[0]
+    if w.image_ce > 0:
+        terms["image_ce"] = w.image_ce * image_side_ce(text, pos, pos_mask, scale)
+    return terms
+
+
+def term_gradient_norms(backbone, cfg, concepts, batch, params, pos, pos_mask, neg, neg_mask, scale, scheduler,
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-concept norms [C] of the gradients that the (weighted) CE terms and the λ = 1 TI term send to
+    each concept's parameters, the TI term on `CALIBRATION_SAMPLES` fresh samples per concept (drawn
+    from generators of their own, so the training samples are the same with and without calibration)."""
+    C, T = len(concepts), len(cfg.templates)
+    param = next(params.parameters())
+    enc = backbone.encode_text(batch, params())
+    text = F.normalize(enc.features.float(), dim=-1).view(C, T, -1)
+    ce = sum(_ce_terms(cfg, text, pos, pos_mask, neg, neg_mask, scale).values())
+    g_ce = (torch.autograd.grad(ce.sum(), param, retain_graph=True)[0].norm(dim=-1) if torch.is_tensor(ce)
+            else torch.zeros(C, device=param.device))
+    gens = [torch.Generator().manual_seed(concept_seed(cfg.seed, "calibrate/" + c.concept_id)) for c in concepts]
+    cal = dataclasses.replace(cfg, ti_samples=max(cfg.ti_samples, CALIBRATION_SAMPLES))
+    cut = enc.hidden.detach().requires_grad_()
+    mse = _ti_term(backbone, cal, concepts, cut, scheduler, gens, torch.ones(C, device=param.device))
+    if cut.grad is None:  # one batch: the MSE still holds its graph to ``cut``
+        mse.sum().backward()
+    g_ti = torch.autograd.grad(enc.hidden, param, grad_outputs=cut.grad)[0].norm(dim=-1)
+    return g_ce.detach(), g_ti.detach()
+
+
+def _ti_weights(backbone, cfg, concepts, batch, params, pos, pos_mask, neg, neg_mask, scale, scheduler,
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """λ_TI of each concept [C] (see `LossWeights.ti_balance`) and the measured ‖∇TI‖ / ‖∇CE‖ at λ = 1
+    (None when not calibrated)."""
+    w, C, dev = cfg.weights, len(concepts), backbone.device
+    fixed = torch.full((C,), float(w.ti), device=dev)
+    if w.ti <= 0 or w.ti_balance <= 0 or (w.ce <= 0 and w.image_ce <= 0):
+        return fixed, None  # nothing to balance against (TI-only: Adam does not care about its scale)
+    g_ce, g_ti = term_gradient_norms(backbone, cfg, concepts, batch, params, pos, pos_mask, neg, neg_mask, scale,
+                                     scheduler)
+    ratio = g_ti / g_ce.clamp_min(1e-12)
+    calibrated = w.ti * w.ti_balance * g_ce / g_ti.clamp_min(1e-12)
+    return torch.where((g_ce > 0) & (g_ti > 0), calibrated, fixed), ratio
 
 
 @contextlib.contextmanager
@@ -237,7 +289,7 @@ def _step(backbone, cfg, concepts, batch, params, opt, frozen, active, state, po
     split_ti = cfg.weights.ti > 0 and cfg.ti_micro_batch > 0
     cut = enc.hidden.detach().requires_grad_() if split_ti else enc.hidden
     terms = _objective_terms(backbone, cfg, concepts, text, cut, pos, pos_mask, neg, neg_mask,
-                             scale, scheduler, gens, vectors, init, active)
+                             scale, scheduler, gens, vectors, init, active, state["ti_weight"])
     per_concept = sum(terms.values())
     if not torch.isfinite(per_concept).all():
         bad = [concepts[i].concept_id for i in torch.nonzero(~torch.isfinite(per_concept)).flatten().tolist()]
@@ -287,18 +339,14 @@ def _bookkeep(cfg, params, frozen, active, state, terms, per_concept) -> None:
 
 
 def _objective_terms(backbone, cfg, concepts, text, hidden, pos, pos_mask, neg, neg_mask, scale, scheduler,
-                     gens, vectors, init, active) -> dict[str, torch.Tensor]:
+                     gens, vectors, init, active, ti_weight) -> dict[str, torch.Tensor]:
     """Weighted per-concept terms [C] of the objective; a term with λ = 0 is never computed.
 
     With ``cfg.ti_micro_batch`` the TI term comes back detached: its gradient is already in ``hidden.grad``.
     """
-    w, terms = cfg.weights, {}
-    if w.ce > 0:
-        terms["ce"] = w.ce * text_side_ce(text, pos, pos_mask, neg, neg_mask, scale)[0]
-    if w.image_ce > 0:
-        terms["image_ce"] = w.image_ce * image_side_ce(text, pos, pos_mask, scale)
+    w, terms = cfg.weights, _ce_terms(cfg, text, pos, pos_mask, neg, neg_mask, scale)
     if w.ti > 0:
-        terms["ti"] = w.ti * _ti_term(backbone, cfg, concepts, hidden, scheduler, gens, w.ti * active.float())
+        terms["ti"] = ti_weight * _ti_term(backbone, cfg, concepts, hidden, scheduler, gens, ti_weight * active.float())
     if w.reg > 0:
         terms["reg"] = w.reg * (vectors - init).pow(2).sum(-1)
     return terms
@@ -339,8 +387,9 @@ def _ti_term(backbone, cfg, concepts, hidden, scheduler, gens, weight) -> torch.
 
 
 @torch.no_grad()
-def _finish(backbone, cfg, concepts, batch, params, spaces, pos, pos_mask, neg, neg_mask, scale, init, last,
-            ema, steps_run) -> list[LearnedToken]:
+def _finish(backbone, cfg, concepts, batch, params, spaces, pos, pos_mask, neg, neg_mask, scale, init, state,
+            ti_ratio) -> list[LearnedToken]:
+    last, ema, steps_run, ti_weight = state["last"], state["ema"], state["steps_run"], state["ti_weight"]
     vectors = params()
     C, T = len(concepts), len(cfg.templates)
     text = F.normalize(backbone.encode_text(batch, vectors).features.float(), dim=-1).view(C, T, -1)
@@ -363,7 +412,10 @@ def _finish(backbone, cfg, concepts, batch, params, spaces, pos, pos_mask, neg, 
             "n_negatives": float(neg_mask[i].sum()),
         }
         if "ti" in last:
-            metrics["loss_ti"] = float(last["ti"][i] / cfg.weights.ti)
+            metrics["loss_ti"] = float(last["ti"][i] / ti_weight[i])
+            metrics["ti_weight"] = float(ti_weight[i])
+        if ti_ratio is not None:
+            metrics["ti_grad_ratio_start"] = float(ti_ratio[i])  # ‖∇TI‖ / ‖∇CE‖ at λ_TI = 1
         if spaces:
             metrics["rank"] = float(spaces[c.parent].rank)
         assert math.isfinite(norm)

@@ -19,6 +19,13 @@ class LossWeights:
     ce: float = 1.0  # text-side CLIP cross-entropy against the parent's negative bank
     image_ce: float = 0.0  # image-side CE: each image classified among the tokens learned together
     reg: float = 0.0  # ‖v − e_p‖²: stay near the parent word
+    # Calibrate λ_TI per concept by measurement (0: λ_TI is ``ti`` as given). At the start, on fresh
+    # samples, the learner measures the gradient each term sends to the concept's parameters and sets
+    # λ_TI,c = ti · ti_balance · ‖∇CE_c‖ / ‖∇TI_c‖: the TI term pulls ``ti_balance`` times as hard as the
+    # CE terms. The raw denoising MSE's gradient is two orders of magnitude below CE's (its loss sits
+    # near the noise floor), so an uncalibrated λ_TI = 1 leaves the token CE-only; and the ratio differs
+    # by backbone, so no fixed λ carries from one to another.
+    ti_balance: float = 0.0
 
 
 def text_side_ce(text: torch.Tensor, pos: torch.Tensor, pos_mask: torch.Tensor, neg: torch.Tensor,

@@ -284,10 +284,17 @@ class GalleryIndex:
         """One matrix search for all queries of all calls at the largest k, each query cut to its own k.
         A call is (queries [k, D], the k of each query)."""
         queries = np.concatenate([q for q, _ in calls]).astype(np.float32)
-        ks = [k for _, call_ks in calls for k in call_ks]
-        res = self.index.search(queries, min(max(ks), len(self.index)))
-        hits = [list(zip(res.ids[i][:k], res.uris[i][:k], map(float, res.scores[i][:k]))) for i, k in enumerate(ks)]
+        hits = gallery_hits(self.index, queries, [k for _, call_ks in calls for k in call_ks])
         return split_calls(hits, [len(k) for _, k in calls])
+
+
+def gallery_hits(index, queries: np.ndarray, ks: list[int]) -> list[list[tuple[str, str | None, float]]]:
+    """(id, uri, score) of the ``ks[i]`` best items of each query: one search at the largest k. An empty
+    gallery has no hits, which is an answer (an empty list), not a server error."""
+    if len(index) == 0:
+        return [[] for _ in ks]
+    res = index.search(queries, min(max(ks), len(index)))
+    return [list(zip(res.ids[i][:k], res.uris[i][:k], map(float, res.scores[i][:k]))) for i, k in enumerate(ks)]
 
 
 async def run_cancellable(fn: Callable[[Callable[[], bool]], Any]) -> Any:

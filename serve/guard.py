@@ -9,12 +9,15 @@ never makes classify wait. Plain Python (no Ray, no FastAPI), so it is tested di
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import time
 from dataclasses import dataclass, field
 
 from serve.api import ApiError
 from serve.settings import Limits
+
+log = logging.getLogger(__name__)
 
 CHEAP, COSTLY = "cheap", "costly"
 
@@ -84,3 +87,29 @@ def check_cost(passes: int, limits: Limits) -> None:
     if passes > limits.max_unet_passes:
         raise ApiError(422, "over_budget", f"the request needs {passes} UNet passes; the limit per request is "
                                             f"{limits.max_unet_passes}: fewer images, previews, alphas or steps")
+
+
+def read_allowed_image(uri: str, prefixes, s3, limit: int) -> bytes:
+    """An image the server reads on a client's behalf (``image_uri``): only under ``prefixes`` (none by
+    default), at most ``limit`` + 1 bytes read, one 404 for "absent" and "not allowed" so the store's
+    contents cannot be probed through the service, and 503 when the store itself is unreachable."""
+    from factory import storage
+    from factory.storage import NotFoundInStorage, StorageError
+
+    unavailable = ApiError(404, "image_unavailable", "no readable image at that image_uri")
+    if len(uri) > 1024 or not uri.startswith("s3://") or ".." in uri.split("/"):
+        raise unavailable
+    if not any(uri.startswith(p.rstrip("/") + "/") for p in prefixes):
+        raise unavailable
+    try:
+        data = storage.read_bytes(uri, s3, limit + 1)
+    except NotFoundInStorage:
+        raise unavailable from None
+    except StorageError as e:
+        if "ACCESS_DENIED" in str(e) or "403" in str(e):
+            raise unavailable from None
+        log.error("image store unreachable for %s: %s", uri, e)
+        raise ApiError(503, "store_unavailable", "the image store is unreachable; retry later") from None
+    if len(data) > limit:
+        raise ApiError(413, "request_too_large", f"the image at image_uri is over {limit} bytes")
+    return data

@@ -26,7 +26,7 @@ from serve.api import (
     ReloadRequest, ReloadResponse, RetrieveRequest, RetrieveResponse, TokenDetail, TokensResponse,
 )
 from factory.gair import DEFAULT_ALPHAS, GairRequest
-from serve.guard import CHEAP, COSTLY, Admission, check_cost, unet_passes
+from serve.guard import CHEAP, COSTLY, Admission, check_cost, read_allowed_image, unet_passes
 from serve.studio import THUMBNAIL_CACHE, png_response, static_file, thumbnail_png
 from serve.settings import Limits, ServeSettings, configure_batching
 
@@ -197,30 +197,8 @@ class Ingress:
             raise ApiError(status, "bad_image", f"image: {e}") from None
 
     async def _read_uri(self, uri: str) -> bytes:
-        """An image the server reads on the client's behalf: only under the configured prefixes (none by
-        default), size checked before reading, and one answer for "absent" and "not allowed" so the
-        store's contents cannot be probed through the service."""
-        from factory import storage
-        from factory.storage import NotFoundInStorage, StorageError
-
-        unavailable = ApiError(404, "image_unavailable", "no readable image at that image_uri")
-        if len(uri) > 1024 or not uri.startswith("s3://") or ".." in uri.split("/"):
-            raise unavailable
-        if not any(uri.startswith(p.rstrip("/") + "/") for p in self.s.image_uri_prefixes):
-            raise unavailable
-        s3, limit = self.s3, self.limits.max_request_bytes
-        try:
-            data = await asyncio.to_thread(storage.read_bytes, uri, s3, limit + 1)  # at most limit + 1 bytes
-        except NotFoundInStorage:
-            raise unavailable from None
-        except StorageError as e:
-            if "ACCESS_DENIED" in str(e) or "403" in str(e):
-                raise unavailable from None
-            log.error("image store unreachable for %s: %s", uri, e)
-            raise ApiError(503, "store_unavailable", "the image store is unreachable; retry later") from None
-        if len(data) > limit:
-            raise ApiError(413, "request_too_large", f"the image at image_uri is over {limit} bytes")
-        return data
+        return await asyncio.to_thread(read_allowed_image, uri, self.s.image_uri_prefixes, self.s3,
+                                       self.limits.max_request_bytes)
 
     # --- routes ---------------------------------------------------------------------------------------
     @app.get("/healthz")

@@ -263,3 +263,22 @@ def test_ann_slots_it_could_not_fill_are_marked_and_skipped() -> None:
     missing = result.indices[0] < 0
     assert missing.any() and np.all(np.isneginf(result.scores[0][missing]))
     assert len(result.ids[0]) == len(result.hits(0)) == int((~missing).sum())
+
+
+def test_exact_search_peak_memory_stays_within_its_block_budget():
+    import tracemalloc
+
+    n, dim, budget = 200_000, 8, 8 << 20
+    rng = np.random.default_rng(0)
+    index = ExactIndex(dim, max_block_bytes=budget)
+    index.add(rng.standard_normal((n, dim)).astype(np.float32), [f"i{j}" for j in range(n)])
+    index.vectors  # noqa: B018 (concatenate the added chunks before measuring)
+    queries = rng.standard_normal((64, dim)).astype(np.float32)
+    tracemalloc.start()
+    try:
+        index.search(queries, 10)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # The [block, n] scores and argpartition's int64 indices together, not the scores alone, are the budget.
+    assert peak <= 1.2 * budget, f"peak {peak / 2**20:.1f} MiB for a {budget / 2**20:.0f} MiB budget"

@@ -210,3 +210,35 @@ def test_token_norm_bound(backbone, parametrization):
     assert max(t.metrics["token_norm"] for t in free) > bound  # without the bound this lr overshoots it
     tokens = learn_tokens(backbone, concepts, banks, cfg)
     assert all(t.metrics["token_norm"] <= bound * (1 + 1e-5) for t in tokens)
+
+
+def test_ti_balance_sets_lambda_from_the_measured_gradient_ratio(backbone):
+    # λ_TI,c = ti_balance · ‖∇CE_c‖ / ‖∇TI_c‖: after calibration the two terms pull with the ratio asked for.
+    concepts, _, banks = _world(backbone, n_concepts=2, shots=3, heldout=0, latents=True)
+    weights = LossWeights(ti=1.0, ce=1.0, image_ce=0.0, ti_balance=0.5)
+    cfg = LearnerConfig(steps=1, ti_samples=2, log_every=0, weights=weights)
+    learned = learn_tokens(backbone, concepts, banks, cfg)
+    for t in learned:
+        raw = t.metrics["ti_grad_ratio_start"]  # ‖∇TI‖ / ‖∇CE‖ at λ = 1
+        assert raw > 0
+        assert t.metrics["ti_weight"] * raw == pytest.approx(0.5, rel=1e-4)
+    fixed = learn_tokens(backbone, concepts, banks, dataclasses.replace(cfg, weights=LossWeights(ti=1.0, ce=1.0)))
+    assert all(t.metrics["ti_weight"] == 1.0 and "ti_grad_ratio_start" not in t.metrics for t in fixed)
+
+
+def test_ti_balance_is_a_concepts_own_alone_or_beside_others(backbone):
+    # Calibration draws per-concept samples and measures per-concept gradients, so learning together
+    # still equals learning one by one.
+    concepts, _, banks = _world(backbone, n_concepts=2, shots=3, heldout=0, latents=True)
+    cfg = LearnerConfig(steps=3, ti_samples=2, log_every=0, weights=LossWeights(ti=1.0, ce=1.0, image_ce=0.0, ti_balance=1.0))
+    together = learn_tokens(backbone, concepts, banks, cfg)
+    alone = [learn_tokens(backbone, [c], banks, cfg)[0] for c in concepts]
+    for a, b in zip(together, alone):
+        assert a.metrics["ti_weight"] == pytest.approx(b.metrics["ti_weight"], rel=1e-4)
+        torch.testing.assert_close(a.vector, b.vector, atol=1e-5, rtol=1e-4)
+
+
+def test_ti_balance_leaves_ti_only_learning_alone(backbone):
+    concepts, _, banks = _world(backbone, n_concepts=2, shots=3, heldout=0, latents=True)
+    cfg = LearnerConfig(steps=1, log_every=0, weights=LossWeights(ti=1.0, ce=0.0, image_ce=0.0, ti_balance=1.0))
+    assert all(t.metrics["ti_weight"] == 1.0 for t in learn_tokens(backbone, concepts, banks, cfg))  # nothing to balance

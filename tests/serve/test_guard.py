@@ -119,3 +119,46 @@ def hf_backbone_for_serve():
     from factory.backbones import load_backbone
 
     return load_backbone("tiny-hf-clip")
+
+
+def test_image_uri_reads_answer_absent_denied_and_outage_apart(s3_server, s3_bucket):
+    from factory import storage
+    from serve.guard import read_allowed_image
+
+    s3 = s3_server.s3_options
+    storage.write_bytes(f"{s3_bucket}/allowed/a.png", b"png-bytes", s3)
+    storage.write_bytes(f"{s3_bucket}/private/a.png", b"png-bytes", s3)
+    prefixes = [f"{s3_bucket}/allowed"]
+    assert read_allowed_image(f"{s3_bucket}/allowed/a.png", prefixes, s3, 1024) == b"png-bytes"
+    answers = []
+    for uri in (f"{s3_bucket}/private/a.png", f"{s3_bucket}/allowed/missing.png", f"{s3_bucket}/allowed/../private/a.png"):
+        with pytest.raises(ApiError) as e:
+            read_allowed_image(uri, prefixes, s3, 1024)
+        answers.append((e.value.status, e.value.code, str(e.value)))
+    assert len(set(answers)) == 1 and answers[0][0] == 404  # denied and absent look the same
+    with pytest.raises(ApiError) as e:
+        read_allowed_image(f"{s3_bucket}/allowed/a.png", prefixes, s3, 4)
+    assert e.value.status == 413
+    import dataclasses
+    import socket
+
+    with socket.socket() as sock:  # a port nothing listens on: the store is down
+        sock.bind(("127.0.0.1", 0))
+        dead = dataclasses.replace(s3, endpoint=f"127.0.0.1:{sock.getsockname()[1]}", max_attempts=1)
+    with pytest.raises(ApiError) as e:
+        read_allowed_image(f"{s3_bucket}/allowed/a.png", prefixes, dead, 1024)
+    assert e.value.status == 503 and e.value.code == "store_unavailable"  # an outage, not the client's fault
+
+
+def test_an_empty_gallery_answers_no_hits_instead_of_failing():
+    import numpy as np
+
+    from factory.index import ExactIndex
+    from serve.deployments import gallery_hits
+
+    queries = np.ones((2, 8), np.float32)
+    assert gallery_hits(ExactIndex(8), queries, [3, 1]) == [[], []]
+    full = ExactIndex(8)
+    full.add(np.eye(8, dtype=np.float32)[:3], ["a", "b", "c"])
+    hits = gallery_hits(full, queries, [3, 1])
+    assert [len(h) for h in hits] == [3, 1] and hits[1][0][0] == hits[0][0][0]
