@@ -7,6 +7,15 @@
 (b) the learner: features and latents computed once, C concepts per optimisation step;
 (c) the Ray job (`tokenfactory onboard`) with 1 and with 2 Train workers, on a local catalog folder.
 Prints a table, writes JSON.
+
+Ratios (the JSON's top-level keys):
+    speedup_batched_vs_naive   concepts/min of the learner at the largest C over the naive loop's
+    speedup_2_vs_1_workers     *steady-state* concepts/min of the Ray job, 2 workers over 1: each worker
+                               count runs on the full catalog and on a quarter of it, and the steady rate
+                               is (N − N/4) / (T_N − T_N/4), which cancels start-up (Ray, actors, models)
+    speedup_2_vs_1_workers_end_to_end   the same from whole-run wall times
+The naive loop is linear in the number of concepts (nothing to amortise), so it runs on the first
+``--naive-concepts`` only and its rate stands for the whole catalog.
 """
 from __future__ import annotations
 
@@ -73,16 +82,20 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="build/onboard_throughput.json", help="JSON output path")
     p.add_argument("--backbone", default="fashion-mini", help="backbone (default: fashion-mini)")
-    p.add_argument("--products", type=int, default=8, help="concepts in the catalog (default: 8)")
+    p.add_argument("--products", type=int, default=64, help="concepts in the catalog (default: 64)")
+    p.add_argument("--naive-concepts", type=int, default=8, help="concepts the naive loop runs on (default: 8)")
     p.add_argument("--shots", type=int, default=5, help="few-shot images per concept (default: 5)")
     p.add_argument("--steps", type=int, default=50, help="learner steps, the same for every way (default: 50)")
-    p.add_argument("--concepts-per-step", type=int, default=4, help="C for (b) and (c) (default: 4)")
+    p.add_argument("--concepts-per-step", type=int, default=16, help="C for (b) and (c) (default: 16)")
     p.add_argument("--cpus-per-worker", type=float, default=0.5, help="CPUs per Ray Train worker (default: 0.5)")
     p.add_argument("--skip-ray", action="store_true", help="skip (c)")
     args = p.parse_args(argv)
 
     catalog = tempfile.mkdtemp(prefix="tf-bench-catalog-")
     write_catalog(catalog, seed=7, products=args.products, shots=args.shots, heldout=5, contexts=1, distractors=0)
+    quarter = tempfile.mkdtemp(prefix="tf-bench-catalog-q-")
+    write_catalog(quarter, seed=7, products=max(1, args.products // 4), shots=args.shots, heldout=5, contexts=1,
+                  distractors=0)
     specs = read_concepts(catalog)
     backbone = load_backbone(args.backbone)
     concepts, loaded, _ = prepare_concepts(backbone, specs)
@@ -93,26 +106,40 @@ def main(argv=None) -> int:
     cfg = LearnerConfig(steps=args.steps, weights=LossWeights(ti=1.0, ce=1.0, image_ce=0.0), log_every=0)
     size = image_size_for(backbone.config)
 
-    rows = []
-    secs, toks = naive(backbone, specs, concepts, banks, cfg, size)
+    rows, n_naive = [], min(args.naive_concepts, len(specs))
+    secs, toks = naive(backbone, specs[:n_naive], concepts[:n_naive], banks, cfg, size)
     rows.append(("naive (1 concept, re-encode every step)", secs, toks))
-    secs, toks = batched(backbone, concepts, banks, cfg, 1)
-    rows.append(("learner, precomputed, C=1", secs, toks))
-    secs, toks = batched(backbone, concepts, banks, cfg, args.concepts_per_step)
-    rows.append((f"learner, precomputed, C={args.concepts_per_step}", secs, toks))
+    for c in sorted({1, 4, args.concepts_per_step}):
+        secs, toks = batched(backbone, concepts, banks, cfg, c)
+        rows.append((f"learner, precomputed, C={c}", secs, toks))
+    ray_seconds = {}
     if not args.skip_ray:
         for w in (1, 2):
+            ray_seconds[(w, "quarter")], _ = ray_job(quarter, args.backbone, w, args)
             secs, toks = ray_job(catalog, args.backbone, w, args)
+            ray_seconds[(w, "full")] = secs
             rows.append((f"ray job, {w} worker(s), C={args.concepts_per_step} (end to end)", secs, toks))
 
     result = {"settings": vars(args), "cpus": os.cpu_count(), "ways": []}
     print(f"{'way':52s} {'seconds':>8s} {'concepts/min':>13s} {'held-out acc':>13s}")
+    rates = {}
     for name, secs, toks in rows:
         acc = _accuracy(backbone, specs, heldout, toks)
-        rate = len(toks) / secs * 60
+        rates[name] = rate = len(toks) / secs * 60
         result["ways"].append({"way": name, "seconds": secs, "concepts_per_min": rate, "heldout_accuracy": acc,
                                "concepts": len(toks)})
         print(f"{name:52s} {secs:8.1f} {rate:13.2f} {acc:13.3f}")
+    best = f"learner, precomputed, C={max(1, 4, args.concepts_per_step)}"
+    result["speedup_batched_vs_naive"] = rates[best] / rates["naive (1 concept, re-encode every step)"]
+    if ray_seconds:
+        n, q = len(specs), max(1, args.products // 4)
+        steady = {w: (n - q) / max(1e-9, ray_seconds[(w, "full")] - ray_seconds[(w, "quarter")]) * 60 for w in (1, 2)}
+        result["steady_concepts_per_min"] = {f"{w}_workers": r for w, r in steady.items()}
+        result["speedup_2_vs_1_workers"] = steady[2] / steady[1]
+        result["speedup_2_vs_1_workers_end_to_end"] = ray_seconds[(1, "full")] / ray_seconds[(2, "full")]
+    for k in ("speedup_batched_vs_naive", "speedup_2_vs_1_workers", "speedup_2_vs_1_workers_end_to_end"):
+        if k in result:
+            print(f"{k}: {result[k]:.2f}")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
