@@ -31,7 +31,7 @@ import numpy as np
 
 from factory import storage
 from factory.index import ExactIndex, create_index
-from factory.index_faiss import FaissIndex
+from factory.index.faiss_backend import FaissIndex
 
 
 def mixture(n: int, args: argparse.Namespace, draw: int, chunk: int = 100_000) -> np.ndarray:

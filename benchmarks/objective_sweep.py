@@ -88,7 +88,7 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     world = os.path.join(os.path.dirname(args.out) or ".", f"sweep-world-s{args.seed}")
-    subprocess.run([sys.executable, "-m", "jobs.cli", "world", "--out", world, "--seed", str(args.seed),
+    subprocess.run([sys.executable, "-m", "cli", "world", "--out", world, "--seed", str(args.seed),
                     "--products", str(args.products), "--groups-per-parent", "2", "--categories", *args.categories],
                    check=True, stdout=subprocess.DEVNULL)
     backbone = load_backbone("fashion-mini")

@@ -66,7 +66,7 @@ def batched(backbone, concepts, banks, cfg, c):
 
 
 def ray_job(catalog, backbone_name, workers, args):
-    from jobs.cli import main
+    from cli.main import main
 
     registry = tempfile.mkdtemp(prefix="tf-bench-registry-")
     t0 = time.perf_counter()

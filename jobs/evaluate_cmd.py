@@ -16,7 +16,7 @@ import time
 
 
 def register(sub) -> None:
-    from jobs.cli import add_s3_arguments
+    from jobs.arguments import add_s3_arguments
 
     p = sub.add_parser("evaluate", help="classification / retrieval / generation metrics of a registry vs baselines",
                        description=__doc__)
@@ -47,10 +47,12 @@ def run_learner_config(manifest_config: dict, steps: int | None = None):
     import argparse
 
     from factory.learner import LearnerConfig
-    from jobs.cli import build_parser
-    from jobs.onboard_cmd import learner_config
+    from jobs import onboard_cmd
 
-    defaults = build_parser().parse_args(["onboard", "--catalog", "-", "--registry", "-"])
+    parser = argparse.ArgumentParser()
+    onboard_cmd.register(parser.add_subparsers())  # onboard's own flags and defaults, nothing else
+    defaults = parser.parse_args(["onboard", "--catalog", "-", "--registry", "-"])
+    learner_config = onboard_cmd.learner_config
     args = argparse.Namespace(**{**vars(defaults), **{k: v for k, v in manifest_config.items() if k in vars(defaults)}})
     if steps is not None:
         args.steps = steps
@@ -67,7 +69,7 @@ def run(args) -> int:
     from factory.evaluation.report import markdown, write_report
     from factory.index import load_index
     from factory.registry import TokenRegistry
-    from jobs.cli import absolute_uri, effective_config, s3_options
+    from jobs.arguments import absolute_uri, effective_config, s3_options
 
     for name in ("catalog", "registry", "index", "out", "weights"):
         setattr(args, name, absolute_uri(getattr(args, name)))

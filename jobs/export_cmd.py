@@ -18,7 +18,7 @@ import json
 
 
 def register(sub) -> None:
-    from jobs.cli import add_s3_arguments
+    from jobs.arguments import add_s3_arguments
 
     p = sub.add_parser("export", help="write registry tokens as diffusers textual-inversion safetensors",
                        description=__doc__)
@@ -53,7 +53,7 @@ def export_tokens(registry_uri: str, out: str, version: int | None = None, conce
 
 
 def run(args) -> int:
-    from jobs.cli import absolute_uri, s3_options
+    from jobs.arguments import absolute_uri, s3_options
 
     index = export_tokens(absolute_uri(args.registry), absolute_uri(args.out), args.version, args.concepts,
                           s3_options(args))

@@ -18,7 +18,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 def register(sub) -> None:
-    from jobs.cli import add_s3_arguments
+    from jobs.arguments import add_s3_arguments
 
     p = sub.add_parser("index", help="embed gallery images into a vector index (Ray Data batch inference)",
                        description=__doc__)
@@ -73,7 +73,7 @@ def run(args) -> int:
 
     from factory.backbones import resolve_backbone_config
     from factory.index import create_index
-    from jobs.cli import absolute_uri, effective_config, s3_options
+    from jobs.arguments import absolute_uri, effective_config, s3_options
     from jobs.onboard_data import ImageEncoder, decode_batch, encoder_options
 
     args.gallery, args.out, args.weights = (absolute_uri(x) for x in (args.gallery, args.out, args.weights))

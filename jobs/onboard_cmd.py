@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 
 def register(sub) -> None:
-    from jobs.cli import add_s3_arguments
+    from jobs.arguments import add_s3_arguments
 
     p = sub.add_parser("onboard", help="learn tokens for a whole catalog on Ray (S3 -> Ray Data -> Ray Train -> registry)",
                        description=__doc__)
@@ -86,7 +86,7 @@ def run(args) -> int:
     from factory.backbones import resolve_backbone_config
     from factory.catalog import read_concepts
     from factory.registry import TokenRegistry
-    from jobs.cli import absolute_uri, effective_config, s3_options
+    from jobs.arguments import absolute_uri, effective_config, s3_options
 
     for name in ("catalog", "registry", "weights", "report"):
         setattr(args, name, absolute_uri(getattr(args, name)))

@@ -193,7 +193,7 @@ def run_stages(args, stages: list[dict]) -> None:
 def run(args) -> int:
     import ray
 
-    from jobs.cli import absolute_uri
+    from jobs.arguments import absolute_uri
 
     if args.group_size < 1:
         raise SystemExit(f"--group-size must be at least 1, got {args.group_size}")

@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("schemas", "factory", "jobs", "serve", "benchmarks")
+PACKAGES = ("schemas", "factory", "jobs", "serve", "cli", "benchmarks")
 
 
 def _calls(name: str):

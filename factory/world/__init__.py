@@ -7,7 +7,8 @@ demo, the tests and the benchmarks (``write_catalog`` / ``read_catalog``).
 from factory.world.attributes import (
     BACKGROUND_PHRASES, BACKGROUNDS, CATEGORIES, COLOUR_RGB, COLOURS, NO_PATTERN_COLOUR, PATTERNS, caption,
 )
-from factory.world.catalog import Catalog, Product, Query, read_catalog, write_catalog
+from factory.world.catalog import Catalog, Query, read_catalog, write_catalog
+from factory.world.products import Product
 from factory.world.fashion_mnist import FashionMNISTMissing, load_fashion_mnist
 from factory.world.render import FashionWorld, Renders, render
 

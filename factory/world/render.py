@@ -20,7 +20,7 @@ from factory.world.fashion_mnist import FashionSplit, load_fashion_mnist
 from factory.world.scenes import draw_backgrounds
 
 if TYPE_CHECKING:
-    from factory.world.catalog import Product
+    from factory.world.products import Product
 
 __all__ = ["FashionWorld", "Renders", "caption", "render"]
 

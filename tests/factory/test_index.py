@@ -24,7 +24,7 @@ from factory.index import (
     create_index,
     load_index,
 )
-from factory.index_faiss import FaissIndex
+from factory.index.faiss_backend import FaissIndex
 from jobs.s3server import SeaweedS3
 
 DIM = 64

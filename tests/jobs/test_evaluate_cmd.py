@@ -6,7 +6,7 @@ import pytest
 from factory.evaluation.methods import CLASSIFICATION_METHODS, RETRIEVAL_METHODS
 from factory.evaluation.report import FILES
 from factory.world import write_catalog
-from jobs.cli import main
+from cli.main import main
 
 
 @pytest.mark.ray

@@ -8,7 +8,7 @@ from factory import storage
 from factory.backbones import load_backbone
 from factory.index import load_index
 from factory.world import read_catalog, write_catalog
-from jobs.cli import main
+from cli.main import main
 
 
 def test_index_from_a_catalog_root(ray_cluster, tmp_path):

@@ -17,7 +17,7 @@ from PIL import Image
 from factory import storage
 from factory.registry import TokenRegistry
 from factory.world import write_catalog
-from jobs.cli import main
+from cli.main import main
 from schemas import CatalogRow, to_arrow
 
 

@@ -5,7 +5,7 @@ import torch
 
 from factory import storage
 from factory.backbones import create_backbone, get_backbone_config, load_backbone
-from jobs.cli import main
+from cli.main import main
 
 
 def _args(out, clip_steps, unet_steps):

@@ -21,7 +21,7 @@ import torch
 from factory.backbones import load_backbone
 from factory.registry import TokenRegistry
 from factory.world import read_catalog, write_catalog
-from jobs.cli import main
+from cli.main import main
 from tests.checkpoints import upload, write_sd1_root, write_sd2_root
 
 

@@ -2,7 +2,7 @@
 import json
 import socket
 
-from jobs.cli import main
+from cli.main import main
 
 
 def _free_port() -> int:

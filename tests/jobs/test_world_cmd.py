@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from factory.world import read_catalog
-from jobs.cli import build_parser, main
+from cli.main import build_parser, main
 
 
 def test_world_command_writes_a_catalog(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

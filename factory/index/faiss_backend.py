@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from factory.index import FAISS_NAME, MANIFEST_NAME, CorruptIndex, InvalidIndexParams, VectorIndex
+from factory.index.base import FAISS_NAME, MANIFEST_NAME, CorruptIndex, InvalidIndexParams, VectorIndex
 
 _FAISS_DEFAULTS: dict[str, dict[str, Any]] = {
     # HNSW: M links per node, efConstruction/efSearch candidate-list sizes (recall vs build/query time).

@@ -45,7 +45,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from jobs.cli import absolute_uri, effective_config
+    from jobs.arguments import absolute_uri, effective_config
     from jobs.s3server import SeaweedS3
 
     args.out = absolute_uri(args.out)
@@ -78,7 +78,7 @@ def _run(args, bucket: str, s3, s3_env: dict) -> int:
     from factory.onboarding import heldout_features
     from factory.registry import TokenRegistry
     from factory.world import write_catalog
-    from jobs.cli import build_parser
+    from cli.main import build_parser
 
     console = Console()
     catalog_uri, registry_uri = f"{bucket}/catalog", f"{bucket}/registry"
@@ -117,7 +117,7 @@ def _run(args, bucket: str, s3, s3_env: dict) -> int:
     result = {"registry_version": version.version, "accuracy": accuracy, "products": len(specs),
               "learned": len(tokens), "figure": figure, "onboard_report": report_path}
     if not args.no_serve:
-        from jobs.demo_service import serve_tour
+        from cli.demo_service import serve_tour
 
         from factory.world import read_catalog
 

@@ -1,4 +1,5 @@
-"""Vector indexes for gallery retrieval: one interface, an exact backend and FAISS ANN backends.
+"""The vector-index interface (`VectorIndex`), its errors and saved layout; backends in `exact` and
+`faiss_backend`.
 
 Similarity is cosine: every vector is L2-normalised on ``add`` and every query on ``search``, so the
 inner product the backends compute *is* the cosine. Items are kept in insertion order; a hit's
@@ -20,7 +21,6 @@ from __future__ import annotations
 import abc
 import functools
 import hashlib
-import io
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,11 +28,10 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from factory import storage
 from factory.errors import TokenFactoryError
-from factory.storage import NotFoundInStorage, S3Options
+from factory.storage import S3Options
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "index.json"
@@ -310,143 +309,6 @@ class VectorIndex(abc.ABC):
         self._uris = table.column("uri").to_pylist()
         self._metadata = [None if m is None else json.loads(m) for m in table.column("metadata").to_pylist()]
         self._positions = {item: j for j, item in enumerate(self._ids)}
-
-
-class ExactIndex(VectorIndex):
-    """Brute force: one matrix product per block of queries, then a partial sort for the top k.
-
-    Queries are processed in blocks sized so that the [block, n] score matrix stays under
-    ``max_block_bytes``; that is what lets 1M items be searched without a [q, 1M] matrix in memory.
-    """
-
-    def __init__(self, dim: int, max_block_bytes: int = 256 << 20) -> None:
-        super().__init__(dim)
-        if max_block_bytes <= 0:
-            raise InvalidIndexParams(f"max_block_bytes must be positive, got {max_block_bytes}")
-        self._max_block_bytes = int(max_block_bytes)
-        # Batches are kept as chunks and concatenated once at search time, so that adding a gallery in
-        # many small batches does not copy the growing matrix at every add.
-        self._chunks: list[np.ndarray] = [np.zeros((0, dim), np.float32)]
-
-    @property
-    def backend(self) -> str:
-        return "exact"
-
-    @property
-    def params(self) -> dict[str, Any]:
-        return {"max_block_bytes": self._max_block_bytes}
-
-    @property
-    def vectors(self) -> np.ndarray:
-        """The normalised [n, dim] float32 matrix, in insertion order."""
-        if len(self._chunks) > 1:
-            self._chunks = [np.concatenate(self._chunks)]
-        return self._chunks[0]
-
-    def _add_normalised(self, vectors: np.ndarray) -> None:
-        self._chunks.append(vectors)
-
-    def _search_normalised(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        matrix = self.vectors
-        n = matrix.shape[0]
-        # Per query row of a block: the float32 scores (4n bytes), argpartition's int64 indices (8n) and
-        # its working copy of the scores (4n), so the block's peak stays within the budget (measured:
-        # sizing by the scores alone peaked at 3x it).
-        block = max(1, self._max_block_bytes // (16 * n))
-        scores_out = np.empty((queries.shape[0], k), np.float32)
-        indices_out = np.empty((queries.shape[0], k), np.int64)
-        for start in range(0, queries.shape[0], block):
-            scores = queries[start : start + block] @ matrix.T
-            if k < n:
-                # Partition the scores themselves (not their negation): no second [block, n] array.
-                cand = np.argpartition(scores, n - k, axis=1)[:, n - k :]
-            else:
-                cand = np.broadcast_to(np.arange(n), scores.shape)
-            cand_scores = np.take_along_axis(scores, cand, axis=1)
-            # Best first; equal scores by position, so results do not depend on argpartition's order.
-            order = np.lexsort((cand, -cand_scores), axis=-1)
-            indices_out[start : start + block] = np.take_along_axis(cand, order, axis=1)
-            scores_out[start : start + block] = np.take_along_axis(cand_scores, order, axis=1)
-        return scores_out, indices_out
-
-    def _payload(self) -> dict[str, bytes]:
-        buf = io.BytesIO()
-        np.save(buf, self.vectors, allow_pickle=False)
-        return {VECTORS_NAME: buf.getvalue()}
-
-    def _stored_count(self) -> int:
-        return int(self.vectors.shape[0])
-
-    @classmethod
-    def _restore(cls, backend: str, dim: int, params: dict[str, Any], files: dict[str, bytes]) -> ExactIndex:
-        index = cls(dim, **params)
-        matrix = np.load(io.BytesIO(files[VECTORS_NAME]), allow_pickle=False)
-        if matrix.dtype != np.float32 or matrix.ndim != 2 or matrix.shape[1] != dim:
-            raise CorruptIndex(f"{VECTORS_NAME} holds {matrix.dtype} {matrix.shape}, expected float32 [n, {dim}]")
-        index._chunks = [matrix]
-        return index
-
-
-FAISS_KINDS = ("hnsw", "ivf")  # the backends factory.index_faiss implements
-
-
-def create_index(backend: str, dim: int, **params: Any) -> VectorIndex:
-    """``backend`` is "exact", "hnsw" or "ivf"; ``params`` are that backend's keyword arguments."""
-    if backend == "exact":
-        return ExactIndex(dim, **params)
-    if backend in FAISS_KINDS:
-        from factory.index_faiss import FaissIndex
-
-        return FaissIndex(dim, kind=backend, **params)
-    raise InvalidIndexParams(f"unknown index backend {backend!r}; use 'exact', 'hnsw' or 'ivf'")
-
-
-def load_index(uri: str, s3: S3Options | None = None) -> VectorIndex:
-    """Load an index saved with ``VectorIndex.save``, whatever its backend."""
-    manifest_uri = storage.join(uri, MANIFEST_NAME)
-    try:
-        manifest = storage.read_json(manifest_uri, s3)
-    except NotFoundInStorage:
-        if storage.listdir(uri, s3):
-            raise IncompleteIndex(
-                f"{uri} holds index files but no {MANIFEST_NAME}: its save did not finish; save the index again"
-            ) from None
-        raise IndexNotFound(f"no index at {uri} (no {MANIFEST_NAME}); build one with `tokenfactory index`") from None
-    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
-        version = manifest.get("format_version") if isinstance(manifest, dict) else None
-        raise CorruptIndex(f"{manifest_uri}: index format version {version!r}, this code reads {FORMAT_VERSION}")
-    try:
-        backend, dim, count = str(manifest["backend"]), int(manifest["dim"]), int(manifest["count"])
-        params, checksums = dict(manifest["params"]), dict(manifest["files"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise CorruptIndex(f"{manifest_uri}: missing or malformed field ({e!r})") from e
-    if backend != "exact" and backend not in FAISS_KINDS:
-        raise CorruptIndex(f"{manifest_uri}: unknown backend {backend!r}")
-    if backend == "exact":
-        cls: type[VectorIndex] = ExactIndex
-    else:
-        from factory.index_faiss import FaissIndex
-
-        cls = FaissIndex
-    needed = {ITEMS_NAME, VECTORS_NAME if cls is ExactIndex else FAISS_NAME} - set(checksums)
-    if needed:
-        raise CorruptIndex(f"{manifest_uri} does not list {sorted(needed)}")
-    files: dict[str, bytes] = {}
-    for name, digest in checksums.items():
-        file_uri = storage.join(uri, name)
-        try:
-            data = storage.read_bytes(file_uri, s3)
-        except NotFoundInStorage:
-            raise CorruptIndex(f"{file_uri} is listed in {MANIFEST_NAME} but missing: save the index again") from None
-        if hashlib.sha256(data).hexdigest() != digest:
-            raise CorruptIndex(f"{file_uri} does not match the checksum in {MANIFEST_NAME}: save the index again")
-        files[name] = data
-    index = cls._restore(backend, dim, params, files)
-    index._restore_items(pq.read_table(pa.BufferReader(files[ITEMS_NAME])))
-    counts = {len(index), index._stored_count(), count}
-    if len(counts) != 1:
-        raise CorruptIndex(f"{uri}: item, vector and manifest counts disagree ({sorted(counts)})")
-    return index
 
 
 def _check_unique(ids: list[str], existing: dict[str, int]) -> None:

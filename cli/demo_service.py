@@ -15,7 +15,7 @@ def serve_tour(args, bucket: str, catalog_uri: str, registry_uri: str, s3_env: d
     import httpx
     from rich.console import Console
 
-    from jobs.cli import build_parser
+    from cli.main import build_parser
     from serve.app import start, stop
     from serve.settings import ServeSettings
 

@@ -1,0 +1,1 @@
+"""The `tokenfactory` command line (`cli.main`), above `jobs` and `serve`."""

@@ -1,0 +1,42 @@
+"""Flags and values every job command shares: S3 options, absolute URIs, the printed run config."""
+from __future__ import annotations
+
+import argparse
+
+
+def effective_config(args: argparse.Namespace) -> dict:
+    """The flags of a run as plain JSON-able values: printed at start and stored with its outputs."""
+    return {k: v for k, v in vars(args).items() if k != "func"}
+
+
+def absolute_uri(uri: str | None) -> str | None:
+    """Local paths made absolute (Ray workers run elsewhere); URIs with a scheme are left alone."""
+    import os
+
+    if uri is None or "://" in uri:
+        return uri
+    return os.path.abspath(uri)
+
+
+def add_s3_arguments(p: argparse.ArgumentParser) -> None:
+    """--s3-endpoint / --s3-region, shared by every command that reads or writes ``s3://`` URIs.
+
+    Keys are read from the environment only (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or the instance
+    profile): secrets on a command line show up in ``ps``.
+    """
+    p.add_argument("--s3-endpoint", metavar="URL", default=None,
+                   help="S3 endpoint, e.g. http://127.0.0.1:8333. Default: $TOKENFACTORY_S3_ENDPOINT, "
+                        "$AWS_ENDPOINT_URL_S3 or $AWS_ENDPOINT_URL, else AWS")
+    p.add_argument("--s3-region", metavar="REGION", default=None,
+                   help="S3 region. Default: $AWS_REGION or $AWS_DEFAULT_REGION, else us-east-1")
+
+
+def s3_options(args: argparse.Namespace):
+    """S3 options from the environment, overridden by --s3-endpoint / --s3-region."""
+    import dataclasses
+
+    from factory.storage import S3Options
+
+    opts = S3Options.from_env()
+    changes = {k: v for k, v in (("endpoint", args.s3_endpoint), ("region", args.s3_region)) if v}
+    return dataclasses.replace(opts, **changes) if changes else opts
