@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from factory.backbones import load_backbone
-from factory.figures import to_uint8
+from factory.images import to_uint8
 from factory.world import BACKGROUNDS, CATEGORIES, COLOURS, PATTERNS, FashionWorld, caption
 
 TARGETS = {"zero_shot": {"category": 0.75, "colour": 0.95, "pattern": 0.95, "background": 0.95},

@@ -38,7 +38,8 @@ from factory.concepts import negative_banks
 from factory.evaluation.composition import composition_generation
 from factory.evaluation.data import read_eval_catalog
 from factory.evaluation.methods import classification
-from factory.learner import LearnerConfig, learn_tokens, template_prompts
+from factory.learner import LearnerConfig, learn_tokens
+from factory.tokens.prompts import template_prompts
 from factory.losses import LossWeights, textual_inversion_loss
 from factory.onboarding import chunks_by_parent, heldout_features, prepare_concepts
 from factory.tokens import marker

@@ -34,7 +34,8 @@ from factory.backbones import load_backbone
 from factory.catalog import read_concepts
 from factory.concepts import encode_images
 from factory.evaluation import heldout_accuracy
-from factory.learner import LearnerConfig, learn_tokens, template_prompts
+from factory.learner import LearnerConfig, learn_tokens
+from factory.tokens.prompts import template_prompts
 from factory.losses import LossWeights
 from factory.onboarding import heldout_features, image_size_for, learn_in_chunks, load_images, negative_banks, prepare_concepts
 from factory.registry import TokenRegistry

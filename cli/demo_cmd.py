@@ -133,7 +133,8 @@ def _draw(backbone, specs, tokens, args, path, s3) -> None:
     import numpy as np
     import torch
 
-    from factory.figures import image_grid, to_uint8
+    from factory.figures import image_grid
+    from factory.images import to_uint8
     from factory.onboarding import image_size_for, load_images
 
     chosen = [s for s in specs if s.concept_id in tokens][: args.figure_products]

@@ -7,15 +7,28 @@ from __future__ import annotations
 
 
 class TokenFactoryError(Exception):
-    """Base class of every error raised on purpose by tokenfactory."""
+    """Base class of every error raised on purpose by tokenfactory.
+
+    Each class carries the answer it deserves over HTTP (``http_status``, ``code``): the service maps an
+    error by these two attributes alone, and the CLI prints any of them as one line and exits 2. A
+    subclass that also derives from a builtin (ValueError, KeyError, OSError…) keeps working with code
+    that catches the builtin.
+    """
+
+    http_status: int = 422
+    code: str = "bad_request"
 
 
 class MalformedMarker(TokenFactoryError, ValueError):
     """A `<concept:...>` marker whose id is not a valid concept id, or an unclosed marker."""
 
+    code = "malformed_marker"
+
 
 class UnknownConceptMarker(TokenFactoryError, KeyError):
     """A prompt names a concept for which no token vector was given."""
+
+    http_status, code = 404, "unknown_concept"
 
     def __init__(self, missing: list[str], known: int | None = None):
         self.missing = list(missing)
@@ -32,9 +45,13 @@ class UnknownConceptMarker(TokenFactoryError, KeyError):
 class PromptTooLong(TokenFactoryError, ValueError):
     """A prompt does not fit the text encoder's context length."""
 
+    code = "prompt_too_long"
+
 
 class UnknownWord(TokenFactoryError, KeyError):
     """A word has no ids in the backbone's (possibly trimmed) vocabulary."""
+
+    code = "unknown_word"
 
     def __str__(self) -> str:
         return self.args[0]
@@ -43,13 +60,19 @@ class UnknownWord(TokenFactoryError, KeyError):
 class EmptyVocabulary(TokenFactoryError, ValueError):
     """An attribute vocabulary that leaves no usable word for the subspace."""
 
+    code = "empty_vocabulary"
+
 
 class UnknownVocabulary(TokenFactoryError, KeyError):
+    http_status, code = 404, "unknown_vocabulary"
+
     def __str__(self) -> str:
         return self.args[0]
 
 
 class UnknownBackbone(TokenFactoryError, KeyError):
+    http_status, code = 404, "unknown_backbone"
+
     def __str__(self) -> str:
         return self.args[0]
 
@@ -57,25 +80,37 @@ class UnknownBackbone(TokenFactoryError, KeyError):
 class DimensionMismatch(TokenFactoryError, ValueError):
     """A token vector or feature whose dimension does not match the backbone."""
 
+    code = "dimension_mismatch"
+
 
 class EmptyImageSet(TokenFactoryError, ValueError):
     """A concept with no (usable) images to learn from."""
+
+    code = "empty_image_set"
 
 
 class NonFiniteLoss(TokenFactoryError, FloatingPointError):
     """The objective became NaN or infinite during learning."""
 
+    http_status, code = 500, "non_finite_loss"
+
 
 class WeightsError(TokenFactoryError, ValueError):
     """Backbone weights that are missing, unreadable, or do not fit the named config."""
+
+    http_status, code = 500, "bad_weights"
 
 
 class BackboneMismatch(TokenFactoryError, ValueError):
     """Parts of a backbone that are not a pair: a pipeline whose text encoder is not the CLIP's text tower."""
 
+    http_status, code = 500, "backbone_mismatch"
+
 
 class SamplingCancelled(TokenFactoryError):
     """Sampling stopped because its caller asked (a request that timed out or whose client went away)."""
+
+    http_status, code = 503, "sampling_cancelled"
 
 
 class CatalogError(TokenFactoryError, ValueError):

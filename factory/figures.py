@@ -24,9 +24,3 @@ def image_grid(rows: Sequence[tuple[str, Sequence[np.ndarray]]], col_titles: Seq
             tile = Image.fromarray(img).resize((w * scale, h * scale), Image.NEAREST)
             canvas.paste(tile, (label_w + j * cell_w, y))
     return canvas
-
-
-def to_uint8(images) -> np.ndarray:
-    """Generator output in [-1, 1], [N, 3, H, W] (torch or NumPy) -> uint8 [N, H, W, 3]."""
-    x = images.detach().cpu().numpy() if hasattr(images, "detach") else np.asarray(images)
-    return ((x.transpose(0, 2, 3, 1) + 1) * 127.5).clip(0, 255).round().astype(np.uint8)

@@ -22,6 +22,8 @@ MIN_SIDE = 8
 class BadImage(TokenFactoryError, ValueError):
     """An image that cannot be used; the message is a short reason for the run report."""
 
+    code = "bad_image"
+
 
 def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Bytes -> uint8 RGB array [H, W, 3], or BadImage."""
@@ -79,3 +81,9 @@ def load_rgb(data: bytes, size: int, max_pixels: int = MAX_PIXELS) -> np.ndarray
     top, left = (h - s) // 2, (w - s) // 2
     im = Image.fromarray(arr[top: top + s, left: left + s])
     return np.asarray(im.resize((size, size), Image.BICUBIC))
+
+
+def to_uint8(images) -> np.ndarray:
+    """Generator output in [-1, 1], [N, 3, H, W] (torch or NumPy) -> uint8 [N, H, W, 3]."""
+    x = images.detach().cpu().numpy() if hasattr(images, "detach") else np.asarray(images)
+    return ((x.transpose(0, 2, 3, 1) + 1) * 127.5).clip(0, 255).round().astype(np.uint8)

@@ -26,22 +26,9 @@ from factory.backbones import Backbone
 from factory.errors import DimensionMismatch, EmptyImageSet, NonFiniteLoss
 from factory.losses import LossWeights, image_side_ce, text_side_ce, textual_inversion_loss
 from factory.tokens import Subspace, TokenParameters, build_subspace, get_vocabulary, marker, vocabulary_for_parent
+from factory.tokens.prompts import DEFAULT_TEMPLATES, template_prompts
 
 log = logging.getLogger(__name__)
-
-DEFAULT_TEMPLATES = (
-    "a photo of a {concept} {parent}",
-    "a {concept} {parent}",
-    "a close-up photo of the {concept} {parent}",
-    "an image of a {concept} {parent}",
-)
-
-
-def template_prompts(concept: str, parent: str, templates: Sequence[str] = DEFAULT_TEMPLATES) -> list[str]:
-    """The templates filled with a concept phrase (a marker, or "" for the parent word alone) and the parent
-    word, whitespace collapsed: the prompts that stand for a concept when classifying."""
-    return [" ".join(t.format(concept=concept, parent=parent).split()) for t in templates]
-
 
 @dataclass
 class LearnerConfig:

@@ -38,6 +38,8 @@ SHORT_CAPTIONS_CSV = "shortened_deepfashion2_captions.csv"
 class PervlLayoutError(TokenFactoryError, ValueError):
     """A PerVL-style catalog whose files are missing or disagree with each other."""
 
+    code = "bad_pervl_layout"
+
 
 @dataclass
 class PervlCatalog:

@@ -32,6 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from factory import storage
+from factory.errors import TokenFactoryError
 from factory.storage import NotFoundInStorage, S3Options
 from schemas import RegistryFile, RegistryManifest, TokenRecord, from_arrow, to_arrow, validate_concept_id
 
@@ -43,20 +44,28 @@ SHARD_GLOB = "tokens-*.parquet"
 _VERSION_DIR_RE = re.compile(r"v(\d{6,})")
 
 
-class RegistryError(Exception):
+class RegistryError(TokenFactoryError):
     """Base class of registry errors."""
+
+    http_status, code = 500, "registry_error"
 
 
 class NoCommittedVersion(RegistryError):
     """The registry has no committed version yet."""
 
+    http_status, code = 503, "no_committed_version"
+
 
 class UnknownVersion(RegistryError):
     """The requested version is not committed (absent, or interrupted before its manifest)."""
 
+    http_status, code = 404, "no_such_version"
+
 
 class UnknownConcept(RegistryError, KeyError):
     """The concept has no token in this version."""
+
+    http_status, code = 404, "unknown_concept"
 
     def __str__(self) -> str:
         # KeyError.__str__ would repr() the message, wrapping it in quotes.
@@ -65,6 +74,8 @@ class UnknownConcept(RegistryError, KeyError):
 
 class ChecksumMismatch(RegistryError):
     """A data file differs from (or is missing compared to) what the manifest recorded."""
+
+    http_status, code = 409, "version_unreadable"
 
 
 def shard_file_name(shard_name: str) -> str:

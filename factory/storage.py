@@ -32,9 +32,13 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from pydantic import BaseModel
 
+from factory.errors import TokenFactoryError
 
-class StorageError(OSError):
+
+class StorageError(TokenFactoryError, OSError):
     """A storage operation failed; ``uri`` says on what."""
+
+    http_status, code = 503, "store_unavailable"
 
     def __init__(self, message: str, uri: str | None = None) -> None:
         super().__init__(message)
@@ -46,6 +50,8 @@ class StorageError(OSError):
 
 class NotFoundInStorage(StorageError, FileNotFoundError):
     """The object or file does not exist."""
+
+    http_status, code = 404, "not_found"
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,11 @@ def register(sub) -> None:
     p.add_argument("--sample-steps", type=int, default=20, help="DDIM steps per preview (default: 20)")
     p.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance of previews (default: 4)")
     p.add_argument("--seed", type=int, default=0, help="seed of the previews (default: 0)")
+    p.add_argument("--gair-rule", choices=["retrieval", "previews"], default="retrieval",
+                   help="how gair_auto picks α: 'retrieval' (what each α's query retrieves) or 'previews' (the "
+                        "previews' min-max balance); every rule is also reported as gair_<rule> (default: retrieval)")
+    p.add_argument("--gair-intent-margin", type=float, default=None,
+                   help="the retrieval rule's intent margin, cosine (default: the library's, chosen on seed 0)")
     p.add_argument("--ablation-steps", type=int, default=None,
                    help="learner steps of the ablations (default: the registry run's --steps)")
     add_s3_arguments(p)
@@ -42,12 +47,21 @@ def register(sub) -> None:
 
 
 def run_learner_config(manifest_config: dict, steps: int | None = None):
-    """(LearnerConfig, concepts per step) of the onboarding run that wrote a registry version; flags the
-    run did not record take the onboard command's defaults."""
+    """(LearnerConfig, concepts per step) of the onboarding run that wrote a registry version.
+
+    A run records its resolved learner settings (``learner``); for versions written before it did, the
+    flags it recorded are laid over the onboard command's defaults."""
     import argparse
+    import dataclasses
 
     from factory.learner import LearnerConfig
     from jobs import onboard_cmd
+
+    if "learner" in manifest_config:
+        learner = LearnerConfig(**manifest_config["learner"])
+        if steps is not None:
+            learner = dataclasses.replace(learner, steps=steps)
+        return learner, int(manifest_config["concepts_per_step"])
 
     parser = argparse.ArgumentParser()
     onboard_cmd.register(parser.add_subparsers())  # onboard's own flags and defaults, nothing else
@@ -87,7 +101,8 @@ def run(args) -> int:
         learner=learner, concepts_per_step=per_step, max_queries=args.max_queries,
         generation_queries=args.generation_queries,
         gair=GairSettings(alphas=[float(a) for a in args.alphas.split(",")], previews=args.previews,
-                          steps=args.sample_steps, guidance=args.guidance, seed=args.seed))
+                          steps=args.sample_steps, guidance=args.guidance, seed=args.seed, rule=args.gair_rule,
+                          **({} if args.gair_intent_margin is None else {"intent_margin": args.gair_intent_margin})))
     print(f"[evaluate] {len(catalog.concepts)} concepts, {len(catalog.queries)} queries, gallery index of "
           f"{len(index)}; registry version {version.version} ({len(version)} tokens)", flush=True)
     ev = evaluate(backbone, catalog, version.records(), index, config, s3)

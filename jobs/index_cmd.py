@@ -74,7 +74,7 @@ def run(args) -> int:
     from factory.backbones import resolve_backbone_config
     from factory.index import create_index
     from jobs.arguments import absolute_uri, effective_config, s3_options
-    from jobs.onboard_data import ImageEncoder, decode_batch, encoder_options
+    from jobs.onboard_data import CatalogEncoder, decode_batch, encoder_options
 
     args.gallery, args.out, args.weights = (absolute_uri(x) for x in (args.gallery, args.out, args.weights))
     print("[index] config: " + json.dumps(effective_config(args), sort_keys=True), flush=True)
@@ -93,7 +93,7 @@ def run(args) -> int:
     ).materialize()
     bad = decoded.filter(lambda r: r["error"] != "").select_columns(["uri", "error"]).take_all()
     encoded = decoded.filter(lambda r: r["error"] == "").map_batches(
-        ImageEncoder, fn_constructor_kwargs={"backbone": backbone.to_dict(), "weights": None, "s3": s3,
+        CatalogEncoder, fn_constructor_kwargs={"backbone": backbone.to_dict(), "weights": None, "s3": s3,
                                              "latents": False, "keep": ("item_id", "uri"), "precision": args.precision},
         batch_size=args.batch_size, concurrency=args.encoders, **encoder_options(args.use_gpu),
     )

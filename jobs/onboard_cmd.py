@@ -58,6 +58,10 @@ def register(sub) -> None:
     p.add_argument("--lambda-ce", type=float, default=1.0, help="text-side CE loss weight (default: 1)")
     p.add_argument("--lambda-image-ce", type=float, default=1.0, help="image-side CE weight among a chunk (default: 1)")
     p.add_argument("--lambda-reg", type=float, default=0.0, help="weight of ||v - e_parent||^2 (default: 0)")
+    p.add_argument("--ti-balance", type=float, default=None,
+                   help="calibrate λ_TI per concept so the TI term's gradient is this fraction of the CE terms' at "
+                        "the start (0: λ_TI as given). Default: factory.losses.LossWeights.ti_balance, chosen by "
+                        "benchmarks/objective_sweep.py on world seed 0")
     p.add_argument("--parametrization", choices=["projected", "free"], default="projected", help="token parametrisation")
     p.add_argument("--seed", type=int, default=0, help="learner seed (default: 0)")
     p.add_argument("--batch-size", type=int, default=64, help="Ray Data batch size for decoding and encoding (default: 64)")
@@ -73,9 +77,13 @@ def register(sub) -> None:
 
 def learner_config(args) -> dict:
     """The `LearnerConfig` fields of an onboarding run, from its flags (also read back by `evaluate`)."""
+    from factory.losses import LossWeights
+
+    if args.ti_balance is None:
+        args.ti_balance = LossWeights().ti_balance  # resolved here, so the run's printed config records it
     return {"steps": args.steps, "lr": args.lr, "seed": args.seed, "parametrization": args.parametrization,
             "weights": {"ti": args.lambda_ti, "ce": args.lambda_ce, "image_ce": args.lambda_image_ce,
-                        "reg": args.lambda_reg}, "log_every": 0, "ti_samples": args.ti_samples,
+                        "reg": args.lambda_reg, "ti_balance": args.ti_balance}, "log_every": 0, "ti_samples": args.ti_samples,
             "ti_micro_batch": args.ti_micro_batch, "gradient_checkpointing": args.gradient_checkpointing,
             "max_norm_ratio": args.max_norm_ratio}
 
@@ -95,7 +103,11 @@ def run(args) -> int:
     # config is what Data actors and Train workers get (and what the version records), as plain data.
     backbone = resolve_backbone_config(args.backbone, args.weights, s3)
     run_id = args.run_id or f"onboard-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
-    job_config = {**effective_config(args), "run_id": run_id, "backbone_config": backbone.to_dict()}
+    # The run's resolved learner settings travel with it (printed, and stored in the version's manifest), so
+    # `evaluate` reads back exactly what was learned instead of re-deriving it from today's flags.
+    learner = learner_config(args)
+    job_config = {**effective_config(args), "run_id": run_id, "backbone_config": backbone.to_dict(),
+                  "learner": learner}
     print("[onboard] config: " + json.dumps(job_config, sort_keys=True), flush=True)
     registry = TokenRegistry(args.registry, s3)
     done = registry.committed_version_for_run(run_id)
@@ -155,7 +167,7 @@ def _train(args, s3, run_id, job_config, records, registry, backbone) -> None:
     from jobs.onboard_train import learn_shard
 
     config = {"backbone": backbone.to_dict(), "precision": args.precision, "s3": s3, "registry": args.registry,
-              "run_id": run_id, "job_config": job_config, "learner": learner_config(args),
+              "run_id": run_id, "job_config": job_config, "learner": job_config["learner"],
               "concepts_per_step": args.concepts_per_step, "threads": args.threads_per_worker,
               "use_gpu": args.use_gpu, "concepts": ray.put(records), "banks": ray.put(_banks(records))}
     workers = max(1, min(args.workers, len(records)))

@@ -1,7 +1,7 @@
 """The Ray Data stage of onboarding: read and validate images, encode each once, group per concept.
 
     rows (concept_id, parent, uri) -> map_batches(decode, tasks) -> materialise; split off bad images
-      -> map_batches(ImageEncoder, actor pool) -> features + latents -> per-concept records
+      -> map_batches(CatalogEncoder, actor pool) -> features + latents -> per-concept records
 
 Bad images (corrupt, truncated, empty, too large, missing) come back as rows with a reason, so they are
 reported, never fatal. The encoder is a callable class: each actor loads the frozen backbone once.
@@ -35,7 +35,7 @@ def decode_batch(batch: dict, size: int, s3: S3Options | None) -> dict:
     return {**batch, "image": images, "error": np.array(errors, dtype=object)}
 
 
-class ImageEncoder:
+class CatalogEncoder:
     """Ray Data actor: CLIP features and diffusion latents of decoded images."""
 
     def __init__(self, backbone: str | dict, weights: str | None, s3: S3Options | None, threads: int = 1,
@@ -101,7 +101,7 @@ def encode_catalog(specs, backbone: str | dict, image_size: int, s3: S3Options |
     bad = decoded.filter(lambda r: r["error"] != "").select_columns(["uri", "error"]).take_all()
     good = decoded.filter(lambda r: r["error"] == "")
     encoded = good.map_batches(
-        ImageEncoder, fn_constructor_kwargs={"backbone": backbone, "weights": None, "s3": s3, "precision": precision,
+        CatalogEncoder, fn_constructor_kwargs={"backbone": backbone, "weights": None, "s3": s3, "precision": precision,
                                              "thumbnails": True},
         batch_size=batch_size, concurrency=encoders, **encoder_options(use_gpu),
     )

@@ -31,6 +31,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from factory.errors import TokenFactoryError
 from factory.storage import S3Options
 
 _SERVICES = ("master", "volume", "filer", "s3", "admin")
@@ -40,8 +41,10 @@ _REGION = "us-east-1"
 log = logging.getLogger(__name__)
 
 
-class WeedExited(RuntimeError):
+class WeedExited(TokenFactoryError, RuntimeError):
     """``weed`` exited while starting (typically: a port was taken between choosing and binding it)."""
+
+    http_status, code = 503, "store_exited"
 
 
 def find_weed() -> str:

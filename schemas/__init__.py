@@ -18,6 +18,7 @@ from schemas.catalog import (
     concepts_from_rows,
     rows_from_concepts,
 )
+from schemas.gair import DEFAULT_INTENT_MARGIN
 from schemas.ids import (
     CONCEPT_ID_PATTERN,
     CONCEPT_ID_RULE,
@@ -44,6 +45,7 @@ __all__ = [
     "CONCEPT_ID_PATTERN",
     "CONCEPT_ID_RULE",
     "CONCEPT_SLOT",
+    "DEFAULT_INTENT_MARGIN",
     "REGISTRY_FORMAT",
     "TOKEN_RECORD_SCHEMA",
     "CatalogManifest",

@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, model_validator
 
-from schemas import ConceptId, ParentWord
+from schemas import DEFAULT_INTENT_MARGIN, ConceptId, ParentWord
 
 
 class ApiError(Exception):
@@ -69,6 +69,11 @@ class GairApiRequest(Request):
                                            description="weight of accepted previews' image features added to the query")
     expand_with: list[StrictInt] | None = Field(default=None, min_length=1, max_length=8,
                                                 description="which previews of the chosen α to add (default: all)")
+    rule: Literal["retrieval", "previews"] = Field(
+        default="retrieval", description="auto: 'retrieval' keeps the α whose top item looks most like the concept "
+        "while matching the intent within intent_margin; 'previews' balances the previews' scores")
+    intent_margin: StrictFloat | StrictInt = Field(default=DEFAULT_INTENT_MARGIN, ge=0.0, le=2.0,
+                                                   description="the retrieval rule's intent tolerance (cosine)")
 
 
 class ReloadRequest(Request):
@@ -105,9 +110,13 @@ class GenerateResponse(BaseModel):
 
 class GairStepOut(BaseModel):
     alpha: float
-    fidelity: float
-    intent: float
-    score: float
+    fidelity: float = Field(description="previews vs the concepts' reference images (mean cosine)")
+    intent: float = Field(description="previews vs the words-only query (mean cosine)")
+    score: float = Field(description="what the rule maximises over the admitted α")
+    admitted: bool = Field(description="passed the rule's gate (retrieval rule: the intent margin)")
+    retrieved_fidelity: float | None = Field(description="q(α)'s top item vs the concepts' reference images")
+    retrieved_intent: float | None = Field(description="q(α)'s top item vs the words-only query")
+    retrieved: list[Item] = Field(description="q(α)'s top items")
     previews: list[str] = Field(description="PNG files, base64")
 
 

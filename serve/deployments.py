@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from ray import serve
 
-from factory.errors import MalformedMarker, PromptTooLong, TokenFactoryError, UnknownConceptMarker, UnknownWord
+from factory.errors import TokenFactoryError
 from serve.settings import ServeSettings, configure_batching
 from serve.state import TokenState
 
@@ -38,15 +38,10 @@ def error(status: int, code: str, message: str) -> dict:
 
 
 def prompt_error(e: Exception) -> dict:
-    """The client error a bad prompt deserves."""
-    if isinstance(e, UnknownConceptMarker):
-        return error(404, "unknown_concept", str(e))
-    if isinstance(e, MalformedMarker):
-        return error(422, "malformed_marker", str(e))
-    if isinstance(e, PromptTooLong):
-        return error(422, "prompt_too_long", str(e))
-    if isinstance(e, UnknownWord):
-        return error(422, "unknown_word", str(e))
+    """The answer an error raised by a request's input deserves: each `TokenFactoryError` names its own
+    status and code; any other ValueError is a prompt the encoders could not take."""
+    if isinstance(e, TokenFactoryError):
+        return error(e.http_status, e.code, str(e))
     return error(422, "bad_prompt", str(e))
 
 
@@ -121,6 +116,7 @@ class RegistryWatcher:
         for v, why in skipped.items():
             log.error("registry version %d is unreadable, starting on %d: %s", v, opened.version, why)
         self.version, self.pinned = opened.version, False
+        self.polls = 0  # polls begun; one that began at n has ended once this reads n + 1 (tests wait on it)
         self._bad: dict[int, float] = {v: time.monotonic() + s.poll_s for v in skipped}  # version -> retry at
         if s.poll_s > 0:
             threading.Thread(target=self._poll, args=(s.poll_s,), daemon=True).start()
@@ -128,6 +124,7 @@ class RegistryWatcher:
     def _poll(self, every: float) -> None:
         while True:
             time.sleep(every)
+            self.polls += 1
             try:
                 latest = self.registry.latest()
             except Exception as e:  # a flaky store must not stop polling
@@ -309,6 +306,11 @@ async def run_cancellable(fn: Callable[[Callable[[], bool]], Any]) -> Any:
         raise
 
 
+def _finite(x: float) -> float | None:
+    """JSON has no NaN: a score with no evidence behind it (an empty gallery) is null."""
+    return x if np.isfinite(x) else None
+
+
 def _png_b64(images: np.ndarray) -> list[str]:
     from factory.images import encode_png
 
@@ -329,9 +331,15 @@ class Generator:
         self.follower = VersionFollower(watcher, lambda v: TokenState.load(registry, v, self.backbone, with_classes=False),
                                         s.version_check_s)
         self.index = load_index(s.index, s.s3())
+        self.sampling = asyncio.Semaphore(s.sampling_concurrency)
 
     async def ready(self) -> int:
         return self.follower.current.version
+
+    async def sample(self, fn: Callable[[Callable[[], bool]], Any]) -> Any:
+        """`run_cancellable` once a sampling slot is free (``ServeSettings.sampling_concurrency``)."""
+        async with self.sampling:
+            return await run_cancellable(fn)
 
     async def generate(self, prompt: str, n: int, seed: int, steps: int, guidance: float) -> dict:
         state = await self.follower.state()
@@ -341,14 +349,14 @@ class Generator:
             return prompt_error(e)
 
         def run(should_stop) -> np.ndarray:
-            from factory.figures import to_uint8
+            from factory.images import to_uint8
 
             with torch.no_grad():
                 uncond = self.backbone.encode_prompts([""]).hidden
                 return to_uint8(self.backbone.generator.sample(cond.expand(n, -1, -1), uncond, steps=steps,
                                                                guidance=guidance, seed=seed, should_stop=should_stop))
 
-        images = await run_cancellable(run)
+        images = await self.sample(run)
         return {"images": _png_b64(images), "seed": seed, "registry_version": state.version}
 
     async def gair(self, request: dict[str, Any]) -> dict:
@@ -371,10 +379,13 @@ class Generator:
             return prompt_error(e)
         try:
             gair = Gair(self.backbone, concepts, self.index)
-            res = await run_cancellable(lambda should_stop: gair(req, should_stop))
+            res = await self.sample(lambda should_stop: gair(req, should_stop))
         except (TokenFactoryError, ValueError) as e:
             return prompt_error(e)
         return {"alpha": res.alpha, "registry_version": state.version,
                 "steps": [{"alpha": s.alpha, "fidelity": s.fidelity, "intent": s.intent, "score": s.score,
+                           "admitted": s.admitted, "retrieved_fidelity": _finite(s.retrieved_fidelity),
+                           "retrieved_intent": _finite(s.retrieved_intent),
+                           "retrieved": [{"id": i, "uri": u, "score": sc} for i, u, sc in s.retrieved],
                            "previews": _png_b64(s.previews)} for s in res.steps],
                 "ranking": [{"id": i, "uri": u, "score": sc} for i, u, sc in res.ranking]}

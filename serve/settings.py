@@ -65,6 +65,10 @@ class ServeSettings(BaseModel):
     max_batch_size: PositiveInt = 32  # @serve.batch of the ingress, the encoders and the index (1: no batching)
     batch_wait_s: float = Field(default=0.005, ge=0)
     threads: PositiveInt = 1  # torch threads per replica
+    # Samplings a Generator replica runs at once; more wait their turn (still cancellable). On a CPU, two
+    # concurrent samplings only split the cores between them and take the cheap routes' share too; a GPU
+    # runs one kernel stream at a time anyway. The costly-class cap still bounds how many may wait.
+    sampling_concurrency: PositiveInt = 1
     replica_env: dict[str, str] = Field(
         default_factory=dict,
         description="environment variables set in every replica (e.g. the S3 endpoint of a local store); the "
@@ -109,6 +113,8 @@ class ServeSettings(BaseModel):
 
 class ExposureRefused(TokenFactoryError, ValueError):
     """A service that would answer anyone on the network without a key."""
+
+    http_status, code = 500, "exposure_refused"
 
 
 def is_loopback(host: str) -> bool:

@@ -14,8 +14,9 @@ import torch
 import torch.nn.functional as F
 
 from factory.backbones import Backbone
+from factory.errors import TokenFactoryError
 from factory.evaluation import class_embeddings
-from factory.learner import template_prompts
+from factory.tokens.prompts import template_prompts
 from factory.registry import TokenRegistry
 from factory.tokens import marker
 from schemas import TokenRecord
@@ -23,8 +24,10 @@ from schemas import TokenRecord
 log = logging.getLogger("tokenfactory.serve")
 
 
-class IncompatibleRegistry(ValueError):
+class IncompatibleRegistry(TokenFactoryError, ValueError):
     """A registry version learned on other backbone weights than the ones being served."""
+
+    http_status, code = 409, "incompatible_registry"
 
 
 @dataclass

@@ -28,13 +28,13 @@ from factory.backbones.config import (
     get_backbone_config,
     list_backbones,
 )
-from factory.backbones.generator import Generator
+from factory.backbones.generator import DiffusionGenerator
 from factory.errors import UnknownBackbone, WeightsError
 
 WEIGHTS_FILE = "model.safetensors"
 
 __all__ = [
-    "Backbone", "BackboneConfig", "Generator", "GeneratorConfig", "ImageConfig", "TextEncoding",
+    "Backbone", "BackboneConfig", "DiffusionGenerator", "GeneratorConfig", "ImageConfig", "TextEncoding",
     "TokenizerConfig", "add_backbone_config", "create_backbone", "get_backbone_config", "list_backbones",
     "load_backbone", "resolve_backbone_config", "save_weights", "WEIGHTS_FILE", "PRECISIONS",
 ]

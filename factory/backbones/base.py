@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from factory.backbones.config import BackboneConfig
-from factory.backbones.generator import Generator
+from factory.backbones.generator import DiffusionGenerator
 from factory.errors import DimensionMismatch, UnknownConceptMarker
 from factory.tokens.injection import inject
 from factory.tokens.tokenizer import PromptBatch, PromptTokenizer
@@ -32,14 +32,14 @@ class TextEncoding:
 class Backbone(nn.Module):
     """Base class; see `HFClipBackbone` and `OpenClipBackbone`."""
 
-    def __init__(self, config: BackboneConfig, generator: Generator | None = None):
+    def __init__(self, config: BackboneConfig, generator: DiffusionGenerator | None = None):
         super().__init__()
         self.config = config
         tc = config.tokenizer
         self.tokenizer = PromptTokenizer(tc.context_length, tc.pad, tc.keep_ids)
         if generator is None and config.generator:
-            generator = Generator(config.generator)
-        self.generator: Generator | None = generator
+            generator = DiffusionGenerator(config.generator)
+        self.generator: DiffusionGenerator | None = generator
         self._fingerprint: str | None = None
 
     # ---- family-specific -------------------------------------------------------------------------
@@ -142,7 +142,7 @@ class Backbone(nn.Module):
         return (x - mean) / std
 
     def generator_pixels(self, images) -> torch.Tensor:
-        """Images -> [-1, 1] pixels at the generator's resolution (the input of `Generator.encode`)."""
+        """Images -> [-1, 1] pixels at the generator's resolution (the input of `DiffusionGenerator.encode`)."""
         if self.generator is None:
             raise ValueError(f"backbone {self.name!r} has no generator")
         x = _to_float_nchw(images)

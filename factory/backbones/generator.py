@@ -22,7 +22,7 @@ def _scheduler(cls, config: dict):
     return cls.from_config({k: v for k, v in config.items() if k in accepted})
 
 
-class Generator(nn.Module):
+class DiffusionGenerator(nn.Module):
     def __init__(self, cfg: GeneratorConfig, unet=None, vae=None):
         super().__init__()
         from diffusers import AutoencoderKL, UNet2DConditionModel

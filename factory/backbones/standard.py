@@ -139,7 +139,7 @@ def load_standard(config: BackboneConfig, s3=None, dtype: torch.dtype | None = N
     """The backbone of a resolved standard-layout config, loaded from its (mirrored) weights ROOT."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    from factory.backbones.generator import Generator
+    from factory.backbones.generator import DiffusionGenerator
     from factory.backbones.hf_clip import HFClipBackbone
     from factory.backbones.open_clip_backbone import OpenClipBackbone
 
@@ -154,7 +154,7 @@ def load_standard(config: BackboneConfig, s3=None, dtype: torch.dtype | None = N
         clip, cls = _load_open_clip(config.clip, clip_dir, dtype), OpenClipBackbone
     unet = UNet2DConditionModel.from_pretrained(diff_dir, subfolder="unet", torch_dtype=dtype)
     vae = AutoencoderKL.from_pretrained(diff_dir, subfolder="vae", torch_dtype=dtype) if config.generator.vae else None
-    backbone = cls(config, clip=clip, generator=Generator(config.generator, unet=unet, vae=vae))
+    backbone = cls(config, clip=clip, generator=DiffusionGenerator(config.generator, unet=unet, vae=vae))
     check_text_encoder(backbone, Path(diff_dir) / "text_encoder")
     # Content, not location: the same checkpoint read from a folder or through an S3 mirror is one backbone.
     conventions = {k: v for k, v in config.to_dict().items() if k not in ("weights", "resolved_from", "description")}

@@ -28,7 +28,7 @@ def keep_ids_for(words: Iterable[str]) -> list[int]:
 
 def fashion_mini_words() -> list[str]:
     """The word list of the embedded default: its world, its attribute vocabularies, prompt words."""
-    from factory.learner import DEFAULT_TEMPLATES
+    from factory.tokens.prompts import DEFAULT_TEMPLATES
     from factory.tokens import get_vocabulary, list_vocabularies
     from factory.world.captions import world_words
 

@@ -21,11 +21,15 @@ import torch.nn.functional as F
 
 from factory.backbones import Backbone
 from factory.evaluation.data import EvalCatalog
-from factory.figures import to_uint8
+from factory.images import to_uint8
 from factory.tokens import marker
 
 SEED_OFFSET = 1_000_003  # composition previews never reuse a GAIR preview's noise
 BATCH = 32
+
+
+def _mean(hits: torch.Tensor) -> float:
+    return float(hits.float().mean())
 
 
 @torch.no_grad()
@@ -74,20 +78,23 @@ def composition_generation(backbone: Backbone, catalog: EvalCatalog, token_sets:
     out = {}
     for m, (prompts, tokens) in methods.items():
         feats = _sample(backbone, prompts, tokens, previews, steps, guidance, seed + SEED_OFFSET)
-        hits = {"intent": [], "colour": [], "category": [], "fidelity": []}
+        per_query = {"intent": [], "colour": [], "category": [], "fidelity": []}  # one value per query
         for n, q in enumerate(queries):
             spec, f = specs[q.concept_id], feats[n * previews: (n + 1) * previews]
-            hits["intent"] += ((f @ judge_intent[spec.parent].T).argmax(1) == intents.index(q.intent)).tolist()
-            hits["category"] += ((f @ judge_category.T).argmax(1) == parents.index(spec.parent)).tolist()
-            if colours and spec.attributes.get("colour") in colours:
-                truth = colours.index(spec.attributes["colour"])
-                hits["colour"] += ((f @ judge_colour[spec.parent].T).argmax(1) == truth).tolist()
-            hits["fidelity"].append(float((f @ F.normalize(prototypes[q.concept_id].float(), dim=0)).mean()))
-        out[m] = {"intent_accuracy": float(np.mean(hits["intent"])),
-                  "category_accuracy": float(np.mean(hits["category"])),
-                  "colour_accuracy": float(np.mean(hits["colour"])) if hits["colour"] else None,
-                  "fidelity": float(np.mean(hits["fidelity"])), "n_images": len(hits["intent"]),
-                  "prompt_example": prompts[0]}
+            per_query["intent"].append(_mean((f @ judge_intent[spec.parent].T).argmax(1) == intents.index(q.intent)))
+            per_query["category"].append(_mean((f @ judge_category.T).argmax(1) == parents.index(spec.parent)))
+            colour = spec.attributes.get("colour")
+            per_query["colour"].append(_mean((f @ judge_colour[spec.parent].T).argmax(1) == colours.index(colour))
+                                       if colour in colours else None)
+            per_query["fidelity"].append(float((f @ F.normalize(prototypes[q.concept_id].float(), dim=0)).mean()))
+        coloured = [c for c in per_query["colour"] if c is not None]
+        # Every query has the same number of previews, so the mean of per-query means is the mean over images.
+        out[m] = {"intent_accuracy": float(np.mean(per_query["intent"])),
+                  "category_accuracy": float(np.mean(per_query["category"])),
+                  "colour_accuracy": float(np.mean(coloured)) if coloured else None,
+                  "fidelity": float(np.mean(per_query["fidelity"])), "n_images": len(queries) * previews,
+                  "prompt_example": prompts[0],
+                  "per_query": {"query_ids": [q.query_id for q in queries], **per_query}}
     return out
 
 

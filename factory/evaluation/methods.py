@@ -25,7 +25,13 @@ Retrieval (one query per (concept, context); its relevant gallery items are the 
     fixed_<α>     normalize(α · token_intent + (1 − α) · words) for α in FIXED_ALPHAS: one balance for all
                   queries (fixed_1 is token_intent); the best of them, picked with hindsight, is a ceiling
                   for any fixed choice
-    gair_auto     GAIR: the balance α chosen per query by generated previews (`factory.gair`)
+    gair_auto     GAIR: the balance α chosen per query by the configured rule (`factory.gair`, default
+                  ``retrieval``: what each α's query retrieves, checked against the concept and the intent)
+    gair_previews GAIR with the ``previews`` rule (the previews' scores, min-max over the schedule)
+    gair_retrieval_m<margin>  the ``retrieval`` rule at each intent margin of GAIR_MARGINS ("inf": no intent
+                  gate); all of these re-decide on the same previews and retrievals, so they differ only
+                  by the rule. The default margin is chosen on the tuning seed only.
+    gair_expand   gair_auto's query expanded with its chosen α's previews (weight GairSettings.expand)
     oracle_alpha  per query, the fixed α whose query ranks the target best: the ceiling of any per-query
                   rule; ``retrieval_summary.gair_share_of_oracle_gain`` says how much of the way from the
                   best fixed α to it GAIR goes
@@ -50,8 +56,10 @@ from factory.backbones import Backbone
 from factory.concepts import negative_banks
 from factory.evaluation.data import EvalCatalog
 from factory.evaluation.metrics import first_relevant_rank, heldout_accuracy, ranking_metrics
-from factory.gair import DEFAULT_ALPHAS, ConceptToken, Gair, GairRequest, GairResult
-from factory.learner import ConceptData, LearnerConfig, template_prompts
+from factory.gair import DEFAULT_ALPHAS, ConceptToken, Gair, GairRequest, GairResult, choose_alpha
+from schemas import DEFAULT_INTENT_MARGIN
+from factory.learner import ConceptData, LearnerConfig
+from factory.tokens.prompts import template_prompts
 from factory.losses import LossWeights
 from factory.onboarding import learn_in_chunks
 from factory.tokens import marker
@@ -61,7 +69,9 @@ log = logging.getLogger(__name__)
 CLASSIFICATION_METHODS = ("parent_word", "caption", "ti", "ti_proj", "ce", "ce_free", "ti_ce_free", "ti_ce_proj")
 FIXED_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 FIXED_METHODS = tuple(f"fixed_{a:g}" for a in FIXED_ALPHAS)
-RETRIEVAL_METHODS = ("words", "token", "token_intent", *FIXED_METHODS, "gair_auto", "oracle_alpha")
+GAIR_MARGINS = (0.0, 0.01, 0.02, 0.03, 0.05, 0.1, float("inf"))
+GAIR_VARIANTS = ("gair_previews", *(f"gair_retrieval_m{m:g}" for m in GAIR_MARGINS), "gair_expand")
+RETRIEVAL_METHODS = ("words", "token", "token_intent", *FIXED_METHODS, "gair_auto", *GAIR_VARIANTS, "oracle_alpha")
 GENERATION_METHODS = ("token_intent", "gair_auto")
 # The ablations: (loss weights replaced, parametrisation). "ce" keeps both CE terms of the run (text- and
 # image-side); "ti" drops both.
@@ -106,14 +116,14 @@ def classification(backbone: Backbone, concepts: Sequence[tuple[str, str]], held
     """
     n_images = sum(len(heldout[c]) for c, _ in concepts if c in heldout)
     out: dict[str, dict[str, float]] = {}
-    acc, _ = heldout_accuracy(backbone, concepts, heldout, _templated(lambda c: ""))
-    out["parent_word"] = {"accuracy": acc, "n_images": n_images}
+    prompts = {"parent_word": (_templated(lambda c: ""), None)}
     if all(captions.get(c) for c, _ in concepts):
-        acc, _ = heldout_accuracy(backbone, concepts, heldout, lambda c, p: [captions[c]])
-        out["caption"] = {"accuracy": acc, "n_images": n_images}
-    for method, tokens in token_sets.items():
-        acc, _ = heldout_accuracy(backbone, concepts, heldout, _templated(marker), tokens)
-        out[method] = {"accuracy": acc, "n_images": n_images}
+        prompts["caption"] = (lambda c, p: [captions[c]], None)
+    prompts.update({method: (_templated(marker), tokens) for method, tokens in token_sets.items()})
+    for method, (prompts_for, tokens) in prompts.items():
+        # per_concept: each concept's own held-out accuracy, the unit paired bootstrap intervals resample
+        acc, per_concept = heldout_accuracy(backbone, concepts, heldout, prompts_for, tokens)
+        out[method] = {"accuracy": acc, "n_images": n_images, "per_concept": per_concept}
     return out
 
 
@@ -128,6 +138,9 @@ class GairSettings:
     steps: int = 20
     guidance: float = 4.0
     seed: int = 0
+    rule: str = "retrieval"  # gair_auto's rule (`factory.gair.RULES`)
+    intent_margin: float = DEFAULT_INTENT_MARGIN
+    expand: float = 0.5  # gair_expand's weight of the chosen previews' mean feature
 
     def __post_init__(self):
         if 1.0 not in [float(a) for a in self.alphas]:
@@ -141,6 +154,7 @@ class RetrievalOutcome:
     alphas: dict[str, int]  # chosen α -> number of queries
     traces: list[tuple[str, str, GairResult]] = field(default_factory=list)  # (query id, prompt, trace)
     summary: dict = field(default_factory=dict)  # `retrieval_summary`
+    per_query: dict = field(default_factory=dict)  # query ids and each method's reciprocal rank per query
 
 
 @torch.no_grad()
@@ -175,12 +189,15 @@ def retrieval_and_generation(backbone: Backbone, catalog: EvalCatalog, index, co
     hits = {m: [] for m in GENERATION_METHODS}
     fidelity = {m: [] for m in GENERATION_METHODS}
     chosen, traces = Counter(), []
+    variants = {m: [] for m in GAIR_VARIANTS}
     for n, q in enumerate(tqdm(queries, desc="GAIR", unit="query", disable=not progress)):
         req = GairRequest([q.concept_id], q.intent, top_k=1, alphas=settings.alphas, previews=settings.previews,
                           steps=settings.steps, guidance=settings.guidance, seed=settings.seed + n,
-                          template=q.template)
+                          template=q.template, rule=settings.rule, intent_margin=settings.intent_margin)
         res = gair(req)
         gair_queries.append(torch.from_numpy(res.query))
+        for name, q_alt in _variant_queries(res, settings).items():
+            variants[name].append(q_alt)
         chosen[f"{res.alpha:g}"] += 1
         proto = F.normalize(concepts[q.concept_id].prototype.float(), dim=0)
         steps = {"token_intent": next(s for s in res.steps if s.alpha == 1.0),
@@ -194,14 +211,31 @@ def retrieval_and_generation(backbone: Backbone, catalog: EvalCatalog, index, co
 
     relevant = [q.relevant for q in queries]
     vectors = {"words": words, "token": token, "token_intent": token_intent, **fixed,
-               "gair_auto": torch.stack(gair_queries)}
+               "gair_auto": torch.stack(gair_queries), **{m: torch.stack(v) for m, v in variants.items()}}
     ranks = {m: _ranks(index, v, relevant) for m, v in vectors.items()}
     ranks["oracle_alpha"] = [min((r for r in per_alpha if r), default=None)
                              for per_alpha in zip(*(ranks[m] for m in FIXED_METHODS))]
     retrieval = {m: {**ranking_metrics(r), "n_queries": len(queries)} for m, r in ranks.items()}
+    # Each query's reciprocal rank per method (0: never ranked), the unit paired bootstrap resamples.
+    per_query = {"query_ids": [q.query_id for q in queries],
+                 "reciprocal_rank": {m: [1.0 / x if x else 0.0 for x in r] for m, r in ranks.items()}}
     generation = {m: {"intent_accuracy": float(np.mean(hits[m])), "fidelity": float(np.mean(fidelity[m])),
                       "n_previews": len(hits[m]), "chance": 1.0 / len(intents)} for m in GENERATION_METHODS}
-    return RetrievalOutcome(retrieval, generation, dict(sorted(chosen.items())), traces, retrieval_summary(retrieval))
+    return RetrievalOutcome(retrieval, generation, dict(sorted(chosen.items())), traces, retrieval_summary(retrieval),
+                            per_query)
+
+
+def _variant_queries(res: GairResult, settings: GairSettings) -> dict[str, torch.Tensor]:
+    """The query each of GAIR_VARIANTS would have run, re-decided on ``res``'s own previews and retrievals."""
+    out = {}
+    for name, rule, margin in [("gair_previews", "previews", 0.0),
+                               *((f"gair_retrieval_m{m:g}", "retrieval", m) for m in GAIR_MARGINS)]:
+        out[name] = torch.from_numpy(res.steps[choose_alpha(res.steps, rule, margin)].query)
+    choose_alpha(res.steps, settings.rule, settings.intent_margin)  # leave the trace scored by its own rule
+    chosen = next(s for s in res.steps if s.alpha == res.alpha)
+    expanded = torch.from_numpy(chosen.query) + settings.expand * torch.from_numpy(chosen.features).mean(0)
+    out["gair_expand"] = F.normalize(expanded, dim=0)
+    return out
 
 
 def retrieval_summary(retrieval: Mapping[str, Mapping[str, float]]) -> dict[str, float | str]:
@@ -214,6 +248,6 @@ def retrieval_summary(retrieval: Mapping[str, Mapping[str, float]]) -> dict[str,
 
 
 __all__ = ["ABLATIONS", "CLASSIFICATION_METHODS", "FIXED_ALPHAS", "FIXED_METHODS", "GENERATION_METHODS", "GairSettings",
-           "RETRIEVAL_METHODS", "retrieval_summary",
+           "GAIR_MARGINS", "GAIR_VARIANTS", "RETRIEVAL_METHODS", "retrieval_summary",
            "RetrievalOutcome", "ablation_config", "classification", "learn_ablation", "retrieval_and_generation",
            "token_norms"]

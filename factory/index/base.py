@@ -43,26 +43,38 @@ FAISS_NAME = "faiss.index"
 class IndexDimensionMismatch(TokenFactoryError, ValueError):
     """Vectors or queries whose dimension is not the index's (e.g. features of another backbone)."""
 
+    code = "index_dimension_mismatch"
+
 
 class DuplicateItemId(TokenFactoryError, ValueError):
     """An item id that is already in the index, or repeated within one ``add``."""
 
+    http_status, code = 409, "duplicate_item"
+
 
 class EmptyIndex(TokenFactoryError, ValueError):
     """A search on an index with no items: index the gallery first."""
+
+    code = "empty_index"
 
 
 class InvalidItems(TokenFactoryError, ValueError):
     """Items that cannot be indexed: non-finite or zero vectors, empty or non-string ids, non-string
     URIs, metadata that is not JSON, or counts of vectors/ids/URIs/metadata that disagree."""
 
+    code = "invalid_items"
+
 
 class InvalidIndexParams(TokenFactoryError, ValueError):
     """An unknown backend, an unknown parameter, or a parameter value the backend cannot use."""
 
+    code = "invalid_index_params"
+
 
 class IndexNotFound(TokenFactoryError, FileNotFoundError):
     """No saved index at a URI (no ``index.json``)."""
+
+    http_status, code = 404, "index_not_found"
 
 
 class IncompleteIndex(IndexNotFound):
@@ -71,6 +83,8 @@ class IncompleteIndex(IndexNotFound):
 
 class CorruptIndex(TokenFactoryError, ValueError):
     """A saved index whose files disagree with its manifest, or a format this version cannot read."""
+
+    http_status, code = 500, "corrupt_index"
 
 
 @dataclass(frozen=True)
@@ -180,6 +194,10 @@ class VectorIndex(abc.ABC):
     def _search_normalised(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]: ...
 
     @abc.abstractmethod
+    def _reconstruct(self, rows: np.ndarray) -> np.ndarray:
+        """The stored (normalised) vectors at insertion positions ``rows``, [len(rows), dim] float32."""
+
+    @abc.abstractmethod
     def _payload(self) -> dict[str, bytes]:
         """File name -> bytes of the backend's vector data, for ``save``."""
 
@@ -219,6 +237,13 @@ class VectorIndex(abc.ABC):
     def position(self, item_id: str) -> int:
         """The insertion position of an item id (KeyError if absent)."""
         return self._positions[item_id]
+
+    def vectors_of(self, ids: Sequence[str]) -> np.ndarray:
+        """The stored normalised vectors of these items, [len(ids), dim] float32 (KeyError if one is absent).
+
+        What GAIR's retrieval-side rule compares with the concept: the items a query actually found."""
+        rows = np.fromiter((self._positions[i] for i in ids), dtype=np.int64, count=len(ids))
+        return self._reconstruct(rows)
 
     def add(
         self,

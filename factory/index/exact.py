@@ -66,6 +66,9 @@ class ExactIndex(VectorIndex):
             scores_out[start : start + block] = np.take_along_axis(cand_scores, order, axis=1)
         return scores_out, indices_out
 
+    def _reconstruct(self, rows: np.ndarray) -> np.ndarray:
+        return self.vectors[rows]
+
     def _payload(self) -> dict[str, bytes]:
         buf = io.BytesIO()
         np.save(buf, self.vectors, allow_pickle=False)

@@ -107,6 +107,13 @@ class FaissIndex(VectorIndex):
         scores = np.where(indices < 0, -np.inf, scores).astype(np.float32)
         return scores, indices
 
+    def _reconstruct(self, rows: np.ndarray) -> np.ndarray:
+        if self._index is None or rows.size == 0:
+            return np.zeros((rows.size, self._dim), np.float32)
+        if self._kind == "ivf":
+            self._index.make_direct_map()  # IVF lists do not map a position to its vector until asked (idempotent)
+        return np.asarray(self._index.reconstruct_batch(rows), dtype=np.float32)
+
     def _payload(self) -> dict[str, bytes]:
         # An IVF saved before its first add has no FAISS index yet (nlist is still open): store an empty
         # placeholder, which _restore ignores because nlist is None in the params.

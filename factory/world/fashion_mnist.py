@@ -14,6 +14,8 @@ from typing import Literal
 
 import numpy as np
 
+from factory.errors import TokenFactoryError
+
 DEFAULT_DIR = Path("/usr/share/datasets/fashion-mnist")
 ENV_VAR = "TOKENFACTORY_FASHION_MNIST"
 
@@ -27,8 +29,10 @@ _MAGIC_IMAGES = 0x00000803
 _MAGIC_LABELS = 0x00000801
 
 
-class FashionMNISTMissing(FileNotFoundError):
+class FashionMNISTMissing(TokenFactoryError, FileNotFoundError):
     """The Fashion-MNIST files are not where we looked; the message says how to install them."""
+
+    http_status, code = 503, "dataset_missing"
 
 
 def fashion_mnist_dir() -> Path:

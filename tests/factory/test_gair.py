@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from factory.errors import MalformedMarker, UnknownConceptMarker
-from factory.gair import ConceptToken, Gair, GairRequest, prompts_for
+from factory.gair import ConceptToken, Gair, GairRequest, GairStep, choose_alpha, prompts_for
 from factory.index import create_index
 
 
@@ -30,8 +30,10 @@ def test_trace_is_well_formed(gair):
     assert res.alpha in (0.0, 0.5, 1.0)
     for s in res.steps:
         assert s.previews.shape == (2, 16, 16, 3) and s.previews.dtype == np.uint8
-        assert np.isfinite([s.fidelity, s.intent, s.score]).all() and 0.0 <= s.score <= 1.0
-    assert max(s.score for s in res.steps) == next(s.score for s in res.steps if s.alpha == res.alpha)
+        assert np.isfinite([s.fidelity, s.intent, s.score, s.retrieved_fidelity, s.retrieved_intent]).all()
+        assert len(s.retrieved) == 5
+    admitted = [s for s in res.steps if s.admitted]
+    assert max(s.score for s in admitted) == next(s.score for s in res.steps if s.alpha == res.alpha)
     assert len(res.ranking) == 5 and res.ranking[0][1].startswith("s3://gallery/")
     assert [r[2] for r in res.ranking] == sorted((r[2] for r in res.ranking), reverse=True)
     assert np.isclose(np.linalg.norm(res.query), 1.0, atol=1e-5)
@@ -88,3 +90,59 @@ def test_every_alpha_starts_from_the_same_noise(gair):
     assert np.array_equal(res.steps[0].previews, res.steps[1].previews)
     assert not np.array_equal(res.steps[0].previews[0], res.steps[0].previews[1])  # previews still differ
     assert res.steps[0].features.shape[0] == 2
+
+
+def test_the_previews_rule_balances_min_max_scores(gair):
+    res = gair(GairRequest(["sku-1"], "on the beach", alphas=[0.0, 0.5, 1.0], previews=1, steps=2, rule="previews"))
+    assert all(0.0 <= s.score <= 1.0 and s.admitted for s in res.steps)
+    assert max(s.score for s in res.steps) == next(s.score for s in res.steps if s.alpha == res.alpha)
+
+
+def test_each_alpha_retrieves_with_the_balance_of_its_previews(gair, hf_backbone):
+    """q(α) is made of the same two prompts and weights as the previews' conditioning, and the ranking
+    returned is what the chosen q(α) retrieves."""
+    req = GairRequest(["sku-1"], "on the beach", top_k=3, alphas=[0.0, 0.4, 1.0], previews=1, steps=2)
+    res = gair(req)
+    tok_prompt, _ = prompts_for(["sku-1"], ["dress"], "on the beach")
+    c = gair.concepts["sku-1"]
+    f_tok = hf_backbone.encode_prompts([tok_prompt], {"sku-1": c.vector}).features[0]
+    f_aligned = hf_backbone.encode_prompts([tok_prompt], {"sku-1": hf_backbone.word_embedding("dress")}).features[0]
+    for s in res.steps:
+        expected = F.normalize(s.alpha * f_tok + (1 - s.alpha) * f_aligned, dim=0).numpy()
+        np.testing.assert_allclose(s.query, expected, atol=1e-5)
+        assert [i for i, _, _ in s.retrieved] == gair.index.search(s.query[None], 3).ids[0]
+    chosen = next(s for s in res.steps if s.alpha == res.alpha)
+    assert res.ranking == chosen.retrieved and np.allclose(res.query, chosen.query)
+
+
+def _step(alpha, fid, inten):
+    return GairStep(alpha, 0.0, 0.0, 0.0, np.zeros((1, 2, 2, 3), np.uint8), retrieved_fidelity=fid,
+                    retrieved_intent=inten)
+
+
+def test_the_retrieval_rule_takes_the_most_concept_like_top_item_that_still_matches_the_intent():
+    steps = [_step(0.0, 0.50, 0.30), _step(0.5, 0.70, 0.29), _step(1.0, 0.90, 0.20)]
+    assert steps[choose_alpha(steps, "retrieval", intent_margin=0.02)].alpha == 0.5
+    assert [s.admitted for s in steps] == [True, True, False]
+    assert steps[choose_alpha(steps, "retrieval", intent_margin=0.2)].alpha == 1.0  # a wide margin: concept wins
+    assert steps[choose_alpha(steps, "retrieval", intent_margin=0.0)].alpha == 0.0  # no margin: intent wins
+
+
+def test_the_retrieval_rule_is_absolute_not_relative_to_the_schedule():
+    """Min-max scores always crown some α; absolute evidence keeps the words when no α's top item is
+    more like the concept than the words' own top item."""
+    steps = [_step(0.0, 0.60, 0.30), _step(0.5, 0.60, 0.25), _step(1.0, 0.55, 0.31)]
+    assert steps[choose_alpha(steps, "retrieval", intent_margin=0.02)].alpha == 0.0
+
+
+def test_an_empty_gallery_still_answers(hf_backbone, gair):
+    empty = Gair(hf_backbone, gair.concepts, create_index("exact", gair.index.dim))
+    res = empty(GairRequest(["sku-1"], "on the beach", alphas=[0.0, 1.0], previews=1, steps=1))
+    assert res.ranking == [] and res.alpha == 1.0 and all(s.retrieved == [] for s in res.steps)
+
+
+def test_unknown_rule_is_refused():
+    with pytest.raises(ValueError, match="rule"):
+        GairRequest(["sku-1"], "x", rule="vibes")
+    with pytest.raises(ValueError, match="intent_margin"):
+        GairRequest(["sku-1"], "x", intent_margin=-0.1)

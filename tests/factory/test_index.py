@@ -282,3 +282,16 @@ def test_exact_search_peak_memory_stays_within_its_block_budget():
         tracemalloc.stop()
     # The [block, n] scores and argpartition's int64 indices together, not the scores alone, are the budget.
     assert peak <= 1.2 * budget, f"peak {peak / 2**20:.1f} MiB for a {budget / 2**20:.0f} MiB budget"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_vectors_of_returns_the_stored_normalised_vectors(backend: str, tmp_path: Path) -> None:
+    vecs = clustered(400)
+    index = create_index(backend, DIM)
+    index.add(vecs, [f"i{k}" for k in range(400)])
+    expected = vecs[[7, 3, 399]] / np.linalg.norm(vecs[[7, 3, 399]], axis=1, keepdims=True)
+    np.testing.assert_allclose(index.vectors_of(["i7", "i3", "i399"]), expected, atol=1e-5)
+    index.save(str(tmp_path / "idx"))
+    np.testing.assert_allclose(load_index(str(tmp_path / "idx")).vectors_of(["i3"]), expected[1:2], atol=1e-5)
+    with pytest.raises(KeyError):
+        index.vectors_of(["missing"])

@@ -41,3 +41,21 @@ def test_evaluate_a_four_concept_catalog(ray_cluster, tmp_path):
                                  "classification_ti_ce_proj_vs_ce_and_caption", "generation_composition"}
     report = (tmp_path / "eval" / "report.md").read_text()
     assert "| ti_ce_proj |" in report and "| gair_auto |" in report
+
+
+def test_a_run_s_recorded_learner_settings_are_read_back_as_they_were():
+    from jobs.evaluate_cmd import run_learner_config
+
+    recorded = {"learner": {"steps": 7, "lr": 0.02, "seed": 3, "parametrization": "free", "log_every": 0,
+                            "weights": {"ti": 1.0, "ce": 1.0, "image_ce": 0.0, "reg": 0.0, "ti_balance": 0.3}},
+                "concepts_per_step": 3, "steps": 999}  # a flag value that disagrees: the learner dict wins
+    learner, per_step = run_learner_config(recorded)
+    assert (learner.steps, learner.lr, learner.parametrization, learner.weights.ti_balance, per_step) == (7, 0.02, "free", 0.3, 3)
+    assert run_learner_config(recorded, steps=2)[0].steps == 2
+
+
+def test_versions_without_recorded_learner_settings_fall_back_to_their_flags():
+    from jobs.evaluate_cmd import run_learner_config
+
+    learner, per_step = run_learner_config({"steps": 11, "lambda_ti": 2.5, "concepts_per_step": 5})
+    assert (learner.steps, learner.weights.ti, per_step) == (11, 2.5, 5)

@@ -104,6 +104,56 @@ def test_a_cancelled_request_stops_its_sampling_thread():
     assert stopped.wait(2.0) and len(steps) < 50  # it stopped, long before its 500 steps
 
 
+def _generator_without_models(concurrency: int):
+    """The Generator deployment's class with only its sampling slots (no models are needed to test them)."""
+    from serve.deployments import Generator
+
+    gen = object.__new__(Generator.func_or_class)
+    gen.sampling = asyncio.Semaphore(concurrency)
+    return gen
+
+
+@pytest.mark.parametrize("concurrency,expected_peak", [(1, 1), (2, 2)])
+def test_a_generator_replica_samples_at_most_its_concurrency_at_once(concurrency, expected_peak):
+    """On a CPU two samplings at once only split the cores, and take the cheap routes' share too."""
+    gen, lock, running, peak = _generator_without_models(concurrency), threading.Lock(), [0], [0]
+
+    def sample(should_stop):
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        time.sleep(0.05)
+        with lock:
+            running[0] -= 1
+        return "done"
+
+    async def three_requests():
+        return await asyncio.gather(*(gen.sample(sample) for _ in range(3)))
+
+    assert asyncio.run(three_requests()) == ["done"] * 3 and peak[0] == expected_peak
+
+
+def test_a_request_waiting_for_a_sampling_slot_can_be_cancelled():
+    gen, started = _generator_without_models(1), []
+
+    def sample(should_stop):
+        started.append(1)
+        while not should_stop():
+            time.sleep(0.01)
+
+    async def two_requests():
+        first = asyncio.ensure_future(gen.sample(sample))
+        await asyncio.sleep(0.05)
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(gen.sample(sample), 0.05)  # never got the slot: gone without sampling
+        first.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await first
+
+    asyncio.run(two_requests())
+    assert started == [1]
+
+
 def test_generator_sampling_polls_should_stop(hf_backbone_for_serve):
     from factory.errors import SamplingCancelled
 

@@ -29,7 +29,10 @@ def test_polling_follows_new_versions_unless_pinned(tmp_path, make_token):
     assert asyncio.run(watcher.current()) == 2
     assert asyncio.run(watcher.reload(1)) == {"registry_version": 1, "previous_version": 2}  # pin an old one
     _commit(registry, "run-3", make_token)
-    time.sleep(0.5)
+    polls, deadline = watcher.polls, time.monotonic() + 5
+    while watcher.polls < polls + 2 and time.monotonic() < deadline:  # a whole poll after the commit
+        time.sleep(0.02)
+    assert watcher.polls >= polls + 2
     assert asyncio.run(watcher.current()) == 1  # pinned: polling does not move it
     assert asyncio.run(watcher.reload()) == {"registry_version": 3, "previous_version": 1}
     assert asyncio.run(watcher.reload(7))["error"]["code"] == "no_such_version"
