@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from factory.backbones import load_backbone
 from factory.concepts import negative_banks
 from factory.evaluation.composition import composition_generation
-from factory.evaluation.data import read_eval_catalog
+from factory.catalogs.evaluation import read_eval_catalog
 from factory.evaluation.methods import classification
 from factory.learner import LearnerConfig, learn_tokens
 from factory.tokens.prompts import template_prompts

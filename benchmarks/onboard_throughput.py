@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch
 
 from factory.backbones import load_backbone
-from factory.catalog import read_concepts
+from factory.catalogs import read_concepts
 from factory.concepts import encode_images
 from factory.evaluation import heldout_accuracy
 from factory.learner import LearnerConfig, learn_tokens

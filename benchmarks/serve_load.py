@@ -57,11 +57,12 @@ def build_service_data(root: str, seed: int) -> dict[str, Any]:
     from factory.losses import LossWeights
     from factory.onboarding import learn_and_commit
     from factory.registry import TokenRegistry
-    from factory.world import read_catalog, write_catalog
+    from factory.catalogs import read_world_catalog
+    from factory.world import write_catalog
 
     catalog_uri, registry, index = (os.path.join(root, d) for d in ("catalog", "registry", "index"))
     write_catalog(catalog_uri, seed=seed, products=12, shots=4, heldout=2, contexts=3, distractors=40)
-    catalog = read_catalog(catalog_uri)
+    catalog = read_world_catalog(catalog_uri)
     backbone = load_backbone("fashion-mini")
     config = LearnerConfig(steps=80, weights=LossWeights(ti=0.0, ce=1.0, image_ce=1.0), log_every=0)
     learn_and_commit(TokenRegistry(registry), catalog.concepts, "serve-load", backbone, config)

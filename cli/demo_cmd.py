@@ -73,7 +73,7 @@ def _run(args, bucket: str, s3, s3_env: dict) -> int:
 
     from factory import storage
     from factory.backbones import load_backbone
-    from factory.catalog import read_concepts
+    from factory.catalogs import read_concepts
     from factory.evaluation.methods import classification
     from factory.onboarding import heldout_features
     from factory.registry import TokenRegistry
@@ -119,9 +119,9 @@ def _run(args, bucket: str, s3, s3_env: dict) -> int:
     if not args.no_serve:
         from cli.demo_service import serve_tour
 
-        from factory.world import read_catalog
+        from factory.catalogs import read_world_catalog
 
-        queries = read_catalog(catalog_uri, s3).queries  # a scene the first product really appears in
+        queries = read_world_catalog(catalog_uri, s3).queries  # a scene the first product really appears in
         intent = next((q.intent for q in queries if q.concept_id == specs[0].concept_id), "on the beach")
         result["service"] = serve_tour(args, bucket, catalog_uri, registry_uri, s3_env, specs, intent)
     storage.write_json(os.path.join(args.out, "demo.json"), result)

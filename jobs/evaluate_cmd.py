@@ -77,7 +77,7 @@ def run(args) -> int:
     from rich.console import Console
 
     from factory.backbones import load_backbone
-    from factory.evaluation.data import read_eval_catalog
+    from factory.catalogs.evaluation import read_eval_catalog
     from factory.evaluation.harness import EvaluationConfig, evaluate
     from factory.evaluation.methods import GairSettings
     from factory.evaluation.report import markdown, write_report

@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-import posixpath
 import time
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 def register(sub) -> None:
@@ -40,38 +37,13 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def gallery_items(uri: str, s3, allow_outside: bool = False) -> list[dict]:
-    """(id, uri) of every gallery image named by ``uri`` (see the module docstring)."""
-    from factory import storage
-    from factory.catalog import read_rows
-    from schemas import CatalogManifest
-
-    from factory.pervl import is_pervl, read_pervl
-
-    if is_pervl(uri):
-        rows = read_pervl(uri, s3).gallery
-    elif uri.endswith((".parquet", ".jsonl")):
-        rows = read_rows(uri, s3, allow_outside)
-    elif storage.exists(uri if uri.endswith(".json") else storage.join(uri, "manifest.json"), s3):
-        manifest_uri = uri if uri.endswith(".json") else storage.join(uri, "manifest.json")
-        manifest = CatalogManifest.model_validate(storage.read_json(manifest_uri, s3))
-        if not manifest.gallery_uri:
-            raise ValueError(f"catalog {uri} has no gallery")
-        base = manifest_uri.rsplit("/", 1)[0]
-        rows = read_rows(storage.join(base, manifest.gallery_uri), s3, allow_outside)
-    else:
-        files = [f for f in storage.glob_files(uri, s3=s3) if f.lower().endswith(IMAGE_SUFFIXES)]
-        return [{"item_id": posixpath.splitext(posixpath.basename(f))[0], "uri": f} for f in files]
-    return [{"item_id": r.attributes.get("item") or posixpath.splitext(posixpath.basename(r.image_uri))[0],
-             "uri": r.image_uri} for r in rows]
-
-
 def run(args) -> int:
     import numpy as np
     import ray
     import ray.data
 
     from factory.backbones import resolve_backbone_config
+    from factory.catalogs import gallery_items
     from factory.index import create_index
     from jobs.arguments import absolute_uri, effective_config, s3_options
     from jobs.onboard_data import CatalogEncoder, decode_batch, encoder_options

@@ -92,7 +92,7 @@ def run(args) -> int:
     import ray
 
     from factory.backbones import resolve_backbone_config
-    from factory.catalog import read_concepts
+    from factory.catalogs import read_concepts
     from factory.registry import TokenRegistry
     from jobs.arguments import absolute_uri, effective_config, s3_options
 

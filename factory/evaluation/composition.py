@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from factory.backbones import Backbone
-from factory.evaluation.data import EvalCatalog
+from factory.catalogs.evaluation import EvalCatalog
 from factory.images import to_uint8
 from factory.tokens import marker
 

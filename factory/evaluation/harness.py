@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from factory.backbones import Backbone
 from factory.evaluation.composition import composition_generation
-from factory.evaluation.data import EvalCatalog
+from factory.catalogs.evaluation import EvalCatalog
 from factory.evaluation.methods import (
     ABLATIONS, GairSettings, RetrievalOutcome, classification, learn_ablation, retrieval_and_generation, token_norms,
 )

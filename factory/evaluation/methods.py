@@ -54,7 +54,7 @@ from tqdm.auto import tqdm
 
 from factory.backbones import Backbone
 from factory.concepts import negative_banks
-from factory.evaluation.data import EvalCatalog
+from factory.catalogs.evaluation import EvalCatalog
 from factory.evaluation.metrics import first_relevant_rank, heldout_accuracy, ranking_metrics
 from factory.gair import DEFAULT_ALPHAS, ConceptToken, Gair, GairRequest, GairResult, choose_alpha
 from schemas import DEFAULT_INTENT_MARGIN

@@ -20,7 +20,8 @@ Layout written under the output URI::
 
 Fewshot/heldout rows carry only *concept-level* attributes, because ``schemas.concepts_from_rows``
 rejects a concept whose rows disagree on an attribute; the scene of each image, which varies per image,
-is stored in an extra ``background`` column that ``from_arrow`` ignores and ``read_catalog`` returns.
+is stored in an extra ``background`` column that ``from_arrow`` ignores and
+`factory.catalogs.read_world_catalog` (the reading side) returns.
 """
 from __future__ import annotations
 
@@ -28,13 +29,14 @@ import io
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 
 import numpy as np
 import pyarrow as pa
 from PIL import Image
 
 from factory import storage
+from factory.catalogs.world import Query
 from factory.storage import S3Options
 from factory.world.attributes import (
     BACKGROUNDS, CATEGORIES, COLOURS, NO_PATTERN_COLOUR, PATTERNS, PLAIN, background_phrase,
@@ -42,35 +44,10 @@ from factory.world.attributes import (
 from factory.world.fashion_mnist import load_fashion_mnist
 from factory.world.products import Product
 from factory.world.render import FashionWorld
-from schemas import CatalogManifest, CatalogRow, ConceptSpec, concepts_from_rows, from_arrow, to_arrow
+from schemas import CatalogManifest, CatalogRow, to_arrow
 
 GROUP_SIZES = (2, 3)
 _WRITE_THREADS = 8  # object stores reward concurrency; local disks do not mind it
-
-
-@dataclass(frozen=True)
-class Query:
-    """A composite retrieval query: this product, in this scene. ``relevant`` are gallery item ids."""
-
-    query_id: str
-    concept_id: str
-    parent: str
-    background: str
-    intent: str  # "on the beach": what a user adds to the product in the query
-    caption: str  # the words-only version of the query: "a red striped dress on the beach"
-    relevant: list[str]
-    relevant_uris: list[str]
-
-
-@dataclass
-class Catalog:
-    """What ``read_catalog`` returns. ``backgrounds`` maps every image URI to its scene word."""
-
-    manifest: CatalogManifest
-    concepts: list[ConceptSpec]
-    gallery: list[CatalogRow]
-    queries: list[Query]
-    backgrounds: dict[str, str] = field(default_factory=dict)
 
 
 class _GarmentPool:
@@ -250,28 +227,3 @@ def write_catalog(
     )
     storage.write_json(storage.join(root, "manifest.json"), manifest, s3)
     return manifest
-
-
-def _resolve(base: str, uri: str) -> str:
-    return uri if "://" in uri or uri.startswith("/") else storage.join(base, uri)
-
-
-def read_catalog(uri: str, s3: S3Options | None = None) -> Catalog:
-    """Read a catalog written by ``write_catalog`` (``uri`` is its folder or its ``manifest.json``)."""
-    manifest_uri = uri if uri.endswith(".json") else storage.join(uri, "manifest.json")
-    base = manifest_uri.rsplit("/", 1)[0] if "/" in manifest_uri else "."
-    manifest = CatalogManifest.model_validate(storage.read_json(manifest_uri, s3))
-    table = storage.read_parquet(_resolve(base, manifest.concepts_uri), s3)
-    rows = from_arrow(table, CatalogRow)
-    backgrounds: dict[str, str] = {}
-    if "background" in table.column_names:
-        backgrounds.update(zip(table.column("image_uri").to_pylist(), table.column("background").to_pylist()))
-    gallery: list[CatalogRow] = []
-    if manifest.gallery_uri:
-        gallery = from_arrow(storage.read_parquet(_resolve(base, manifest.gallery_uri), s3), CatalogRow)
-        backgrounds.update({r.image_uri: r.attributes["background"] for r in gallery if "background" in r.attributes})
-    queries: list[Query] = []
-    if manifest.queries_uri:
-        text = storage.read_bytes(_resolve(base, manifest.queries_uri), s3).decode()
-        queries = [Query(**json.loads(line)) for line in text.splitlines() if line.strip()]
-    return Catalog(manifest, concepts_from_rows(rows), gallery, queries, backgrounds)

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from factory import storage
-from factory.catalog import read_concepts, read_rows
+from factory.catalogs import read_concepts, read_rows
 from factory.errors import CatalogError
 
 

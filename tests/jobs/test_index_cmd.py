@@ -7,7 +7,8 @@ from PIL import Image
 from factory import storage
 from factory.backbones import load_backbone
 from factory.index import load_index
-from factory.world import read_catalog, write_catalog
+from factory.catalogs import read_world_catalog
+from factory.world import write_catalog
 from cli.main import main
 
 
@@ -17,7 +18,7 @@ def test_index_from_a_catalog_root(ray_cluster, tmp_path):
     out = str(tmp_path / "index")
     assert main(["index", "--gallery", catalog, "--out", out, "--backbone", "tiny-hf-clip"]) == 0
     index = load_index(out)
-    gallery = read_catalog(catalog).gallery
+    gallery = read_world_catalog(catalog).gallery
     assert len(index) == len(gallery) == 3 * 2 + 4
     assert set(index.uris) == {r.image_uri for r in gallery}
     # an item's own image finds itself first

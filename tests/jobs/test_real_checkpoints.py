@@ -20,7 +20,8 @@ import torch
 
 from factory.backbones import load_backbone
 from factory.registry import TokenRegistry
-from factory.world import read_catalog, write_catalog
+from factory.catalogs import read_world_catalog
+from factory.world import write_catalog
 from cli.main import main
 from tests.checkpoints import upload, write_sd1_root, write_sd2_root
 
@@ -81,7 +82,7 @@ def test_sd1_root_on_s3_onboard_export_diffusers_and_serve(ray_cluster, catalog,
     index_uri = str(tmp_path / "index")
     assert main(["index", "--gallery", catalog, "--out", index_uri, "--backbone", "clip-vit-l14+sd15",
                  "--weights", str(root)]) == 0
-    _serve_answers(registry, index_uri, str(root), read_catalog(catalog))
+    _serve_answers(registry, index_uri, str(root), read_world_catalog(catalog))
 
 
 def _serve_answers(registry, index_uri, weights, catalog):
@@ -111,7 +112,7 @@ def _serve_answers(registry, index_uri, weights, catalog):
 
 
 def test_sd2_root_onboard_in_process_and_export(catalog, tmp_path):
-    from factory.catalog import read_concepts
+    from factory.catalogs import read_concepts
     from factory.learner import LearnerConfig
     from factory.onboarding import learn_and_commit
     from jobs.export_cmd import export_tokens

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from factory.world import read_catalog
+from factory.catalogs import read_world_catalog
 from cli.main import build_parser, main
 
 
@@ -16,7 +16,7 @@ def test_world_command_writes_a_catalog(tmp_path: Path, capsys: pytest.CaptureFi
     assert rc == 0
     printed = capsys.readouterr().out
     assert str(out) in printed and "3 in 1 groups" in printed
-    cat = read_catalog(str(out))
+    cat = read_world_catalog(str(out))
     assert [c.parent for c in cat.concepts] == ["bag"] * 3
     assert cat.manifest.extra["size"] == 24 and len(cat.queries) == 6
 

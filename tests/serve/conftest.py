@@ -61,14 +61,15 @@ def _free_port() -> int:
 def service(ray_cluster, tmp_path_factory, s3_server):
     from factory.backbones import load_backbone
     from factory.gallery import index_images
-    from factory.world import read_catalog, write_catalog
+    from factory.catalogs import read_world_catalog
+    from factory.world import write_catalog
     from serve.app import start, stop
     from serve.settings import ServeSettings
 
     root = tmp_path_factory.mktemp("serve")
     catalog_uri, registry, index = str(root / "catalog"), str(root / "registry"), str(root / "index")
     write_catalog(catalog_uri, seed=5, products=14, shots=4, heldout=3, contexts=2, distractors=12)
-    catalog = read_catalog(catalog_uri)
+    catalog = read_world_catalog(catalog_uri)
     backbone = load_backbone("fashion-mini")
     one_per_group = list({s.attributes["group"]: s for s in catalog.concepts}.values())
     specs = one_per_group[:5]  # the next one is learned into version 2 by the reload test

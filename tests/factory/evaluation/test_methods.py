@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from factory.evaluation.data import EvalCatalog
+from factory.catalogs.evaluation import EvalCatalog
 from factory.evaluation.methods import (
     FIXED_METHODS, RETRIEVAL_METHODS, GairSettings, ablation_config, retrieval_and_generation,
 )

@@ -6,9 +6,9 @@ import pytest
 from PIL import Image
 
 from factory import storage
-from factory.catalog import read_concepts, read_rows
-from factory.evaluation.data import read_eval_catalog
-from factory.pervl import PervlLayoutError, read_pervl, template_for
+from factory.catalogs import read_concepts, read_rows
+from factory.catalogs.evaluation import read_eval_catalog
+from factory.catalogs.pervl import PervlLayoutError, read_pervl, template_for
 
 FSL = """codes_infer/1001:
 000001.jpg

@@ -11,8 +11,9 @@ import pytest
 from PIL import Image
 
 from factory import storage
-from factory.world import BACKGROUNDS, CATEGORIES, load_fashion_mnist, read_catalog, write_catalog
-from factory.world.catalog import Catalog
+from factory.catalogs import read_world_catalog
+from factory.world import BACKGROUNDS, CATEGORIES, load_fashion_mnist, write_catalog
+from factory.catalogs.world import Catalog
 from jobs.s3server import SeaweedS3
 from schemas import CatalogManifest, CatalogRow, from_arrow
 
@@ -54,9 +55,9 @@ def _check_catalog(cat: Catalog, root: str, s3=None) -> None:
 def test_local_round_trip_and_determinism(tmp_path: Path) -> None:
     manifest = write_catalog(str(tmp_path / "a"), seed=11, **SMALL)
     assert isinstance(manifest, CatalogManifest)
-    cat = read_catalog(str(tmp_path / "a"))
+    cat = read_world_catalog(str(tmp_path / "a"))
     _check_catalog(cat, str(tmp_path / "a"))
-    assert read_catalog(str(tmp_path / "a" / "manifest.json")).concepts == cat.concepts
+    assert read_world_catalog(str(tmp_path / "a" / "manifest.json")).concepts == cat.concepts
     # The rows validate through the schemas' own Arrow schema, and the files hold full URIs.
     rows = from_arrow(storage.read_parquet(str(tmp_path / "a" / "concepts.parquet")), CatalogRow)
     assert all(r.image_uri.startswith(str(tmp_path)) for r in rows)
@@ -74,7 +75,7 @@ def test_local_round_trip_and_determinism(tmp_path: Path) -> None:
 def test_s3_round_trip(s3_server: SeaweedS3, s3_bucket: str) -> None:
     root = storage.join(s3_bucket, "catalogs", "demo")
     write_catalog(root, seed=11, s3=s3_server.s3_options, **SMALL)
-    cat = read_catalog(root, s3=s3_server.s3_options)
+    cat = read_world_catalog(root, s3=s3_server.s3_options)
     _check_catalog(cat, root, s3_server.s3_options)
     assert cat.concepts[0].image_uris[0].startswith("s3://")
     assert len(storage.glob_files(root, "*.png", s3_server.s3_options)) == cat.manifest.n_images
@@ -82,7 +83,7 @@ def test_s3_round_trip(s3_server: SeaweedS3, s3_bucket: str) -> None:
 
 def test_groups_share_category_and_colourway_but_not_garment(tmp_path: Path) -> None:
     write_catalog(str(tmp_path), seed=5, products=24, shots=1, heldout=0, contexts=1, distractors=20)
-    cat = read_catalog(str(tmp_path))
+    cat = read_world_catalog(str(tmp_path))
     specs = {c.concept_id: c for c in cat.concepts}
     groups = cat.manifest.extra["groups"]
     assert sum(map(len, groups)) == 24 and all(len(g) in (2, 3) for g in groups)
@@ -116,7 +117,7 @@ def test_groups_share_category_and_colourway_but_not_garment(tmp_path: Path) -> 
 def test_categories_and_bad_sizes(tmp_path: Path) -> None:
     write_catalog(str(tmp_path), seed=1, products=4, shots=1, heldout=1, contexts=1, distractors=4,
                   categories=["dress", "coat"])
-    cat = read_catalog(str(tmp_path))
+    cat = read_world_catalog(str(tmp_path))
     assert {c.parent for c in cat.concepts} | {r.parent for r in cat.gallery} == {"dress", "coat"}
     with pytest.raises(ValueError, match="unknown categories"):
         write_catalog(str(tmp_path), seed=1, categories=["hat"])
@@ -127,11 +128,12 @@ def test_categories_and_bad_sizes(tmp_path: Path) -> None:
 
 
 def test_several_colourway_groups_per_parent_make_the_caption_informative(tmp_path):
-    from factory.world import read_catalog, write_catalog
+    from factory.catalogs import read_world_catalog
+    from factory.world import write_catalog
 
     write_catalog(str(tmp_path / "c"), seed=0, products=12, shots=1, heldout=0, contexts=1, distractors=0,
                   groups_per_parent=2)
-    concepts = read_catalog(str(tmp_path / "c")).concepts
+    concepts = read_world_catalog(str(tmp_path / "c")).concepts
     by_parent: dict[str, set] = {}
     for s in concepts:
         by_parent.setdefault(s.parent, set()).add(s.attributes["group"])

@@ -2,7 +2,7 @@
 
 A catalog is either a folder (or its ``manifest.json``, a `schemas.CatalogManifest`) as `tokenfactory
 world` writes it, a bare table of `schemas.CatalogRow` rows (Parquet, or JSON Lines), or the
-``<split>_fsl_train.txt`` of a catalog laid out like PerVL-DeepFashion2 (`factory.pervl`). Relative image
+``<split>_fsl_train.txt`` of a catalog laid out like PerVL-DeepFashion2 (`factory.catalogs.pervl`). Relative image
 URIs are resolved against the catalog's folder.
 
 Image URIs stay inside the catalog: an ``s3://`` catalog's images must be in its bucket, a local
@@ -17,25 +17,18 @@ import os
 import posixpath
 
 from factory import storage
+from factory.catalogs.manifest import base_of, manifest_uri, resolve
+from factory.catalogs.pervl import is_pervl, read_pervl
 from factory.errors import CatalogError
-from factory.pervl import is_pervl, read_pervl
 from factory.storage import S3Options
 from schemas import CatalogManifest, CatalogRow, ConceptSpec, concepts_from_rows, from_arrow
-
-
-def _base(uri: str) -> str:
-    return uri.rsplit("/", 1)[0] if "/" in uri else "."
-
-
-def _resolve(base: str, uri: str) -> str:
-    return uri if "://" in uri or uri.startswith("/") else storage.join(base, uri)
 
 
 def _root(uri: str) -> str:
     """What a catalog's images must stay under: ``s3://bucket/`` or the catalog's own folder."""
     if uri.startswith("s3://"):
         return "s3://" + uri[len("s3://"):].split("/", 1)[0] + "/"
-    folder = uri if not uri.endswith((".json", ".jsonl", ".parquet")) else _base(uri)
+    folder = uri if not uri.endswith((".json", ".jsonl", ".parquet")) else base_of(uri)
     return posixpath.normpath(os.path.abspath(folder.removeprefix("file://"))) + "/"
 
 
@@ -64,17 +57,21 @@ def _read_rows(uri: str, s3: S3Options | None) -> list[CatalogRow]:
     if is_pervl(uri):
         return read_pervl(uri, s3).rows
     if uri.endswith(".parquet"):
-        rows, base = from_arrow(storage.read_parquet(uri, s3), CatalogRow), _base(uri)
+        rows, base = from_arrow(storage.read_parquet(uri, s3), CatalogRow), base_of(uri)
     elif uri.endswith(".jsonl"):
         text = storage.read_bytes(uri, s3).decode()
         rows = [CatalogRow.model_validate(json.loads(line)) for line in text.splitlines() if line.strip()]
-        base = _base(uri)
+        base = base_of(uri)
     else:
-        manifest_uri = uri if uri.endswith(".json") else storage.join(uri, "manifest.json")
-        manifest = CatalogManifest.model_validate(storage.read_json(manifest_uri, s3))
-        base = _base(manifest_uri)
-        rows = _read_rows(_resolve(base, manifest.concepts_uri), s3)
-    return [r.model_copy(update={"image_uri": _resolve(base, r.image_uri)}) for r in rows]
+        manifest, base = read_manifest(uri, s3)
+        rows = _read_rows(resolve(base, manifest.concepts_uri), s3)
+    return [r.model_copy(update={"image_uri": resolve(base, r.image_uri)}) for r in rows]
+
+
+def read_manifest(uri: str, s3: S3Options | None = None) -> tuple[CatalogManifest, str]:
+    """A catalog's manifest (``uri``: its folder or the manifest) and the folder its URIs are relative to."""
+    where = manifest_uri(uri)
+    return CatalogManifest.model_validate(storage.read_json(where, s3)), base_of(where)
 
 
 def read_concepts(uri: str, s3: S3Options | None = None, allow_outside: bool = False) -> list[ConceptSpec]:
@@ -82,4 +79,4 @@ def read_concepts(uri: str, s3: S3Options | None = None, allow_outside: bool = F
     return concepts_from_rows([r for r in read_rows(uri, s3, allow_outside) if r.split != "gallery"])
 
 
-__all__ = ["read_concepts", "read_rows"]
+__all__ = ["read_concepts", "read_manifest", "read_rows"]

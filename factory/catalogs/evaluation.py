@@ -1,7 +1,7 @@
 """What an evaluation reads from a catalog: concepts (few-shot and held-out images) and retrieval queries.
 
 Two layouts: a catalog written by `tokenfactory world` (its ``queries.jsonl``: one query per product and
-scene, the intent being the scene phrase) and a PerVL-DeepFashion2 layout (`factory.pervl`: one caption
+scene, the intent being the scene phrase) and a PerVL-DeepFashion2 layout (`factory.catalogs.pervl`: one caption
 query per retrieval image). Both become `schemas.RetrievalQuery` rows, so every method below is written
 once.
 """
@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from factory.pervl import is_pervl, read_pervl
+from factory.catalogs.pervl import is_pervl, read_pervl
+from factory.catalogs.world import read_world_catalog
 from factory.storage import S3Options
 from schemas import CONCEPT_SLOT, CatalogRow, ConceptSpec, RetrievalQuery, concepts_from_rows
 
@@ -38,9 +39,7 @@ def read_eval_catalog(uri: str, s3: S3Options | None = None) -> EvalCatalog:
     if is_pervl(uri):
         cat = read_pervl(uri, s3)
         return EvalCatalog(uri.rstrip("/").rsplit("/", 1)[-1], concepts_from_rows(cat.rows), cat.queries, cat.gallery)
-    from factory.world.catalog import read_catalog  # the world imports NumPy-heavy rendering code
-
-    cat = read_catalog(uri, s3)
+    cat = read_world_catalog(uri, s3)
     queries = [RetrievalQuery(query_id=q.query_id, concept_id=q.concept_id, parent=q.parent,
                               template=world_template(q.intent), intent=q.intent, relevant=q.relevant)
                for q in cat.queries]
