@@ -78,7 +78,7 @@ def _run(args, bucket: str, s3, s3_env: dict) -> int:
     from factory.onboarding import heldout_features
     from factory.registry import TokenRegistry
     from factory.world import write_catalog
-    from cli.main import build_parser
+    from jobs.onboard import OnboardConfig, onboard, onboard_learner
 
     console = Console()
     catalog_uri, registry_uri = f"{bucket}/catalog", f"{bucket}/registry"
@@ -86,13 +86,10 @@ def _run(args, bucket: str, s3, s3_env: dict) -> int:
     console.print(f"[demo] sample catalog of {args.products} products written to {catalog_uri}")
 
     report_path = os.path.join(args.out, "onboard-report.json")
-    onboard = build_parser().parse_args([
-        "onboard", "--catalog", catalog_uri, "--registry", registry_uri, "--backbone", args.backbone,
-        *(["--weights", args.weights] if args.weights else []), "--steps", str(args.steps),
-        "--workers", str(args.workers), "--concepts-per-step", str(args.concepts_per_step),
-        "--seed", str(args.seed), "--report", report_path, "--run-id", f"demo-seed{args.seed}",
-    ])
-    onboard.func(onboard)
+    onboard(OnboardConfig(catalog_uri, registry_uri, onboard_learner(steps=args.steps, seed=args.seed),
+                          backbone=args.backbone, weights=args.weights, workers=args.workers,
+                          concepts_per_step=args.concepts_per_step, report=report_path,
+                          run_id=f"demo-seed{args.seed}", s3=s3))
 
     version = TokenRegistry(registry_uri, s3).open()
     tokens = {r.concept_id: torch.tensor(r.vector) for r in version.records()}
@@ -123,7 +120,7 @@ def _run(args, bucket: str, s3, s3_env: dict) -> int:
 
         queries = read_world_catalog(catalog_uri, s3).queries  # a scene the first product really appears in
         intent = next((q.intent for q in queries if q.concept_id == specs[0].concept_id), "on the beach")
-        result["service"] = serve_tour(args, bucket, catalog_uri, registry_uri, s3_env, specs, intent)
+        result["service"] = serve_tour(args, bucket, catalog_uri, registry_uri, s3, s3_env, specs, intent)
     storage.write_json(os.path.join(args.out, "demo.json"), result)
     console.print(f"[demo] picture: {figure}\n[demo] results: {os.path.join(args.out, 'demo.json')}")
     return 0

@@ -9,22 +9,20 @@ import time
 KEY_ENV = "TOKENFACTORY_DEMO_API_KEY"
 
 
-def serve_tour(args, bucket: str, catalog_uri: str, registry_uri: str, s3_env: dict, specs, intent: str) -> dict:
+def serve_tour(args, bucket: str, catalog_uri: str, registry_uri: str, s3, s3_env: dict, specs, intent: str) -> dict:
     """Index, serve, call every endpoint over HTTP; returns a summary of each answer. ``intent`` is a
     scene the first product appears in within the gallery, so its retrieval has a right answer."""
     import httpx
     from rich.console import Console
 
-    from cli.main import build_parser
+    from jobs.index import IndexConfig, build_index
     from serve.app import start, stop
     from serve.settings import ServeSettings
 
     console = Console()
     index_uri = f"{bucket}/index"
-    weights = ["--weights", args.weights] if args.weights else []
-    index = build_parser().parse_args(["index", "--gallery", catalog_uri, "--out", index_uri,
-                                       "--backbone", args.backbone, *weights])
-    index.func(index)
+    build_index(IndexConfig(catalog_uri, index_uri, backbone=args.backbone, weights=args.weights,
+                            s3=s3))
     os.environ[KEY_ENV] = secrets.token_urlsafe(24)  # a fresh admin key for this run, never printed
     # No S3 keys in the Serve config (anyone who can read it would see them): the replicas read them from
     # an owner-only file whose path is all the config holds.

@@ -179,6 +179,10 @@ class TokenRegistry:
                 return v
         return None
 
+    def staged(self, run_id: str) -> StagedRun:
+        """What a run has staged so far, read-only (progress, resume, commit checks)."""
+        return StagedRun(self, run_id)
+
     # -- writing --------------------------------------------------------------------------------------
 
     def begin(
@@ -309,6 +313,28 @@ class RegistryVersion:
         return records[0].dim if records else 0
 
 
+class StagedRun:
+    """The shards a run has staged and not yet committed. Obtain it from ``TokenRegistry.staged``."""
+
+    def __init__(self, registry: TokenRegistry, run_id: str) -> None:
+        self.registry, self.run_id = registry, run_id
+        self.uri = registry.staging_uri(run_id)  # validates run_id
+
+    def shards(self) -> list[str]:
+        """URIs of the shards staged so far (by any attempt with this run id)."""
+        return storage.glob_files(self.uri, SHARD_GLOB, self.registry.s3)
+
+    def concept_ids(self) -> set[str]:
+        ids: set[str] = set()
+        for uri in self.shards():
+            ids.update(storage.read_parquet(uri, self.registry.s3).column("concept_id").to_pylist())
+        return ids
+
+    def records(self) -> list[TokenRecord]:
+        """Every staged record (a resumed run stages new concepts under new shard names, never twice)."""
+        return [r for uri in self.shards() for r in from_arrow(storage.read_parquet(uri, self.registry.s3), TokenRecord)]
+
+
 class VersionWriter:
     """Stages one run's shards and commits them as the next version. Obtain it from ``TokenRegistry.begin``.
 
@@ -338,14 +364,10 @@ class VersionWriter:
 
     def staged_shards(self) -> list[str]:
         """URIs of the shards staged so far (by this attempt or an earlier one with the same run id)."""
-        return storage.glob_files(self.staging_uri, SHARD_GLOB, self._s3)
+        return self.registry.staged(self.run_id).shards()
 
     def staged_concept_ids(self) -> set[str]:
-        ids: set[str] = set()
-        for uri in self.staged_shards():
-            table = storage.read_parquet(uri, self._s3)
-            ids.update(table.column("concept_id").to_pylist())
-        return ids
+        return self.registry.staged(self.run_id).concept_ids()
 
     def _check(self, records: Sequence[TokenRecord]) -> None:
         seen: set[str] = set()

@@ -5,13 +5,11 @@ table is used), a bare gallery table (CatalogRow Parquet/JSONL), or a folder of 
 local; item id = file name without extension), or the ``<split>_fsl_train.txt`` of a PerVL-DeepFashion2
 layout (its retrieval images). Images are read and validated by tasks and encoded by
 an actor pool; bad images are listed, never fatal. The index (exact, or FAISS HNSW/IVF) is written to
-``--out`` with item ids and URIs.
+``--out`` with item ids and URIs. (The command line's side: flags -> `jobs.index.IndexConfig` ->
+`jobs.index.build_index`.)
 """
 from __future__ import annotations
 
-import json
-import os
-import time
 
 
 def register(sub) -> None:
@@ -37,48 +35,18 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
+def config_from_args(args):
+    """The typed job config of these flags."""
+    from jobs.arguments import s3_options
+    from jobs.index import IndexConfig
+
+    fields = ("gallery", "out", "backbone", "weights", "use_gpu", "allow_outside_catalog", "precision", "backend",
+              "batch_size", "decode_tasks", "encoders")
+    return IndexConfig(**{f: getattr(args, f) for f in fields}, s3=s3_options(args))
+
+
 def run(args) -> int:
-    import numpy as np
-    import ray
-    import ray.data
+    from jobs.index import build_index
 
-    from factory.backbones import resolve_backbone_config
-    from factory.catalogs import gallery_items
-    from factory.index import create_index
-    from jobs.arguments import absolute_uri, effective_config, s3_options
-    from jobs.onboard_data import CatalogEncoder, decode_batch, encoder_options
-
-    args.gallery, args.out, args.weights = (absolute_uri(x) for x in (args.gallery, args.out, args.weights))
-    print("[index] config: " + json.dumps(effective_config(args), sort_keys=True), flush=True)
-    s3 = s3_options(args)
-    t0 = time.perf_counter()
-    backbone = resolve_backbone_config(args.backbone, args.weights, s3)  # fails fast, travels as data
-    items = gallery_items(args.gallery, s3, args.allow_outside_catalog)
-    if not items:
-        raise ValueError(f"no gallery images found at {args.gallery}")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), logging_level="WARNING")
-    size = backbone.image.size
-    decoded = ray.data.from_items(items).map_batches(
-        decode_batch, fn_kwargs={"size": size, "s3": s3}, batch_size=args.batch_size, concurrency=args.decode_tasks,
-    ).materialize()
-    bad = decoded.filter(lambda r: r["error"] != "").select_columns(["uri", "error"]).take_all()
-    encoded = decoded.filter(lambda r: r["error"] == "").map_batches(
-        CatalogEncoder, fn_constructor_kwargs={"backbone": backbone.to_dict(), "weights": None, "s3": s3,
-                                             "latents": False, "keep": ("item_id", "uri"), "precision": args.precision},
-        batch_size=args.batch_size, concurrency=args.encoders, **encoder_options(args.use_gpu),
-    )
-    ids, uris, feats = [], [], []
-    for batch in encoded.iter_batches(batch_size=None, batch_format="numpy"):
-        ids += [str(x) for x in batch["item_id"]]
-        uris += [str(x) for x in batch["uri"]]
-        feats.append(batch["features"])
-    index = create_index(args.backend, int(feats[0].shape[1]))
-    index.add(np.concatenate(feats).astype(np.float32), ids, uris)
-    index.save(args.out, s3)
-    print(f"[index] {len(index)} items ({len(bad)} rejected) -> {args.out} [{args.backend}] "
-          f"in {time.perf_counter() - t0:.1f}s", flush=True)
-    for r in bad:
-        print(f"  rejected {r['uri']}: {r['error']}")
+    build_index(config_from_args(args))
     return 0

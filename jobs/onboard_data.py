@@ -1,7 +1,7 @@
 """The Ray Data stage of onboarding: read and validate images, encode each once, group per concept.
 
     rows (concept_id, parent, uri) -> map_batches(decode, tasks) -> materialise; split off bad images
-      -> map_batches(CatalogEncoder, actor pool) -> features + latents -> per-concept records
+      -> map_batches(CatalogEncoder, actor pool) -> features + latents -> one `EncodedConcept` each
 
 Bad images (corrupt, truncated, empty, too large, missing) come back as rows with a reason, so they are
 reported, never fatal. The encoder is a callable class: each actor loads the frozen backbone once.
@@ -9,7 +9,7 @@ reported, never fatal. The encoder is a callable class: each actor loads the fro
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -78,9 +78,29 @@ def encoder_options(use_gpu: bool) -> dict:
     return {"num_gpus": 1} if use_gpu else {}
 
 
+@dataclass(eq=False)  # holds arrays: compared by identity
+class EncodedConcept:
+    """One concept's images, encoded once: what the Train workers learn from (NumPy, so it pickles small)."""
+
+    concept_id: str
+    parent: str
+    features: np.ndarray  # [n, D] image features, not normalised
+    latents: np.ndarray | None = None  # [n, ...] diffusion latents (None: the backbone has no generator)
+    thumbnails: list[str] = field(default_factory=list)  # a few base64 PNGs for the registry
+
+    def to_concept_data(self):
+        """The learner's view (torch tensors)."""
+        import torch
+
+        from factory.learner import ConceptData
+
+        return ConceptData(self.concept_id, self.parent, torch.from_numpy(np.asarray(self.features)),
+                           None if self.latents is None else torch.from_numpy(np.asarray(self.latents)))
+
+
 @dataclass
 class EncodedCatalog:
-    records: list[dict]  # per concept: concept_id, parent, features [n, D], latents [n, ...] | None
+    records: list[EncodedConcept]
     rejected: list[tuple[str, str]]  # (uri, reason)
     images_read: int
 
@@ -115,6 +135,6 @@ def encode_catalog(specs, backbone: str | dict, image_size: int, s3: S3Options |
                 lats[cid].append(batch["latents"][i])
             if len(thumbs[cid]) < MAX_THUMBNAILS:
                 thumbs[cid].append(str(batch["thumbnail"][i]))
-    records = [{"concept_id": cid, "parent": parent[cid], "features": np.stack(feats[cid]),
-                "latents": np.stack(lats[cid]) if lats.get(cid) else None, "thumbnails": thumbs[cid]} for cid in feats]
+    records = [EncodedConcept(cid, parent[cid], np.stack(feats[cid]), np.stack(lats[cid]) if lats.get(cid) else None,
+                              thumbs[cid]) for cid in feats]
     return EncodedCatalog(records, [(str(r["uri"]), str(r["error"])) for r in bad], len(rows))

@@ -7,14 +7,12 @@ restarted job resumes, and nothing is learned twice), and stages its tokens afte
 """
 from __future__ import annotations
 
-import numpy as np
 
-
-def shard_of(records: list[dict], rank: int, world: int) -> list[dict]:
+def shard_of(records: list, rank: int, world: int) -> list:
     """A worker's contiguous slice of the concepts sorted by (parent, id): concepts of one parent stay on
     one worker where possible, so the image-side CE can compare them. Deterministic, so a restarted
     worker gets the same shard back."""
-    ordered = sorted(records, key=lambda r: (r["parent"], r["concept_id"]))
+    ordered = sorted(records, key=lambda r: (r.parent, r.concept_id))
     n = len(ordered)
     return ordered[rank * n // world: (rank + 1) * n // world]
 
@@ -26,7 +24,7 @@ def learn_shard(config: dict) -> None:
     import torch
 
     from factory.backbones import PRECISIONS, load_backbone
-    from factory.learner import ConceptData, LearnerConfig, to_record
+    from factory.learner import LearnerConfig, to_record
     from factory.onboarding import learn_in_chunks
     from factory.registry import TokenRegistry
 
@@ -41,12 +39,10 @@ def learn_shard(config: dict) -> None:
                                                          config["job_config"])
     done = writer.staged_concept_ids()
     records = shard_of(ray.get(config["concepts"]), rank, world)
-    todo = [ConceptData(r["concept_id"], r["parent"], torch.tensor(np.asarray(r["features"])),
-                        torch.tensor(np.asarray(r["latents"])) if r["latents"] is not None else None)
-            for r in records if r["concept_id"] not in done]
+    todo = [r.to_concept_data() for r in records if r.concept_id not in done]
     banks = ray.get(config["banks"])
     learner = LearnerConfig(**config["learner"])
-    thumbs = {r["concept_id"]: r.get("thumbnails") for r in records}
+    thumbs = {r.concept_id: r.thumbnails for r in records}
 
     def stage(tokens):
         # Shard names are unique per chunk (concept ids are), so a retried chunk overwrites itself.

@@ -119,11 +119,11 @@ def _safe(args):
 
 
 def _wait_for_staged(registry, run_id, s3, timeout=120):
-    writer = TokenRegistry(registry, s3).begin(run_id, "-", "-")
+    staged = TokenRegistry(registry, s3).staged(run_id)
     t0 = time.time()
     while time.time() - t0 < timeout:
         try:
-            if writer.staged_shards():
+            if staged.shards():
                 return
         except Exception:
             pass

@@ -1,0 +1,89 @@
+"""The gallery indexing job as a typed function: `IndexConfig` in, a saved vector index out.
+
+    gallery items (`factory.catalogs.gallery_items`) -> Ray Data: read + validate (tasks)
+      -> image features (an actor pool of `CatalogEncoder`) -> `factory.index` -> saved, manifest last
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from factory.storage import S3Options
+from jobs.arguments import absolute_uri
+
+
+@dataclass
+class IndexConfig:
+    gallery: str  # a catalog root / manifest.json, a gallery Parquet/JSONL, a PerVL layout, or a folder of images
+    out: str  # the index folder to write
+    backbone: str | dict[str, Any] = "fashion-mini"
+    weights: str | None = None
+    use_gpu: bool = False
+    allow_outside_catalog: bool = False
+    precision: str = "fp32"
+    backend: str = "exact"  # exact, hnsw or ivf
+    batch_size: int = 128
+    decode_tasks: int = 2
+    encoders: int = 1
+    s3: S3Options | None = field(default=None, repr=False)  # never printed: it may hold keys
+
+    def __post_init__(self):
+        for name in ("gallery", "out", "weights"):
+            setattr(self, name, absolute_uri(getattr(self, name)))
+
+    def record(self) -> dict[str, Any]:
+        """The config as JSON-able data (printed at the start), without the S3 options."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "s3"}
+
+
+def build_index(cfg: IndexConfig):
+    """Embed every gallery image of ``cfg.gallery`` and save the index at ``cfg.out``; returns the index."""
+    import numpy as np
+    import ray
+    import ray.data
+
+    from factory.backbones import resolve_backbone_config
+    from factory.catalogs import gallery_items
+    from factory.errors import CatalogError
+    from factory.index import create_index
+    from jobs.onboard_data import CatalogEncoder, decode_batch, encoder_options
+
+    print("[index] config: " + json.dumps(cfg.record(), sort_keys=True), flush=True)
+    t0 = time.perf_counter()
+    backbone = resolve_backbone_config(cfg.backbone, cfg.weights, cfg.s3)  # fails fast, travels as data
+    items = gallery_items(cfg.gallery, cfg.s3, cfg.allow_outside_catalog)
+    if not items:
+        raise CatalogError(f"no gallery images found at {cfg.gallery}")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), logging_level="WARNING")
+    decoded = ray.data.from_items(items).map_batches(
+        decode_batch, fn_kwargs={"size": backbone.image.size, "s3": cfg.s3}, batch_size=cfg.batch_size,
+        concurrency=cfg.decode_tasks,
+    ).materialize()
+    bad = decoded.filter(lambda r: r["error"] != "").select_columns(["uri", "error"]).take_all()
+    encoded = decoded.filter(lambda r: r["error"] == "").map_batches(
+        CatalogEncoder, fn_constructor_kwargs={"backbone": backbone.to_dict(), "weights": None, "s3": cfg.s3,
+                                               "latents": False, "keep": ("item_id", "uri"), "precision": cfg.precision},
+        batch_size=cfg.batch_size, concurrency=cfg.encoders, **encoder_options(cfg.use_gpu),
+    )
+    ids, uris, feats = [], [], []
+    for batch in encoded.iter_batches(batch_size=None, batch_format="numpy"):
+        ids += [str(x) for x in batch["item_id"]]
+        uris += [str(x) for x in batch["uri"]]
+        feats.append(batch["features"])
+    index = create_index(cfg.backend, int(feats[0].shape[1]))
+    index.add(np.concatenate(feats).astype(np.float32), ids, uris)
+    index.save(cfg.out, cfg.s3)
+    print(f"[index] {len(index)} items ({len(bad)} rejected) -> {cfg.out} [{cfg.backend}] "
+          f"in {time.perf_counter() - t0:.1f}s", flush=True)
+    for r in bad:
+        print(f"  rejected {r['uri']}: {r['error']}")
+    return index
+
+
+__all__ = ["IndexConfig", "build_index"]
