@@ -20,9 +20,7 @@ are removed only after its manifest has been read back.
 from __future__ import annotations
 
 import hashlib
-import json
 import posixpath
-import re
 import uuid
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -34,14 +32,12 @@ import pyarrow.parquet as pq
 from factory import storage
 from factory.errors import TokenFactoryError
 from factory.storage import NotFoundInStorage, S3Options
+from factory.versioning import claim_next_version, version_numbers, version_uri
 from schemas import RegistryFile, RegistryManifest, TokenRecord, from_arrow, to_arrow, validate_concept_id
 
-VERSIONS_DIR = "versions"
 STAGING_DIR = "_staging"
 MANIFEST_NAME = "manifest.json"
-CLAIM_NAME = "claim.json"  # created exclusively by the one commit that owns a version number
 SHARD_GLOB = "tokens-*.parquet"
-_VERSION_DIR_RE = re.compile(r"v(\d{6,})")
 
 
 class RegistryError(TokenFactoryError):
@@ -102,7 +98,7 @@ class TokenRegistry:
     # -- layout ---------------------------------------------------------------------------------------
 
     def version_uri(self, version: int) -> str:
-        return storage.join(self.root_uri, VERSIONS_DIR, f"v{version:06d}")
+        return version_uri(self.root_uri, version)
 
     def staging_uri(self, run_id: str) -> str:
         return storage.join(self.root_uri, STAGING_DIR, validate_concept_id(run_id))
@@ -126,8 +122,7 @@ class TokenRegistry:
         return manifest if manifest.version == version else None
 
     def _version_dirs(self) -> list[int]:
-        names = storage.listdir(storage.join(self.root_uri, VERSIONS_DIR), self.s3)
-        return sorted(int(m.group(1)) for n in names if (m := _VERSION_DIR_RE.fullmatch(n)))
+        return version_numbers(self.root_uri, self.s3)
 
     def versions(self) -> list[int]:
         """Committed versions, ascending."""
@@ -479,21 +474,5 @@ class VersionWriter:
         return version
 
     def _claim(self, nonce: str) -> int:
-        """The next free version number, claimed atomically (see `storage.create_exclusive`).
-
-        Concurrent commits each try max(existing) + 1 and move up on a loss, so no two runs are ever told
-        the same version. A claimed folder is never cleared or reused, even if its commit died: it is
-        skipped by readers (no manifest) and above it the next commit claims a new number.
-        """
-        body = json.dumps({"run_id": self.run_id, "nonce": nonce}).encode()
-        version = max(self.registry._version_dirs(), default=0) + 1
-        while True:
-            uri = storage.join(self.registry.version_uri(version), CLAIM_NAME)
-            if storage.create_exclusive(uri, body, self._s3):
-                return version
-            try:  # a retried request may have created it for us
-                if json.loads(storage.read_bytes(uri, self._s3)).get("nonce") == nonce:
-                    return version
-            except (NotFoundInStorage, ValueError):
-                pass
-            version += 1
+        """The next free version number, claimed atomically (`factory.versioning.claim_next_version`)."""
+        return claim_next_version(self.registry.root_uri, {"run_id": self.run_id, "nonce": nonce}, self._s3)

@@ -7,12 +7,10 @@ own learner settings; runs every classification, retrieval and generation method
 `factory.evaluation.methods`; and writes ``OUT/metrics.json``, ``OUT/report.md`` and PNG plots.
 
 Runs in one process (no Ray): the cost is the ablations' learning and GAIR's previews (alphas × previews
-images per query); ``--max-queries`` bounds the latter.
+images per query); ``--max-queries`` bounds the latter. (The command line's side: flags ->
+`jobs.evaluate.EvaluateConfig` -> `jobs.evaluate.evaluate_registry`.)
 """
 from __future__ import annotations
-
-import json
-import time
 
 
 def register(sub) -> None:
@@ -46,69 +44,22 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def run_learner_config(manifest_config: dict, steps: int | None = None):
-    """(LearnerConfig, concepts per step) of the onboarding run that wrote a registry version.
+def config_from_args(args):
+    """The typed job config of these flags."""
+    from factory.evaluation.methods import GairSettings
+    from jobs.arguments import s3_options
+    from jobs.evaluate import EvaluateConfig
 
-    A run records its resolved learner settings (``learner``); for versions written before it did, the
-    flags it recorded are laid over the onboard command's defaults."""
-    import argparse
-    import dataclasses
-
-    from factory.learner import LearnerConfig
-    from jobs import onboard_cmd
-
-    if "learner" in manifest_config:
-        learner = LearnerConfig(**manifest_config["learner"])
-        if steps is not None:
-            learner = dataclasses.replace(learner, steps=steps)
-        return learner, int(manifest_config["concepts_per_step"])
-
-    parser = argparse.ArgumentParser()
-    onboard_cmd.register(parser.add_subparsers())  # onboard's own flags and defaults, nothing else
-    defaults = parser.parse_args(["onboard", "--catalog", "-", "--registry", "-"])
-    learner_config = onboard_cmd.learner_config
-    args = argparse.Namespace(**{**vars(defaults), **{k: v for k, v in manifest_config.items() if k in vars(defaults)}})
-    if steps is not None:
-        args.steps = steps
-    return LearnerConfig(**learner_config(args)), int(args.concepts_per_step)
+    gair = GairSettings(alphas=[float(a) for a in args.alphas.split(",")], previews=args.previews,
+                        steps=args.sample_steps, guidance=args.guidance, seed=args.seed, rule=args.gair_rule,
+                        **({} if args.gair_intent_margin is None else {"intent_margin": args.gair_intent_margin}))
+    fields = ("catalog", "registry", "index", "out", "version", "backbone", "weights", "max_queries",
+              "generation_queries", "ablation_steps")
+    return EvaluateConfig(**{f: getattr(args, f) for f in fields}, gair=gair, s3=s3_options(args))
 
 
 def run(args) -> int:
-    from rich.console import Console
+    from jobs.evaluate import evaluate_registry
 
-    from factory.backbones import load_backbone
-    from factory.catalogs.evaluation import read_eval_catalog
-    from factory.evaluation.harness import EvaluationConfig, evaluate
-    from factory.evaluation.methods import GairSettings
-    from factory.evaluation.report import markdown, write_report
-    from factory.index import load_index
-    from factory.registry import TokenRegistry
-    from jobs.arguments import absolute_uri, effective_config, s3_options
-
-    for name in ("catalog", "registry", "index", "out", "weights"):
-        setattr(args, name, absolute_uri(getattr(args, name)))
-    print("[evaluate] config: " + json.dumps(effective_config(args), sort_keys=True), flush=True)
-    s3 = s3_options(args)
-    t0 = time.perf_counter()
-    version = TokenRegistry(args.registry, s3).open(args.version)
-    catalog = read_eval_catalog(args.catalog, s3)
-    index = load_index(args.index, s3)
-    # The run's own resolved backbone config when it recorded one (a standard-layout backbone needs its ROOT).
-    recorded = version.manifest.config.get("backbone_config") or version.manifest.backbone
-    backbone = load_backbone(args.backbone or recorded, weights=args.weights, s3=s3)
-    learner, per_step = run_learner_config(version.manifest.config, args.ablation_steps)
-    config = EvaluationConfig(
-        learner=learner, concepts_per_step=per_step, max_queries=args.max_queries,
-        generation_queries=args.generation_queries,
-        gair=GairSettings(alphas=[float(a) for a in args.alphas.split(",")], previews=args.previews,
-                          steps=args.sample_steps, guidance=args.guidance, seed=args.seed, rule=args.gair_rule,
-                          **({} if args.gair_intent_margin is None else {"intent_margin": args.gair_intent_margin})))
-    print(f"[evaluate] {len(catalog.concepts)} concepts, {len(catalog.queries)} queries, gallery index of "
-          f"{len(index)}; registry version {version.version} ({len(version)} tokens)", flush=True)
-    ev = evaluate(backbone, catalog, version.records(), index, config, s3)
-    ev.metrics["registry"] = {"uri": args.registry, "version": version.version, "run_id": version.manifest.run_id}
-    ev.metrics["config"] = effective_config(args)
-    uris = write_report(ev, args.out, s3)
-    Console().print(markdown(ev.metrics))
-    print(f"[evaluate] wrote {', '.join(uris.values())} in {time.perf_counter() - t0:.0f}s", flush=True)
+    evaluate_registry(config_from_args(args))
     return 0

@@ -2,6 +2,9 @@
 
     gallery items (`factory.catalogs.gallery_items`) -> Ray Data: read + validate (tasks)
       -> image features (an actor pool of `CatalogEncoder`) -> `factory.index` -> saved, manifest last
+
+With ``append`` the output is a root of index versions (`factory.index.versions`): only the items the
+newest version lacks are read and encoded, and the union is committed as the next, immutable version.
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ class IndexConfig:
     batch_size: int = 128
     decode_tasks: int = 2
     encoders: int = 1
+    append: bool = False  # out is a root of index versions: add what the newest lacks as the next version
     s3: S3Options | None = field(default=None, repr=False)  # never printed: it may hold keys
 
     def __post_init__(self):
@@ -41,7 +45,8 @@ class IndexConfig:
 
 
 def build_index(cfg: IndexConfig):
-    """Embed every gallery image of ``cfg.gallery`` and save the index at ``cfg.out``; returns the index."""
+    """Embed the gallery images of ``cfg.gallery`` and save the index at ``cfg.out`` (with ``append``: only
+    the new ones, committed as the next version); returns the index."""
     import numpy as np
     import ray
     import ray.data
@@ -50,6 +55,7 @@ def build_index(cfg: IndexConfig):
     from factory.catalogs import gallery_items
     from factory.errors import CatalogError
     from factory.index import create_index
+    from factory.index.versions import IndexVersions
     from jobs.onboard_data import CatalogEncoder, decode_batch, encoder_options
 
     print("[index] config: " + json.dumps(cfg.record(), sort_keys=True), flush=True)
@@ -58,6 +64,14 @@ def build_index(cfg: IndexConfig):
     items = gallery_items(cfg.gallery, cfg.s3, cfg.allow_outside_catalog)
     if not items:
         raise CatalogError(f"no gallery images found at {cfg.gallery}")
+    versions, base = IndexVersions(cfg.out, cfg.s3), None
+    if cfg.append and versions.latest() is not None:
+        base_version, base = versions.open()
+        items = [it for it in items if it["item_id"] not in base]
+        print(f"[index] version {base_version} holds {len(base)} items; {len(items)} new", flush=True)
+        if not items:
+            print("[index] nothing to add: no new version", flush=True)
+            return base
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), logging_level="WARNING")
@@ -76,11 +90,19 @@ def build_index(cfg: IndexConfig):
         ids += [str(x) for x in batch["item_id"]]
         uris += [str(x) for x in batch["uri"]]
         feats.append(batch["features"])
-    index = create_index(cfg.backend, int(feats[0].shape[1]))
-    index.add(np.concatenate(feats).astype(np.float32), ids, uris)
-    index.save(cfg.out, cfg.s3)
-    print(f"[index] {len(index)} items ({len(bad)} rejected) -> {cfg.out} [{cfg.backend}] "
-          f"in {time.perf_counter() - t0:.1f}s", flush=True)
+    if not ids and base is None:
+        raise CatalogError(f"every gallery image at {cfg.gallery} was rejected ({len(bad)}; e.g. {bad[0]['uri']}: "
+                           f"{bad[0]['error']})")
+    index = base if base is not None else create_index(cfg.backend, int(feats[0].shape[1]))
+    if ids:
+        index.add(np.concatenate(feats).astype(np.float32), ids, uris)
+    if cfg.append:
+        where = versions.version_uri(versions.commit(index))
+    else:
+        index.save(cfg.out, cfg.s3)
+        where = cfg.out
+    print(f"[index] {len(ids)} items encoded, {len(index)} in the index ({len(bad)} rejected) -> {where} "
+          f"[{index.backend}] in {time.perf_counter() - t0:.1f}s", flush=True)
     for r in bad:
         print(f"  rejected {r['uri']}: {r['error']}")
     return index

@@ -31,6 +31,10 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=int, default=128, help="Ray Data batch size (default: 128)")
     p.add_argument("--decode-tasks", type=int, default=2, help="concurrent decode tasks (default: 2)")
     p.add_argument("--encoders", type=int, default=1, help="image-encoder actors (default: 1)")
+    p.add_argument("--append", action="store_true",
+                   help="--out is a root of index versions: encode only the gallery items its newest version lacks "
+                        "and commit the union as the next version (the service follows the newest; default: write "
+                        "one index folder)")
     add_s3_arguments(p)
     p.set_defaults(func=run)
 
@@ -41,7 +45,7 @@ def config_from_args(args):
     from jobs.index import IndexConfig
 
     fields = ("gallery", "out", "backbone", "weights", "use_gpu", "allow_outside_catalog", "precision", "backend",
-              "batch_size", "decode_tasks", "encoders")
+              "batch_size", "decode_tasks", "encoders", "append")
     return IndexConfig(**{f: getattr(args, f) for f in fields}, s3=s3_options(args))
 
 

@@ -94,8 +94,9 @@ class EncodedConcept:
 
         from factory.learner import ConceptData
 
-        return ConceptData(self.concept_id, self.parent, torch.from_numpy(np.asarray(self.features)),
-                           None if self.latents is None else torch.from_numpy(np.asarray(self.latents)))
+        # A copy: arrays that come out of Ray's object store are read-only views.
+        return ConceptData(self.concept_id, self.parent, torch.tensor(np.asarray(self.features)),
+                           None if self.latents is None else torch.tensor(np.asarray(self.latents)))
 
 
 @dataclass

@@ -105,6 +105,53 @@ class VersionFollower:
         log.info("now serving registry version %d (%.2fs to load)", version, time.perf_counter() - t0)
 
 
+class GalleryFollower:
+    """The gallery index a replica searches.
+
+    When ``ServeSettings.index`` is a root of index versions (`tokenfactory index --append`), the replica
+    moves to the newest committed version, looked for at most every ``check_s``. The new version loads in
+    a background task while searches go on against the current one; then the reference is swapped, so no
+    request waits for a load and none fails during a swap (a search holds the index it started with). A
+    version that fails to load is logged and skipped; the current one stays.
+    """
+
+    def __init__(self, uri: str, s3, check_s: float):
+        from factory.index import load_index
+        from factory.index.versions import IndexVersions
+
+        versions = IndexVersions(uri, s3)
+        self.version = versions.latest()
+        self.versions = versions if self.version is not None else None  # a single saved index: nothing to follow
+        self.index = versions.open(self.version)[1] if self.versions else load_index(uri, s3)
+        self.check_s, self._checked_at, self._task = check_s, time.monotonic(), None
+        self._bad: set[int] = set()
+
+    def current(self):
+        """The index to search now; starts a look for a newer version when one is due."""
+        due = time.monotonic() - self._checked_at >= self.check_s
+        if self.versions is not None and due and (self._task is None or self._task.done()):
+            self._checked_at = time.monotonic()
+            self._task = asyncio.get_running_loop().create_task(self._refresh())
+        return self.index
+
+    async def _refresh(self) -> None:
+        latest = None
+        try:
+            latest = await asyncio.to_thread(self.versions.latest)
+            if latest is None or latest <= self.version or latest in self._bad:
+                return
+            t0 = time.perf_counter()
+            version, index = await asyncio.to_thread(self.versions.open, latest)
+        except Exception as e:  # keep searching the current version
+            if latest is not None:
+                self._bad.add(latest)
+            log.error("gallery index version %s failed to load (%s); still serving %s", latest, e, self.version)
+            return
+        self.version, self.index = version, index
+        log.info("now serving gallery index version %d, %d items (%.2fs to load)", version, len(index),
+                 time.perf_counter() - t0)
+
+
 @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
 class RegistryWatcher:
     def __init__(self, settings: dict):
@@ -259,19 +306,20 @@ class ImageEncoder:
 @serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=256)
 class GalleryIndex:
     def __init__(self, settings: dict):
-        from factory.index import load_index
-
         s = _setup(settings)
-        self.index = load_index(s.index, s.s3())
-        self._uris = {i: u for i, u in zip(self.index.ids, self.index.uris) if u}
+        self.gallery = GalleryFollower(s.index, s.s3(), s.index_check_s)
+        self._uris: tuple[object, dict[str, str]] = (None, {})  # (the index they are of, id -> URI)
         configure_batching(s, self.search)
 
     async def ready(self) -> int:
-        return len(self.index)
+        return len(self.gallery.current())
 
     async def uri_of(self, item_id: str) -> dict:
         """The stored URI of a gallery item: the only image URIs the studio's thumbnails may read."""
-        uri = self._uris.get(item_id)
+        index = self.gallery.current()
+        if self._uris[0] is not index:
+            self._uris = (index, {i: u for i, u in zip(index.ids, index.uris) if u})
+        uri = self._uris[1].get(item_id)
         if uri is None:
             return error(404, "unknown_item", f"no gallery item {item_id!r} with an image")
         return {"uri": uri}
@@ -281,7 +329,7 @@ class GalleryIndex:
         """One matrix search for all queries of all calls at the largest k, each query cut to its own k.
         A call is (queries [k, D], the k of each query)."""
         queries = np.concatenate([q for q, _ in calls]).astype(np.float32)
-        hits = gallery_hits(self.index, queries, [k for _, call_ks in calls for k in call_ks])
+        hits = gallery_hits(self.gallery.current(), queries, [k for _, call_ks in calls for k in call_ks])
         return split_calls(hits, [len(k) for _, k in calls])
 
 
@@ -320,7 +368,6 @@ def _png_b64(images: np.ndarray) -> list[str]:
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=4)
 class Generator:
     def __init__(self, settings: dict, watcher):
-        from factory.index import load_index
         from factory.registry import TokenRegistry
 
         s = _setup(settings)
@@ -330,7 +377,7 @@ class Generator:
         registry = TokenRegistry(s.registry, s.s3())
         self.follower = VersionFollower(watcher, lambda v: TokenState.load(registry, v, self.backbone, with_classes=False),
                                         s.version_check_s)
-        self.index = load_index(s.index, s.s3())
+        self.gallery = GalleryFollower(s.index, s.s3(), s.index_check_s)
         self.sampling = asyncio.Semaphore(s.sampling_concurrency)
 
     async def ready(self) -> int:
@@ -378,7 +425,7 @@ class Generator:
         except (TokenFactoryError, ValueError) as e:
             return prompt_error(e)
         try:
-            gair = Gair(self.backbone, concepts, self.index)
+            gair = Gair(self.backbone, concepts, self.gallery.current())
             res = await self.sample(lambda should_stop: gair(req, should_stop))
         except (TokenFactoryError, ValueError) as e:
             return prompt_error(e)

@@ -49,7 +49,10 @@ class ServeSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     registry: str = Field(description="token registry root URI")
-    index: str = Field(description="gallery index URI (written by `tokenfactory index`)")
+    index: str = Field(description="gallery index URI (written by `tokenfactory index`): a saved index, or a root of "
+                       "index versions (`--append`), whose newest version is served and followed")
+    index_check_s: float = Field(default=5.0, ge=0, description="seconds between looks for a newer gallery index "
+                                 "version (a versions root only)")
     backbone: str | dict[str, Any] = Field(
         default="fashion-mini", description="a registered name, a config file/URI, or a resolved config (a dict)")
     weights: str | None = None

@@ -32,7 +32,19 @@ def create_index(backend: str, dim: int, **params: Any) -> VectorIndex:
 
 
 def load_index(uri: str, s3: S3Options | None = None) -> VectorIndex:
-    """Load an index saved with ``VectorIndex.save``, whatever its backend."""
+    """A saved index at ``uri``, or the newest committed version when ``uri`` is the root of index versions
+    (`factory.index.versions`, written by ``tokenfactory index --append``)."""
+    if not storage.exists(storage.join(uri, MANIFEST_NAME), s3):
+        from factory.index.versions import IndexVersions
+
+        versions = IndexVersions(uri, s3)
+        if versions.latest() is not None:
+            return versions.open()[1]
+    return load_saved_index(uri, s3)  # or its error: absent, incomplete, corrupt
+
+
+def load_saved_index(uri: str, s3: S3Options | None = None) -> VectorIndex:
+    """The index saved at ``uri`` by `VectorIndex.save`, every file checked against its manifest's checksum."""
     manifest_uri = storage.join(uri, MANIFEST_NAME)
     try:
         manifest = storage.read_json(manifest_uri, s3)
@@ -82,4 +94,4 @@ def load_index(uri: str, s3: S3Options | None = None) -> VectorIndex:
 __all__ = ["FAISS_KINDS", "FAISS_NAME", "FORMAT_VERSION", "ITEMS_NAME", "MANIFEST_NAME", "VECTORS_NAME", "CorruptIndex",
            "DuplicateItemId", "EmptyIndex", "ExactIndex", "Hit", "IncompleteIndex", "IndexDimensionMismatch",
            "IndexNotFound", "InvalidIndexParams", "InvalidItems", "SearchResult", "VectorIndex", "create_index",
-           "load_index"]
+           "load_index", "load_saved_index"]

@@ -44,7 +44,7 @@ def test_evaluate_a_four_concept_catalog(ray_cluster, tmp_path):
 
 
 def test_a_run_s_recorded_learner_settings_are_read_back_as_they_were():
-    from jobs.evaluate_cmd import run_learner_config
+    from jobs.evaluate import run_learner_config
 
     recorded = {"learner": {"steps": 7, "lr": 0.02, "seed": 3, "parametrization": "free", "log_every": 0,
                             "weights": {"ti": 1.0, "ce": 1.0, "image_ce": 0.0, "reg": 0.0, "ti_balance": 0.3}},
@@ -55,7 +55,7 @@ def test_a_run_s_recorded_learner_settings_are_read_back_as_they_were():
 
 
 def test_versions_without_recorded_learner_settings_fall_back_to_their_flags():
-    from jobs.evaluate_cmd import run_learner_config
+    from jobs.evaluate import run_learner_config
 
     learner, per_step = run_learner_config({"steps": 11, "lambda_ti": 2.5, "concepts_per_step": 5})
     assert (learner.steps, learner.weights.ti, per_step) == (11, 2.5, 5)

@@ -42,3 +42,31 @@ def test_index_from_a_folder_of_images_on_s3_with_a_bad_file(ray_cluster, s3_buc
                  "--backend", "hnsw"]) == 0
     index = load_index(out, s3_server.s3_options)
     assert sorted(index.ids) == [f"item{i}" for i in range(5)]
+
+
+def test_append_encodes_only_new_items_and_commits_immutable_versions(ray_cluster, tmp_path, capsys):
+    from factory.index.versions import IndexVersions
+
+    rng, images = np.random.default_rng(1), tmp_path / "imgs"
+    images.mkdir()
+
+    def add_images(names):
+        for name in names:
+            Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(images / f"{name}.png")
+
+    root = str(tmp_path / "gallery-index")
+    add_images(["a", "b", "c"])
+    assert main(["index", "--gallery", str(images), "--out", root, "--append", "--backbone", "tiny-hf-clip"]) == 0
+    add_images(["d", "e"])
+    capsys.readouterr()
+    assert main(["index", "--gallery", str(images), "--out", root, "--append", "--backbone", "tiny-hf-clip"]) == 0
+    assert "2 items encoded, 5 in the index" in capsys.readouterr().out  # the first three were not re-embedded
+    versions = IndexVersions(root)
+    assert versions.versions() == [1, 2]
+    (_, v1), (_, v2) = versions.open(1), versions.open(2)
+    assert sorted(v1.ids) == ["a", "b", "c"] and sorted(v2.ids) == ["a", "b", "c", "d", "e"]
+    np.testing.assert_array_equal(v2.vectors_of(["a", "b", "c"]), v1.vectors_of(["a", "b", "c"]))
+    assert sorted(load_index(root).ids) == sorted(v2.ids)  # a versions root loads as its newest version
+    # nothing new: no empty version is committed
+    assert main(["index", "--gallery", str(images), "--out", root, "--append", "--backbone", "tiny-hf-clip"]) == 0
+    assert versions.versions() == [1, 2]

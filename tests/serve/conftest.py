@@ -7,8 +7,11 @@ gallery index holds those products' gallery images and distractors of other cate
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+import threading
+import time
 from dataclasses import dataclass
 
 import httpx
@@ -40,12 +43,13 @@ def learn_version(registry_uri: str, specs, run_id: str, backbone, steps: int = 
 class Service:
     url: str
     client: httpx.Client
-    catalog: object  # factory.world.Catalog
+    catalog: object  # factory.catalogs.Catalog
     registry: str
     backbone: object
     specs: list
     bucket: str  # s3://… of this app's image_uri tests: <bucket>/allowed/ is the one allowed prefix
     s3: object
+    index: str  # the root of the gallery's index versions
 
     def admin(self) -> dict:
         return {"Authorization": f"Bearer {API_KEY}"}
@@ -61,6 +65,7 @@ def _free_port() -> int:
 def service(ray_cluster, tmp_path_factory, s3_server):
     from factory.backbones import load_backbone
     from factory.gallery import index_images
+    from factory.index.versions import IndexVersions
     from factory.catalogs import read_world_catalog
     from factory.world import write_catalog
     from serve.app import start, stop
@@ -83,13 +88,51 @@ def service(ray_cluster, tmp_path_factory, s3_server):
     learn_version(registry, specs, "serve-test-v1", backbone)
     gallery_index, rejected = index_images(backbone, {r.attributes["item"]: r.image_uri for r in catalog.gallery})
     assert not rejected
-    gallery_index.save(index)
+    IndexVersions(index).commit(gallery_index)  # a root of index versions: the service follows the newest
     os.environ[KEY_ENV], os.environ[CLIENT_KEY_ENV] = API_KEY, CLIENT_KEY
     bucket = s3_server.create_bucket("serve-images")
     settings = ServeSettings(registry=registry, index=index, backbone="fashion-mini", admin_key_env=KEY_ENV,
-                             api_key_env=CLIENT_KEY_ENV, require_key=True, poll_s=0, max_batch_size=16, limits=TEST_LIMITS,
+                             api_key_env=CLIENT_KEY_ENV, require_key=True, poll_s=0, index_check_s=0.2, max_batch_size=16,
+                             limits=TEST_LIMITS,
                              image_uri_prefixes=[f"{bucket}/allowed/"], replica_env=s3_server.env)
     url = start(settings, port=_free_port())
     with httpx.Client(base_url=url, timeout=120.0, headers=CLIENT_HEADERS) as client:
-        yield Service(url, client, catalog, registry, backbone, specs, bucket, s3_server.s3_options)
+        yield Service(url, client, catalog, registry, backbone, specs, bucket, s3_server.s3_options, index)
     stop()
+
+
+# Load while something changes: threads sending requests, and a wait for more answers (polls, no sleeps).
+def _hammer(url: str, concept_id: str, parent: str, stop: threading.Event, results: list) -> None:
+    with httpx.Client(base_url=url, timeout=120.0, headers=CLIENT_HEADERS) as c:
+        while not stop.is_set():
+            for method, path, body in (("post", "/v1/retrieve", {"query": f"a <concept:{concept_id}> {parent}", "top_k": 3}),
+                                       ("get", "/v1/tokens", None)):
+                try:
+                    r = c.post(path, json=body) if method == "post" else c.get(path)
+                    results.append((r.status_code, r.json().get("registry_version")))
+                except httpx.HTTPError as e:
+                    results.append((repr(e), None))
+
+
+@contextlib.contextmanager
+def hammering(service, spec, n: int = 3):
+    """``n`` threads sending requests about ``spec`` until the block ends; yields their (status, version)s."""
+    stop, results = threading.Event(), []
+    threads = [threading.Thread(target=_hammer, args=(service.url, spec.concept_id, spec.parent, stop, results))
+               for _ in range(n)]
+    for t in threads:
+        t.start()
+    try:
+        yield results
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+
+
+def until_more(results: list, more: int, timeout_s: float = 60.0) -> None:
+    """Wait (polling, with a deadline) until ``more`` further answers have come in."""
+    target, deadline = len(results) + more, time.monotonic() + timeout_s
+    while len(results) < target and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(results) >= target, f"only {len(results)} answers in {timeout_s:.0f}s"

@@ -1,0 +1,104 @@
+"""The evaluation job as a typed function: `EvaluateConfig` in, metrics.json + report.md + plots out.
+
+Reads the catalog, the registry version (newest, or ``version``) and the gallery index; learns the ablation
+tokens with the registry run's own learner settings (read back from its manifest); runs every method of
+`factory.evaluation.methods`. `tokenfactory evaluate` (`jobs/evaluate_cmd.py`) builds the config from flags.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from factory.evaluation.methods import GairSettings
+from factory.storage import S3Options
+from jobs.arguments import absolute_uri
+
+
+@dataclass
+class EvaluateConfig:
+    catalog: str  # a `world` folder/manifest.json or a PerVL <split>_fsl_train.txt
+    registry: str
+    index: str  # written by `tokenfactory index`
+    out: str  # folder for metrics.json, report.md, *.png
+    version: int | None = None  # registry version (None: the newest)
+    backbone: str | dict[str, Any] | None = None  # None: the one the registry run recorded
+    weights: str | None = None
+    max_queries: int | None = None  # only the first N queries (GAIR costs previews per query)
+    generation_queries: int | None = 24  # queries whose composition prompts every method samples
+    ablation_steps: int | None = None  # learner steps of the ablations (None: the run's own)
+    gair: GairSettings = field(default_factory=GairSettings)
+    s3: S3Options | None = field(default=None, repr=False)  # never recorded: it may hold keys
+
+    def __post_init__(self):
+        for name in ("catalog", "registry", "index", "out", "weights"):
+            setattr(self, name, absolute_uri(getattr(self, name)))
+
+    def record(self) -> dict[str, Any]:
+        """The config as JSON-able data (printed, stored in metrics.json), without the S3 options."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "s3"}
+
+
+def run_learner_config(manifest_config: dict, steps: int | None = None):
+    """(LearnerConfig, concepts per step) of the onboarding run that wrote a registry version.
+
+    A run records its resolved learner settings (``learner``); for versions written before it did, the
+    flags it recorded are laid over the onboard command's defaults."""
+    import argparse
+    import dataclasses
+
+    from factory.learner import LearnerConfig
+    from jobs import onboard_cmd  # old versions only: their flags, laid over the flags' defaults
+
+    if "learner" in manifest_config:
+        learner = LearnerConfig(**manifest_config["learner"])
+        if steps is not None:
+            learner = dataclasses.replace(learner, steps=steps)
+        return learner, int(manifest_config["concepts_per_step"])
+
+    parser = argparse.ArgumentParser()
+    onboard_cmd.register(parser.add_subparsers())  # onboard's own flags and defaults, nothing else
+    defaults = parser.parse_args(["onboard", "--catalog", "-", "--registry", "-"])
+    learner_config = onboard_cmd.learner_config
+    args = argparse.Namespace(**{**vars(defaults), **{k: v for k, v in manifest_config.items() if k in vars(defaults)}})
+    if steps is not None:
+        args.steps = steps
+    return LearnerConfig(**learner_config(args)), int(args.concepts_per_step)
+
+
+def evaluate_registry(cfg: EvaluateConfig) -> dict:
+    """Evaluate a registry version's tokens against the baselines; writes the report, returns the metrics."""
+    from rich.console import Console
+
+    from factory.backbones import load_backbone
+    from factory.catalogs import read_eval_catalog
+    from factory.evaluation.harness import EvaluationConfig, evaluate
+    from factory.evaluation.report import markdown, write_report
+    from factory.index import load_index
+    from factory.registry import TokenRegistry
+
+    print("[evaluate] config: " + json.dumps(cfg.record(), sort_keys=True), flush=True)
+    t0 = time.perf_counter()
+    version = TokenRegistry(cfg.registry, cfg.s3).open(cfg.version)
+    catalog = read_eval_catalog(cfg.catalog, cfg.s3)
+    index = load_index(cfg.index, cfg.s3)
+    # The run's own resolved backbone config when it recorded one (a standard-layout backbone needs its ROOT).
+    recorded = version.manifest.config.get("backbone_config") or version.manifest.backbone
+    backbone = load_backbone(cfg.backbone or recorded, weights=cfg.weights, s3=cfg.s3)
+    learner, per_step = run_learner_config(version.manifest.config, cfg.ablation_steps)
+    config = EvaluationConfig(learner=learner, concepts_per_step=per_step, max_queries=cfg.max_queries,
+                              generation_queries=cfg.generation_queries, gair=cfg.gair)
+    print(f"[evaluate] {len(catalog.concepts)} concepts, {len(catalog.queries)} queries, gallery index of "
+          f"{len(index)}; registry version {version.version} ({len(version)} tokens)", flush=True)
+    ev = evaluate(backbone, catalog, version.records(), index, config, cfg.s3)
+    ev.metrics["registry"] = {"uri": cfg.registry, "version": version.version, "run_id": version.manifest.run_id}
+    ev.metrics["config"] = cfg.record()
+    uris = write_report(ev, cfg.out, cfg.s3)
+    Console().print(markdown(ev.metrics))
+    print(f"[evaluate] wrote {', '.join(uris.values())} in {time.perf_counter() - t0:.0f}s", flush=True)
+    return ev.metrics
+
+
+__all__ = ["EvaluateConfig", "evaluate_registry", "run_learner_config"]
