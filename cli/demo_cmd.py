@@ -45,7 +45,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from jobs.arguments import absolute_uri, effective_config
+    from cli.arguments import absolute_uri, effective_config
     from jobs.s3server import SeaweedS3
 
     args.out = absolute_uri(args.out)

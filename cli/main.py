@@ -13,8 +13,8 @@ import logging
 import sys
 
 # Subcommand modules, in the order `--help` lists them.
-COMMANDS = ["cli.demo_cmd", "jobs.onboard_cmd", "jobs.index_cmd", "jobs.evaluate_cmd", "cli.serve_cmd",
-            "jobs.export_cmd", "jobs.world_cmd", "jobs.pretrain_cmd", "jobs.backbones_cmd"]
+COMMANDS = ["cli.demo_cmd", "cli.onboard_cmd", "cli.index_cmd", "cli.evaluate_cmd", "cli.serve_cmd",
+            "cli.export_cmd", "cli.world_cmd", "cli.pretrain_cmd", "cli.backbones_cmd"]
 
 
 def build_parser() -> argparse.ArgumentParser:

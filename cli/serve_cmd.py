@@ -46,7 +46,7 @@ def register(sub) -> None:
 def settings_from(args):
     from factory.backbones import resolve_backbone_config
     from factory.storage import S3Options
-    from jobs.arguments import absolute_uri
+    from cli.arguments import absolute_uri
     from serve.settings import ServeSettings
 
     # Resolved before anything is deployed (a bad backbone fails here, in seconds); replicas get the data.
@@ -62,7 +62,7 @@ def run(args) -> int:
 
     import ray
 
-    from jobs.arguments import effective_config
+    from cli.arguments import effective_config
     from serve.app import start, stop
 
     settings = settings_from(args)

@@ -1,6 +1,6 @@
 """Onboarding a catalog in one process: images -> features and latents -> tokens -> registry rows.
 
-The same steps the Ray job distributes (`jobs/onboard_cmd.py`), as plain functions: the demo and the
+The same steps the Ray job distributes (`jobs/onboard.py`), as plain functions: the demo and the
 benchmarks call them directly, Ray Data and Ray Train workers call them on their shards.
 """
 from __future__ import annotations

@@ -11,7 +11,7 @@ states and must not chase a moving target:
 * ``unet``: the diffusion UNet learns to denoise images conditioned on the *frozen* text encoder, with
   caption dropout (for classifier-free guidance), min-SNR loss weighting and an EMA of its weights.
 
-Plain PyTorch: the Ray Train job in `jobs/pretrain_cmd.py` drives it, checkpoints its `state_dict` and
+Plain PyTorch: the Ray Train job in `jobs/pretrain.py` drives it, checkpoints its `state_dict` and
 averages gradients across workers through the ``grad_sync`` hook.
 """
 from __future__ import annotations

@@ -390,3 +390,10 @@ def sha256_of(uri: str, s3: S3Options | None = None, chunk_size: int = 1 << 20) 
         while chunk := f.read(chunk_size):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def absolute_uri(uri: str | None) -> str | None:
+    """Local paths made absolute (Ray workers and replicas run elsewhere); URIs with a scheme are left alone."""
+    if uri is None or "://" in uri:
+        return uri
+    return os.path.abspath(uri)

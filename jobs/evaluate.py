@@ -14,7 +14,7 @@ from typing import Any
 
 from factory.evaluation.methods import GairSettings
 from factory.storage import S3Options
-from jobs.arguments import absolute_uri
+from factory.storage import absolute_uri
 
 
 @dataclass
@@ -41,31 +41,34 @@ class EvaluateConfig:
         return {k: v for k, v in dataclasses.asdict(self).items() if k != "s3"}
 
 
+# Versions written before runs stored their learner settings recorded onboard's flags: flag -> field.
+_LEGACY_FIELDS = {"steps": "steps", "lr": "lr", "seed": "seed", "parametrization": "parametrization",
+                  "ti_samples": "ti_samples", "ti_micro_batch": "ti_micro_batch",
+                  "gradient_checkpointing": "gradient_checkpointing", "max_norm_ratio": "max_norm_ratio"}
+_LEGACY_WEIGHTS = {"lambda_ti": "ti", "lambda_ce": "ce", "lambda_image_ce": "image_ce", "lambda_reg": "reg",
+                   "ti_balance": "ti_balance"}
+
+
 def run_learner_config(manifest_config: dict, steps: int | None = None):
     """(LearnerConfig, concepts per step) of the onboarding run that wrote a registry version.
 
-    A run records its resolved learner settings (``learner``); for versions written before it did, the
-    flags it recorded are laid over the onboard command's defaults."""
-    import argparse
-    import dataclasses
-
+    A run records its resolved learner settings (``learner``). For versions written before it did, the
+    flags it recorded are laid over onboard's defaults as they were then (no TI calibration existed: a
+    ``ti_balance`` it did not record is 0)."""
     from factory.learner import LearnerConfig
-    from jobs import onboard_cmd  # old versions only: their flags, laid over the flags' defaults
+    from jobs.onboard import onboard_learner
 
     if "learner" in manifest_config:
         learner = LearnerConfig(**manifest_config["learner"])
-        if steps is not None:
-            learner = dataclasses.replace(learner, steps=steps)
-        return learner, int(manifest_config["concepts_per_step"])
-
-    parser = argparse.ArgumentParser()
-    onboard_cmd.register(parser.add_subparsers())  # onboard's own flags and defaults, nothing else
-    defaults = parser.parse_args(["onboard", "--catalog", "-", "--registry", "-"])
-    learner_config = onboard_cmd.learner_config
-    args = argparse.Namespace(**{**vars(defaults), **{k: v for k, v in manifest_config.items() if k in vars(defaults)}})
+    else:
+        base = onboard_learner()
+        weights = {**dataclasses.asdict(base.weights), "ti_balance": 0.0,
+                   **{w: manifest_config[f] for f, w in _LEGACY_WEIGHTS.items() if f in manifest_config}}
+        fields = {k: manifest_config[f] for f, k in _LEGACY_FIELDS.items() if f in manifest_config}
+        learner = dataclasses.replace(base, weights=type(base.weights)(**weights), **fields)
     if steps is not None:
-        args.steps = steps
-    return LearnerConfig(**learner_config(args)), int(args.concepts_per_step)
+        learner = dataclasses.replace(learner, steps=steps)
+    return learner, int(manifest_config.get("concepts_per_step", 8))
 
 
 def evaluate_registry(cfg: EvaluateConfig) -> dict:

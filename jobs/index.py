@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from factory.storage import S3Options
-from jobs.arguments import absolute_uri
+from factory.storage import absolute_uri
 
 
 @dataclass

@@ -24,7 +24,7 @@ from typing import Any
 from factory.learner import LearnerConfig
 from factory.losses import LossWeights
 from factory.storage import S3Options
-from jobs.arguments import absolute_uri
+from factory.storage import absolute_uri
 from schemas import RunReport
 
 log = logging.getLogger(__name__)

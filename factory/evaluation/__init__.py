@@ -2,7 +2,7 @@
 
 ``metrics`` holds the scoring primitives, ``data`` reads what an evaluation needs from a catalog (ours or
 one laid out like PerVL-DeepFashion2, see ``pervl``), ``methods`` computes every method's numbers, and
-``report`` turns them into ``metrics.json``, ``report.md`` and plots. No Ray here: `jobs/evaluate_cmd.py`
+``report`` turns them into ``metrics.json``, ``report.md`` and plots. No Ray here: `jobs/evaluate.py`
 is the CLI around it.
 """
 from factory.evaluation.metrics import class_embeddings, heldout_accuracy, ranking_metrics, first_relevant_rank

@@ -4,7 +4,7 @@ import torch
 
 from factory.backbones import create_backbone, get_backbone_config
 from factory.pretrain import PretrainConfig, Pretrainer
-from jobs.pretrain_cmd import world_batches
+from jobs.pretrain import world_batches
 
 
 def _snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -59,3 +59,5 @@ def test_versions_without_recorded_learner_settings_fall_back_to_their_flags():
 
     learner, per_step = run_learner_config({"steps": 11, "lambda_ti": 2.5, "concepts_per_step": 5})
     assert (learner.steps, learner.weights.ti, per_step) == (11, 2.5, 5)
+    # onboard's other defaults of the time; TI calibration did not exist then
+    assert (learner.weights.image_ce, learner.weights.ti_balance, learner.lr) == (1.0, 0.0, 0.01)

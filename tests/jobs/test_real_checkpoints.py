@@ -115,7 +115,7 @@ def test_sd2_root_onboard_in_process_and_export(catalog, tmp_path):
     from factory.catalogs import read_concepts
     from factory.learner import LearnerConfig
     from factory.onboarding import learn_and_commit
-    from jobs.export_cmd import export_tokens
+    from jobs.export import export_tokens
 
     root = write_sd2_root(tmp_path / "sd21")
     backbone = load_backbone("openclip-vit-h14+sd21", weights=str(root))

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 
 def register(sub) -> None:
-    from jobs.arguments import add_s3_arguments
+    from cli.arguments import add_s3_arguments
 
     p = sub.add_parser("onboard", help="learn tokens for a whole catalog on Ray (S3 -> Ray Data -> Ray Train -> registry)",
                        description=__doc__)
@@ -84,7 +84,7 @@ def learner_config(args) -> dict:
 
 def config_from_args(args):
     """The typed job config of these flags."""
-    from jobs.arguments import s3_options
+    from cli.arguments import s3_options
     from jobs.onboard import OnboardConfig
 
     fields = ("catalog", "registry", "backbone", "weights", "precision", "run_id", "workers", "cpus_per_worker",

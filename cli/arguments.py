@@ -1,21 +1,14 @@
-"""Flags and values every job command shares: S3 options, absolute URIs, the printed run config."""
+"""Flags and values every command shares: S3 options, absolute URIs, the printed run config."""
 from __future__ import annotations
 
 import argparse
+
+from factory.storage import absolute_uri
 
 
 def effective_config(args: argparse.Namespace) -> dict:
     """The flags of a run as plain JSON-able values: printed at start and stored with its outputs."""
     return {k: v for k, v in vars(args).items() if k != "func"}
-
-
-def absolute_uri(uri: str | None) -> str | None:
-    """Local paths made absolute (Ray workers run elsewhere); URIs with a scheme are left alone."""
-    import os
-
-    if uri is None or "://" in uri:
-        return uri
-    return os.path.abspath(uri)
 
 
 def add_s3_arguments(p: argparse.ArgumentParser) -> None:
@@ -40,3 +33,6 @@ def s3_options(args: argparse.Namespace):
     opts = S3Options.from_env()
     changes = {k: v for k, v in (("endpoint", args.s3_endpoint), ("region", args.s3_region)) if v}
     return dataclasses.replace(opts, **changes) if changes else opts
+
+
+__all__ = ["absolute_uri", "add_s3_arguments", "effective_config", "s3_options"]

@@ -18,7 +18,7 @@ import json
 
 
 def register(sub) -> None:
-    from jobs.arguments import add_s3_arguments
+    from cli.arguments import add_s3_arguments
 
     p = sub.add_parser("export", help="write registry tokens as diffusers textual-inversion safetensors",
                        description=__doc__)
@@ -30,30 +30,9 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def export_tokens(registry_uri: str, out: str, version: int | None = None, concepts: list[str] | None = None,
-                  s3=None) -> dict:
-    """Write the files (see the module docstring); returns the index that is written as tokens.json."""
-    from factory import storage
-    from factory.registry import TokenRegistry
-
-    opened = TokenRegistry(registry_uri, s3).open(version)
-    wanted = concepts or opened.concept_ids()
-    tokens = []
-    for cid in wanted:
-        file = f"{cid}.safetensors"
-        token = opened.export_textual_inversion(cid, storage.join(out, file))
-        rec = opened.get(cid)
-        tokens.append({"concept_id": cid, "token": token, "file": file, "parent": rec.parent, "dim": rec.dim,
-                       "prompt_example": f"a photo of a {token} {rec.parent}"})
-    first = opened.get(wanted[0]) if wanted else None
-    index = {"registry": registry_uri, "version": opened.version, "backbone": first.backbone if first else None,
-             "backbone_fingerprint": first.backbone_fingerprint if first else None, "tokens": tokens}
-    storage.write_json(storage.join(out, "tokens.json"), index, s3)
-    return index
-
-
 def run(args) -> int:
-    from jobs.arguments import absolute_uri, s3_options
+    from cli.arguments import absolute_uri, s3_options
+    from jobs.export import export_tokens
 
     index = export_tokens(absolute_uri(args.registry), absolute_uri(args.out), args.version, args.concepts,
                           s3_options(args))

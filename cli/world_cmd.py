@@ -15,7 +15,7 @@ never from the command line, where other users could read them in the process li
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from jobs.arguments import add_s3_arguments
+    from cli.arguments import add_s3_arguments
 
     p = sub.add_parser(
         "world", help="render a sample fashion-world catalog (local folder or s3://)",
@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     import sys
 
     from factory.storage import join
-    from jobs.arguments import s3_options
+    from cli.arguments import s3_options
     from factory.world.catalog import write_catalog
     from factory.world.fashion_mnist import FashionMNISTMissing
 

@@ -1,4 +1,5 @@
-"""`tokenfactory pretrain`: pretrain a backbone (the embedded `fashion-mini`) on the fashion world, on Ray Train.
+"""Pretraining a backbone (the embedded `fashion-mini`) on the fashion world, on Ray Train, as a typed job:
+`PretrainConfig` in, ``OUT/model.safetensors`` out (`tokenfactory pretrain`: `cli/pretrain_cmd.py`).
 
 Stage ``clip`` trains the CLIP pair, stage ``unet`` the generator on the frozen text encoder; ``all``
 runs both. Every ``--checkpoint-every`` steps the trainer state (weights, optimiser, EMA, RNGs) is
@@ -15,40 +16,11 @@ import logging
 import os
 import tempfile
 import time
+from dataclasses import dataclass
+
+from factory.storage import absolute_uri
 
 log = logging.getLogger(__name__)
-
-
-def register(sub) -> None:
-    p = sub.add_parser("pretrain", help="pretrain a backbone on the fashion world (Ray Train, resumable)",
-                       description=__doc__)
-    p.add_argument("--backbone", default="fashion-mini", help="registered backbone config to train (default: fashion-mini)")
-    p.add_argument("--stage", choices=["clip", "unet", "all"], default="all",
-                   help="what to train: the CLIP pair, the UNet on the frozen text encoder, or both in order")
-    p.add_argument("--out", required=True, help="URI of the output folder: model.safetensors, checkpoints/, logs")
-    p.add_argument("--init", default=None,
-                   help="weights URI to start from (default: OUT/model.safetensors if it exists, else random init)")
-    p.add_argument("--clip-steps", type=int, default=3000, help="optimiser steps of the clip stage (default: 3000)")
-    p.add_argument("--unet-steps", type=int, default=3000, help="optimiser steps of the unet stage (default: 3000)")
-    p.add_argument("--batch-size", type=int, default=256, help="images per step per worker (default: 256)")
-    p.add_argument("--clip-lr", type=float, default=7e-4, help="peak AdamW learning rate of the clip stage")
-    p.add_argument("--unet-lr", type=float, default=1e-3, help="peak AdamW learning rate of the unet stage")
-    p.add_argument("--clip-towers", choices=["both", "image"], default="both",
-                   help="clip stage: train both towers, or only the image tower against the frozen text tower "
-                        "(keeps an already trained UNet's conditioning valid; use with --init)")
-    p.add_argument("--group-size", type=int, default=4,
-                   help="clip stage: renders per hard-negative group, which share all attributes but one "
-                        "(1: independent renders; default: 4)")
-    p.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints (default: 100)")
-    p.add_argument("--time-limit-min", type=float, default=0.0,
-                   help="end this sitting after about this many minutes, checkpointed (0: run to the end)")
-    p.add_argument("--workers", type=int, default=1, help="Ray Train workers (data parallel; default: 1)")
-    p.add_argument("--cpus-per-worker", type=float, default=None,
-                   help="CPUs per worker (default: all CPUs of the machine divided by --workers)")
-    p.add_argument("--use-gpu", action="store_true", help="one GPU per worker")
-    p.add_argument("--image-size", type=int, default=32, help="render size of world images (default: 32)")
-    p.add_argument("--seed", type=int, default=0, help="seed of data and noise (default: 0)")
-    p.set_defaults(func=run)
 
 
 def world_batches(image_size: int, partial_captions: float, group_size: int = 1):
@@ -165,45 +137,66 @@ def _run_stage(backbone, stage: dict, config: dict, rank: int, grad_sync, deadli
     return True
 
 
-def run_stages(args, stages: list[dict]) -> None:
+@dataclass
+class PretrainConfig:
+    out: str  # model.safetensors, checkpoints/, logs
+    backbone: str = "fashion-mini"
+    stage: str = "all"  # clip, unet or all (both, in order)
+    init: str | None = None  # weights to start from (None: OUT/model.safetensors if it exists, else random)
+    clip_steps: int = 3000
+    unet_steps: int = 3000
+    batch_size: int = 256
+    clip_lr: float = 7e-4
+    unet_lr: float = 1e-3
+    clip_towers: str = "both"  # or "image": train the image tower against the frozen text tower
+    group_size: int = 4  # clip stage: renders per hard-negative group
+    checkpoint_every: int = 100
+    time_limit_min: float = 0.0  # end a sitting after about this many minutes, checkpointed (0: no limit)
+    workers: int = 1
+    cpus_per_worker: float | None = None  # None: all CPUs divided by workers
+    use_gpu: bool = False
+    image_size: int = 32
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.group_size < 1:
+            raise ValueError(f"group_size must be at least 1, got {self.group_size}")
+        if self.stage not in ("clip", "unet", "all"):
+            raise ValueError(f"stage must be clip, unet or all, got {self.stage!r}")
+        self.out, self.init = absolute_uri(self.out), absolute_uri(self.init)  # Ray workers run elsewhere
+
+
+def pretrain(cfg: PretrainConfig) -> None:
+    """Run the configured stages on Ray Train (resumable from ``cfg.out``'s checkpoints)."""
+    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from factory import storage
 
-    init = args.init or storage.join(args.out, "model.safetensors")
-    cpus = args.cpus_per_worker or max(1.0, (os.cpu_count() or 1) / args.workers)
-    config = dict(backbone=args.backbone, stages=stages, out=args.out, init=init, batch_size=args.batch_size,
-                  checkpoint_every=args.checkpoint_every, seed=args.seed, image_size=args.image_size,
-                  time_limit_min=args.time_limit_min, use_gpu=args.use_gpu, threads=cpus,
-                  clip_towers=args.clip_towers, group_size=args.group_size)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if not ray.is_initialized():
+        ray.init(logging_level="WARNING", include_dashboard=True, dashboard_host="127.0.0.1")
+    names = ["clip", "unet"] if cfg.stage == "all" else [cfg.stage]
+    stages = [{"stage": n, "steps": cfg.clip_steps if n == "clip" else cfg.unet_steps,
+               "lr": cfg.clip_lr if n == "clip" else cfg.unet_lr} for n in names]
+    init = cfg.init or storage.join(cfg.out, "model.safetensors")
+    cpus = cfg.cpus_per_worker or max(1.0, (os.cpu_count() or 1) / cfg.workers)
+    config = dict(backbone=cfg.backbone, stages=stages, out=cfg.out, init=init, batch_size=cfg.batch_size,
+                  checkpoint_every=cfg.checkpoint_every, seed=cfg.seed, image_size=cfg.image_size,
+                  time_limit_min=cfg.time_limit_min, use_gpu=cfg.use_gpu, threads=cpus,
+                  clip_towers=cfg.clip_towers, group_size=cfg.group_size)
     print("[pretrain] config:", json.dumps(config, sort_keys=True), flush=True)
-    storage_path = os.path.join(args.out, "ray") if "://" not in args.out else tempfile.mkdtemp()
+    storage_path = os.path.join(cfg.out, "ray") if "://" not in cfg.out else tempfile.mkdtemp()
     trainer = TorchTrainer(
         _train_loop, train_loop_config=config,
-        scaling_config=ScalingConfig(num_workers=args.workers, use_gpu=args.use_gpu,
+        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker={"CPU": cpus}),
-        run_config=RunConfig(name=f"pretrain-{args.backbone}", storage_path=storage_path,
+        run_config=RunConfig(name=f"pretrain-{cfg.backbone}", storage_path=storage_path,
                              failure_config=FailureConfig(max_failures=2),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )
     trainer.fit()
 
 
-def run(args) -> int:
-    import ray
-
-    from jobs.arguments import absolute_uri
-
-    if args.group_size < 1:
-        raise SystemExit(f"--group-size must be at least 1, got {args.group_size}")
-    args.out, args.init = absolute_uri(args.out), absolute_uri(args.init)  # Ray workers run elsewhere
-
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if not ray.is_initialized():
-        ray.init(logging_level="WARNING", include_dashboard=True, dashboard_host="127.0.0.1")
-    names = ["clip", "unet"] if args.stage == "all" else [args.stage]
-    stages = [{"stage": n, "steps": args.clip_steps if n == "clip" else args.unet_steps,
-               "lr": args.clip_lr if n == "clip" else args.unet_lr} for n in names]
-    run_stages(args, stages)
-    return 0
+__all__ = ["PretrainConfig", "pretrain", "world_batches"]

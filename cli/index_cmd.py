@@ -13,7 +13,7 @@ from __future__ import annotations
 
 
 def register(sub) -> None:
-    from jobs.arguments import add_s3_arguments
+    from cli.arguments import add_s3_arguments
 
     p = sub.add_parser("index", help="embed gallery images into a vector index (Ray Data batch inference)",
                        description=__doc__)
@@ -41,7 +41,7 @@ def register(sub) -> None:
 
 def config_from_args(args):
     """The typed job config of these flags."""
-    from jobs.arguments import s3_options
+    from cli.arguments import s3_options
     from jobs.index import IndexConfig
 
     fields = ("gallery", "out", "backbone", "weights", "use_gpu", "allow_outside_catalog", "precision", "backend",

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 
 def register(sub) -> None:
-    from jobs.arguments import add_s3_arguments
+    from cli.arguments import add_s3_arguments
 
     p = sub.add_parser("evaluate", help="classification / retrieval / generation metrics of a registry vs baselines",
                        description=__doc__)
@@ -47,7 +47,7 @@ def register(sub) -> None:
 def config_from_args(args):
     """The typed job config of these flags."""
     from factory.evaluation.methods import GairSettings
-    from jobs.arguments import s3_options
+    from cli.arguments import s3_options
     from jobs.evaluate import EvaluateConfig
 
     gair = GairSettings(alphas=[float(a) for a in args.alphas.split(",")], previews=args.previews,
