@@ -139,8 +139,13 @@ function renderSteps(res) {
     row.className = "step" + (s.alpha === res.alpha ? " chosen" : "");
     row.dataset.alpha = s.alpha;
     const head = document.createElement("p");
-    head.textContent = `α = ${s.alpha}: fidelity ${s.fidelity.toFixed(3)}, intent ${s.intent.toFixed(3)}, ` +
-      `score ${s.score.toFixed(3)}${s.alpha === res.alpha ? " (chosen)" : ""}`;
+    // Why this α was (not) chosen: what its query retrieved first, then what its previews show.
+    const top = s.retrieved && s.retrieved.length ? s.retrieved[0].id : "nothing";
+    const fmt = (x) => (x === null || x === undefined ? "–" : x.toFixed(3));
+    head.textContent = `α = ${s.alpha}: finds ${top} (like the concept ${fmt(s.retrieved_fidelity)}, ` +
+      `matches the intent ${fmt(s.retrieved_intent)}); previews: fidelity ${fmt(s.fidelity)}, ` +
+      `intent ${fmt(s.intent)}${s.admitted === false ? "; vetoed: intent too far from the best α's" : ""}` +
+      `${s.alpha === res.alpha ? " (chosen)" : ""}`;
     row.append(head);
     s.previews.forEach((b64, i) => {
       const fig = document.createElement("figure");
