@@ -222,7 +222,8 @@ def test_ti_balance_sets_lambda_from_the_measured_gradient_ratio(backbone):
         raw = t.metrics["ti_grad_ratio_start"]  # ‖∇TI‖ / ‖∇CE‖ at λ = 1
         assert raw > 0
         assert t.metrics["ti_weight"] * raw == pytest.approx(0.5, rel=1e-4)
-    fixed = learn_tokens(backbone, concepts, banks, dataclasses.replace(cfg, weights=LossWeights(ti=1.0, ce=1.0)))
+    uncalibrated = LossWeights(ti=1.0, ce=1.0, ti_balance=0.0)  # 0: λ_TI as given (the default calibrates)
+    fixed = learn_tokens(backbone, concepts, banks, dataclasses.replace(cfg, weights=uncalibrated))
     assert all(t.metrics["ti_weight"] == 1.0 and "ti_grad_ratio_start" not in t.metrics for t in fixed)
 
 
