@@ -26,7 +26,7 @@ from factory.backbones import Backbone
 from factory.errors import DimensionMismatch, EmptyImageSet, NonFiniteLoss
 from factory.losses import LossWeights, image_side_ce, text_side_ce, textual_inversion_loss
 from factory.tokens import Subspace, TokenParameters, build_subspace, get_vocabulary, marker, vocabulary_for_parent
-from factory.tokens.prompts import DEFAULT_TEMPLATES, template_prompts
+from factory.tokens.prompts import DEFAULT_TEMPLATES
 
 log = logging.getLogger(__name__)
 

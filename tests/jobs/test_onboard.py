@@ -6,7 +6,6 @@ job: reading from S3, reporting bad images, sharding, staging, resuming and comm
 from __future__ import annotations
 
 import io
-import json
 import threading
 import time
 
