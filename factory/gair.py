@@ -182,7 +182,9 @@ class Gair:
                 step.retrieved_fidelity = float((protos @ top).mean())
                 step.retrieved_intent = float(top @ f_words)
             steps.append(step)
-        best = choose_alpha(steps, request.rule, request.intent_margin)
+        best, scores, admitted = choose_alpha(steps, request.rule, request.intent_margin)
+        for step, score, ok in zip(steps, scores, admitted):  # the trace shows the evidence of its own rule
+            step.score, step.admitted = float(score), bool(ok)
         alpha = steps[best].alpha
         q = queries[best]
         if request.expand > 0:
@@ -202,11 +204,11 @@ class Gair:
 
 
 def choose_alpha(steps: Sequence[GairStep], rule: str = "retrieval",
-                 intent_margin: float = DEFAULT_INTENT_MARGIN) -> int:
-    """The index of the step ``auto`` keeps; sets each step's ``score`` and ``admitted`` (see `RULES`).
+                 intent_margin: float = DEFAULT_INTENT_MARGIN) -> tuple[int, np.ndarray, np.ndarray]:
+    """(index of the step ``auto`` keeps, each step's score, each step's admission) under ``rule`` (`RULES`).
 
-    A pure function of the steps' evidence, so the evaluation can score every rule on one set of previews.
-    Ties go to the larger α (the more specific query)."""
+    A pure function of the steps' evidence (it changes nothing), so the evaluation can score every rule on
+    one set of previews. Ties go to the larger α (the more specific query)."""
     if rule == "previews":
         fid = np.array([s.fidelity for s in steps])
         inten = np.array([s.intent for s in steps])
@@ -220,9 +222,8 @@ def choose_alpha(steps: Sequence[GairStep], rule: str = "retrieval",
         score, admitted = fid, inten >= inten.max() - intent_margin
     else:
         raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
-    for s, sc, ok in zip(steps, score, admitted):
-        s.score, s.admitted = float(sc), bool(ok)
-    return max((i for i in range(len(steps)) if admitted[i]), key=lambda i: (score[i], steps[i].alpha))
+    best = max((i for i in range(len(steps)) if admitted[i]), key=lambda i: (score[i], steps[i].alpha))
+    return best, score, admitted
 
 
 def _minmax(x: np.ndarray) -> np.ndarray:

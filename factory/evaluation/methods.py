@@ -230,8 +230,7 @@ def _variant_queries(res: GairResult, settings: GairSettings) -> dict[str, torch
     out = {}
     for name, rule, margin in [("gair_previews", "previews", 0.0),
                                *((f"gair_retrieval_m{m:g}", "retrieval", m) for m in GAIR_MARGINS)]:
-        out[name] = torch.from_numpy(res.steps[choose_alpha(res.steps, rule, margin)].query)
-    choose_alpha(res.steps, settings.rule, settings.intent_margin)  # leave the trace scored by its own rule
+        out[name] = torch.from_numpy(res.steps[choose_alpha(res.steps, rule, margin)[0]].query)
     chosen = next(s for s in res.steps if s.alpha == res.alpha)
     expanded = torch.from_numpy(chosen.query) + settings.expand * torch.from_numpy(chosen.features).mean(0)
     out["gair_expand"] = F.normalize(expanded, dim=0)

@@ -122,17 +122,19 @@ def _step(alpha, fid, inten):
 
 def test_the_retrieval_rule_takes_the_most_concept_like_top_item_that_still_matches_the_intent():
     steps = [_step(0.0, 0.50, 0.30), _step(0.5, 0.70, 0.29), _step(1.0, 0.90, 0.20)]
-    assert steps[choose_alpha(steps, "retrieval", intent_margin=0.02)].alpha == 0.5
-    assert [s.admitted for s in steps] == [True, True, False]
-    assert steps[choose_alpha(steps, "retrieval", intent_margin=0.2)].alpha == 1.0  # a wide margin: concept wins
-    assert steps[choose_alpha(steps, "retrieval", intent_margin=0.0)].alpha == 0.0  # no margin: intent wins
+    best, _, admitted = choose_alpha(steps, "retrieval", intent_margin=0.02)
+    assert steps[best].alpha == 0.5
+    assert admitted.tolist() == [True, True, False]
+    assert all(s.score == 0.0 and s.admitted for s in steps)  # pure: the steps themselves are unchanged
+    assert steps[choose_alpha(steps, "retrieval", intent_margin=0.2)[0]].alpha == 1.0  # a wide margin: concept wins
+    assert steps[choose_alpha(steps, "retrieval", intent_margin=0.0)[0]].alpha == 0.0  # no margin: intent wins
 
 
 def test_the_retrieval_rule_is_absolute_not_relative_to_the_schedule():
     """Min-max scores always crown some α; absolute evidence keeps the words when no α's top item is
     more like the concept than the words' own top item."""
     steps = [_step(0.0, 0.60, 0.30), _step(0.5, 0.60, 0.25), _step(1.0, 0.55, 0.31)]
-    assert steps[choose_alpha(steps, "retrieval", intent_margin=0.02)].alpha == 0.0
+    assert steps[choose_alpha(steps, "retrieval", intent_margin=0.02)[0]].alpha == 0.0
 
 
 def test_an_empty_gallery_still_answers(hf_backbone, gair):
