@@ -4,7 +4,7 @@
 table is used), a bare gallery table (CatalogRow Parquet/JSONL), or a folder of image files (S3 or
 local; item id = file name without extension), or the ``<split>_fsl_train.txt`` of a PerVL-DeepFashion2
 layout (its retrieval images). Images are read and validated by tasks and encoded by
-an actor pool; bad images are listed, never fatal. The index (exact, or FAISS HNSW/IVF) is written to
+an actor pool; bad images are listed, never fatal. The index (exact, or FAISS HNSW/IVF/IVF-PQ) is written to
 ``--out`` with item ids and URIs. (The command line's side: flags -> `jobs.index.IndexConfig` ->
 `jobs.index.build_index`.)
 """
@@ -27,7 +27,8 @@ def register(sub) -> None:
                    help="accept gallery image URIs outside the catalog's bucket/folder (default: refused)")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
                    help="precision of the image encoder (default: fp32)")
-    p.add_argument("--backend", choices=["exact", "hnsw", "ivf"], default="exact", help="index backend (default: exact)")
+    p.add_argument("--backend", choices=["exact", "hnsw", "ivf", "ivfpq"], default="exact",
+                   help="index backend; ivfpq: compressed IVF-PQ codes, about 75 bytes a 512-d vector, approximate scores (default: exact)")
     p.add_argument("--batch-size", type=int, default=128, help="Ray Data batch size (default: 128)")
     p.add_argument("--decode-tasks", type=int, default=2, help="concurrent decode tasks (default: 2)")
     p.add_argument("--encoders", type=int, default=1, help="image-encoder actors (default: 1)")

@@ -2,9 +2,12 @@
 
 (The command line's side: flags -> `jobs.onboard.OnboardConfig` -> `jobs.onboard.onboard`.)
 
-    catalog (S3 or local) -> Ray Data: read, validate, encode each image once (actor pool)
-      -> Ray Train: N workers learn their shards C concepts at a time, staging tokens as they go
+    catalog (S3 or local) -> Ray Data: one row per concept; read, validate, encode each image once (actor pool)
+      -> streamed into Ray Train: N workers learn C concepts at a time, staging tokens as they go
       -> registry: one new version, committed only when every concept is learned or reported skipped
+
+Streaming: the driver holds the catalog's ids and URIs only and each worker one chunk, so memory stays
+flat as the catalog grows; negatives come from a bounded per-parent bank (--bank-size).
 
 Resumable: rerun with the same ``--run-id`` and concepts already staged are not learned again; rerunning
 a run id that was committed does nothing. The same entry point works under ``ray job submit -- tokenfactory
@@ -57,7 +60,10 @@ def register(sub) -> None:
                         "benchmarks/objective_sweep.py on world seed 0")
     p.add_argument("--parametrization", choices=["projected", "free"], default="projected", help="token parametrisation")
     p.add_argument("--seed", type=int, default=0, help="learner seed (default: 0)")
-    p.add_argument("--batch-size", type=int, default=64, help="Ray Data batch size for decoding and encoding (default: 64)")
+    p.add_argument("--batch-size", type=int, default=8, help="concepts per Ray Data batch of decoding and encoding (default: 8)")
+    p.add_argument("--bank-size", type=int, default=1024,
+                   help="negative-bank images per parent, a fixed sample; 0: every image of the parent. Bounds memory "
+                        "and the text-side CE's cost per step at catalog scale (default: 1024)")
     p.add_argument("--decode-tasks", type=int, default=2, help="concurrent decode tasks (default: 2)")
     p.add_argument("--encoders", type=int, default=1, help="image-encoder actors (default: 1)")
     p.add_argument("--max-failures", type=int, default=3, help="Ray Train worker-group restarts allowed (default: 3)")
@@ -88,8 +94,8 @@ def config_from_args(args):
     from jobs.onboard import OnboardConfig
 
     fields = ("catalog", "registry", "backbone", "weights", "precision", "run_id", "workers", "cpus_per_worker",
-              "threads_per_worker", "use_gpu", "concepts_per_step", "min_images", "batch_size", "decode_tasks",
-              "encoders", "max_failures", "report", "allow_outside_catalog")
+              "threads_per_worker", "use_gpu", "concepts_per_step", "min_images", "batch_size", "bank_size",
+              "decode_tasks", "encoders", "max_failures", "report", "allow_outside_catalog")
     return OnboardConfig(**{f: getattr(args, f) for f in fields}, learner=learner_config(args), s3=s3_options(args))
 
 

@@ -21,6 +21,9 @@ def register(sub) -> None:
                        description=__doc__)
     p.add_argument("--registry", required=True, help="token registry root URI")
     p.add_argument("--index", required=True, help="gallery index URI (written by `tokenfactory index`)")
+    p.add_argument("--gallery-shards", type=int, default=1, metavar="N",
+                   help="--index is a sharded index of N shards (factory.index.sharded): one GalleryIndex deployment "
+                        "per shard, the ingress merges their hits (default: 1, an unsharded index)")
     p.add_argument("--backbone", default="fashion-mini",
                    help="backbone: a registered name or a config file/URI (default: fashion-mini)")
     p.add_argument("--weights", default=None, help="backbone weights URI or ROOT (default: the config's own)")
@@ -51,7 +54,7 @@ def settings_from(args):
 
     # Resolved before anything is deployed (a bad backbone fails here, in seconds); replicas get the data.
     backbone = resolve_backbone_config(args.backbone, absolute_uri(args.weights), S3Options.from_env())
-    return ServeSettings(registry=absolute_uri(args.registry), index=absolute_uri(args.index),
+    return ServeSettings(registry=absolute_uri(args.registry), index=absolute_uri(args.index), gallery_shards=args.gallery_shards,
                          backbone=backbone.to_dict(), weights=backbone.weights, api_key_env=args.api_key_env, require_key=args.require_key,
                          admin_key_env=args.admin_key_env, image_uri_prefixes=args.image_uri_prefix,
                          poll_s=args.poll_s, max_batch_size=args.max_batch_size, batch_wait_s=args.batch_wait_s)

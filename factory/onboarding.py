@@ -59,10 +59,15 @@ def load_images(uris_by_concept: dict[str, Sequence[str]], size: int, s3: S3Opti
     return LoadedImages(images, [g[0] for g in good], [(uri, why) for _, uri, img, why in results if img is None])
 
 
+def skip_reason(usable_images: int, min_images: int) -> str | None:
+    """Why a concept with this many usable images is skipped, or None if it is learned."""
+    return f"only {usable_images} usable image(s), need {min_images}" if usable_images < min_images else None
+
+
 def too_few_images(specs: Sequence[ConceptSpec], counts: Mapping[str, int], min_images: int) -> dict[str, str]:
     """Concepts (id -> reason) with fewer than ``min_images`` usable images; ``counts`` maps id -> count."""
-    return {s.concept_id: f"only {counts.get(s.concept_id, 0)} usable image(s), need {min_images}"
-            for s in specs if counts.get(s.concept_id, 0) < min_images}
+    reasons = {s.concept_id: skip_reason(counts.get(s.concept_id, 0), min_images) for s in specs}
+    return {cid: why for cid, why in reasons.items() if why}
 
 
 def prepare_concepts(backbone: Backbone, specs: Sequence[ConceptSpec], s3: S3Options | None = None,
@@ -141,4 +146,4 @@ def thumbnails_of(loaded: LoadedImages, per_concept: int = 3) -> dict[str, list[
 
 
 __all__ = ["LoadedImages", "chunks_by_parent", "heldout_features", "image_size_for", "learn_and_commit", "learn_in_chunks",
-           "load_images", "negative_banks", "prepare_concepts", "thumbnails_of", "too_few_images"]
+           "load_images", "negative_banks", "prepare_concepts", "skip_reason", "thumbnails_of", "too_few_images"]

@@ -38,6 +38,7 @@ from schemas import RegistryFile, RegistryManifest, TokenRecord, from_arrow, to_
 STAGING_DIR = "_staging"
 MANIFEST_NAME = "manifest.json"
 SHARD_GLOB = "tokens-*.parquet"
+NOTE_GLOB = "note-*.json"  # what a run's workers report beside their tokens (skipped concepts, ...)
 
 
 class RegistryError(TokenFactoryError):
@@ -329,6 +330,10 @@ class StagedRun:
         """Every staged record (a resumed run stages new concepts under new shard names, never twice)."""
         return [r for uri in self.shards() for r in from_arrow(storage.read_parquet(uri, self.registry.s3), TokenRecord)]
 
+    def notes(self) -> list[Any]:
+        """Every note staged with `VersionWriter.write_note`, in name order (dropped with the staging area)."""
+        return [storage.read_json(uri, self.registry.s3) for uri in storage.glob_files(self.uri, NOTE_GLOB, self.registry.s3)]
+
 
 class VersionWriter:
     """Stages one run's shards and commits them as the next version. Obtain it from ``TokenRegistry.begin``.
@@ -393,6 +398,17 @@ class VersionWriter:
         self._check(records)
         uri = storage.join(self.staging_uri, name)
         storage.write_parquet(to_arrow(records, TokenRecord), uri, self._s3)
+        return uri
+
+    def write_note(self, name: str, note: Any) -> str:
+        """Stage a JSON note beside the tokens (e.g. a worker's skipped concepts); writing a name again
+        replaces it. Notes are for the run's report: `commit` does not publish them."""
+        try:
+            validate_concept_id(name)
+        except ValueError as e:
+            raise RegistryError(f"bad note name: {e}") from None
+        uri = storage.join(self.staging_uri, f"note-{name}.json")
+        storage.write_json(uri, note, self._s3)
         return uri
 
     def abort(self) -> None:

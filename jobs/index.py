@@ -28,7 +28,7 @@ class IndexConfig:
     use_gpu: bool = False
     allow_outside_catalog: bool = False
     precision: str = "fp32"
-    backend: str = "exact"  # exact, hnsw or ivf
+    backend: str = "exact"  # exact, hnsw, ivf or ivfpq (factory.index.BACKENDS)
     batch_size: int = 128
     decode_tasks: int = 2
     encoders: int = 1

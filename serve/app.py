@@ -32,10 +32,13 @@ def build_app(settings: ServeSettings) -> Application:
         return deployment.options(ray_actor_options=options)
 
     watcher = d(RegistryWatcher).bind(cfg)
+    # A sharded gallery: one deployment per shard (each scales on its own), the ingress fans out to all.
+    gallery = (d(GalleryIndex).bind(cfg) if settings.gallery_shards == 1 else
+               [d(GalleryIndex).options(name=f"GalleryIndexShard{i}").bind(cfg, i) for i in range(settings.gallery_shards)])
     # Past max_queued_requests waiting for the ingress, Serve answers 503 at once instead of queueing.
     ingress = d(Ingress).options(max_queued_requests=settings.limits.max_queued_requests)
     return ingress.bind(cfg, digest, d(TextEncoder).bind(cfg, watcher), d(ImageEncoder).bind(cfg),
-                        d(GalleryIndex).bind(cfg), d(Generator).bind(cfg, watcher), watcher, admin)
+                        gallery, d(Generator).bind(cfg, watcher), watcher, admin)
 
 
 def app_builder(args: dict) -> Application:

@@ -115,16 +115,20 @@ class GalleryFollower:
     version that fails to load is logged and skipped; the current one stays.
     """
 
-    def __init__(self, uri: str, s3, check_s: float):
+    def __init__(self, uri: str, s3, check_s: float, shard: int | None = None, shards: int = 1):
         from factory.index import load_index
+        from factory.index.sharded import load_shard
         from factory.index.versions import IndexVersions
 
+        self.check_s, self._checked_at, self._task = check_s, time.monotonic(), None
+        self._bad: set[int] = set()
+        if shard is not None:  # one shard of a sharded gallery, checked against its shards.json; not followed
+            self.version, self.versions, self.index = None, None, load_shard(uri, shard, s3, shards=shards)
+            return
         versions = IndexVersions(uri, s3)
         self.version = versions.latest()
         self.versions = versions if self.version is not None else None  # a single saved index: nothing to follow
         self.index = versions.open(self.version)[1] if self.versions else load_index(uri, s3)
-        self.check_s, self._checked_at, self._task = check_s, time.monotonic(), None
-        self._bad: set[int] = set()
 
     def current(self):
         """The index to search now; starts a look for a newer version when one is due."""
@@ -305,9 +309,12 @@ class ImageEncoder:
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=256)
 class GalleryIndex:
-    def __init__(self, settings: dict):
+    """The gallery, or with ``shard`` (``gallery_shards`` > 1) one shard of it: the ingress merges the shards'
+    hits (`factory.index.sharded.merge_hits`), so no replica needs the whole gallery in memory."""
+
+    def __init__(self, settings: dict, shard: int | None = None):
         s = _setup(settings)
-        self.gallery = GalleryFollower(s.index, s.s3(), s.index_check_s)
+        self.gallery = GalleryFollower(s.index, s.s3(), s.index_check_s, shard, s.gallery_shards)
         self._uris: tuple[object, dict[str, str]] = (None, {})  # (the index they are of, id -> URI)
         configure_batching(s, self.search)
 

@@ -26,6 +26,7 @@ from serve.api import (
     ReloadRequest, ReloadResponse, RetrieveRequest, RetrieveResponse, TokenDetail, TokensResponse,
 )
 from factory.gair import DEFAULT_ALPHAS, GairRequest
+from factory.index.sharded import merge_hits, shard_of
 from serve.guard import CHEAP, COSTLY, Admission, check_cost, read_allowed_image, unet_passes
 from serve.studio import THUMBNAIL_CACHE, png_response, static_file, thumbnail_png
 from serve.settings import Limits, ServeSettings, configure_batching
@@ -151,7 +152,8 @@ class Ingress:
         self.key_digest, self.admin_digest = key_digest, admin_digest
         self.admission = Admission(self.limits)
         self._thumbs: dict[str, bytes] = {}
-        self.text, self.image, self.index, self.generator, self.watcher = text, image, index, generator, watcher
+        self.text, self.image, self.generator, self.watcher = text, image, generator, watcher
+        self.shards = list(index) if isinstance(index, (list, tuple)) else [index]  # GalleryIndex handle(s)
         self.s3 = self.s.s3()  # read once: image_uri and thumbnail reads are on the request path
         self.image_size = resolve_backbone_config(self.s.backbone, self.s.weights, self.s3).image.size
         configure_batching(self.s, self._classify_batch, self._retrieve_batch)
@@ -200,6 +202,14 @@ class Ingress:
         return await asyncio.to_thread(read_allowed_image, uri, self.s.image_uri_prefixes, self.s3,
                                        self.limits.max_request_bytes)
 
+    async def _gallery_items(self) -> int:
+        return sum(await asyncio.gather(*(shard.ready.remote() for shard in self.shards)))
+
+    async def _gallery_search(self, queries: np.ndarray, ks: list[int]) -> list:
+        """Every shard's hits for the queries, merged: the global top k of a query is among the shards' top k."""
+        parts = await asyncio.gather(*(self._call(shard.search.remote((queries, ks))) for shard in self.shards))
+        return parts[0] if len(parts) == 1 else merge_hits(parts, ks)
+
     # --- routes ---------------------------------------------------------------------------------------
     @app.get("/healthz")
     async def healthz(self) -> dict:
@@ -209,7 +219,7 @@ class Ingress:
     async def readyz(self):
         try:
             version, text_v, index_n, _ = await asyncio.wait_for(asyncio.gather(
-                self.watcher.current.remote(), self.text.ready.remote(), self.index.ready.remote(),
+                self.watcher.current.remote(), self.text.ready.remote(), self._gallery_items(),
                 self.image.ready.remote()), 10.0)
         except Exception as e:  # the details go to the log, not to whoever asks
             log.warning("not ready: %s: %s", type(e).__name__, e)
@@ -231,7 +241,7 @@ class Ingress:
         good = [i for i, e in enumerate(out) if "error" not in e]
         if good:
             queries = np.stack([out[i]["features"] for i in good])
-            hits = await self._call(self.index.search.remote((queries, [items[i][1] for i in good])))
+            hits = await self._gallery_search(queries, [items[i][1] for i in good])
             for i, h in zip(good, hits):
                 out[i] = {"items": h, "registry_version": out[i]["registry_version"]}
         return out
@@ -319,7 +329,8 @@ class Ingress:
         with self.admission.admit(who, CHEAP):
             png = self._thumbs.get(item_id)
             if png is None:
-                uri = (await self._call(self.index.uri_of.remote(item_id)))["uri"]
+                shard = self.shards[shard_of(item_id, len(self.shards))]  # the one shard that can hold it
+                uri = (await self._call(shard.uri_of.remote(item_id)))["uri"]
                 png = await asyncio.to_thread(thumbnail_png, uri, self.s3, self.limits)
                 self._thumbs[item_id] = png
                 while len(self._thumbs) > THUMBNAIL_CACHE:

@@ -53,6 +53,10 @@ class ServeSettings(BaseModel):
                        "index versions (`--append`), whose newest version is served and followed")
     index_check_s: float = Field(default=5.0, ge=0, description="seconds between looks for a newer gallery index "
                                  "version (a versions root only)")
+    gallery_shards: PositiveInt = Field(
+        default=1, description="above 1: ``index`` is a sharded index (`factory.index.sharded`) of this many shards; "
+        "each shard is its own GalleryIndex deployment (GalleryIndexShard<i>, replicas hold one shard) and the ingress "
+        "asks them all and merges. Not followed for new versions; the Generator (GAIR) loads the whole sharded index")
     backbone: str | dict[str, Any] = Field(
         default="fashion-mini", description="a registered name, a config file/URI, or a resolved config (a dict)")
     weights: str | None = None

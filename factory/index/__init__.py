@@ -1,5 +1,6 @@
-"""Vector indexes for gallery retrieval: one interface (`base`), an exact backend (`exact`) and FAISS
-ANN backends (`faiss_backend`, imported only when used). See `factory.index.base` for the saved layout."""
+"""Vector indexes for gallery retrieval: one interface (`base`), an exact backend (`exact`), FAISS ANN
+backends (`faiss_backend`, imported only when used) and a gallery split over shards (`sharded`). See
+`factory.index.base` for the saved layout (`factory.index.sharded` for the sharded one)."""
 from __future__ import annotations
 
 import hashlib
@@ -17,24 +18,31 @@ from factory.index.base import (
 from factory.index.exact import ExactIndex
 from factory.storage import NotFoundInStorage, S3Options
 
-FAISS_KINDS = ("hnsw", "ivf")  # the backends factory.index.faiss_backend implements
+FAISS_KINDS = ("hnsw", "ivf", "ivfpq")  # the backends factory.index.faiss_backend implements
+BACKENDS = ("exact", *FAISS_KINDS)
 
 
 def create_index(backend: str, dim: int, **params: Any) -> VectorIndex:
-    """``backend`` is "exact", "hnsw" or "ivf"; ``params`` are that backend's keyword arguments."""
+    """``backend`` is one of `BACKENDS` ("exact", "hnsw", "ivf", "ivfpq"); ``params`` are that backend's
+    keyword arguments."""
     if backend == "exact":
         return ExactIndex(dim, **params)
     if backend in FAISS_KINDS:
         from factory.index.faiss_backend import FaissIndex
 
         return FaissIndex(dim, kind=backend, **params)
-    raise InvalidIndexParams(f"unknown index backend {backend!r}; use 'exact', 'hnsw' or 'ivf'")
+    raise InvalidIndexParams(f"unknown index backend {backend!r}; use one of {', '.join(map(repr, BACKENDS))}")
 
 
 def load_index(uri: str, s3: S3Options | None = None) -> VectorIndex:
-    """A saved index at ``uri``, or the newest committed version when ``uri`` is the root of index versions
+    """A saved index at ``uri``, a sharded one (`factory.index.sharded.ShardedIndex`: same search and item
+    interface), or the newest committed version when ``uri`` is the root of index versions
     (`factory.index.versions`, written by ``tokenfactory index --append``)."""
     if not storage.exists(storage.join(uri, MANIFEST_NAME), s3):
+        from factory.index.sharded import SHARDS_MANIFEST, load_sharded_index
+
+        if storage.exists(storage.join(uri, SHARDS_MANIFEST), s3):
+            return load_sharded_index(uri, s3)  # type: ignore[return-value]  # duck-typed VectorIndex
         from factory.index.versions import IndexVersions
 
         versions = IndexVersions(uri, s3)
@@ -91,7 +99,7 @@ def load_saved_index(uri: str, s3: S3Options | None = None) -> VectorIndex:
     return index
 
 
-__all__ = ["FAISS_KINDS", "FAISS_NAME", "FORMAT_VERSION", "ITEMS_NAME", "MANIFEST_NAME", "VECTORS_NAME", "CorruptIndex",
+__all__ = ["BACKENDS", "FAISS_KINDS", "FAISS_NAME", "FORMAT_VERSION", "ITEMS_NAME", "MANIFEST_NAME", "VECTORS_NAME", "CorruptIndex",
            "DuplicateItemId", "EmptyIndex", "ExactIndex", "Hit", "IncompleteIndex", "IndexDimensionMismatch",
            "IndexNotFound", "InvalidIndexParams", "InvalidItems", "SearchResult", "VectorIndex", "create_index",
            "load_index", "load_saved_index"]

@@ -22,7 +22,7 @@ import abc
 import functools
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -160,6 +160,41 @@ def _normalise(arr: np.ndarray, reject_zero: bool) -> np.ndarray:
     return arr / np.maximum(norms, np.float32(1e-12))
 
 
+def prepare_items(
+    vectors: Any,
+    ids: Sequence[str],
+    uris: Sequence[str | None] | None,
+    metadata: list[dict[str, Any] | None] | None,
+    dim: int,
+) -> tuple[np.ndarray, list[str], list[str | None], list[dict[str, Any] | None]]:
+    """A batch of items checked (everything but the uniqueness of ids, which depends on the index) and
+    its vectors normalised: (vectors, ids, uris, metadata), the last two filled with None when absent."""
+    arr = _as_matrix(vectors, dim, "vectors")
+    ids = list(ids)
+    n = arr.shape[0]
+    if len(ids) != n:
+        raise InvalidItems(f"{n} vectors but {len(ids)} ids")
+    if uris is not None and len(uris) != n:
+        raise InvalidItems(f"{n} vectors but {len(uris)} uris")
+    if metadata is not None and len(metadata) != n:
+        raise InvalidItems(f"{n} vectors but {len(metadata)} metadata entries")
+    bad = next((i for i in ids if not isinstance(i, str) or not i), None)
+    if bad is not None:
+        raise InvalidItems(f"item ids must be non-empty strings, got {bad!r}")
+    uri_list = list(uris) if uris is not None else [None] * n
+    bad = next((u for u in uri_list if u is not None and not isinstance(u, str)), None)
+    if bad is not None:
+        raise InvalidItems(f"item URIs must be strings or None, got {bad!r}")
+    meta = list(metadata) if metadata is not None else [None] * n
+    for m in meta:
+        # Checked now so that a bad entry fails here, not at save time hours later.
+        try:
+            json.dumps(m)
+        except (TypeError, ValueError) as e:
+            raise InvalidItems(f"item metadata must be JSON-serialisable: {e}") from None
+    return _normalise(arr, reject_zero=True), ids, uri_list, meta
+
+
 class VectorIndex(abc.ABC):
     """Cosine-similarity index of items (id, optional URI, optional JSON-able metadata) with vectors.
 
@@ -245,6 +280,12 @@ class VectorIndex(abc.ABC):
         rows = np.fromiter((self._positions[i] for i in ids), dtype=np.int64, count=len(ids))
         return self._reconstruct(rows)
 
+    def check_add(self, n: int) -> None:
+        """Raise the error an ``add`` of ``n`` (valid) vectors would raise for a reason of the backend's own
+        (an untrained IVF given too few vectors to learn its lists from); nothing by default. Lets a caller
+        that adds one batch across several indexes (`factory.index.sharded`) check them all before any
+        of them changes."""
+
     def add(
         self,
         vectors: np.ndarray,
@@ -254,33 +295,13 @@ class VectorIndex(abc.ABC):
     ) -> None:
         """Add items. Everything is validated before anything is stored, so a rejected batch leaves
         the index unchanged."""
-        arr = _as_matrix(vectors, self._dim, "vectors")
-        ids = list(ids)
-        n = arr.shape[0]
-        if len(ids) != n:
-            raise InvalidItems(f"{n} vectors but {len(ids)} ids")
-        if uris is not None and len(uris) != n:
-            raise InvalidItems(f"{n} vectors but {len(uris)} uris")
-        if metadata is not None and len(metadata) != n:
-            raise InvalidItems(f"{n} vectors but {len(metadata)} metadata entries")
-        bad = next((i for i in ids if not isinstance(i, str) or not i), None)
-        if bad is not None:
-            raise InvalidItems(f"item ids must be non-empty strings, got {bad!r}")
+        arr, ids, uri_list, meta = prepare_items(vectors, ids, uris, metadata, self._dim)
         _check_unique(ids, self._positions)
-        uri_list = list(uris) if uris is not None else [None] * n
-        bad = next((u for u in uri_list if u is not None and not isinstance(u, str)), None)
-        if bad is not None:
-            raise InvalidItems(f"item URIs must be strings or None, got {bad!r}")
-        meta = list(metadata) if metadata is not None else [None] * n
-        for m in meta:
-            # Checked now so that a bad entry fails here, not at save time hours later.
-            try:
-                json.dumps(m)
-            except (TypeError, ValueError) as e:
-                raise InvalidItems(f"item metadata must be JSON-serialisable: {e}") from None
+        n = len(ids)
         if n == 0:
             return
-        self._add_normalised(_normalise(arr, reject_zero=True))
+        self.check_add(n)
+        self._add_normalised(arr)
         start = len(self._ids)
         self._ids.extend(ids)
         self._uris.extend(uri_list)
@@ -336,7 +357,7 @@ class VectorIndex(abc.ABC):
         self._positions = {item: j for j, item in enumerate(self._ids)}
 
 
-def _check_unique(ids: list[str], existing: dict[str, int]) -> None:
+def _check_unique(ids: list[str], existing: Container[str]) -> None:
     seen: set[str] = set()
     for item in ids:
         if item in existing or item in seen:
