@@ -38,6 +38,16 @@ def image_size_for(config: BackboneConfig) -> int:
     return max(config.image.size, config.generator.image_size if config.generator is not None else 0)
 
 
+def read_image(uri: str, size: int, s3: S3Options | None = None) -> tuple[np.ndarray | None, str | None]:
+    """(uint8 image [size, size, 3], None), or (None, why) for a bad or missing one: never raises for bad data."""
+    try:
+        return load_rgb(storage.read_bytes(uri, s3), size), None
+    except BadImage as e:
+        return None, str(e)
+    except FileNotFoundError:
+        return None, "missing: no such object"
+
+
 def load_images(uris_by_concept: dict[str, Sequence[str]], size: int, s3: S3Options | None = None,
                 threads: int = 8) -> LoadedImages:
     """Read and validate every image; a bad or missing one is listed with its reason, never fatal."""
@@ -45,12 +55,7 @@ def load_images(uris_by_concept: dict[str, Sequence[str]], size: int, s3: S3Opti
 
     def one(job):
         cid, uri = job
-        try:
-            return cid, uri, load_rgb(storage.read_bytes(uri, s3), size), None
-        except BadImage as e:
-            return cid, uri, None, str(e)
-        except FileNotFoundError:
-            return cid, uri, None, "missing: no such object"
+        return (cid, uri, *read_image(uri, size, s3))
 
     with ThreadPoolExecutor(threads) as pool:
         results = list(pool.map(one, jobs))
@@ -146,4 +151,4 @@ def thumbnails_of(loaded: LoadedImages, per_concept: int = 3) -> dict[str, list[
 
 
 __all__ = ["LoadedImages", "chunks_by_parent", "heldout_features", "image_size_for", "learn_and_commit", "learn_in_chunks",
-           "load_images", "negative_banks", "prepare_concepts", "skip_reason", "thumbnails_of", "too_few_images"]
+           "load_images", "negative_banks", "prepare_concepts", "read_image", "skip_reason", "thumbnails_of", "too_few_images"]

@@ -25,20 +25,16 @@ from factory.storage import S3Options
 
 def decode_batch(batch: dict, size: int, s3: S3Options | None) -> dict:
     """Read and decode a batch of image URIs; bad ones get a zero image and a non-empty ``error``."""
-    from factory import storage
-    from factory.images import BadImage, load_rgb
+    from factory.onboarding import read_image
 
     n = len(batch["uri"])
     images = np.zeros((n, size, size, 3), np.uint8)
     errors = []
     for i, uri in enumerate(batch["uri"]):
-        try:
-            images[i] = load_rgb(storage.read_bytes(str(uri), s3), size)
-            errors.append("")
-        except BadImage as e:
-            errors.append(str(e))
-        except FileNotFoundError:
-            errors.append("missing: no such object")
+        image, why = read_image(str(uri), size, s3)
+        if image is not None:
+            images[i] = image
+        errors.append(why or "")
     return {**batch, "image": images, "error": np.array(errors, dtype=object)}
 
 
@@ -108,19 +104,17 @@ def concept_rows(specs) -> list[dict]:
 def decode_concepts(batch: dict, size: int, s3: S3Options | None) -> dict:
     """Read and decode each concept's images: ``images`` (packed uint8 [n, S, S, 3], good ones only) and
     ``rejected`` (JSON list of [uri, reason]) per concept."""
-    from factory import storage
-    from factory.images import BadImage, load_rgb
+    from factory.onboarding import read_image
 
     images, rejected = [], []
     for uris in batch["uris"]:
         good, bad = [], []
         for uri in json.loads(str(uris)):
-            try:
-                good.append(load_rgb(storage.read_bytes(uri, s3), size))
-            except BadImage as e:
-                bad.append([uri, str(e)])
-            except FileNotFoundError:
-                bad.append([uri, "missing: no such object"])
+            image, why = read_image(uri, size, s3)
+            if image is not None:
+                good.append(image)
+            else:
+                bad.append([uri, why])
         images.append(pack(np.stack(good) if good else np.zeros((0, size, size, 3), np.uint8)))
         rejected.append(json.dumps(bad))
     return {"concept_id": batch["concept_id"], "parent": batch["parent"],
