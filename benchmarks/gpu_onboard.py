@@ -181,7 +181,7 @@ def meta_memory(args) -> list[dict]:
     """Peak training memory of one learner step at production size, computed on the meta device.
 
     The step is the learner's: one text-encoder pass over C × T prompts, the text-side CE, the TI term
-    (`factory.learner._ti_term`, whole or in micro-batches) and the backward pass, without the learner's
+    (`factory.objective.ti_term`, whole or in micro-batches) and the backward pass, without the learner's
     data-dependent bookkeeping (meta tensors hold no values). Memory = the weights a Train worker keeps on
     its GPU (text tower + UNet, `Backbone.to_training_device`) + the peak of everything the step allocates.
     Attention is counted as a fused SDPA kernel holds it (`_FusedAttention`). The CUDA caching allocator's
@@ -189,7 +189,7 @@ def meta_memory(args) -> list[dict]:
     """
     import torch.nn.functional as F
 
-    from factory.learner import _ti_term
+    from factory.objective import ti_term
     from factory.losses import text_side_ce
     from factory.tokens import marker
 
@@ -227,7 +227,7 @@ def meta_memory(args) -> list[dict]:
                 ce = text_side_ce(text, pos, mask, pos, mask, 100.0)[0]
                 cut = enc.hidden.detach().requires_grad_() if micro else enc.hidden
                 gens = [torch.Generator().manual_seed(i) for i in range(c)]
-                ti = _ti_term(backbone, cfg, data, cut, scheduler, gens, torch.ones(c, device="meta"))
+                ti = ti_term(backbone, cfg, data, cut, scheduler, gens, torch.ones(c, device="meta"))
                 loss = (ce.sum() + (enc.hidden * cut.grad).sum()) if micro else (ce + ti).sum()
                 loss.backward()
             F.scaled_dot_product_attention = real_sdpa

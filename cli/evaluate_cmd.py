@@ -6,8 +6,9 @@ PerVL-DeepFashion2 layout), the newest (or ``--version``) registry version and t
 own learner settings; runs every classification, retrieval and generation method of
 `factory.evaluation.methods`; and writes ``OUT/metrics.json``, ``OUT/report.md`` and PNG plots.
 
-Runs in one process (no Ray): the cost is the ablations' learning and GAIR's previews (alphas × previews
-images per query); ``--max-queries`` bounds the latter. (The command line's side: flags ->
+Runs in one process, or with ``--ray-ablations`` learns the five ablations as parallel Ray tasks (joining
+RAY_ADDRESS, else a local cluster): the cost is the ablations' learning and GAIR's previews (alphas ×
+previews images per query); ``--max-queries`` bounds the latter. (The command line's side: flags ->
 `jobs.evaluate.EvaluateConfig` -> `jobs.evaluate.evaluate_registry`.)
 """
 from __future__ import annotations
@@ -40,6 +41,11 @@ def register(sub) -> None:
                    help="the retrieval rule's intent margin, cosine (default: the library's, chosen on seed 0)")
     p.add_argument("--ablation-steps", type=int, default=None,
                    help="learner steps of the ablations (default: the registry run's --steps)")
+    p.add_argument("--ray-ablations", action="store_true",
+                   help="learn the ablations as parallel Ray tasks, one per ablation (default: one after another "
+                        "in this process)")
+    p.add_argument("--ablation-cpus", type=int, default=1,
+                   help="CPUs and torch threads of each ablation task with --ray-ablations (default: 1)")
     add_s3_arguments(p)
     p.set_defaults(func=run)
 
@@ -54,7 +60,7 @@ def config_from_args(args):
                         steps=args.sample_steps, guidance=args.guidance, seed=args.seed, rule=args.gair_rule,
                         **({} if args.gair_intent_margin is None else {"intent_margin": args.gair_intent_margin}))
     fields = ("catalog", "registry", "index", "out", "version", "backbone", "weights", "max_queries",
-              "generation_queries", "ablation_steps")
+              "generation_queries", "ablation_steps", "ray_ablations", "ablation_cpus")
     return EvaluateConfig(**{f: getattr(args, f) for f in fields}, gair=gair, s3=s3_options(args))
 
 

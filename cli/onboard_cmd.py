@@ -37,6 +37,15 @@ def register(sub) -> None:
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute UNet activations in the backward pass (less GPU memory, ~30%% more time)")
     p.add_argument("--ti-samples", type=int, default=2, help="TI (latent, noise, t) samples per concept per step (default: 2)")
+    p.add_argument("--templates-per-step", type=int, default=0,
+                   help="prompt templates encoded per concept per step, sampled; 0: all (default: 0)")
+    p.add_argument("--patience", type=int, default=0,
+                   help="early stopping: a concept stops after this many steps without its loss EMA improving by "
+                        "--min-delta, and leaves the step's batches; 0: off (default: 0)")
+    p.add_argument("--min-delta", type=float, default=1e-3, help="improvement early stopping counts (default: 0.001)")
+    p.add_argument("--calibration-samples", type=int, default=8,
+                   help="TI samples per concept that measure the gradient ratio λ_TI is calibrated by, once at the "
+                        "start (default: 8)")
     p.add_argument("--max-norm-ratio", type=float, default=0.0,
                    help="bound each token's norm to this multiple of the mean word-embedding norm; 0: unbounded (default: 0)")
     p.add_argument("--run-id", default=None, help="run id; reuse it to resume an interrupted run (default: a new id)")
@@ -85,7 +94,9 @@ def learner_config(args) -> dict:
             "weights": {"ti": args.lambda_ti, "ce": args.lambda_ce, "image_ce": args.lambda_image_ce,
                         "reg": args.lambda_reg, "ti_balance": args.ti_balance}, "log_every": 0, "ti_samples": args.ti_samples,
             "ti_micro_batch": args.ti_micro_batch, "gradient_checkpointing": args.gradient_checkpointing,
-            "max_norm_ratio": args.max_norm_ratio}
+            "max_norm_ratio": args.max_norm_ratio, "templates_per_step": getattr(args, "templates_per_step", 0),
+            "patience": getattr(args, "patience", 0), "min_delta": getattr(args, "min_delta", 1e-3),
+            "calibration_samples": getattr(args, "calibration_samples", 8)}
 
 
 def config_from_args(args):

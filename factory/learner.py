@@ -11,8 +11,6 @@ whether it is learned alone or beside others (up to float rounding in batched ke
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import hashlib
 import logging
 import math
 import time
@@ -24,7 +22,8 @@ import torch.nn.functional as F
 
 from factory.backbones import Backbone
 from factory.errors import DimensionMismatch, EmptyImageSet, NonFiniteLoss
-from factory.losses import LossWeights, image_side_ce, text_side_ce, textual_inversion_loss
+from factory.losses import LossWeights, text_side_ce
+from factory.objective import concept_seed, objective_terms, ti_weights
 from factory.tokens import Subspace, TokenParameters, build_subspace, get_vocabulary, marker, vocabulary_for_parent
 from factory.tokens.prompts import DEFAULT_TEMPLATES
 
@@ -38,6 +37,14 @@ class LearnerConfig:
     parametrization: str = "projected"  # or "free" (the ablation)
     templates: tuple[str, ...] = DEFAULT_TEMPLATES
     ti_samples: int = 2  # TI (latent, noise, t) samples per concept per step
+    # Templates encoded per concept per step, sampled from the concept's own generator (0: all of them).
+    # The text encoder runs on C × this many prompts instead of C × T: the CE terms see a fresh subset
+    # each step (as the diffusers TI example samples one template per image) at 1/T of the cost.
+    templates_per_step: int = 0
+    # TI samples per concept that measure its gradient when λ_TI is calibrated (`LossWeights.ti_balance`),
+    # once, before the first step. One draw is too noisy; with few steps (early stopping) and one TI sample
+    # per step, 8 of them are a large share of a concept's UNet work, hence a setting.
+    calibration_samples: int = 8
     patience: int = 0  # early stopping: steps without improvement of the loss EMA; 0 disables
     min_delta: float = 1e-4
     ema: float = 0.9  # smoothing of the per-concept loss used for early stopping and reported losses
@@ -62,6 +69,11 @@ class LearnerConfig:
         self.templates = tuple(self.templates)
         if self.ti_micro_batch < 0:
             raise ValueError(f"ti_micro_batch must be >= 0 (0: one batch), got {self.ti_micro_batch}")
+        if not 0 <= self.templates_per_step <= len(self.templates):
+            raise ValueError(f"templates_per_step must be in [0, {len(self.templates)}] (0: all), "
+                             f"got {self.templates_per_step}")
+        if self.calibration_samples < 1:
+            raise ValueError(f"calibration_samples must be >= 1, got {self.calibration_samples}")
         if self.max_norm_ratio < 0:
             raise ValueError(f"max_norm_ratio must be >= 0 (0: unbounded), got {self.max_norm_ratio}")
 
@@ -94,11 +106,6 @@ class LearnedToken:
     basis_id: str | None
     metrics: dict[str, float]
     prototype: torch.Tensor | None = None  # [D] mean normalised image feature of the concept
-
-
-def concept_seed(seed: int, concept_id: str) -> int:
-    """A stable per-concept seed (Python's hash() is salted per process; sha256 is not)."""
-    return int.from_bytes(hashlib.sha256(f"{seed}:{concept_id}".encode()).digest()[:8], "little") & (2**63 - 1)
 
 
 def subspaces_for(backbone: Backbone, parents: Sequence[str], vocabulary: str | None = None,
@@ -142,6 +149,51 @@ def _validate(backbone: Backbone, concepts: Sequence[ConceptData], config: Learn
         raise ValueError(f"backbone {backbone.name!r} has no generator: set weights.ti = 0")
 
 
+@dataclass
+class _Group:
+    """The concepts learned together and their tensors; row i of each tensor is concept i."""
+
+    concepts: list[ConceptData]
+    pos: torch.Tensor  # [C, N, D] normalised own-image features, ``pos_mask`` [C, N] valid rows
+    pos_mask: torch.Tensor
+    neg: torch.Tensor  # [C, M, D] the parent's negative bank less the concept's own rows
+    neg_mask: torch.Tensor
+    init: torch.Tensor  # [C, d] the parent words' embeddings
+    gens: list[torch.Generator]  # TI samples, one generator per concept
+    template_gens: list[torch.Generator]  # sampled templates (apart, so TI samples do not depend on them)
+
+    def take(self, idx: list[int]) -> "_Group":
+        t = torch.as_tensor(idx, dtype=torch.long, device=self.pos.device)
+        return _Group([self.concepts[i] for i in idx], self.pos[t], self.pos_mask[t], self.neg[t],
+                      self.neg_mask[t], self.init[t], [self.gens[i] for i in idx],
+                      [self.template_gens[i] for i in idx])
+
+
+def _group(backbone: Backbone, cfg: LearnerConfig, concepts: Sequence[ConceptData],
+           banks: Mapping[str, NegativeBank]) -> _Group:
+    dev = backbone.device
+    C = len(concepts)
+    with torch.no_grad():
+        init = torch.stack([backbone.word_embedding(c.parent) for c in concepts]).float()
+    pos, pos_mask = _pad([F.normalize(c.image_features.float(), dim=-1).to(dev) for c in concepts], dev)
+    neg_rows = []
+    for c in concepts:
+        bank = banks.get(c.parent)
+        if bank is None or bank.features.shape[0] == 0:
+            neg_rows.append(torch.zeros(0, pos.shape[-1], device=dev))
+            continue
+        keep = torch.tensor([o != c.concept_id for o in bank.owners], dtype=torch.bool)
+        neg_rows.append(F.normalize(bank.features.float(), dim=-1)[keep].to(dev))
+    if any(r.shape[0] == 0 for r in neg_rows) and cfg.weights.ce > 0:
+        lonely = [c.concept_id for c, r in zip(concepts, neg_rows) if r.shape[0] == 0]
+        log.warning("no negatives for %d concept(s) (e.g. %s): their CE term is zero", len(lonely), lonely[:3])
+    neg, neg_mask = _pad(neg_rows, dev) if any(r.shape[0] for r in neg_rows) else (
+        torch.zeros(C, 1, pos.shape[-1], device=dev), torch.zeros(C, 1, dtype=torch.bool, device=dev))
+    gens = [torch.Generator().manual_seed(concept_seed(cfg.seed, c.concept_id)) for c in concepts]
+    tgens = [torch.Generator().manual_seed(concept_seed(cfg.seed, "templates/" + c.concept_id)) for c in concepts]
+    return _Group(list(concepts), pos, pos_mask, neg, neg_mask, init, gens, tgens)
+
+
 def learn_tokens(backbone: Backbone, concepts: Sequence[ConceptData], banks: Mapping[str, NegativeBank],
                  config: LearnerConfig | None = None, subspaces: Mapping[str, Subspace] | None = None,
                  on_step: Callable[[int, int], None] | None = None) -> list[LearnedToken]:
@@ -158,99 +210,31 @@ def learn_tokens(backbone: Backbone, concepts: Sequence[ConceptData], banks: Map
     batch = backbone.tokenize(prompts)
     assert batch.concept_ids == [c.concept_id for c in concepts]  # slots follow first appearance
 
-    with torch.no_grad():
-        init = torch.stack([backbone.word_embedding(p) for p in parents]).float()
+    group = _group(backbone, cfg, concepts, banks)
     spaces = None
     if cfg.parametrization == "projected":
         spaces = dict(subspaces or {})
         spaces.update(subspaces_for(backbone, [p for p in parents if p not in spaces], cfg.vocabulary, cfg.rank_tol))
-    params = TokenParameters(init, [spaces[p] for p in parents] if spaces else None).to(dev)
+    params = TokenParameters(group.init, [spaces[p] for p in parents] if spaces else None).to(dev)
 
-    pos, pos_mask = _pad([F.normalize(c.image_features.float(), dim=-1).to(dev) for c in concepts], dev)
-    neg_rows = []
-    for c in concepts:
-        bank = banks.get(c.parent)
-        if bank is None or bank.features.shape[0] == 0:
-            neg_rows.append(torch.zeros(0, pos.shape[-1], device=dev))
-            continue
-        keep = torch.tensor([o != c.concept_id for o in bank.owners], dtype=torch.bool)
-        neg_rows.append(F.normalize(bank.features.float(), dim=-1)[keep].to(dev))
-    if any(r.shape[0] == 0 for r in neg_rows) and cfg.weights.ce > 0:
-        lonely = [c.concept_id for c, r in zip(concepts, neg_rows) if r.shape[0] == 0]
-        log.warning("no negatives for %d concept(s) (e.g. %s): their CE term is zero", len(lonely), lonely[:3])
-    neg, neg_mask = _pad(neg_rows, dev) if any(r.shape[0] for r in neg_rows) else (
-        torch.zeros(C, 1, pos.shape[-1], device=dev), torch.zeros(C, 1, dtype=torch.bool, device=dev))
-
-    gens = [torch.Generator().manual_seed(concept_seed(cfg.seed, c.concept_id)) for c in concepts]
     scheduler = backbone.generator.noise_scheduler() if cfg.weights.ti > 0 else None
     scale = backbone.logit_scale
     opt = torch.optim.Adam(params.parameters(), lr=cfg.lr)
 
-    ti_weight, ti_ratio = _ti_weights(backbone, cfg, concepts, batch, params, pos, pos_mask, neg, neg_mask, scale,
-                                      scheduler)
+    ti_weight, ti_ratio = ti_weights(backbone, cfg, group, batch, params, scale, scheduler)
     active = torch.ones(C, dtype=torch.bool, device=dev)
-    state = {"ti_weight": ti_weight, "ema": torch.full((C,), float("nan"), device=dev), "best": torch.full((C,), float("inf"), device=dev),
-             "wait": torch.zeros(C, dtype=torch.long, device=dev),
-             "steps_run": torch.zeros(C, dtype=torch.long, device=dev), "last": {},
+    state = {"ti_weight": ti_weight, "ema": torch.full((C,), float("nan"), device=dev),
+             "best": torch.full((C,), float("inf"), device=dev), "wait": torch.zeros(C, dtype=torch.long, device=dev),
+             "steps_run": torch.zeros(C, dtype=torch.long, device=dev), "last": {}, "stopped_protos": {},
              "max_norm": cfg.max_norm_ratio * backbone.vocab_mean_norm if cfg.max_norm_ratio > 0 else 0.0}
     frozen = [p.detach().clone() for p in params.parameters()]
     t0 = time.perf_counter()
     with _checkpointing(backbone, cfg.gradient_checkpointing and scheduler is not None):
         for step in range(cfg.steps):
-            if not _step(backbone, cfg, concepts, batch, params, opt, frozen, active, state, pos, pos_mask,
-                         neg, neg_mask, scale, scheduler, gens, init, step, t0, on_step):
+            if not _step(backbone, cfg, group, batch, params, opt, frozen, active, state, scale, scheduler,
+                         step, t0, on_step):
                 break
-    return _finish(backbone, cfg, concepts, batch, params, spaces, pos, pos_mask, neg, neg_mask, scale, init,
-                   state, ti_ratio)
-
-
-CALIBRATION_SAMPLES = 8  # TI samples per concept when measuring its gradient: one draw is too noisy
-
-
-def _ce_terms(cfg, text, pos, pos_mask, neg, neg_mask, scale) -> dict[str, torch.Tensor]:
-    w, terms = cfg.weights, {}
-    if w.ce > 0:
-        terms["ce"] = w.ce * text_side_ce(text, pos, pos_mask, neg, neg_mask, scale)[0]
-    if w.image_ce > 0:
-        terms["image_ce"] = w.image_ce * image_side_ce(text, pos, pos_mask, scale)
-    return terms
-
-
-def term_gradient_norms(backbone, cfg, concepts, batch, params, pos, pos_mask, neg, neg_mask, scale, scheduler,
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-concept norms [C] of the gradients that the (weighted) CE terms and the λ = 1 TI term send to
-    each concept's parameters, the TI term on `CALIBRATION_SAMPLES` fresh samples per concept (drawn
-    from generators of their own, so the training samples are the same with and without calibration)."""
-    C, T = len(concepts), len(cfg.templates)
-    param = next(params.parameters())
-    enc = backbone.encode_text(batch, params())
-    text = F.normalize(enc.features.float(), dim=-1).view(C, T, -1)
-    ce = sum(_ce_terms(cfg, text, pos, pos_mask, neg, neg_mask, scale).values())
-    g_ce = (torch.autograd.grad(ce.sum(), param, retain_graph=True)[0].norm(dim=-1) if torch.is_tensor(ce)
-            else torch.zeros(C, device=param.device))
-    gens = [torch.Generator().manual_seed(concept_seed(cfg.seed, "calibrate/" + c.concept_id)) for c in concepts]
-    cal = dataclasses.replace(cfg, ti_samples=max(cfg.ti_samples, CALIBRATION_SAMPLES))
-    cut = enc.hidden.detach().requires_grad_()
-    mse = _ti_term(backbone, cal, concepts, cut, scheduler, gens, torch.ones(C, device=param.device))
-    if cut.grad is None:  # one batch: the MSE still holds its graph to ``cut``
-        mse.sum().backward()
-    g_ti = torch.autograd.grad(enc.hidden, param, grad_outputs=cut.grad)[0].norm(dim=-1)
-    return g_ce.detach(), g_ti.detach()
-
-
-def _ti_weights(backbone, cfg, concepts, batch, params, pos, pos_mask, neg, neg_mask, scale, scheduler,
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """λ_TI of each concept [C] (see `LossWeights.ti_balance`) and the measured ‖∇TI‖ / ‖∇CE‖ at λ = 1
-    (None when not calibrated)."""
-    w, C, dev = cfg.weights, len(concepts), backbone.device
-    fixed = torch.full((C,), float(w.ti), device=dev)
-    if w.ti <= 0 or w.ti_balance <= 0 or (w.ce <= 0 and w.image_ce <= 0):
-        return fixed, None  # nothing to balance against (TI-only: Adam does not care about its scale)
-    g_ce, g_ti = term_gradient_norms(backbone, cfg, concepts, batch, params, pos, pos_mask, neg, neg_mask, scale,
-                                     scheduler)
-    ratio = g_ti / g_ce.clamp_min(1e-12)
-    calibrated = w.ti * w.ti_balance * g_ce / g_ti.clamp_min(1e-12)
-    return torch.where((g_ce > 0) & (g_ti > 0), calibrated, fixed), ratio
+    return _finish(backbone, cfg, group, batch, params, spaces, scale, state, ti_ratio)
 
 
 @contextlib.contextmanager
@@ -266,20 +250,40 @@ def _checkpointing(backbone: Backbone, on: bool):
             unet.disable_gradient_checkpointing()
 
 
-def _step(backbone, cfg, concepts, batch, params, opt, frozen, active, state, pos, pos_mask, neg, neg_mask, scale,
-          scheduler, gens, init, step, t0, on_step) -> bool:
-    """One optimisation step of every active concept; False once no concept is active."""
-    C, T = len(concepts), len(cfg.templates)
-    vectors = params()
-    enc = backbone.encode_text(batch, vectors)
-    text = F.normalize(enc.features.float(), dim=-1).view(C, T, -1)
+def _step_rows(cfg, idx: list[int], live: _Group) -> tuple[torch.Tensor, int]:
+    """Rows of the tokenised batch (concept-major, T templates each) that this step encodes: every
+    template of each active concept, or ``templates_per_step`` of them drawn from its own generator."""
+    T, k = len(cfg.templates), cfg.templates_per_step or len(cfg.templates)
+    if k == T:
+        picks = torch.arange(T).expand(len(idx), T)
+    else:
+        picks = torch.stack([torch.randperm(T, generator=g)[:k].sort().values for g in live.template_gens])
+    return (torch.tensor(idx)[:, None] * T + picks).flatten(), k
+
+
+def _step(backbone, cfg, group: _Group, batch, params, opt, frozen, active, state, scale, scheduler, step, t0,
+          on_step) -> bool:
+    """One optimisation step of the active concepts; False once no concept is active.
+
+    Only active concepts run through the text encoder and the UNet: a concept that stopped early costs
+    nothing more (its prototype stays in the image-side CE as a fixed competitor, as it was while frozen).
+    """
+    C, dev = len(group.concepts), backbone.device
+    idx = torch.nonzero(active).flatten().tolist()
+    live = group if len(idx) == C else group.take(idx)
+    rows, k = _step_rows(cfg, idx, live)
+    t_idx = torch.tensor(idx, device=dev)
+    vectors = params()[t_idx]
+    enc = backbone.encode_text(batch.take(rows), vectors)
+    text = F.normalize(enc.features.float(), dim=-1).view(len(idx), k, -1)
     split_ti = cfg.weights.ti > 0 and cfg.ti_micro_batch > 0
     cut = enc.hidden.detach().requires_grad_() if split_ti else enc.hidden
-    terms = _objective_terms(backbone, cfg, concepts, text, cut, pos, pos_mask, neg, neg_mask,
-                             scale, scheduler, gens, vectors, init, active, state["ti_weight"])
+    others = _stopped_prototypes(backbone, cfg, batch, params, active, state)
+    terms = objective_terms(backbone, cfg, live, text, cut, scale, scheduler, vectors, state["ti_weight"][t_idx],
+                             others)
     per_concept = sum(terms.values())
     if not torch.isfinite(per_concept).all():
-        bad = [concepts[i].concept_id for i in torch.nonzero(~torch.isfinite(per_concept)).flatten().tolist()]
+        bad = [live.concepts[i].concept_id for i in torch.nonzero(~torch.isfinite(per_concept)).flatten().tolist()]
         raise NonFiniteLoss(
             f"loss became non-finite at step {step} for concept(s) {bad[:5]}: lower the learning rate "
             f"(now {cfg.lr}) or check the images/latents of these concepts for NaN values"
@@ -288,15 +292,15 @@ def _step(backbone, cfg, concepts, batch, params, opt, frozen, active, state, po
     if split_ti:
         # The TI term already sent its gradient to the text states (`cut.grad`), one micro-batch at a time;
         # carry it through the text encoder together with the other terms in one backward pass.
-        rest = sum(v for k, v in terms.items() if k != "ti")
-        loss = (rest * active).sum() if torch.is_tensor(rest) else enc.hidden.sum() * 0
+        rest = sum(v for name, v in terms.items() if name != "ti")
+        loss = rest.sum() if torch.is_tensor(rest) else enc.hidden.sum() * 0
         (loss + (enc.hidden * cut.grad).sum()).backward()
     else:
-        (per_concept * active).sum().backward()
+        per_concept.sum().backward()
     opt.step()
     if state["max_norm"] > 0:
         params.bound_norms_(state["max_norm"])
-    _bookkeep(cfg, params, frozen, active, state, terms, per_concept)
+    _bookkeep(cfg, params, frozen, active, t_idx, state, terms, per_concept)
     if on_step is not None:
         on_step(step + 1, cfg.steps)
     if cfg.log_every and (step + 1) % cfg.log_every == 0:
@@ -307,17 +311,35 @@ def _step(backbone, cfg, concepts, batch, params, opt, frozen, active, state, po
 
 
 @torch.no_grad()
-def _bookkeep(cfg, params, frozen, active, state, terms, per_concept) -> None:
-    """Freeze stopped concepts, update the loss EMA, the last term values and early stopping (in place)."""
+def _stopped_prototypes(backbone, cfg, batch, params, active, state) -> torch.Tensor | None:
+    """Template-mean text features [K, D] of the concepts that stopped (for the image-side CE only),
+    computed once per concept from its frozen token."""
+    if cfg.weights.image_ce <= 0 or bool(active.all()):
+        return None
+    cache, T = state["stopped_protos"], len(cfg.templates)
+    new = [i for i in torch.nonzero(~active).flatten().tolist() if i not in cache]
+    if new:
+        rows = (torch.tensor(new)[:, None] * T + torch.arange(T)).flatten()
+        feats = backbone.encode_text(batch.take(rows), params()[torch.tensor(new, device=backbone.device)]).features
+        protos = F.normalize(F.normalize(feats.float(), dim=-1).view(len(new), T, -1).mean(1), dim=-1)
+        cache.update(zip(new, protos))
+    return torch.stack([cache[i] for i in sorted(cache)])
+
+
+@torch.no_grad()
+def _bookkeep(cfg, params, frozen, active, idx, state, terms, per_concept) -> None:
+    """Freeze stopped concepts, update the loss EMA, the last term values and early stopping (in place).
+    ``terms`` and ``per_concept`` hold the active concepts ``idx`` only."""
     for p, f in zip(params.parameters(), frozen):
-        p[~active] = f[~active]  # a stopped concept stays exactly where it stopped
+        p[~active] = f[~active]  # a stopped concept stays exactly where it stopped (Adam's momentum moves it)
         f[active] = p[active]
     state["steps_run"] += active.long()
     detached, ema = per_concept.detach(), state["ema"]
-    state["ema"] = ema = torch.where(torch.isnan(ema), detached, cfg.ema * ema + (1 - cfg.ema) * detached)
+    old = ema[idx]
+    ema[idx] = torch.where(torch.isnan(old), detached, cfg.ema * old + (1 - cfg.ema) * detached)
     last = state["last"]
-    for k, v in terms.items():
-        last[k] = torch.where(active, v.detach(), last.get(k, v.detach()))
+    for name, v in terms.items():
+        last.setdefault(name, torch.zeros_like(ema))[idx] = v.detach()
     if cfg.patience > 0:
         improved = ema < state["best"] - cfg.min_delta
         state["best"] = torch.where(improved & active, ema, state["best"])
@@ -325,62 +347,14 @@ def _bookkeep(cfg, params, frozen, active, state, terms, per_concept) -> None:
         active &= state["wait"] < cfg.patience
 
 
-def _objective_terms(backbone, cfg, concepts, text, hidden, pos, pos_mask, neg, neg_mask, scale, scheduler,
-                     gens, vectors, init, active, ti_weight) -> dict[str, torch.Tensor]:
-    """Weighted per-concept terms [C] of the objective; a term with λ = 0 is never computed.
-
-    With ``cfg.ti_micro_batch`` the TI term comes back detached: its gradient is already in ``hidden.grad``.
-    """
-    w, terms = cfg.weights, _ce_terms(cfg, text, pos, pos_mask, neg, neg_mask, scale)
-    if w.ti > 0:
-        terms["ti"] = ti_weight * _ti_term(backbone, cfg, concepts, hidden, scheduler, gens, ti_weight * active.float())
-    if w.reg > 0:
-        terms["reg"] = w.reg * (vectors - init).pow(2).sum(-1)
-    return terms
-
-
-def _ti_term(backbone, cfg, concepts, hidden, scheduler, gens, weight) -> torch.Tensor:
-    """Per-concept denoising MSE [C] under the token prompts' text states ``hidden`` [C·T, L, w].
-
-    Each concept draws its (image, template, noise, timestep) samples from its own generator, before any
-    splitting, so micro-batching changes memory, not the samples. With ``cfg.ti_micro_batch`` each
-    micro-batch is backpropagated at once (scaled by ``weight`` [C], the term's λ times "still active")
-    into ``hidden.grad`` and the returned losses are detached.
-    """
-    T, S = len(cfg.templates), cfg.ti_samples
-    lat, noise, steps, rows = [], [], [], []
-    for i, (c, g) in enumerate(zip(concepts, gens)):
-        idx = torch.randint(c.latents.shape[0], (S,), generator=g)
-        tpl = torch.randint(T, (S,), generator=g)
-        x = c.latents[idx].float()
-        lat.append(x)
-        noise.append(torch.randn(x.shape, generator=g))
-        steps.append(torch.randint(scheduler.config.num_train_timesteps, (S,), generator=g))
-        rows.append(i * T + tpl)
-    dev, unet = hidden.device, backbone.generator.unet
-    lat, noise, steps, rows = torch.cat(lat).to(dev), torch.cat(noise).to(dev), torch.cat(steps).to(dev), torch.cat(rows)
-    micro = cfg.ti_micro_batch
-    if micro <= 0:
-        mse = textual_inversion_loss(unet, scheduler, lat, hidden[rows], noise, steps)
-        return mse.view(len(concepts), S).mean(1)
-    per_sample = weight.repeat_interleave(S) / S  # d(Σ_c weight_c · mean_s mse_cs) / d mse_cs
-    out = []
-    for a in range(0, len(rows), micro):
-        sl = slice(a, a + micro)
-        mse = textual_inversion_loss(unet, scheduler, lat[sl], hidden[rows[sl]], noise[sl], steps[sl])
-        (mse * per_sample[sl]).sum().backward()
-        out.append(mse.detach())
-    return torch.cat(out).view(len(concepts), S).mean(1)
-
-
 @torch.no_grad()
-def _finish(backbone, cfg, concepts, batch, params, spaces, pos, pos_mask, neg, neg_mask, scale, init, state,
-            ti_ratio) -> list[LearnedToken]:
+def _finish(backbone, cfg, group: _Group, batch, params, spaces, scale, state, ti_ratio) -> list[LearnedToken]:
     last, ema, steps_run, ti_weight = state["last"], state["ema"], state["steps_run"], state["ti_weight"]
+    concepts, pos, pos_mask, init = group.concepts, group.pos, group.pos_mask, group.init
     vectors = params()
     C, T = len(concepts), len(cfg.templates)
     text = F.normalize(backbone.encode_text(batch, vectors).features.float(), dim=-1).view(C, T, -1)
-    ce, acc = text_side_ce(text, pos, pos_mask, neg, neg_mask, scale)
+    ce, acc = text_side_ce(text, pos, pos_mask, group.neg, group.neg_mask, scale)
     vocab_norm = backbone.vocab_mean_norm
     out = []
     for i, c in enumerate(concepts):
@@ -396,7 +370,7 @@ def _finish(backbone, cfg, concepts, batch, params, spaces, pos, pos_mask, neg, 
             "cos_to_init": float(F.cosine_similarity(v, init[i].cpu(), dim=0)),
             "steps": float(steps_run[i]),
             "n_images": float(pos_mask[i].sum()),
-            "n_negatives": float(neg_mask[i].sum()),
+            "n_negatives": float(group.neg_mask[i].sum()),
         }
         if "ti" in last:
             metrics["loss_ti"] = float(last["ti"][i] / ti_weight[i])

@@ -52,17 +52,21 @@ def text_side_ce(text: torch.Tensor, pos: torch.Tensor, pos_mask: torch.Tensor, 
     return (loss * weight).sum(dim=(1, 2)) / denom, (hit * weight).sum(dim=(1, 2)) / denom
 
 
-def image_side_ce(text: torch.Tensor, pos: torch.Tensor, pos_mask: torch.Tensor, scale: float) -> torch.Tensor:
+def image_side_ce(text: torch.Tensor, pos: torch.Tensor, pos_mask: torch.Tensor, scale: float,
+                  others: torch.Tensor | None = None) -> torch.Tensor:
     """Each concept's images classified among all C tokens learned together (template-mean features).
 
-    Couples the concepts of a step (unlike `text_side_ce`), which is why it is optional.
+    Couples the concepts of a step (unlike `text_side_ce`), which is why it is optional. ``others`` [K, D]
+    are further, fixed competitors (normalised prototypes of concepts of the group that stopped learning).
     Returns the per-concept mean loss [C].
     """
     proto = F.normalize(text.mean(dim=1), dim=-1)  # [C, D]
-    logits = scale * torch.einsum("cnd,kd->cnk", pos, proto)  # [C, N, C]
-    c, n, _ = logits.shape
+    if others is not None and others.shape[0]:
+        proto = torch.cat([proto, others.to(proto)])
+    logits = scale * torch.einsum("cnd,kd->cnk", pos, proto)  # [C, N, C + K]
+    c, n, k = logits.shape
     target = torch.arange(c, device=logits.device)[:, None].expand(c, n)
-    loss = F.cross_entropy(logits.reshape(c * n, c), target.reshape(-1), reduction="none").view(c, n)
+    loss = F.cross_entropy(logits.reshape(c * n, k), target.reshape(-1), reduction="none").view(c, n)
     w = pos_mask.float()
     return (loss * w).sum(1) / w.sum(1).clamp_min(1.0)
 

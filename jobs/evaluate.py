@@ -1,7 +1,8 @@
 """The evaluation job as a typed function: `EvaluateConfig` in, metrics.json + report.md + plots out.
 
 Reads the catalog, the registry version (newest, or ``version``) and the gallery index; learns the ablation
-tokens with the registry run's own learner settings (read back from its manifest); runs every method of
+tokens with the registry run's own learner settings (read back from its manifest), in this process or as
+parallel Ray tasks (``ray_ablations``); runs every method of
 `factory.evaluation.methods`. `tokenfactory evaluate` (`jobs/evaluate_cmd.py`) builds the config from flags.
 """
 from __future__ import annotations
@@ -29,6 +30,8 @@ class EvaluateConfig:
     max_queries: int | None = None  # only the first N queries (GAIR costs previews per query)
     generation_queries: int | None = 24  # queries whose composition prompts every method samples
     ablation_steps: int | None = None  # learner steps of the ablations (None: the run's own)
+    ray_ablations: bool = False  # learn the ablations as parallel Ray tasks (`jobs.evaluate_ablations`)
+    ablation_cpus: int = 1  # CPUs (and torch threads) of each such task
     gair: GairSettings = field(default_factory=GairSettings)
     s3: S3Options | None = field(default=None, repr=False)  # never recorded: it may hold keys
 
@@ -95,7 +98,12 @@ def evaluate_registry(cfg: EvaluateConfig) -> dict:
                               generation_queries=cfg.generation_queries, gair=cfg.gair)
     print(f"[evaluate] {len(catalog.concepts)} concepts, {len(catalog.queries)} queries, gallery index of "
           f"{len(index)}; registry version {version.version} ({len(version)} tokens)", flush=True)
-    ev = evaluate(backbone, catalog, version.records(), index, config, cfg.s3)
+    ablations = None
+    if cfg.ray_ablations:
+        from jobs.evaluate_ablations import ray_ablations
+
+        ablations = ray_ablations(cfg.backbone or recorded, cfg.weights, cfg.s3, cfg.ablation_cpus)
+    ev = evaluate(backbone, catalog, version.records(), index, config, cfg.s3, ablations=ablations)
     ev.metrics["registry"] = {"uri": cfg.registry, "version": version.version, "run_id": version.manifest.run_id}
     ev.metrics["config"] = cfg.record()
     uris = write_report(ev, cfg.out, cfg.s3)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +16,7 @@ from factory.evaluation.methods import (
     ABLATIONS, GairSettings, RetrievalOutcome, classification, learn_ablation, retrieval_and_generation, token_norms,
 )
 from factory.gair import ConceptToken
-from factory.learner import LearnerConfig
+from factory.learner import ConceptData, LearnerConfig
 from factory.onboarding import heldout_features, prepare_concepts
 from factory.storage import S3Options
 from schemas import TokenRecord
@@ -88,9 +88,30 @@ def targets(metrics: dict) -> dict[str, dict]:
     return out
 
 
+# Learns the ablations: (concepts, the run's learner settings, methods, concepts per step) ->
+# method -> (concept id -> token, seconds it took). `jobs.evaluate_ablations` runs them as parallel Ray tasks.
+AblationLearner = Callable[[Sequence[ConceptData], LearnerConfig, Sequence[str], int],
+                           dict[str, tuple[dict[str, torch.Tensor], float]]]
+
+
+def learn_ablations_here(backbone: Backbone) -> AblationLearner:
+    """The ablations learned one after another in this process."""
+    def learn(data, base, methods, concepts_per_step):
+        out = {}
+        for method in methods:
+            t0 = time.perf_counter()
+            tokens = learn_ablation(backbone, data, base, method, concepts_per_step)
+            out[method] = (tokens, time.perf_counter() - t0)
+            log.info("tokens of %s ready (%.1fs)", method, out[method][1])
+        return out
+    return learn
+
+
 def evaluate(backbone: Backbone, catalog: EvalCatalog, records: Sequence[TokenRecord], index,
-             config: EvaluationConfig, s3: S3Options | None = None, progress: bool = True) -> Evaluation:
-    """Every metric of the evaluation (see `factory.evaluation.methods` for what each method is)."""
+             config: EvaluationConfig, s3: S3Options | None = None, progress: bool = True,
+             ablations: AblationLearner | None = None) -> Evaluation:
+    """Every metric of the evaluation (see `factory.evaluation.methods` for what each method is).
+    ``ablations`` learns the ablation tokens (default: `learn_ablations_here`, in this process)."""
     t0 = time.perf_counter()
     by_id = {r.concept_id: r for r in records}
     specs = [s for s in catalog.concepts if s.concept_id in by_id]
@@ -101,19 +122,18 @@ def evaluate(backbone: Backbone, catalog: EvalCatalog, records: Sequence[TokenRe
                                              latents=backbone.generator is not None)
     log.info("%d concepts (%d skipped: no usable few-shot image), %d images rejected", len(data), len(skipped),
              len(loaded.rejected))
-    token_sets: dict[str, dict[str, torch.Tensor]] = {}
-    stage_seconds = {}
-    for method in ABLATIONS:
-        t1 = time.perf_counter()
-        if method == "ti_ce_proj":
-            token_sets[method] = {d.concept_id: torch.tensor(by_id[d.concept_id].vector) for d in data}
-        elif method.startswith("ti") and backbone.generator is None:
-            continue  # no generator, no TI loss: the TI ablations cannot be learned
-        else:
-            token_sets[method] = learn_ablation(backbone, data, config.learner, method, config.concepts_per_step)
-        stage_seconds[f"learn_{method}"] = time.perf_counter() - t1
-        if progress:
-            log.info("tokens of %s ready (%.1fs)", method, stage_seconds[f"learn_{method}"])
+    # ti_ce_proj is the registry's own tokens; without a generator the TI ablations cannot be learned.
+    methods = [m for m in ABLATIONS if m != "ti_ce_proj" and not (m.startswith("ti") and backbone.generator is None)]
+    t1 = time.perf_counter()
+    learned = (ablations or learn_ablations_here(backbone))(data, config.learner, methods, config.concepts_per_step)
+    token_sets: dict[str, dict[str, torch.Tensor]] = {
+        m: learned[m][0] for m in ABLATIONS if m in learned}
+    token_sets["ti_ce_proj"] = {d.concept_id: torch.tensor(by_id[d.concept_id].vector) for d in data}
+    stage_seconds = {f"learn_{m}": learned[m][1] for m in methods}
+    stage_seconds["learn_ablations"] = time.perf_counter() - t1
+    if progress:
+        log.info("ablation tokens ready (%.1fs): %s", stage_seconds["learn_ablations"],
+                 ", ".join(f"{m} {learned[m][1]:.0f}s" for m in methods))
 
     t1 = time.perf_counter()
     heldout = heldout_features(backbone, specs, s3)
@@ -158,4 +178,4 @@ def evaluate(backbone: Backbone, catalog: EvalCatalog, records: Sequence[TokenRe
     return Evaluation(metrics, outcome)
 
 
-__all__ = ["Evaluation", "EvaluationConfig", "MRR_GAIN_TARGET", "evaluate", "targets"]
+__all__ = ["AblationLearner", "Evaluation", "EvaluationConfig", "learn_ablations_here", "MRR_GAIN_TARGET", "evaluate", "targets"]

@@ -18,6 +18,7 @@ import gzip
 import json
 import os
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import torch
 
@@ -51,6 +52,25 @@ class PromptBatch:
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
+
+    def take(self, rows: torch.Tensor | Sequence[int]) -> "PromptBatch":
+        """The sub-batch of ``rows`` (in that order), its concept slots re-numbered by first appearance.
+
+        The learner encodes only a step's prompts (active concepts, sampled templates) out of one batch
+        tokenised up front: selecting rows is cheaper than tokenising again at every step.
+        """
+        b, rows = self.to("cpu"), torch.as_tensor(rows, dtype=torch.long).cpu()
+        new_row = torch.full((len(b),), -1, dtype=torch.long)
+        new_row[rows] = torch.arange(len(rows))
+        keep = new_row[b.marker_rows] >= 0
+        m_rows, m_cols, old = new_row[b.marker_rows[keep]], b.marker_cols[keep], b.marker_slots[keep]
+        order = torch.argsort(m_rows * b.input_ids.shape[1] + m_cols)  # row-major, as `tokenize` lists them
+        m_rows, m_cols, old = m_rows[order], m_cols[order], old[order]
+        firsts = list(dict.fromkeys(old.tolist()))
+        renumber = {s: i for i, s in enumerate(firsts)}
+        slots = torch.tensor([renumber[s] for s in old.tolist()], dtype=torch.long)
+        return PromptBatch(b.input_ids[rows], b.eot_positions[rows], m_rows, m_cols, slots,
+                           [b.concept_ids[s] for s in firsts])
 
     def to(self, device) -> "PromptBatch":
         return PromptBatch(

@@ -243,3 +243,62 @@ def test_ti_balance_leaves_ti_only_learning_alone(backbone):
     concepts, _, banks = _world(backbone, n_concepts=2, shots=3, heldout=0, latents=True)
     cfg = LearnerConfig(steps=1, log_every=0, weights=LossWeights(ti=1.0, ce=0.0, image_ce=0.0, ti_balance=1.0))
     assert all(t.metrics["ti_weight"] == 1.0 for t in learn_tokens(backbone, concepts, banks, cfg))  # nothing to balance
+
+
+def _unet_batches(backbone, monkeypatch) -> list[int]:
+    sizes, unet = [], backbone.generator.unet
+    original = unet.forward
+    monkeypatch.setattr(unet, "forward", lambda x, *a, **k: sizes.append(x.shape[0]) or original(x, *a, **k))
+    return sizes
+
+
+def test_a_stopped_concept_leaves_the_unet_batch(hf_backbone, monkeypatch):
+    concepts, _, banks = _world(hf_backbone, n_concepts=3, latents=True)
+    sizes = _unet_batches(hf_backbone, monkeypatch)
+    cfg = LearnerConfig(steps=200, lr=0.05, weights=LossWeights(ti=1.0, ce=1.0, ti_balance=0.0), patience=3,
+                        min_delta=1e-3, ti_samples=2)
+    learned = learn_tokens(hf_backbone, concepts, banks, cfg)
+    steps = sorted(int(t.metrics["steps"]) for t in learned)
+    assert steps[0] < steps[-1] <= 200  # they stopped at different steps
+    # One UNet call per step, holding ti_samples rows per concept still learning: the batch shrinks.
+    expected = [2 * sum(s > i for s in steps) for i in range(steps[-1])]
+    assert sizes == expected
+
+
+def test_early_stopping_is_a_concepts_own_alone_or_beside_others(backbone):
+    concepts, _, banks = _world(backbone, n_concepts=3, latents=True)
+    cfg = LearnerConfig(steps=60, lr=0.05, weights=LossWeights(ti=1.0, ce=1.0, ti_balance=0.0), patience=3,
+                        min_delta=1e-3, seed=2)
+    together = learn_tokens(backbone, concepts, banks, cfg)
+    assert len({t.metrics["steps"] for t in together}) > 1
+    for i, c in enumerate(concepts):
+        alone = learn_tokens(backbone, [c], banks, cfg)[0]
+        assert alone.metrics["steps"] == together[i].metrics["steps"]
+        torch.testing.assert_close(alone.vector, together[i].vector, atol=1e-4, rtol=1e-3)
+
+
+def test_sampled_templates_shrink_the_text_batch(hf_backbone, monkeypatch):
+    concepts, _, banks = _world(hf_backbone, n_concepts=3)
+    rows, original = [], hf_backbone.encode_text
+    monkeypatch.setattr(hf_backbone, "encode_text", lambda b, v=None: rows.append(len(b)) or original(b, v))
+    learn_tokens(hf_backbone, concepts, banks, LearnerConfig(steps=4, weights=CE_ONLY, templates_per_step=1))
+    T = len(LearnerConfig().templates)
+    # (the first call is the probe, the last the final metrics on every template)
+    assert rows[1:-1] == [3 * 1] * 4 and rows[-1] == 3 * T
+
+
+def test_sampled_templates_are_a_concepts_own_alone_or_beside_others(backbone):
+    concepts, _, banks = _world(backbone, n_concepts=3, latents=True)
+    cfg = LearnerConfig(steps=8, lr=0.02, weights=LossWeights(ti=1.0, ce=1.0), templates_per_step=2, seed=5)
+    together = learn_tokens(backbone, concepts, banks, cfg)
+    full = learn_tokens(backbone, concepts, banks, dataclasses.replace(cfg, templates_per_step=0))
+    assert not torch.allclose(together[0].vector, full[0].vector)  # it did sample
+    for i, c in enumerate(concepts):
+        alone = learn_tokens(backbone, [c], banks, cfg)[0]
+        torch.testing.assert_close(alone.vector, together[i].vector, atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("k", [-1, 5])
+def test_templates_per_step_out_of_range_is_an_error(k):
+    with pytest.raises(ValueError, match="templates_per_step"):
+        LearnerConfig(templates_per_step=k)

@@ -49,6 +49,18 @@ def test_image_side_ce_prefers_matching_prototypes():
     assert (good < 0.01).all() and (bad > 5).all()
 
 
+def test_image_side_ce_with_fixed_competitors_equals_the_whole_group():
+    # The learner drops stopped concepts from its step and passes their prototypes as ``others``:
+    # the active concepts' losses must be those of the whole group.
+    text, pos = _unit(5, 3, 8), _unit(5, 2, 8)
+    mask = torch.ones(5, 2, dtype=torch.bool)
+    whole = image_side_ce(text, pos, mask, 10.0)
+    active, stopped = [0, 2, 3], [1, 4]
+    others = F.normalize(text[stopped].mean(1), dim=-1)
+    part = image_side_ce(text[active], pos[active], mask[active], 10.0, others)
+    torch.testing.assert_close(part, whole[active])
+
+
 def test_textual_inversion_loss_is_the_noise_mse(hf_backbone):
     gen = hf_backbone.generator
     sched = gen.noise_scheduler()

@@ -17,7 +17,7 @@ def test_evaluate_a_four_concept_catalog(ray_cluster, tmp_path):
                  "--steps", "2", "--concepts-per-step", "2", "--workers", "1"]) == 0
     assert main(["index", "--gallery", catalog, "--out", index, "--backbone", "tiny-hf-clip"]) == 0
     assert main(["evaluate", "--catalog", catalog, "--registry", registry, "--index", index, "--out", out,
-                 "--previews", "1", "--sample-steps", "2", "--alphas", "0,1"]) == 0
+                 "--previews", "1", "--sample-steps", "2", "--alphas", "0,1", "--ray-ablations"]) == 0
 
     m = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert all((tmp_path / "eval" / f).stat().st_size > 0 for f in FILES)
@@ -37,6 +37,8 @@ def test_evaluate_a_four_concept_catalog(ray_cluster, tmp_path):
     assert "<concept:" not in m["generation"]["caption"]["prompt_example"]
     assert m["learner"]["steps"] == 2 and m["learner"]["concepts_per_step"] == 2  # the run's own settings
     assert m["registry"]["version"] == 1
+    stages = m["stage_seconds"]  # the ablations ran as Ray tasks, each timed in its task
+    assert stages["learn_ablations"] > 0 and all(stages[f"learn_{a}"] > 0 for a in ("ti", "ti_proj", "ce", "ce_free", "ti_ce_free"))
     assert set(m["targets"]) == {"ti_ce_proj_beats_caption_ti_parent", "gair_mrr_gain", "gair_intent_beats_token_intent",
                                  "classification_ti_ce_proj_vs_ce_and_caption", "generation_composition"}
     report = (tmp_path / "eval" / "report.md").read_text()

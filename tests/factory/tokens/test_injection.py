@@ -67,3 +67,15 @@ def test_wrong_vector_dimension(backbone):
     emb = backbone.token_embedding(batch.input_ids)
     with pytest.raises(DimensionMismatch, match="expected"):
         inject(emb, batch, torch.zeros(2, backbone.token_dim))
+
+
+def test_a_sub_batch_encodes_as_the_same_rows_of_the_whole(hf_backbone):
+    prompts = ["a <concept:a> dress", "a photo of <concept:b>", "a plain dress", "<concept:b> and <concept:a>"]
+    batch = hf_backbone.tokenize(prompts)
+    vectors = torch.randn(len(batch.concept_ids), hf_backbone.token_dim)
+    whole = hf_backbone.encode_text(batch, vectors).features
+    rows = [3, 1, 2]
+    sub = batch.take(rows)
+    assert sub.concept_ids == ["b", "a"]  # first appearance in the sub-batch
+    slot = [batch.concept_ids.index(c) for c in sub.concept_ids]
+    torch.testing.assert_close(hf_backbone.encode_text(sub, vectors[slot]).features, whole[rows])

@@ -1,0 +1,123 @@
+"""The learner's objective: per-concept CE terms, the textual-inversion term and λ_TI's calibration.
+
+Every term is a vector [C], one loss per concept, and the objective is their sum: that is what lets a
+concept learn the same token alone or beside others (`factory.learner`). The TI term draws each
+concept's (image, template, noise, timestep) samples from the concept's own generator for the same
+reason. λ_TI is set per concept by measurement (`LossWeights.ti_balance`): the raw denoising MSE's
+gradient is orders of magnitude below CE's, so a fixed λ leaves the token CE-only.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from factory.losses import image_side_ce, text_side_ce, textual_inversion_loss
+
+if TYPE_CHECKING:  # the learner imports this module
+    from factory.learner import _Group
+
+
+def concept_seed(seed: int, concept_id: str) -> int:
+    """A stable per-concept seed (Python's hash() is salted per process; sha256 is not)."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{concept_id}".encode()).digest()[:8], "little") & (2**63 - 1)
+
+
+def ce_terms(cfg, text, group: "_Group", scale, others=None) -> dict[str, torch.Tensor]:
+    w, terms = cfg.weights, {}
+    if w.ce > 0:
+        terms["ce"] = w.ce * text_side_ce(text, group.pos, group.pos_mask, group.neg, group.neg_mask, scale)[0]
+    if w.image_ce > 0:
+        terms["image_ce"] = w.image_ce * image_side_ce(text, group.pos, group.pos_mask, scale, others)
+    return terms
+
+
+def term_gradient_norms(backbone, cfg, group: "_Group", batch, params, scale, scheduler,
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-concept norms [C] of the gradients that the (weighted) CE terms and the λ = 1 TI term send to
+    each concept's parameters, the TI term on ``calibration_samples`` fresh samples per concept (drawn
+    from generators of their own, so the training samples are the same with and without calibration).
+    Measured on every template, whatever ``templates_per_step`` is."""
+    C, T = len(group.concepts), len(cfg.templates)
+    param = next(params.parameters())
+    enc = backbone.encode_text(batch, params())
+    text = F.normalize(enc.features.float(), dim=-1).view(C, T, -1)
+    ce = sum(ce_terms(cfg, text, group, scale).values())
+    g_ce = (torch.autograd.grad(ce.sum(), param, retain_graph=True)[0].norm(dim=-1) if torch.is_tensor(ce)
+            else torch.zeros(C, device=param.device))
+    gens = [torch.Generator().manual_seed(concept_seed(cfg.seed, "calibrate/" + c.concept_id)) for c in group.concepts]
+    cal = dataclasses.replace(cfg, ti_samples=max(cfg.ti_samples, cfg.calibration_samples))
+    cut = enc.hidden.detach().requires_grad_()
+    mse = ti_term(backbone, cal, group.concepts, cut, scheduler, gens, torch.ones(C, device=param.device))
+    if cut.grad is None:  # one batch: the MSE still holds its graph to ``cut``
+        mse.sum().backward()
+    g_ti = torch.autograd.grad(enc.hidden, param, grad_outputs=cut.grad)[0].norm(dim=-1)
+    return g_ce.detach(), g_ti.detach()
+
+
+def ti_weights(backbone, cfg, group: "_Group", batch, params, scale, scheduler,
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """λ_TI of each concept [C] (see `LossWeights.ti_balance`) and the measured ‖∇TI‖ / ‖∇CE‖ at λ = 1
+    (None when not calibrated)."""
+    w, C, dev = cfg.weights, len(group.concepts), backbone.device
+    fixed = torch.full((C,), float(w.ti), device=dev)
+    if w.ti <= 0 or w.ti_balance <= 0 or (w.ce <= 0 and w.image_ce <= 0):
+        return fixed, None  # nothing to balance against (TI-only: Adam does not care about its scale)
+    g_ce, g_ti = term_gradient_norms(backbone, cfg, group, batch, params, scale, scheduler)
+    ratio = g_ti / g_ce.clamp_min(1e-12)
+    calibrated = w.ti * w.ti_balance * g_ce / g_ti.clamp_min(1e-12)
+    return torch.where((g_ce > 0) & (g_ti > 0), calibrated, fixed), ratio
+
+
+def objective_terms(backbone, cfg, group: "_Group", text, hidden, scale, scheduler, vectors, ti_weight,
+                     others=None) -> dict[str, torch.Tensor]:
+    """Weighted per-concept terms [C] of the objective; a term with λ = 0 is never computed.
+
+    With ``cfg.ti_micro_batch`` the TI term comes back detached: its gradient is already in ``hidden.grad``.
+    """
+    w, terms = cfg.weights, ce_terms(cfg, text, group, scale, others)
+    if w.ti > 0:
+        terms["ti"] = ti_weight * ti_term(backbone, cfg, group.concepts, hidden, scheduler, group.gens, ti_weight,
+                                           rows_per_concept=text.shape[1])
+    if w.reg > 0:
+        terms["reg"] = w.reg * (vectors - group.init).pow(2).sum(-1)
+    return terms
+
+
+def ti_term(backbone, cfg, concepts, hidden, scheduler, gens, weight, rows_per_concept: int | None = None,
+             ) -> torch.Tensor:
+    """Per-concept denoising MSE [C] under the token prompts' text states ``hidden`` [C·R, L, w], R =
+    ``rows_per_concept`` (default: every template) prompts per concept, concept-major.
+
+    Each concept draws its (image, template, noise, timestep) samples from its own generator, before any
+    splitting, so micro-batching changes memory, not the samples. With ``cfg.ti_micro_batch`` each
+    micro-batch is backpropagated at once (scaled by ``weight`` [C], the term's λ) into ``hidden.grad``
+    and the returned losses are detached.
+    """
+    R, S = rows_per_concept or len(cfg.templates), cfg.ti_samples
+    lat, noise, steps, rows = [], [], [], []
+    for i, (c, g) in enumerate(zip(concepts, gens)):
+        idx = torch.randint(c.latents.shape[0], (S,), generator=g)
+        tpl = torch.randint(R, (S,), generator=g)
+        x = c.latents[idx].float()
+        lat.append(x)
+        noise.append(torch.randn(x.shape, generator=g))
+        steps.append(torch.randint(scheduler.config.num_train_timesteps, (S,), generator=g))
+        rows.append(i * R + tpl)
+    dev, unet = hidden.device, backbone.generator.unet
+    lat, noise, steps, rows = torch.cat(lat).to(dev), torch.cat(noise).to(dev), torch.cat(steps).to(dev), torch.cat(rows)
+    micro = cfg.ti_micro_batch
+    if micro <= 0:
+        mse = textual_inversion_loss(unet, scheduler, lat, hidden[rows], noise, steps)
+        return mse.view(len(concepts), S).mean(1)
+    per_sample = weight.repeat_interleave(S) / S  # d(Σ_c weight_c · mean_s mse_cs) / d mse_cs
+    out = []
+    for a in range(0, len(rows), micro):
+        sl = slice(a, a + micro)
+        mse = textual_inversion_loss(unet, scheduler, lat[sl], hidden[rows[sl]], noise[sl], steps[sl])
+        (mse * per_sample[sl]).sum().backward()
+        out.append(mse.detach())
+    return torch.cat(out).view(len(concepts), S).mean(1)
