@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
 
 from factory.losses import image_side_ce, text_side_ce, textual_inversion_loss
 
-if TYPE_CHECKING:  # the learner imports this module
-    from factory.learner import _Group
+# ``group`` below is the learner's `factory.learner._Group`: the concepts of one step and their tensors
+# (pos/pos_mask, neg/neg_mask, init, gens). Not imported: the learner imports this module.
 
 
 def concept_seed(seed: int, concept_id: str) -> int:
@@ -26,7 +24,7 @@ def concept_seed(seed: int, concept_id: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{concept_id}".encode()).digest()[:8], "little") & (2**63 - 1)
 
 
-def ce_terms(cfg, text, group: "_Group", scale, others=None) -> dict[str, torch.Tensor]:
+def ce_terms(cfg, text, group, scale, others=None) -> dict[str, torch.Tensor]:
     w, terms = cfg.weights, {}
     if w.ce > 0:
         terms["ce"] = w.ce * text_side_ce(text, group.pos, group.pos_mask, group.neg, group.neg_mask, scale)[0]
@@ -35,7 +33,7 @@ def ce_terms(cfg, text, group: "_Group", scale, others=None) -> dict[str, torch.
     return terms
 
 
-def term_gradient_norms(backbone, cfg, group: "_Group", batch, params, scale, scheduler,
+def term_gradient_norms(backbone, cfg, group, batch, params, scale, scheduler,
                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-concept norms [C] of the gradients that the (weighted) CE terms and the λ = 1 TI term send to
     each concept's parameters, the TI term on ``calibration_samples`` fresh samples per concept (drawn
@@ -58,7 +56,7 @@ def term_gradient_norms(backbone, cfg, group: "_Group", batch, params, scale, sc
     return g_ce.detach(), g_ti.detach()
 
 
-def ti_weights(backbone, cfg, group: "_Group", batch, params, scale, scheduler,
+def ti_weights(backbone, cfg, group, batch, params, scale, scheduler,
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """λ_TI of each concept [C] (see `LossWeights.ti_balance`) and the measured ‖∇TI‖ / ‖∇CE‖ at λ = 1
     (None when not calibrated)."""
@@ -72,7 +70,7 @@ def ti_weights(backbone, cfg, group: "_Group", batch, params, scale, scheduler,
     return torch.where((g_ce > 0) & (g_ti > 0), calibrated, fixed), ratio
 
 
-def objective_terms(backbone, cfg, group: "_Group", text, hidden, scale, scheduler, vectors, ti_weight,
+def objective_terms(backbone, cfg, group, text, hidden, scale, scheduler, vectors, ti_weight,
                      others=None) -> dict[str, torch.Tensor]:
     """Weighted per-concept terms [C] of the objective; a term with λ = 0 is never computed.
 
