@@ -1,12 +1,16 @@
 """Learn C concept tokens at once from precomputed image features and latents.
 
-One coefficient tensor [C, k] (or [C, d] for free tokens), one text-encoder batch holding all C·T
-prompts, one UNet batch for the TI samples of all C concepts. The frozen models run once per step for
-the whole group, which is where the speed over one-concept-at-a-time textual inversion comes from.
+One coefficient tensor [C, k] (or [C, d] for free tokens), one text-encoder batch holding the step's
+prompts (T templates, or ``templates_per_step`` sampled ones, per concept still learning), one UNet batch
+for the TI samples of those concepts. The frozen models run once per step for the whole group, which is
+where the speed over one-concept-at-a-time textual inversion comes from; a concept that stops early
+(``patience``) leaves both batches, so stopping saves compute rather than only freezing the token.
 
-Determinism: each concept draws its TI samples from its own generator, seeded from (seed, concept id),
-and the objective is a *sum* of per-concept losses, so with Adam a concept learns the same token
-whether it is learned alone or beside others (up to float rounding in batched kernels).
+Determinism: each concept draws its TI samples and templates from its own generators, seeded from (seed,
+concept id), and the objective is a *sum* of per-concept losses (`factory.objective`), so with Adam a
+concept learns the same token, and stops at the same step, whether it is learned alone or beside others
+(up to float rounding in batched kernels). The exception is the image-side CE (``weights.image_ce``),
+which couples a group by design; concepts that stopped stay in it as fixed competitors.
 """
 from __future__ import annotations
 
