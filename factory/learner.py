@@ -278,7 +278,8 @@ def _step(backbone, cfg, group: _Group, batch, params, opt, frozen, active, stat
     rows, k = _step_rows(cfg, idx, live)
     t_idx = torch.tensor(idx, device=dev)
     vectors = params()[t_idx]
-    enc = backbone.encode_text(batch.take(rows), vectors)
+    # Every row, in order (all concepts active, every template): the batch as tokenised, not a copy of it.
+    enc = backbone.encode_text(batch if len(rows) == len(batch) else batch.take(rows), vectors)
     text = F.normalize(enc.features.float(), dim=-1).view(len(idx), k, -1)
     split_ti = cfg.weights.ti > 0 and cfg.ti_micro_batch > 0
     cut = enc.hidden.detach().requires_grad_() if split_ti else enc.hidden
