@@ -20,11 +20,24 @@ exactly the CLIP query of the previews' conditioning: a preview shows the query 
   compared with the concept's reference images (``retrieved_fidelity``) and with the words-only query
   (``retrieved_intent``, how well it matches the intent). Among the α whose top item matches the intent
   within ``intent_margin`` (cosine) of the best α's, the one whose top item is most like the concept wins.
+- ``object``: as ``retrieval``, but "most like the concept" is measured against its look-alikes
+  (``ConceptToken.rivals``: the prototypes of other concepts of the same parent): the top item's cosine to
+  the concept's images less its best cosine to a rival's. The concept's few-shot images are in scenes,
+  and so are the rivals'; what the two cosines share (the scene, the category) cancels, so it is the
+  object that scores (``retrieved_object``). Without rivals it is the ``retrieval`` rule.
 - ``previews``: the previews' fidelity and intent, min-max normalised over the schedule and averaged
   (relative evidence: some α always wins, whatever the previews show).
 
+``refine`` rounds of bisection then search between the kept α and its neighbours in the schedule: each
+round scores the two midpoints and keeps the best α so far, halving the bracket (`bisection_alphas`).
+
+The ``retrieval`` rule needs no previews to decide, so ``previews_for="chosen"`` renders them for the
+kept α only (one sampling batch instead of one per α; ``previews=0`` renders none: retrieval alone).
+The ``previews`` rule needs every α's previews.
+
 ``manual`` takes the caller's α. Retrieval uses q(α*), optionally expanded with the chosen previews' image
-features. Every step's previews, what it retrieved and its scores are returned, so a person can see why.
+features. Every step's previews (where rendered), what it retrieved and its scores are returned, so a
+person can see why.
 """
 from __future__ import annotations
 
@@ -39,10 +52,11 @@ from factory.backbones import Backbone
 from factory.errors import MalformedMarker, UnknownConceptMarker
 from factory.images import to_uint8
 from factory.tokens import marker, split_on_markers
-from schemas import CONCEPT_SLOT, DEFAULT_INTENT_MARGIN
+from schemas import CONCEPT_SLOT, DEFAULT_INTENT_MARGIN, MAX_REFINE
 
 DEFAULT_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
-RULES = ("retrieval", "previews")
+RULES = ("retrieval", "object", "previews")
+PREVIEWS_FOR = ("every", "chosen")
 
 
 @dataclass
@@ -52,6 +66,7 @@ class ConceptToken:
     vector: torch.Tensor  # [d] the token
     parent: str
     prototype: torch.Tensor  # [D] mean normalised image feature of the concept's few-shot images
+    rivals: torch.Tensor | None = None  # [R, D] prototypes of its look-alikes (same parent), for ``object``
 
 
 @dataclass
@@ -71,10 +86,21 @@ class GairRequest:
     template: str | None = None  # the query with a {concept} slot; None: "a photo of {concept} <intent>"
     rule: str = "retrieval"  # how ``auto`` picks α: see `RULES`
     intent_margin: float = DEFAULT_INTENT_MARGIN  # the ``retrieval`` rule's intent tolerance (cosine)
+    refine: int = 0  # auto: bisection rounds around the kept α (each scores at most two more α)
+    previews_for: str = "every"  # "every" α of the search, or only the "chosen" one (see `PREVIEWS_FOR`)
 
     def __post_init__(self):
         if self.rule not in RULES:
             raise ValueError(f"rule must be one of {RULES}, got {self.rule!r}")
+        if self.previews_for not in PREVIEWS_FOR:
+            raise ValueError(f"previews_for must be one of {PREVIEWS_FOR}, got {self.previews_for!r}")
+        if not 0 <= self.refine <= MAX_REFINE:
+            raise ValueError(f"refine must be in [0, {MAX_REFINE}] bisection rounds, got {self.refine}")
+        if self.previews < 0:
+            raise ValueError(f"previews must be >= 0, got {self.previews}")
+        if self.rule == "previews" and (self.previews == 0 or self.previews_for != "every") and self.mode == "auto":
+            raise ValueError("the previews rule decides on every α's previews: it needs previews >= 1 and "
+                             "previews_for='every'")
         if not self.intent_margin >= 0:
             raise ValueError(f"intent_margin must be >= 0, got {self.intent_margin}")
         if self.mode not in ("auto", "manual"):
@@ -95,15 +121,16 @@ class GairRequest:
 @dataclass
 class GairStep:
     alpha: float
-    fidelity: float  # mean cosine of previews to the concepts' reference features
-    intent: float  # mean cosine of previews to the words-only prompt
+    fidelity: float  # mean cosine of previews to the concepts' reference features (nan: no previews)
+    intent: float  # mean cosine of previews to the words-only prompt (nan: no previews)
     score: float  # what the request's rule maximises over the admitted α (see `choose_alpha`)
-    previews: np.ndarray  # uint8 [n, H, W, 3]
+    previews: np.ndarray  # uint8 [n, H, W, 3]; n = 0 where this α was not rendered (`previews_for`)
     features: np.ndarray | None = field(default=None, repr=False)  # [n, D] normalised CLIP features of previews
     query: np.ndarray | None = field(default=None, repr=False)  # [D] q(α), normalised
     retrieved: list[tuple[str, str | None, float]] = field(default_factory=list)  # q(α)'s top items
     retrieved_fidelity: float = float("nan")  # cosine of the top item to the concepts' reference features
     retrieved_intent: float = float("nan")  # cosine of the top item to the words-only query q(0)
+    retrieved_object: float = float("nan")  # retrieved_fidelity less the top item's best cosine to a rival
     admitted: bool = True  # passed the rule's gate (``retrieval``: the intent margin)
 
 
@@ -129,6 +156,64 @@ def prompts_for(concepts: Sequence[str], parents: Sequence[str], intent: str,
     return fill(with_tokens), fill(with_words)
 
 
+class _Balance:
+    """One request's two prompts, encoded once: every α's query, retrieval evidence and previews."""
+
+    def __init__(self, gair: "Gair", request: GairRequest, should_stop):
+        bb, self.gair, self.request, self.should_stop = gair.backbone, gair, request, should_stop
+        chosen = [gair.concepts[c] for c in request.concept_ids]
+        tok_prompt, _ = prompts_for(request.concept_ids, [c.parent for c in chosen], request.intent, request.template)
+        tokens = {cid: c.vector for cid, c in zip(request.concept_ids, chosen)}
+        parents = {cid: bb.word_embedding(c.parent) for cid, c in zip(request.concept_ids, chosen)}
+        self.tok = bb.encode_prompts([tok_prompt], tokens)
+        self.aligned = bb.encode_prompts([tok_prompt], parents)  # the words, at the token's positions
+        self.uncond = bb.encode_prompts([""]).hidden
+        self.protos = F.normalize(torch.stack([c.prototype.float() for c in chosen]).to(self.uncond.device), dim=-1)
+        self.f_words = F.normalize(self.aligned.features.float(), dim=-1)[0]
+        self.rivals = [F.normalize(c.rivals.float(), dim=-1).to(self.protos.device)
+                       if c.rivals is not None and len(c.rivals) else None for c in chosen]
+
+    def steps(self, alphas: Sequence[float]) -> list[GairStep]:
+        """q(α) for each α (module docstring) and what it retrieves; no previews yet."""
+        index, k = self.gair.index, max(1, self.request.top_k)
+        weights = torch.tensor(list(alphas), device=self.tok.features.device)[:, None]
+        queries = F.normalize(weights * self.tok.features.float() + (1 - weights) * self.aligned.features.float(), dim=-1)
+        queries_np = queries.cpu().numpy().astype(np.float32)
+        found = index.search(queries_np, k) if len(index) else None
+        out = []
+        for i, a in enumerate(alphas):
+            step = GairStep(float(a), float("nan"), float("nan"), 0.0, np.zeros((0, 0, 0, 3), np.uint8),
+                            query=queries_np[i])
+            if found is not None and found.ids[i]:
+                step.retrieved = list(zip(found.ids[i], found.uris[i], [float(x) for x in found.scores[i]]))
+                top = torch.from_numpy(index.vectors_of(found.ids[i][:1])).to(self.protos.device)[0]
+                step.retrieved_fidelity = float((self.protos @ top).mean())
+                step.retrieved_intent = float(top @ self.f_words)
+                step.retrieved_object = float(np.mean([
+                    float(p @ top) - (float((r @ top).max()) if r is not None else 0.0)
+                    for p, r in zip(self.protos, self.rivals)]))
+            out.append(step)
+        return out
+
+    def render(self, steps: Sequence[GairStep]) -> None:
+        """Previews of ``steps``, in one sampling batch. Every α starts from the same noise: previews of
+        different α differ only by their conditioning, so their scores compare the balance, not the luck
+        of the draw (and one batched UNet pass is much faster than one per α)."""
+        n, bb, r = self.request.previews, self.gair.backbone, self.request
+        if not steps or n == 0:
+            return
+        cond = torch.cat([(s.alpha * self.tok.hidden + (1 - s.alpha) * self.aligned.hidden).expand(n, -1, -1)
+                          for s in steps])
+        noise = bb.generator.initial_noise(n, r.seed).repeat(len(steps), 1, 1, 1)
+        u8 = to_uint8(bb.generator.sample(cond, self.uncond, steps=r.steps, guidance=r.guidance, noise=noise,
+                                          should_stop=self.should_stop))
+        feats = F.normalize(bb.encode_image(bb.preprocess(u8)).float(), dim=-1)
+        for i, s in enumerate(steps):
+            f = feats[i * n: (i + 1) * n]
+            s.previews, s.features = u8[i * n: (i + 1) * n], f.cpu().numpy()
+            s.fidelity, s.intent = float((f @ self.protos.T).mean()), float((f @ self.f_words).mean())
+
+
 class Gair:
     """GAIR over one backbone (with a generator), a set of learned concepts and a gallery index."""
 
@@ -140,67 +225,64 @@ class Gair:
     @torch.no_grad()
     def __call__(self, request: GairRequest, should_stop: Callable[[], bool] | None = None) -> GairResult:
         """Run one GAIR request; ``should_stop`` is polled between sampling steps (see `DiffusionGenerator.sample`)."""
-        bb = self.backbone
         missing = [c for c in request.concept_ids if c not in self.concepts]
         if missing:
             raise UnknownConceptMarker(missing, known=len(self.concepts))
-        chosen = [self.concepts[c] for c in request.concept_ids]
-        tok_prompt, _ = prompts_for(request.concept_ids, [c.parent for c in chosen], request.intent,
-                                              request.template)
-        tokens = {cid: c.vector for cid, c in zip(request.concept_ids, chosen)}
-        parents = {cid: bb.word_embedding(c.parent) for cid, c in zip(request.concept_ids, chosen)}
-
-        tok = bb.encode_prompts([tok_prompt], tokens)
-        aligned = bb.encode_prompts([tok_prompt], parents)  # the words, at the token's positions
-        uncond = bb.encode_prompts([""]).hidden
-        protos = F.normalize(torch.stack([c.prototype.float() for c in chosen]).to(uncond.device), dim=-1)
-
-        alphas = [float(request.alpha)] if request.mode == "manual" else [float(a) for a in request.alphas]
-        # The whole schedule is one sampling batch, and every α starts from the same noise: previews of
-        # different α differ only by their conditioning, so their scores compare the balance, not the luck
-        # of the draw (and one batched UNet pass is much faster than one per α).
-        n = request.previews
-        cond = torch.cat([(a * tok.hidden + (1 - a) * aligned.hidden).expand(n, -1, -1) for a in alphas])
-        noise = bb.generator.initial_noise(n, request.seed).repeat(len(alphas), 1, 1, 1)
-        u8 = to_uint8(bb.generator.sample(cond, uncond, steps=request.steps, guidance=request.guidance,
-                                          noise=noise, should_stop=should_stop))
-        feats = F.normalize(bb.encode_image(bb.preprocess(u8)).float(), dim=-1)
-        # q(α) from the same prompts and weights as the previews (module docstring), every α run at once.
-        weights = torch.tensor(alphas, device=tok.features.device)[:, None]
-        queries = F.normalize(weights * tok.features.float() + (1 - weights) * aligned.features.float(), dim=-1)
-        f_words = F.normalize(aligned.features.float(), dim=-1)[0]
-        queries_np = queries.cpu().numpy().astype(np.float32)
-        found = self.index.search(queries_np, max(1, request.top_k)) if len(self.index) else None
-        steps = []
-        for i, a in enumerate(alphas):
-            f = feats[i * n: (i + 1) * n]
-            step = GairStep(a, float((f @ protos.T).mean()), float((f @ f_words).mean()), 0.0, u8[i * n: (i + 1) * n],
-                            f.cpu().numpy(), queries_np[i])
-            if found is not None and found.ids[i]:
-                step.retrieved = list(zip(found.ids[i], found.uris[i], [float(x) for x in found.scores[i]]))
-                top = torch.from_numpy(self.index.vectors_of(found.ids[i][:1])).to(protos.device)[0]
-                step.retrieved_fidelity = float((protos @ top).mean())
-                step.retrieved_intent = float(top @ f_words)
-            steps.append(step)
-        best, scores, admitted = choose_alpha(steps, request.rule, request.intent_margin)
-        for step, score, ok in zip(steps, scores, admitted):  # the trace shows the evidence of its own rule
-            step.score, step.admitted = float(score), bool(ok)
-        alpha = steps[best].alpha
-        q = queries[best]
+        balance = _Balance(self, request, should_stop)
+        manual = request.mode == "manual"
+        every = request.previews_for == "every"
+        steps = balance.steps([float(request.alpha)] if manual else [float(a) for a in request.alphas])
+        if every:
+            balance.render(steps)
+        best = self._decide(steps, request)
+        for _ in range(0 if manual else request.refine):
+            seen = {s.alpha for s in steps}
+            new = [a for a in bisection_alphas(sorted(seen), steps[best].alpha) if a not in seen]
+            if not new:
+                break
+            more = balance.steps(new)
+            if every:
+                balance.render(more)
+            steps = sorted(steps + more, key=lambda s: s.alpha)
+            best = self._decide(steps, request)
+        chosen = steps[best]
+        if not every:
+            balance.render([chosen])
         if request.expand > 0:
-            previews = feats[best * n: (best + 1) * n]
+            previews = torch.from_numpy(chosen.features if chosen.features is not None else np.zeros((0, 1)))
             if request.expand_with is not None:
                 if any(not 0 <= i < len(previews) for i in request.expand_with):
                     raise ValueError(f"expand_with names previews outside 0..{len(previews) - 1}")
                 previews = previews[list(request.expand_with)]
-            q = F.normalize(q + request.expand * previews.mean(0), dim=-1)
-            q = q.cpu().numpy().astype(np.float32)
-            return GairResult(alpha, steps, q, self.retrieve(q, request.top_k))
-        return GairResult(alpha, steps, queries_np[best], steps[best].retrieved[: request.top_k])
+            if len(previews) == 0:
+                raise ValueError("expand needs previews of the chosen α (previews >= 1)")
+            q = F.normalize(torch.from_numpy(chosen.query) + request.expand * previews.mean(0), dim=-1)
+            q = q.numpy().astype(np.float32)
+            return GairResult(chosen.alpha, steps, q, self.retrieve(q, request.top_k))
+        return GairResult(chosen.alpha, steps, chosen.query, chosen.retrieved[: request.top_k])
+
+    @staticmethod
+    def _decide(steps: list[GairStep], request: GairRequest) -> int:
+        best, scores, admitted = choose_alpha(steps, request.rule, request.intent_margin)
+        for step, score, ok in zip(steps, scores, admitted):  # the trace shows the evidence of its own rule
+            step.score, step.admitted = float(score), bool(ok)
+        return best
 
     def retrieve(self, query: np.ndarray, k: int) -> list[tuple[str, str | None, float]]:
         res = self.index.search(query[None], k)
         return list(zip(res.ids[0], res.uris[0], [float(s) for s in res.scores[0]]))
+
+
+def bisection_alphas(searched: Sequence[float], best: float) -> list[float]:
+    """The midpoints between ``best`` and its neighbours among the (sorted) α searched so far: one round of
+    bisection. At an end of the schedule there is one neighbour, hence one midpoint."""
+    i = list(searched).index(best)
+    out = []
+    if i > 0:
+        out.append(round((searched[i - 1] + best) / 2, 6))
+    if i + 1 < len(searched):
+        out.append(round((best + searched[i + 1]) / 2, 6))
+    return out
 
 
 def choose_alpha(steps: Sequence[GairStep], rule: str = "retrieval",
@@ -214,8 +296,8 @@ def choose_alpha(steps: Sequence[GairStep], rule: str = "retrieval",
         inten = np.array([s.intent for s in steps])
         score = 0.5 * (_minmax(fid) + _minmax(inten))
         admitted = np.ones(len(steps), bool)
-    elif rule == "retrieval":
-        fid = np.array([s.retrieved_fidelity for s in steps])
+    elif rule in ("retrieval", "object"):
+        fid = np.array([s.retrieved_object if rule == "object" else s.retrieved_fidelity for s in steps])
         inten = np.array([s.retrieved_intent for s in steps])
         if not np.isfinite(fid).all():  # nothing was retrieved (an empty gallery): no evidence either way
             fid, inten = np.zeros(len(steps)), np.zeros(len(steps))

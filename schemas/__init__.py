@@ -18,7 +18,7 @@ from schemas.catalog import (
     concepts_from_rows,
     rows_from_concepts,
 )
-from schemas.gair import DEFAULT_INTENT_MARGIN
+from schemas.gair import DEFAULT_INTENT_MARGIN, MAX_REFINE
 from schemas.ids import (
     CONCEPT_ID_PATTERN,
     CONCEPT_ID_RULE,
@@ -46,6 +46,7 @@ __all__ = [
     "CONCEPT_ID_RULE",
     "CONCEPT_SLOT",
     "DEFAULT_INTENT_MARGIN",
+    "MAX_REFINE",
     "REGISTRY_FORMAT",
     "TOKEN_RECORD_SCHEMA",
     "CatalogManifest",

@@ -7,3 +7,7 @@
 # world seed 0 only, by MRR among the margins 0, .01, .02, .03, .05, .1 and none (README "GAIR's rule":
 # 0.548 ... 0.845 and 0.859 with none; the oracle α 0.861); reported on seeds 1-3 with intervals.
 DEFAULT_INTENT_MARGIN = 2.0
+
+# Most bisection rounds a GAIR request may ask for (`factory.gair.bisection_alphas`): 8 halve the default
+# schedule's 0.25 bracket to 0.001, finer than two queries can be told apart.
+MAX_REFINE = 8

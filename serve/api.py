@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, model_validator
 
-from schemas import DEFAULT_INTENT_MARGIN, ConceptId, ParentWord
+from schemas import DEFAULT_INTENT_MARGIN, MAX_REFINE, ConceptId, ParentWord
 
 
 class ApiError(Exception):
@@ -69,11 +69,17 @@ class GairApiRequest(Request):
                                            description="weight of accepted previews' image features added to the query")
     expand_with: list[StrictInt] | None = Field(default=None, min_length=1, max_length=8,
                                                 description="which previews of the chosen α to add (default: all)")
-    rule: Literal["retrieval", "previews"] = Field(
+    rule: Literal["retrieval", "object", "previews"] = Field(
         default="retrieval", description="auto: 'retrieval' keeps the α whose top item looks most like the concept "
-        "while matching the intent within intent_margin; 'previews' balances the previews' scores")
+        "while matching the intent within intent_margin; 'object' the same, measured against the concept's "
+        "look-alikes (same parent) so its scenes cancel; 'previews' balances the previews' scores")
     intent_margin: StrictFloat | StrictInt = Field(default=DEFAULT_INTENT_MARGIN, ge=0.0, le=2.0,
                                                    description="the retrieval rule's intent tolerance (cosine)")
+    refine: StrictInt = Field(default=0, ge=0, le=MAX_REFINE,
+                              description="auto: bisection rounds around the kept α (each adds up to two α)")
+    previews_for: Literal["every", "chosen"] = Field(
+        default="every", description="render previews for every α searched, or only the chosen one (the "
+        "retrieval rule decides without them)")
 
 
 class ReloadRequest(Request):
@@ -110,12 +116,15 @@ class GenerateResponse(BaseModel):
 
 class GairStepOut(BaseModel):
     alpha: float
-    fidelity: float = Field(description="previews vs the concepts' reference images (mean cosine)")
-    intent: float = Field(description="previews vs the words-only query (mean cosine)")
-    score: float = Field(description="what the rule maximises over the admitted α")
+    fidelity: float | None = Field(description="previews vs the concepts' reference images (mean cosine); "
+                                   "null where this α was not rendered (previews_for)")
+    intent: float | None = Field(description="previews vs the words-only query (mean cosine); null: not rendered")
+    score: float | None = Field(description="what the rule maximises over the admitted α")
     admitted: bool = Field(description="passed the rule's gate (retrieval rule: the intent margin)")
     retrieved_fidelity: float | None = Field(description="q(α)'s top item vs the concepts' reference images")
     retrieved_intent: float | None = Field(description="q(α)'s top item vs the words-only query")
+    retrieved_object: float | None = Field(default=None, description="retrieved_fidelity less the top item's best "
+                                           "cosine to a look-alike (same parent) concept's images")
     retrieved: list[Item] = Field(description="q(α)'s top items")
     previews: list[str] = Field(description="PNG files, base64")
 

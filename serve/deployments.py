@@ -366,6 +366,13 @@ def _finite(x: float) -> float | None:
     return x if np.isfinite(x) else None
 
 
+def _rivals(records, concept_id: str):
+    """Prototypes of the concept's look-alikes: the other concepts of its parent (GAIR's ``object`` rule)."""
+    parent = records[concept_id].parent
+    protos = [r.prototype for c, r in records.items() if c != concept_id and r.parent == parent and r.prototype]
+    return torch.tensor(protos) if protos else None
+
+
 def _png_b64(images: np.ndarray) -> list[str]:
     from factory.images import encode_png
 
@@ -425,8 +432,9 @@ class Generator:
         if no_proto:
             return error(409, "no_prototype", f"concept(s) {', '.join(no_proto)} have no stored prototype (learned by an "
                                               "older version of tokenfactory): onboard them again to use GAIR")
-        concepts = {c: ConceptToken(state.tokens[c], state.records[c].parent,
-                                    torch.tensor(state.records[c].prototype)) for c in request["concept_ids"]}
+        rivals = request.get("rule") == "object"  # the look-alikes' prototypes, only where the rule reads them
+        concepts = {c: ConceptToken(state.tokens[c], state.records[c].parent, torch.tensor(state.records[c].prototype),
+                                    _rivals(state.records, c) if rivals else None) for c in request["concept_ids"]}
         try:
             req = GairRequest(**request)
         except (TokenFactoryError, ValueError) as e:
@@ -437,9 +445,11 @@ class Generator:
         except (TokenFactoryError, ValueError) as e:
             return prompt_error(e)
         return {"alpha": res.alpha, "registry_version": state.version,
-                "steps": [{"alpha": s.alpha, "fidelity": s.fidelity, "intent": s.intent, "score": s.score,
+                "steps": [{"alpha": s.alpha, "fidelity": _finite(s.fidelity), "intent": _finite(s.intent),
+                           "score": _finite(s.score),
                            "admitted": s.admitted, "retrieved_fidelity": _finite(s.retrieved_fidelity),
                            "retrieved_intent": _finite(s.retrieved_intent),
+                           "retrieved_object": _finite(s.retrieved_object),
                            "retrieved": [{"id": i, "uri": u, "score": sc} for i, u, sc in s.retrieved],
                            "previews": _png_b64(s.previews)} for s in res.steps],
                 "ranking": [{"id": i, "uri": u, "score": sc} for i, u, sc in res.ranking]}

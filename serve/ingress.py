@@ -292,7 +292,9 @@ class Ingress:
                 _check_range("each alpha", a, 0.0, 1.0)
         if body.mode == "manual" and body.alpha is None:
             raise ApiError(422, "invalid_request", "manual mode needs alpha")
-        n_alphas = 1 if body.mode == "manual" else len(body.alphas or DEFAULT_ALPHAS)
+        # Rendered α: the chosen one only, or every α searched (the schedule and two per bisection round).
+        searched = 1 if body.mode == "manual" else len(body.alphas or DEFAULT_ALPHAS) + 2 * body.refine
+        n_alphas = 1 if body.previews_for == "chosen" else searched
         check_cost(unet_passes(body.previews * n_alphas, body.steps, GairRequest.guidance), lim)
         req = body.model_dump(exclude_none=True)
         with self.admission.admit(who, COSTLY):

@@ -234,7 +234,7 @@ function start() {
     begin().catch((e) => showError(e.message));
   });
   $("concept-search").addEventListener("input", renderConcepts);
-  $("gair-form").addEventListener("submit", (ev) => { ev.preventDefault(); runGair({ mode: "auto" }); });
+  $("gair-form").addEventListener("submit", (ev) => { ev.preventDefault(); runGair({ mode: "auto", refine: Number($("refine").value) }); });
   $("alpha").addEventListener("change", () => {
     $("alpha-value").textContent = $("alpha").value;
     runGair({ mode: "manual", alpha: Number($("alpha").value) });

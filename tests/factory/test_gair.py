@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from factory.errors import MalformedMarker, UnknownConceptMarker
-from factory.gair import ConceptToken, Gair, GairRequest, GairStep, choose_alpha, prompts_for
+from factory.gair import ConceptToken, Gair, GairRequest, GairStep, bisection_alphas, choose_alpha, prompts_for
 from factory.index import create_index
 
 
@@ -148,3 +148,53 @@ def test_unknown_rule_is_refused():
         GairRequest(["sku-1"], "x", rule="vibes")
     with pytest.raises(ValueError, match="intent_margin"):
         GairRequest(["sku-1"], "x", intent_margin=-0.1)
+
+
+def test_chosen_previews_render_only_the_kept_alpha_and_decide_the_same(gair):
+    """The retrieval rule decides without previews: rendering only the chosen α keeps its choice, its
+    ranking and, from the same noise, that α's very previews."""
+    every = gair(GairRequest(["sku-1"], "on the beach", alphas=[0.0, 0.5, 1.0], previews=2, steps=2, seed=4))
+    chosen = gair(GairRequest(["sku-1"], "on the beach", alphas=[0.0, 0.5, 1.0], previews=2, steps=2, seed=4,
+                              previews_for="chosen"))
+    assert chosen.alpha == every.alpha and chosen.ranking == every.ranking
+    for a, b in zip(every.steps, chosen.steps):
+        if b.alpha == chosen.alpha:
+            assert np.array_equal(a.previews, b.previews) and np.isfinite([b.fidelity, b.intent]).all()
+        else:
+            assert len(b.previews) == 0 and b.features is None and np.isnan([b.fidelity, b.intent]).all()
+            assert b.retrieved == a.retrieved and b.retrieved_fidelity == a.retrieved_fidelity
+
+
+def test_no_previews_is_retrieval_alone(gair):
+    res = gair(GairRequest(["sku-1"], "on the beach", alphas=[0.0, 1.0], previews=0, steps=2))
+    assert all(len(s.previews) == 0 for s in res.steps) and len(res.ranking) == 10
+
+
+def test_bisection_takes_the_midpoints_beside_the_best_alpha():
+    assert bisection_alphas([0.0, 0.25, 0.5, 0.75, 1.0], 0.5) == [0.375, 0.625]
+    assert bisection_alphas([0.0, 0.25, 0.5, 0.75, 1.0], 1.0) == [0.875]  # an end has one neighbour
+    assert bisection_alphas([0.0, 0.5, 0.75, 1.0], 0.0) == [0.25]
+    assert bisection_alphas([1.0], 1.0) == []
+
+
+def test_refinement_searches_around_the_kept_alpha_and_keeps_the_best(gair):
+    base = GairRequest(["sku-1"], "on the beach", alphas=[0.0, 0.5, 1.0], previews=1, steps=2, seed=2)
+    plain = gair(base)
+    refined = gair(GairRequest(**{**base.__dict__, "refine": 2}))
+    searched = [s.alpha for s in refined.steps]
+    assert searched == sorted(searched) and len(searched) > 3 and {0.0, 0.5, 1.0} <= set(searched)
+    assert all(len(s.previews) == 1 for s in refined.steps)  # previews_for="every": each new α rendered
+    first_new = bisection_alphas([0.0, 0.5, 1.0], plain.alpha)
+    assert set(first_new) <= set(searched)
+    best, _, _ = choose_alpha(refined.steps, "retrieval", base.intent_margin)
+    assert refined.alpha == refined.steps[best].alpha  # the kept α is the best of everything searched
+    assert refined.steps[best].retrieved_fidelity >= max(s.retrieved_fidelity for s in plain.steps) - 1e-9
+
+
+def test_bad_refinement_and_preview_settings_are_refused():
+    with pytest.raises(ValueError, match="refine"):
+        GairRequest(["sku-1"], "x", refine=99)
+    with pytest.raises(ValueError, match="previews_for"):
+        GairRequest(["sku-1"], "x", previews_for="some")
+    with pytest.raises(ValueError, match="previews rule"):
+        GairRequest(["sku-1"], "x", rule="previews", previews_for="chosen")

@@ -84,3 +84,21 @@ def test_gair_trace(service):
     manual = service.client.post("/v1/gair", json={"concept_ids": [spec.concept_id], "intent": "in the snow",
                                                    "mode": "manual", "alpha": 0.3, "previews": 1, "steps": 2})
     assert manual.status_code == 200 and manual.json()["alpha"] == 0.3
+
+
+def test_gair_bisection_with_previews_of_the_chosen_alpha_only(service):
+    """refine searches between the schedule's α; previews_for="chosen" renders the kept α alone, and the
+    unrendered α's preview scores are null, not NaN (JSON has none). The object rule reads the look-alikes."""
+    spec = service.specs[1]
+    body = {"concept_ids": [spec.concept_id], "intent": "in the snow", "top_k": 3, "alphas": [0, 0.5, 1],
+            "previews": 1, "steps": 2, "refine": 2, "previews_for": "chosen"}
+    for rule in ("retrieval", "object"):
+        r = service.client.post("/v1/gair", json={**body, "rule": rule})
+        assert r.status_code == 200, r.text
+        out = r.json()
+        alphas = [s["alpha"] for s in out["steps"]]
+        assert alphas == sorted(alphas) and len(alphas) > 3 and out["alpha"] in alphas
+        for s in out["steps"]:
+            rendered = s["alpha"] == out["alpha"]
+            assert len(s["previews"]) == (1 if rendered else 0)
+            assert (s["fidelity"] is not None) == rendered and s["retrieved_object"] is not None

@@ -36,6 +36,12 @@ CASES = [
      "steps": 100, "alphas": [0.0, 0.5, 1.0]}, None, 422, "over_budget"),
     ("generate over the UNet budget", "post", "/v1/generate", {"prompt": "a boot", "n": 8, "steps": 100}, None, 422,
      "over_budget"),
+    ("gair bisection over the UNet budget", "post", "/v1/gair", {"concept_ids": [KNOWN], "intent": "x", "previews": 1,
+     "steps": 20, "alphas": [0.0, 0.5, 1.0], "refine": 4}, None, 422, "over_budget"),  # 3 + 2 x 4 α rendered
+    ("gair too many bisection rounds", "post", "/v1/gair", {"concept_ids": [KNOWN], "intent": "x", "refine": 99},
+     None, 422, "invalid_request"),
+    ("gair previews for no alpha", "post", "/v1/gair", {"concept_ids": [KNOWN], "intent": "x", "previews_for": "none"},
+     None, 422, "invalid_request"),
     ("too many alphas", "post", "/v1/gair", {"concept_ids": [KNOWN], "intent": "x", "alphas": [0.5] * 33},
      None, 422, "invalid_request"),
     ("unknown parent", "post", "/v1/classify", {"image": OK_IMAGE, "parent": "spaceship"}, None, 404, "unknown_parent"),

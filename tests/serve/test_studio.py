@@ -63,6 +63,7 @@ def _texts(driver, css: str) -> list[str]:
 def test_a_person_composes_sees_refines_and_classifies(service, browser):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import Select
 
     SHOTS.mkdir(parents=True, exist_ok=True)
     d = browser
@@ -121,6 +122,13 @@ def test_a_person_composes_sees_refines_and_classifies(service, browser):
     _wait(d, lambda d: all(_decoded(d, "#classify-results img.thumb")))
     assert any(spec.concept_id in t for t in _texts(d, "#classify-results .classified span"))
     assert not d.find_element(By.ID, "error").is_displayed()
+
+    Select(d.find_element(By.ID, "refine")).select_by_value("1")  # one round of bisection around the best α
+    d.find_element(By.ID, "run-gair").click()
+    _wait(d, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#steps .step")) > 5
+          and not d.find_element(By.ID, "progress").is_displayed())
+    shown = [float(e.get_attribute("data-alpha")) for e in d.find_elements(By.CSS_SELECTOR, "#steps .step")]
+    assert shown == sorted(shown) and len(shown) in (6, 7) and set(shown) > {0.0, 0.25, 0.5, 0.75, 1.0}
 
     d.set_window_size(390, 844)  # phone width: one column, nothing wider than the screen
     assert d.execute_script("return document.documentElement.scrollWidth") <= 390 + 1
