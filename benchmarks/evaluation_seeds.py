@@ -41,7 +41,7 @@ def run_seed(seed: int, args) -> dict:
              "--concepts-per-step", str(args.concepts_per_step), "--steps", str(args.steps), "--run-id", f"seed{seed}"],
             ["index", "--gallery", f"{work}/catalog", "--out", f"{work}/index"],
             ["evaluate", "--catalog", f"{work}/catalog", "--registry", f"{work}/registry", "--index", f"{work}/index",
-             "--out", f"{work}/out", "--generation-queries", str(args.generation_queries)],
+             "--out", f"{work}/out", "--generation-queries", str(args.generation_queries), "--ray-ablations"],
         ]
         for step in steps:
             t0 = time.perf_counter()
@@ -65,8 +65,9 @@ def units(all_metrics: dict[int, dict]) -> dict[str, dict[str, np.ndarray]]:
         for method, v in m["generation"].items():
             pq = v.get("per_query")
             if pq:
-                for key in ("colour", "fidelity", "intent", "category"):
-                    gen.setdefault(f"{method}.{key}", []).extend(np.nan if x is None else x for x in pq[key])
+                for key in ("colour", "fidelity", "intent", "category", "object_fidelity", "identity"):
+                    if key in pq:  # object_fidelity / identity: metrics.json of this round on
+                        gen.setdefault(f"{method}.{key}", []).extend(np.nan if x is None else x for x in pq[key])
     return {"classification": {k: np.array(v, float) for k, v in cls.items()},
             "retrieval": {k: np.array(v, float) for k, v in ret.items()},
             "generation": {k: np.array(v, float) for k, v in gen.items()}}
@@ -101,6 +102,9 @@ def bootstrap(u: dict, draws: int, seed: int = 0) -> dict:
             g["ti_ce_proj.colour"] - 0.8 * g["caption.colour"]),
         "generation: ti_ce_proj fidelity - ce fidelity > 0": (
             pt["generation"]["ti_ce_proj.fidelity"] - pt["generation"]["ce.fidelity"], g["ti_ce_proj.fidelity"] - g["ce.fidelity"]),
+        **({"generation: ti_ce_proj object fidelity - ce object fidelity > 0": (
+            pt["generation"]["ti_ce_proj.object_fidelity"] - pt["generation"]["ce.object_fidelity"],
+            g["ti_ce_proj.object_fidelity"] - g["ce.object_fidelity"])} if "ce.object_fidelity" in g else {}),
         "generation: ti_ce_proj intent - ti intent > 0": (
             pt["generation"]["ti_ce_proj.intent"] - pt["generation"]["ti.intent"], g["ti_ce_proj.intent"] - g["ti.intent"]),
         "retrieval: gair_auto / best fixed_<alpha> >= 1.07": (pt["retrieval"]["gair_auto"] / best_fixed_pt,

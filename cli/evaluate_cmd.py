@@ -8,7 +8,8 @@ own learner settings; runs every classification, retrieval and generation method
 
 Runs in one process, or with ``--ray-ablations`` learns the five ablations as parallel Ray tasks (joining
 RAY_ADDRESS, else a local cluster): the cost is the ablations' learning and GAIR's previews (alphas ×
-previews images per query); ``--max-queries`` bounds the latter. (The command line's side: flags ->
+previews images per query, or two α with the default ``--previews-for chosen``); ``--max-queries``
+bounds the latter. (The command line's side: flags ->
 `jobs.evaluate.EvaluateConfig` -> `jobs.evaluate.evaluate_registry`.)
 """
 from __future__ import annotations
@@ -34,11 +35,18 @@ def register(sub) -> None:
     p.add_argument("--sample-steps", type=int, default=20, help="DDIM steps per preview (default: 20)")
     p.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance of previews (default: 4)")
     p.add_argument("--seed", type=int, default=0, help="seed of the previews (default: 0)")
-    p.add_argument("--gair-rule", choices=["retrieval", "previews"], default="retrieval",
-                   help="how gair_auto picks α: 'retrieval' (what each α's query retrieves) or 'previews' (the "
-                        "previews' min-max balance); every rule is also reported as gair_<rule> (default: retrieval)")
+    p.add_argument("--gair-rule", choices=["retrieval", "object", "previews"], default="retrieval",
+                   help="how gair_auto picks α: 'retrieval' (what each α's query retrieves), 'object' (the same "
+                        "against the concept's look-alikes) or 'previews' (the previews' min-max balance, needs "
+                        "--previews-for every); every rule is also reported as gair_<rule> (default: retrieval)")
     p.add_argument("--gair-intent-margin", type=float, default=None,
                    help="the retrieval rule's intent margin, cosine (default: the library's, chosen on seed 0)")
+    p.add_argument("--gair-refine", type=int, default=0,
+                   help="gair_auto's rounds of bisection around its α; gair_bisect1..3 are reported either way "
+                        "(default: 0)")
+    p.add_argument("--previews-for", choices=["chosen", "every"], default="chosen",
+                   help="render GAIR previews for the chosen α and α = 1 only (the generation metrics' two), or for "
+                        "every α (needed by the previews rule and gair_previews; 2.5x the sampling) (default: chosen)")
     p.add_argument("--ablation-steps", type=int, default=None,
                    help="learner steps of the ablations (default: the registry run's --steps)")
     p.add_argument("--ray-ablations", action="store_true",
@@ -58,6 +66,7 @@ def config_from_args(args):
 
     gair = GairSettings(alphas=[float(a) for a in args.alphas.split(",")], previews=args.previews,
                         steps=args.sample_steps, guidance=args.guidance, seed=args.seed, rule=args.gair_rule,
+                        refine=args.gair_refine, previews_for=args.previews_for,
                         **({} if args.gair_intent_margin is None else {"intent_margin": args.gair_intent_margin}))
     fields = ("catalog", "registry", "index", "out", "version", "backbone", "weights", "max_queries",
               "generation_queries", "ablation_steps", "ray_ablations", "ablation_cpus")

@@ -9,7 +9,10 @@ and every image is judged zero-shot by the backbone:
     intent_accuracy    the context among the catalog's intents ("a photo of a dress on the beach", …)
     colour_accuracy    the concept's colour among the catalog's colours (world catalogs only)
     category_accuracy  the concept's parent among the catalog's parents
-    fidelity           mean cosine to the concept's few-shot prototype
+    fidelity           mean cosine to the concept's few-shot prototype (its scenes included)
+    object_fidelity    the same less the nearest look-alike's (its parent's other concepts), and
+    identity_accuracy  how often the concept's own prototype is the nearest of them: scenes cancel
+                       (`factory.evaluation.metrics.object_fidelity`)
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ import torch.nn.functional as F
 
 from factory.backbones import Backbone
 from factory.catalogs.evaluation import EvalCatalog
+from factory.evaluation.metrics import look_alikes, object_fidelity
 from factory.images import to_uint8
 from factory.tokens import marker
 
@@ -55,8 +59,10 @@ def _sample(backbone: Backbone, prompts: list[str], tokens, previews: int, steps
 
 def composition_generation(backbone: Backbone, catalog: EvalCatalog, token_sets: Mapping[str, Mapping[str, torch.Tensor]],
                            prototypes: Mapping[str, torch.Tensor], previews: int, steps: int, guidance: float,
-                           seed: int, max_queries: int | None = None) -> dict[str, dict[str, float]]:
-    """``generation.<method>.{intent_accuracy, colour_accuracy, category_accuracy, fidelity}`` (see above)."""
+                           seed: int, max_queries: int | None = None, caption: bool = True) -> dict[str, dict[str, float]]:
+    """``generation.<method>.{intent_accuracy, colour_accuracy, category_accuracy, fidelity, …}`` (see above),
+    and the caption's where every query's concept has one (``caption=False``: the token methods only).
+    Each method samples from the same noise, so methods scored in separate calls compare as if in one."""
     if backbone.generator is None:
         return {}
     specs = {s.concept_id: s for s in catalog.concepts}
@@ -73,12 +79,15 @@ def composition_generation(backbone: Backbone, catalog: EvalCatalog, token_sets:
     methods: dict[str, tuple[list[str], Mapping[str, torch.Tensor] | None]] = {
         m: ([q.text(f"a {marker(q.concept_id)} {q.parent}") for q in queries], tokens)
         for m, tokens in token_sets.items()}
-    if all(specs[q.concept_id].caption for q in queries):
+    if caption and all(specs[q.concept_id].caption for q in queries):
         methods["caption"] = ([q.text(specs[q.concept_id].caption) for q in queries], None)
+    protos = {c: F.normalize(p.float(), dim=0) for c, p in prototypes.items()}
+    rivals = look_alikes(protos, {c: s.parent for c, s in specs.items() if c in protos})
     out = {}
     for m, (prompts, tokens) in methods.items():
         feats = _sample(backbone, prompts, tokens, previews, steps, guidance, seed + SEED_OFFSET)
-        per_query = {"intent": [], "colour": [], "category": [], "fidelity": []}  # one value per query
+        per_query = {"intent": [], "colour": [], "category": [], "fidelity": [], "object_fidelity": [],
+                     "identity": []}  # one value per query (None: not defined for it)
         for n, q in enumerate(queries):
             spec, f = specs[q.concept_id], feats[n * previews: (n + 1) * previews]
             per_query["intent"].append(_mean((f @ judge_intent[spec.parent].T).argmax(1) == intents.index(q.intent)))
@@ -86,13 +95,19 @@ def composition_generation(backbone: Backbone, catalog: EvalCatalog, token_sets:
             colour = spec.attributes.get("colour")
             per_query["colour"].append(_mean((f @ judge_colour[spec.parent].T).argmax(1) == colours.index(colour))
                                        if colour in colours else None)
-            per_query["fidelity"].append(float((f @ F.normalize(prototypes[q.concept_id].float(), dim=0)).mean()))
+            per_query["fidelity"].append(float((f @ protos[q.concept_id]).mean()))
+            scored = object_fidelity(f, protos[q.concept_id], rivals[q.concept_id])
+            per_query["object_fidelity"].append(scored[0] if scored else None)
+            per_query["identity"].append(scored[1] if scored else None)
         coloured = [c for c in per_query["colour"] if c is not None]
+        objects = [(a, b) for a, b in zip(per_query["object_fidelity"], per_query["identity"]) if a is not None]
         # Every query has the same number of previews, so the mean of per-query means is the mean over images.
         out[m] = {"intent_accuracy": float(np.mean(per_query["intent"])),
                   "category_accuracy": float(np.mean(per_query["category"])),
                   "colour_accuracy": float(np.mean(coloured)) if coloured else None,
                   "fidelity": float(np.mean(per_query["fidelity"])), "n_images": len(queries) * previews,
+                  "object_fidelity": float(np.mean([a for a, _ in objects])) if objects else None,
+                  "identity_accuracy": float(np.mean([b for _, b in objects])) if objects else None,
                   "prompt_example": prompts[0],
                   "per_query": {"query_ids": [q.query_id for q in queries], **per_query}}
     return out

@@ -22,12 +22,18 @@ Retrieval (one query per (concept, context); its relevant gallery items are the 
     words         the query with the parent word in the concept's place
     token         the token alone ("a photo of a <concept:ID> dress"), no intent
     token_intent  the query with the token in the concept's place
-    fixed_<α>     normalize(α · token_intent + (1 − α) · words) for α in FIXED_ALPHAS: one balance for all
-                  queries (fixed_1 is token_intent); the best of them, picked with hindsight, is a ceiling
-                  for any fixed choice
+    fixed_<α>     GAIR's query at α for every query: normalize(α · F(token prompt) + (1 − α) · F(the same
+                  prompt with the parent word's embedding in the token's place)), F the projected features
+                  before normalisation (`factory.gair`), for α in FIXED_ALPHAS: one balance for all queries
+                  (fixed_1 is token_intent; fixed_0 is not ``words``: it says the parent word twice, "a
+                  dress dress"); the best of them, picked with hindsight, is a ceiling for any fixed choice
     gair_auto     GAIR: the balance α chosen per query by the configured rule (`factory.gair`, default
                   ``retrieval``: what each α's query retrieves, checked against the concept and the intent)
-    gair_previews GAIR with the ``previews`` rule (the previews' scores, min-max over the schedule)
+    gair_previews GAIR with the ``previews`` rule (the previews' scores, min-max over the schedule); only
+                  with ``GairSettings.previews_for="every"``, as it needs every α's previews
+    gair_object   GAIR with the ``object`` rule: the retrieval rule with fidelity measured against the
+                  concept's look-alikes (its parent's other concepts), so the scenes cancel
+    gair_bisect<r>  the retrieval rule after r rounds of bisection around its α (`factory.gair.bisection_alphas`)
     gair_retrieval_m<margin>  the ``retrieval`` rule at each intent margin of GAIR_MARGINS ("inf": no intent
                   gate); all of these re-decide on the same previews and retrievals, so they differ only
                   by the rule. The default margin is chosen on the tuning seed only.
@@ -37,7 +43,10 @@ Retrieval (one query per (concept, context); its relevant gallery items are the 
                   best fixed α to it GAIR goes
 
 Generation: the previews GAIR makes at α = 1 (exactly the token_intent prompt) and at its chosen α, from
-the same noise, judged by the backbone among all intents of the catalog.
+the same noise, judged by the backbone among all intents of the catalog, and against the concept: plain
+``fidelity`` (cosine to its few-shot prototype, scenes and all) and ``object_fidelity`` / ``identity`` (the
+same against its look-alikes, `metrics.object_fidelity`, so the scene cancels). The default renders only
+those two α (``previews_for="chosen"``): the default rule decides on retrieval alone.
 """
 from __future__ import annotations
 
@@ -53,15 +62,15 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from factory.backbones import Backbone
-from factory.concepts import negative_banks
+from factory.concepts import NegativeBank, negative_banks
 from factory.catalogs.evaluation import EvalCatalog
-from factory.evaluation.metrics import first_relevant_rank, heldout_accuracy, ranking_metrics
+from factory.evaluation.metrics import first_relevant_rank, heldout_accuracy, object_fidelity, ranking_metrics
 from factory.gair import DEFAULT_ALPHAS, ConceptToken, Gair, GairRequest, GairResult, choose_alpha
 from schemas import DEFAULT_INTENT_MARGIN
-from factory.learner import ConceptData, LearnerConfig
+from factory.learner import ConceptData, LearnerConfig, learn_tokens
 from factory.tokens.prompts import template_prompts
 from factory.losses import LossWeights
-from factory.onboarding import learn_in_chunks
+from factory.onboarding import chunks_by_parent
 from factory.tokens import marker
 
 log = logging.getLogger(__name__)
@@ -70,7 +79,9 @@ CLASSIFICATION_METHODS = ("parent_word", "caption", "ti", "ti_proj", "ce", "ce_f
 FIXED_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 FIXED_METHODS = tuple(f"fixed_{a:g}" for a in FIXED_ALPHAS)
 GAIR_MARGINS = (0.0, 0.01, 0.02, 0.03, 0.05, 0.1, float("inf"))
-GAIR_VARIANTS = ("gair_previews", *(f"gair_retrieval_m{m:g}" for m in GAIR_MARGINS), "gair_expand")
+BISECT_ROUNDS = (1, 2, 3)
+GAIR_VARIANTS = ("gair_previews", *(f"gair_retrieval_m{m:g}" for m in GAIR_MARGINS), "gair_object",
+                 *(f"gair_bisect{r}" for r in BISECT_ROUNDS), "gair_expand")
 RETRIEVAL_METHODS = ("words", "token", "token_intent", *FIXED_METHODS, "gair_auto", *GAIR_VARIANTS, "oracle_alpha")
 GENERATION_METHODS = ("token_intent", "gair_auto")
 # The ablations: (loss weights replaced, parametrisation). "ce" keeps both CE terms of the run (text- and
@@ -97,9 +108,19 @@ def ablation_config(base: LearnerConfig, method: str) -> LearnerConfig:
 def learn_ablation(backbone: Backbone, data: Sequence[ConceptData], base: LearnerConfig, method: str,
                    concepts_per_step: int) -> dict[str, torch.Tensor]:
     """Learn one ablation's tokens for ``data``; concept id -> token vector."""
-    banks = negative_banks(data)
-    learned = learn_in_chunks(backbone, data, banks, ablation_config(base, method), concepts_per_step)
-    return {t.concept_id: t.vector.detach().float().cpu() for t in learned}
+    banks, out = negative_banks(data), {}
+    for chunk in chunks_by_parent(data, concepts_per_step):
+        out.update(learn_ablation_chunk(backbone, chunk, banks, base, method))
+    return out
+
+
+def learn_ablation_chunk(backbone: Backbone, chunk: Sequence[ConceptData], banks: Mapping[str, NegativeBank],
+                         base: LearnerConfig, method: str) -> dict[str, torch.Tensor]:
+    """One chunk (the concepts of one learner call, `chunks_by_parent`) of an ablation, against the negative
+    banks of all the concepts: the unit `learn_ablation` loops over and parallel learners split on. Each
+    chunk learns what it learns inside the whole (its image-side CE sees only the chunk's concepts)."""
+    return {t.concept_id: t.vector.detach().float().cpu()
+            for t in learn_tokens(backbone, chunk, dict(banks), ablation_config(base, method))}
 
 
 def _templated(concept):
@@ -141,10 +162,16 @@ class GairSettings:
     rule: str = "retrieval"  # gair_auto's rule (`factory.gair.RULES`)
     intent_margin: float = DEFAULT_INTENT_MARGIN
     expand: float = 0.5  # gair_expand's weight of the chosen previews' mean feature
+    refine: int = 0  # gair_auto's bisection rounds
+    # "chosen": previews of the kept α and of α = 1 (the generation metrics' two) only; "every": of every α,
+    # which the previews rule (gair_previews) needs; 2.5x the sampling of the default 5-α schedule.
+    previews_for: str = "chosen"
 
     def __post_init__(self):
         if 1.0 not in [float(a) for a in self.alphas]:
             raise ValueError("the α schedule must contain 1.0: its previews are the token_intent baseline's")
+        if self.rule == "previews" and self.previews_for != "every":
+            raise ValueError("gair_auto's previews rule needs previews_for='every'")
 
 
 @dataclass
@@ -158,9 +185,10 @@ class RetrievalOutcome:
 
 
 @torch.no_grad()
-def _features(backbone: Backbone, prompts: list[str], tokens, batch: int = 256) -> torch.Tensor:
+def _features(backbone: Backbone, prompts: list[str], tokens, batch: int = 256, normalize: bool = True) -> torch.Tensor:
     out = [backbone.encode_prompts(prompts[i: i + batch], tokens).features.float() for i in range(0, len(prompts), batch)]
-    return F.normalize(torch.cat(out), dim=-1).cpu()
+    out = torch.cat(out).cpu()
+    return F.normalize(out, dim=-1) if normalize else out
 
 
 def _ranks(index, queries: torch.Tensor, relevant: Sequence[Sequence[str]]) -> list[int | None]:
@@ -179,8 +207,15 @@ def retrieval_and_generation(backbone: Backbone, catalog: EvalCatalog, index, co
     phrase = {q.query_id: f"a {marker(q.concept_id)} {q.parent}" for q in queries}
     words = _features(backbone, [q.text(f"a {q.parent}") for q in queries], tokens)
     token = _features(backbone, [f"a photo of {phrase[q.query_id]}" for q in queries], tokens)
-    token_intent = _features(backbone, [q.text(phrase[q.query_id]) for q in queries], tokens)
-    fixed = {m: F.normalize(a * token_intent + (1 - a) * words, dim=-1) for m, a in zip(FIXED_METHODS, FIXED_ALPHAS)}
+    # The fixed balances are GAIR's own queries (`factory.gair`): the token prompt's projected features and the
+    # same prompt's with the parent word's embedding in the token's place, mixed before normalising. So
+    # fixed_<α> is exactly what GAIR runs at that α, and the best fixed α and the per-query oracle are
+    # ceilings of the very family GAIR chooses from (``words``, what a person types, is another prompt).
+    raw_token = _features(backbone, [q.text(phrase[q.query_id]) for q in queries], tokens, normalize=False)
+    parents = {c: backbone.word_embedding(t.parent) for c, t in concepts.items()}
+    raw_aligned = _features(backbone, [q.text(phrase[q.query_id]) for q in queries], parents, normalize=False)
+    token_intent = F.normalize(raw_token, dim=-1)
+    fixed = {m: F.normalize(a * raw_token + (1 - a) * raw_aligned, dim=-1) for m, a in zip(FIXED_METHODS, FIXED_ALPHAS)}
 
     gair, gair_queries = Gair(backbone, concepts, index), []
     intents = catalog.intents
@@ -190,28 +225,36 @@ def retrieval_and_generation(backbone: Backbone, catalog: EvalCatalog, index, co
     fidelity = {m: [] for m in GENERATION_METHODS}
     chosen, traces = Counter(), []
     variants = {m: [] for m in GAIR_VARIANTS}
+    object_scores = {m: [] for m in GENERATION_METHODS}  # (margin, identity) per query, where it has rivals
     for n, q in enumerate(tqdm(queries, desc="GAIR", unit="query", disable=not progress)):
         req = GairRequest([q.concept_id], q.intent, top_k=1, alphas=settings.alphas, previews=settings.previews,
                           steps=settings.steps, guidance=settings.guidance, seed=settings.seed + n,
-                          template=q.template, rule=settings.rule, intent_margin=settings.intent_margin)
+                          template=q.template, rule=settings.rule, intent_margin=settings.intent_margin,
+                          refine=settings.refine, previews_for=settings.previews_for)
         res = gair(req)
         gair_queries.append(torch.from_numpy(res.query))
-        for name, q_alt in _variant_queries(res, settings).items():
+        for name, q_alt in _variant_queries(gair, req, res, settings).items():
             variants[name].append(q_alt)
         chosen[f"{res.alpha:g}"] += 1
-        proto = F.normalize(concepts[q.concept_id].prototype.float(), dim=0)
+        concept = concepts[q.concept_id]
+        proto = F.normalize(concept.prototype.float(), dim=0)
         steps = {"token_intent": next(s for s in res.steps if s.alpha == 1.0),
                  "gair_auto": next(s for s in res.steps if s.alpha == res.alpha)}
+        if steps["token_intent"].features is None:  # not rendered: α = 1 alone, from the same noise
+            steps["token_intent"] = gair(dataclasses.replace(req, mode="manual", alpha=1.0, refine=0)).steps[0]
         for m, step in steps.items():
             f = torch.from_numpy(step.features)
             hits[m] += ((f @ judge[q.parent].T).argmax(1) == intents.index(q.intent)).tolist()
             fidelity[m].append(float((f @ proto).mean()))
+            scored = object_fidelity(f, proto, concept.rivals)
+            if scored is not None:
+                object_scores[m].append(scored)
         if len(traces) < keep_traces:
             traces.append((q.query_id, q.text(phrase[q.query_id]), res))
 
     relevant = [q.relevant for q in queries]
     vectors = {"words": words, "token": token, "token_intent": token_intent, **fixed,
-               "gair_auto": torch.stack(gair_queries), **{m: torch.stack(v) for m, v in variants.items()}}
+               "gair_auto": torch.stack(gair_queries), **{m: torch.stack(v) for m, v in variants.items() if v}}
     ranks = {m: _ranks(index, v, relevant) for m, v in vectors.items()}
     ranks["oracle_alpha"] = [min((r for r in per_alpha if r), default=None)
                              for per_alpha in zip(*(ranks[m] for m in FIXED_METHODS))]
@@ -220,21 +263,37 @@ def retrieval_and_generation(backbone: Backbone, catalog: EvalCatalog, index, co
     per_query = {"query_ids": [q.query_id for q in queries],
                  "reciprocal_rank": {m: [1.0 / x if x else 0.0 for x in r] for m, r in ranks.items()}}
     generation = {m: {"intent_accuracy": float(np.mean(hits[m])), "fidelity": float(np.mean(fidelity[m])),
+                      **_object_means(object_scores[m]),
                       "n_previews": len(hits[m]), "chance": 1.0 / len(intents)} for m in GENERATION_METHODS}
     return RetrievalOutcome(retrieval, generation, dict(sorted(chosen.items())), traces, retrieval_summary(retrieval),
                             per_query)
 
 
-def _variant_queries(res: GairResult, settings: GairSettings) -> dict[str, torch.Tensor]:
-    """The query each of GAIR_VARIANTS would have run, re-decided on ``res``'s own previews and retrievals."""
+def _variant_queries(gair: Gair, req: GairRequest, res: GairResult, settings: GairSettings) -> dict[str, torch.Tensor]:
+    """The query each of GAIR_VARIANTS would have run: the rules re-decided on ``res``'s own previews and
+    retrievals, bisection as retrieval-only requests (no previews: the retrieval rule needs none)."""
     out = {}
-    for name, rule, margin in [("gair_previews", "previews", 0.0),
-                               *((f"gair_retrieval_m{m:g}", "retrieval", m) for m in GAIR_MARGINS)]:
+    rules = [*((f"gair_retrieval_m{m:g}", "retrieval", m) for m in GAIR_MARGINS),
+             ("gair_object", "object", settings.intent_margin)]
+    if all(s.features is not None for s in res.steps):
+        rules.insert(0, ("gair_previews", "previews", 0.0))
+    for name, rule, margin in rules:
         out[name] = torch.from_numpy(res.steps[choose_alpha(res.steps, rule, margin)[0]].query)
+    for r in BISECT_ROUNDS:
+        refined = gair(dataclasses.replace(req, rule="retrieval", refine=r, previews=0, previews_for="chosen", expand=0.0))
+        out[f"gair_bisect{r}"] = torch.from_numpy(refined.query)
     chosen = next(s for s in res.steps if s.alpha == res.alpha)
     expanded = torch.from_numpy(chosen.query) + settings.expand * torch.from_numpy(chosen.features).mean(0)
     out["gair_expand"] = F.normalize(expanded, dim=0)
     return out
+
+
+def _object_means(scores: list[tuple[float, float]]) -> dict[str, float | None]:
+    """Mean object fidelity and identity over the queries that have look-alikes (None: no query has)."""
+    if not scores:
+        return {"object_fidelity": None, "identity_accuracy": None, "n_object_queries": 0}
+    margin, identity = np.mean(scores, axis=0)
+    return {"object_fidelity": float(margin), "identity_accuracy": float(identity), "n_object_queries": len(scores)}
 
 
 def retrieval_summary(retrieval: Mapping[str, Mapping[str, float]]) -> dict[str, float | str]:
@@ -246,7 +305,8 @@ def retrieval_summary(retrieval: Mapping[str, Mapping[str, float]]) -> dict[str,
             "gair_share_of_oracle_gain": (g - b) / (o - b) if o > b else float("nan")}
 
 
-__all__ = ["ABLATIONS", "CLASSIFICATION_METHODS", "FIXED_ALPHAS", "FIXED_METHODS", "GENERATION_METHODS", "GairSettings",
+__all__ = ["ABLATIONS", "BISECT_ROUNDS", "CLASSIFICATION_METHODS", "FIXED_ALPHAS", "FIXED_METHODS", "GENERATION_METHODS", "GairSettings",
            "GAIR_MARGINS", "GAIR_VARIANTS", "RETRIEVAL_METHODS", "retrieval_summary",
-           "RetrievalOutcome", "ablation_config", "classification", "learn_ablation", "retrieval_and_generation",
+           "RetrievalOutcome", "ablation_config", "classification", "learn_ablation", "learn_ablation_chunk",
+           "retrieval_and_generation",
            "token_norms"]

@@ -1,4 +1,5 @@
-"""Scoring primitives: held-out classification among a parent's concepts, and ranking metrics (MRR, recall@k)."""
+"""Scoring primitives: held-out classification among a parent's concepts, ranking metrics (MRR, recall@k), and
+the object fidelity of generated images."""
 from __future__ import annotations
 
 from collections import defaultdict
@@ -76,4 +77,31 @@ def ranking_metrics(ranks: Sequence[int | None], ks: Sequence[int] = (1, 5, 10))
     out = {"mrr": sum(1.0 / r for r in ranks if r) / len(ranks)}
     for k in ks:
         out[f"r{k}"] = sum(1 for r in ranks if r and r <= k) / len(ranks)
+    return out
+
+
+def object_fidelity(features: torch.Tensor, own: torch.Tensor, rivals: torch.Tensor | None) -> tuple[float, float] | None:
+    """How much generated images look like their concept's *object* rather than its scenes: (margin, identity).
+
+    ``features`` [n, D] normalised image features, ``own`` [D] the concept's prototype, ``rivals`` [R, D] its
+    look-alikes' (the other concepts of its parent). Few-shot images of every concept are in scenes, so a
+    plain cosine to ``own`` rewards a preview for the scene it shares with them; the cosine to the nearest
+    rival shares that part too, and the difference (``margin``) keeps what tells the object apart.
+    ``identity``: the share of images whose nearest prototype among own + rivals is their own (ties 1/k).
+    None without rivals (a parent with one concept has nothing to tell apart).
+    """
+    if rivals is None or len(rivals) == 0:
+        return None
+    own_cos, rival_cos = features @ own, features @ rivals.T
+    margin = float((own_cos - rival_cos.max(dim=1).values).mean())
+    identity = float(tie_aware_hits(torch.cat([own_cos[:, None], rival_cos], dim=1), 0).mean())
+    return margin, identity
+
+
+def look_alikes(prototypes: Mapping[str, torch.Tensor], parents: Mapping[str, str]) -> dict[str, torch.Tensor | None]:
+    """Each concept's rivals for `object_fidelity`: the stacked prototypes of the other concepts of its parent."""
+    out = {}
+    for cid, parent in parents.items():
+        others = [prototypes[c] for c, p in parents.items() if p == parent and c != cid and c in prototypes]
+        out[cid] = torch.stack(others).float() if others else None
     return out

@@ -48,6 +48,8 @@ def _gair_grid(ev: Evaluation) -> bytes:
     for qid, prompt, res in ev.outcome.traces:
         images, titles = [], []
         for s in res.steps:
+            if len(s.previews) == 0:  # not rendered (previews_for="chosen")
+                continue
             images.append(s.previews[0])
             titles.append(f"alpha={s.alpha:g}" + (" *" if s.alpha == res.alpha else ""))  # PIL's font has no α
         short = prompt if len(prompt) <= 44 else "..." + prompt[-41:]
@@ -71,16 +73,20 @@ def markdown(metrics: dict) -> str:
     lines += [f"| {m} | {ret[m]['mrr']:.3f} | {ret[m]['r1']:.3f} | {ret[m]['r5']:.3f} | {ret[m]['r10']:.3f} |"
               for m in RETRIEVAL_METHODS if m in ret]
     lines += ["", "## Generation (previews judged by the backbone among the catalog's intents)", "",
-              "| method | intent accuracy | concept fidelity (cos) |", "|---|---:|---:|"]
-    lines += [f"| {m} | {gen[m]['intent_accuracy']:.3f} | {gen[m]['fidelity']:.3f} |"
+              "| method | intent accuracy | concept fidelity (cos) | object fidelity | identity |",
+              "|---|---:|---:|---:|---:|"]
+    fmt = lambda v: "–" if v is None else f"{v:.3f}"  # noqa: E731
+    lines += [f"| {m} | {gen[m]['intent_accuracy']:.3f} | {gen[m]['fidelity']:.3f} | "
+              f"{fmt(gen[m].get('object_fidelity'))} | {fmt(gen[m].get('identity_accuracy'))} |"
               for m in ("token_intent", "gair_auto") if m in gen]
     composed = [m for m in ("ti", "ce", "ti_ce_free", "ti_ce_proj", "caption") if "category_accuracy" in gen.get(m, {})]
     if composed:
         lines += ["", "## Composition in generation (\"a photo of a <concept> <parent> <context>\", fresh noise)", "",
-                  "| method | colour | category | intent | fidelity |", "|---|---:|---:|---:|---:|"]
-        fmt = lambda v: "–" if v is None else f"{v:.3f}"  # noqa: E731
+                  "| method | colour | category | intent | fidelity | object fidelity | identity |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
         lines += [f"| {m} | {fmt(gen[m]['colour_accuracy'])} | {gen[m]['category_accuracy']:.3f} | "
-                  f"{gen[m]['intent_accuracy']:.3f} | {gen[m]['fidelity']:.3f} |" for m in composed]
+                  f"{gen[m]['intent_accuracy']:.3f} | {gen[m]['fidelity']:.3f} | {fmt(gen[m].get('object_fidelity'))} | "
+                  f"{fmt(gen[m].get('identity_accuracy'))} |" for m in composed]
     chance = gen.get("gair_auto", {}).get("chance")
     if chance:
         lines += ["", f"Chance intent accuracy: {chance:.3f}."]

@@ -24,8 +24,9 @@ def test_ray_tasks_learn_the_in_process_tokens(ray_cluster):
     data = _concepts(backbone)
     base = LearnerConfig(steps=3, weights=LossWeights(ti=1.0, ce=1.0), log_every=0)
     methods = ["ti", "ce_free"]
-    on_ray = ray_ablations("tiny-hf-clip")(data, base, methods, 2)
-    here = learn_ablations_here(backbone)(data, base, methods, 2)
+    pending = ray_ablations("tiny-hf-clip")(data, base, methods, 2)  # submitted: the caller goes on meanwhile
+    here = learn_ablations_here(backbone)(data, base, methods, 2)()
+    on_ray = pending()
     assert set(on_ray) == set(methods)
     for m in methods:
         tokens, seconds = on_ray[m]

@@ -40,6 +40,8 @@ def test_token_intent_finds_a_gallery_built_from_its_own_queries(hf_backbone):
     concepts = {c: ConceptToken(hf_backbone.word_embedding(w) + 0.05 * torch.randn(32, generator=g), "dress",
                                 F.normalize(torch.randn(dim, generator=g), dim=0))
                 for c, w in (("sku-1", "red"), ("sku-2", "blue"))}
+    for c, other in (("sku-1", "sku-2"), ("sku-2", "sku-1")):  # each is the other's look-alike
+        concepts[c].rivals = concepts[other].prototype[None]
     intents = ["on the beach", "in the snow"]
     queries = [RetrievalQuery(query_id=f"q{i}", concept_id=c, parent="dress", template=f"a photo of {{concept}} {it}",
                               intent=it, relevant=[f"{c}-{i}"])
@@ -53,12 +55,34 @@ def test_token_intent_finds_a_gallery_built_from_its_own_queries(hf_backbone):
     out = retrieval_and_generation(hf_backbone, EvalCatalog("t", [], queries, []), index, concepts,
                                    GairSettings(alphas=(0.0, 1.0), previews=2, steps=2), progress=False)
     assert out.retrieval["token_intent"] == {"mrr": 1.0, "r1": 1.0, "r5": 1.0, "r10": 1.0, "n_queries": 4}
-    assert set(out.retrieval) == set(RETRIEVAL_METHODS)
+    # previews of the chosen α and α = 1 only (the default): the previews rule has nothing to decide on
+    assert set(out.retrieval) == set(RETRIEVAL_METHODS) - {"gair_previews"}
     # the oracle picks each query's best fixed α: no fixed α beats it, and fixed_1 is token_intent itself
     assert all(out.retrieval["oracle_alpha"]["mrr"] >= out.retrieval[m]["mrr"] for m in FIXED_METHODS)
     assert out.retrieval["fixed_1"] == out.retrieval["token_intent"]
+    # fixed_<α> is GAIR's own query at α: choosing among a subset of FIXED_ALPHAS, GAIR never beats the
+    # per-query oracle on any query, whatever rule or bisection it uses among those α
+    rr = out.per_query["reciprocal_rank"]
+    for m in ("gair_auto", "gair_object", "gair_retrieval_m0", "gair_retrieval_minf"):
+        assert all(g <= o + 1e-12 for g, o in zip(rr[m], rr["oracle_alpha"])), m
     assert out.summary["best_fixed"] in FIXED_METHODS
     assert sum(out.alphas.values()) == 4 and set(out.alphas) <= {"0", "1"}
     for m in ("token_intent", "gair_auto"):
         assert out.generation[m]["n_previews"] == 8 and 0.0 <= out.generation[m]["intent_accuracy"] <= 1.0
         assert out.generation[m]["chance"] == 0.5
+        assert out.generation[m]["n_object_queries"] == 4 and 0.0 <= out.generation[m]["identity_accuracy"] <= 1.0
+        assert -2.0 <= out.generation[m]["object_fidelity"] <= 2.0
+    every = retrieval_and_generation(hf_backbone, EvalCatalog("t", [], queries, []), index, concepts,
+                                     GairSettings(alphas=(0.0, 1.0), previews=2, steps=2, previews_for="every"),
+                                     progress=False)
+    assert set(every.retrieval) == set(RETRIEVAL_METHODS)
+    # rendering more α changes what is shown, never what the retrieval rule decides
+    for m in ("gair_auto", "gair_object", "gair_bisect2", "token_intent"):
+        assert every.retrieval[m] == out.retrieval[m]
+    assert every.generation["token_intent"] == out.generation["token_intent"]  # α = 1 from the same noise
+
+
+def test_settings_refuse_the_previews_rule_without_every_alphas_previews():
+    with pytest.raises(ValueError, match="previews_for"):
+        GairSettings(rule="previews")
+    assert GairSettings(rule="previews", previews_for="every").rule == "previews"
