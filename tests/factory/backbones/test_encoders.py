@@ -1,10 +1,7 @@
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from PIL import Image
-
-from factory.backbones import load_backbone
 
 
 def test_plain_prompts_match_the_family_s_own_text_forward(backbone):

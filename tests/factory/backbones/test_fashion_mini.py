@@ -1,7 +1,6 @@
 """The embedded default: committed weights that load offline and actually know their world."""
 import os
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
