@@ -249,13 +249,13 @@ class Gair:
         if not every:
             balance.render([chosen])
         if request.expand > 0:
-            previews = torch.from_numpy(chosen.features if chosen.features is not None else np.zeros((0, 1)))
+            if chosen.features is None:
+                raise ValueError("expand needs previews of the chosen α (previews >= 1)")
+            previews = torch.from_numpy(chosen.features)
             if request.expand_with is not None:
                 if any(not 0 <= i < len(previews) for i in request.expand_with):
                     raise ValueError(f"expand_with names previews outside 0..{len(previews) - 1}")
                 previews = previews[list(request.expand_with)]
-            if len(previews) == 0:
-                raise ValueError("expand needs previews of the chosen α (previews >= 1)")
             q = F.normalize(torch.from_numpy(chosen.query) + request.expand * previews.mean(0), dim=-1)
             q = q.numpy().astype(np.float32)
             return GairResult(chosen.alpha, steps, q, self.retrieve(q, request.top_k))

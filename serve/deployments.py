@@ -366,13 +366,6 @@ def _finite(x: float) -> float | None:
     return x if np.isfinite(x) else None
 
 
-def _rivals(records, concept_id: str):
-    """Prototypes of the concept's look-alikes: the other concepts of its parent (GAIR's ``object`` rule)."""
-    parent = records[concept_id].parent
-    protos = [r.prototype for c, r in records.items() if c != concept_id and r.parent == parent and r.prototype]
-    return torch.tensor(protos) if protos else None
-
-
 def _png_b64(images: np.ndarray) -> list[str]:
     from factory.images import encode_png
 
@@ -421,6 +414,7 @@ class Generator:
         return {"images": _png_b64(images), "seed": seed, "registry_version": state.version}
 
     async def gair(self, request: dict[str, Any]) -> dict:
+        from factory.evaluation.metrics import look_alikes
         from factory.gair import ConceptToken, Gair, GairRequest
 
         state = await self.follower.state()
@@ -432,9 +426,13 @@ class Generator:
         if no_proto:
             return error(409, "no_prototype", f"concept(s) {', '.join(no_proto)} have no stored prototype (learned by an "
                                               "older version of tokenfactory): onboard them again to use GAIR")
-        rivals = request.get("rule") == "object"  # the look-alikes' prototypes, only where the rule reads them
-        concepts = {c: ConceptToken(state.tokens[c], state.records[c].parent, torch.tensor(state.records[c].prototype),
-                                    _rivals(state.records, c) if rivals else None) for c in request["concept_ids"]}
+        ids, records = request["concept_ids"], state.records
+        # the look-alikes' prototypes (`object` rule), only where the rule reads them
+        rivals = (look_alikes({c: r.prototype for c, r in records.items() if r.prototype},
+                              {c: r.parent for c, r in records.items()}, of=ids)
+                  if request.get("rule") == "object" else {})
+        concepts = {c: ConceptToken(state.tokens[c], records[c].parent, torch.tensor(records[c].prototype),
+                                    rivals.get(c)) for c in ids}
         try:
             req = GairRequest(**request)
         except (TokenFactoryError, ValueError) as e:

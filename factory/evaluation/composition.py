@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from factory.backbones import Backbone
 from factory.catalogs.evaluation import EvalCatalog
-from factory.evaluation.metrics import look_alikes, object_fidelity
+from factory.evaluation.metrics import look_alikes, mean_object_scores, object_fidelity
 from factory.images import to_uint8
 from factory.tokens import marker
 
@@ -101,13 +101,13 @@ def composition_generation(backbone: Backbone, catalog: EvalCatalog, token_sets:
             per_query["identity"].append(scored[1] if scored else None)
         coloured = [c for c in per_query["colour"] if c is not None]
         objects = [(a, b) for a, b in zip(per_query["object_fidelity"], per_query["identity"]) if a is not None]
+        object_means = mean_object_scores(objects)
         # Every query has the same number of previews, so the mean of per-query means is the mean over images.
         out[m] = {"intent_accuracy": float(np.mean(per_query["intent"])),
                   "category_accuracy": float(np.mean(per_query["category"])),
                   "colour_accuracy": float(np.mean(coloured)) if coloured else None,
                   "fidelity": float(np.mean(per_query["fidelity"])), "n_images": len(queries) * previews,
-                  "object_fidelity": float(np.mean([a for a, _ in objects])) if objects else None,
-                  "identity_accuracy": float(np.mean([b for _, b in objects])) if objects else None,
+                  **object_means,
                   "prompt_example": prompts[0],
                   "per_query": {"query_ids": [q.query_id for q in queries], **per_query}}
     return out

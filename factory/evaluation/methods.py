@@ -64,13 +64,15 @@ from tqdm.auto import tqdm
 from factory.backbones import Backbone
 from factory.concepts import NegativeBank, negative_banks
 from factory.catalogs.evaluation import EvalCatalog
-from factory.evaluation.metrics import first_relevant_rank, heldout_accuracy, object_fidelity, ranking_metrics
+from factory.evaluation.metrics import (
+    first_relevant_rank, heldout_accuracy, mean_object_scores, object_fidelity, ranking_metrics,
+)
 from factory.gair import DEFAULT_ALPHAS, ConceptToken, Gair, GairRequest, GairResult, choose_alpha
 from schemas import DEFAULT_INTENT_MARGIN
-from factory.learner import ConceptData, LearnerConfig, learn_tokens
+from factory.learner import ConceptData, LearnedToken, LearnerConfig, learn_tokens
 from factory.tokens.prompts import template_prompts
 from factory.losses import LossWeights
-from factory.onboarding import chunks_by_parent
+from factory.onboarding import learn_in_chunks
 from factory.tokens import marker
 
 log = logging.getLogger(__name__)
@@ -108,19 +110,21 @@ def ablation_config(base: LearnerConfig, method: str) -> LearnerConfig:
 def learn_ablation(backbone: Backbone, data: Sequence[ConceptData], base: LearnerConfig, method: str,
                    concepts_per_step: int) -> dict[str, torch.Tensor]:
     """Learn one ablation's tokens for ``data``; concept id -> token vector."""
-    banks, out = negative_banks(data), {}
-    for chunk in chunks_by_parent(data, concepts_per_step):
-        out.update(learn_ablation_chunk(backbone, chunk, banks, base, method))
-    return out
+    learned = learn_in_chunks(backbone, data, negative_banks(data), ablation_config(base, method), concepts_per_step)
+    return _vectors(learned)
 
 
 def learn_ablation_chunk(backbone: Backbone, chunk: Sequence[ConceptData], banks: Mapping[str, NegativeBank],
                          base: LearnerConfig, method: str) -> dict[str, torch.Tensor]:
     """One chunk (the concepts of one learner call, `chunks_by_parent`) of an ablation, against the negative
     banks of all the concepts: the unit `learn_ablation` loops over and parallel learners split on. Each
-    chunk learns what it learns inside the whole (its image-side CE sees only the chunk's concepts)."""
-    return {t.concept_id: t.vector.detach().float().cpu()
-            for t in learn_tokens(backbone, chunk, dict(banks), ablation_config(base, method))}
+    chunk learns what it learns inside the whole (its image-side CE sees only the chunk's concepts).
+    `learn_in_chunks` forms the same chunks (`chunks_by_parent`)."""
+    return _vectors(learn_tokens(backbone, chunk, dict(banks), ablation_config(base, method)))
+
+
+def _vectors(learned: Sequence[LearnedToken]) -> dict[str, torch.Tensor]:
+    return {t.concept_id: t.vector.detach().float().cpu() for t in learned}
 
 
 def _templated(concept):
@@ -263,7 +267,7 @@ def retrieval_and_generation(backbone: Backbone, catalog: EvalCatalog, index, co
     per_query = {"query_ids": [q.query_id for q in queries],
                  "reciprocal_rank": {m: [1.0 / x if x else 0.0 for x in r] for m, r in ranks.items()}}
     generation = {m: {"intent_accuracy": float(np.mean(hits[m])), "fidelity": float(np.mean(fidelity[m])),
-                      **_object_means(object_scores[m]),
+                      **mean_object_scores(object_scores[m]),
                       "n_previews": len(hits[m]), "chance": 1.0 / len(intents)} for m in GENERATION_METHODS}
     return RetrievalOutcome(retrieval, generation, dict(sorted(chosen.items())), traces, retrieval_summary(retrieval),
                             per_query)
@@ -286,14 +290,6 @@ def _variant_queries(gair: Gair, req: GairRequest, res: GairResult, settings: Ga
     expanded = torch.from_numpy(chosen.query) + settings.expand * torch.from_numpy(chosen.features).mean(0)
     out["gair_expand"] = F.normalize(expanded, dim=0)
     return out
-
-
-def _object_means(scores: list[tuple[float, float]]) -> dict[str, float | None]:
-    """Mean object fidelity and identity over the queries that have look-alikes (None: no query has)."""
-    if not scores:
-        return {"object_fidelity": None, "identity_accuracy": None, "n_object_queries": 0}
-    margin, identity = np.mean(scores, axis=0)
-    return {"object_fidelity": float(margin), "identity_accuracy": float(identity), "n_object_queries": len(scores)}
 
 
 def retrieval_summary(retrieval: Mapping[str, Mapping[str, float]]) -> dict[str, float | str]:

@@ -3,7 +3,9 @@ the object fidelity of generated images."""
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Callable, Collection, Mapping, Sequence
+from typing import Callable, Collection, Iterable, Mapping, Sequence
+
+import numpy as np
 
 import torch
 import torch.nn.functional as F
@@ -98,10 +100,20 @@ def object_fidelity(features: torch.Tensor, own: torch.Tensor, rivals: torch.Ten
     return margin, identity
 
 
-def look_alikes(prototypes: Mapping[str, torch.Tensor], parents: Mapping[str, str]) -> dict[str, torch.Tensor | None]:
-    """Each concept's rivals for `object_fidelity`: the stacked prototypes of the other concepts of its parent."""
+def mean_object_scores(scores: Sequence[tuple[float, float]]) -> dict[str, float | None]:
+    """Mean `object_fidelity` margin and identity over the queries that have look-alikes (None: none has)."""
+    if not scores:
+        return {"object_fidelity": None, "identity_accuracy": None, "n_object_queries": 0}
+    margin, identity = np.mean(scores, axis=0)
+    return {"object_fidelity": float(margin), "identity_accuracy": float(identity), "n_object_queries": len(scores)}
+
+
+def look_alikes(prototypes: Mapping[str, Sequence[float] | torch.Tensor], parents: Mapping[str, str],
+                of: Iterable[str] | None = None) -> dict[str, torch.Tensor | None]:
+    """The rivals for `object_fidelity` of each concept in ``of`` (default: all of ``parents``): the stacked
+    prototypes [R, D] of the other concepts of its parent that have one (None: no such concept)."""
     out = {}
-    for cid, parent in parents.items():
-        others = [prototypes[c] for c, p in parents.items() if p == parent and c != cid and c in prototypes]
-        out[cid] = torch.stack(others).float() if others else None
+    for cid in parents if of is None else of:
+        others = [prototypes[c] for c, p in parents.items() if p == parents[cid] and c != cid and c in prototypes]
+        out[cid] = torch.stack([torch.as_tensor(o) for o in others]).float() if others else None
     return out
