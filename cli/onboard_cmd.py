@@ -69,7 +69,9 @@ def register(sub) -> None:
                         "benchmarks/objective_sweep.py on world seed 0")
     p.add_argument("--parametrization", choices=["projected", "free"], default="projected", help="token parametrisation")
     p.add_argument("--seed", type=int, default=0, help="learner seed (default: 0)")
-    p.add_argument("--batch-size", type=int, default=8, help="concepts per Ray Data batch of decoding and encoding (default: 8)")
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="concepts per Ray Data batch of decoding and encoding, rounded to whole chunks of "
+                        "--concepts-per-step (default: 8)")
     p.add_argument("--bank-size", type=int, default=1024,
                    help="negative-bank images per parent, a fixed sample; 0: every image of the parent. Bounds memory "
                         "and the text-side CE's cost per step at catalog scale (default: 1024)")

@@ -10,7 +10,7 @@ import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Mapping, Protocol, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -89,8 +89,19 @@ def prepare_concepts(backbone: Backbone, specs: Sequence[ConceptSpec], s3: S3Opt
     return data, loaded, skipped
 
 
-def chunks_by_parent(concepts: Sequence[ConceptData], size: int) -> list[list[ConceptData]]:
-    """Chunks of at most ``size`` concepts, concepts of one parent kept together where possible."""
+class _Owned(Protocol):
+    concept_id: str
+    parent: str
+
+
+_C = TypeVar("_C", bound=_Owned)
+
+
+def chunks_by_parent(concepts: Sequence[_C], size: int) -> list[list[_C]]:
+    """Chunks of at most ``size`` concepts, concepts of one parent kept together where possible. The one
+    rule for every learner call (the image-side CE couples a chunk's concepts): the onboarding job applies
+    it to catalog specs, local onboarding and the evaluation's ablations to learner data, so the same
+    catalog gives the same chunks everywhere, whatever the order it arrives in."""
     ordered = sorted(concepts, key=lambda c: (c.parent, c.concept_id))
     return [list(ordered[i: i + size]) for i in range(0, len(ordered), size)]
 

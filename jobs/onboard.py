@@ -1,14 +1,16 @@
 """The onboarding job as a typed function: `OnboardConfig` in, a committed registry version out.
 
-    catalog (S3 or local) -> Ray Data: one row per concept; read, validate, encode each image once (actor pool)
-      -> streamed into Ray Train: N workers learn C concepts at a time, staging tokens as they go
+    catalog (S3 or local) -> Ray Data: one row per chunk of C concepts; read, validate, encode each image once
+      -> streamed into Ray Train: N workers learn a chunk at a time, staging tokens as they go
       -> registry: one new version, committed only when every concept is learned or reported skipped
 
 Streaming all the way: the driver holds the catalog's metadata (ids and URIs), never its images or
 features, and each worker holds one chunk, so memory stays flat as the catalog grows. The negative banks
 are the one thing every worker needs up front: a bounded sample per parent (``bank_size`` images),
-encoded first and kept in Ray's object store, from where its concepts also stream to the workers
-(`jobs.onboard_data.concept_stream`); every image is encoded once.
+encoded first and kept in Ray's object store, from where its chunks also stream to the workers
+(`jobs.onboard_data.concept_stream`); every image is encoded once. Chunks are formed by the driver from
+the catalog alone (by parent, then id), so the same catalog and config learn the same tokens whatever
+the worker count, and the evaluation's ablations learn exactly the registry's chunks.
 
 `tokenfactory onboard` (`jobs/onboard_cmd.py`) turns its flags into an `OnboardConfig`; the demo and the
 benchmarks build one directly. The config, with the run id and the resolved backbone, is printed at the
@@ -51,7 +53,7 @@ class OnboardConfig:
     use_gpu: bool = False
     concepts_per_step: int = 8
     min_images: int = 2
-    batch_size: int = 8  # concepts per Ray Data batch of decoding and encoding
+    batch_size: int = 8  # concepts per Ray Data batch of decoding and encoding (whole chunks: at least one)
     bank_size: int = 1024  # negative-bank images per parent (0: all); bounds memory and per-step cost
     decode_tasks: int = 2
     encoders: int = 1
@@ -109,20 +111,22 @@ def onboard(cfg: OnboardConfig) -> tuple[int, RunReport | None]:
     from factory.onboarding import image_size_for
     from jobs.onboard_data import concept_stream
 
+    chunks_per_batch = max(1, round(cfg.batch_size / cfg.concepts_per_step))  # Ray Data batches whole chunks
     encode = {"backbone": backbone.to_dict(), "image_size": image_size_for(backbone), "s3": cfg.s3,
-              "batch_size": cfg.batch_size, "decode_tasks": cfg.decode_tasks, "encoders": cfg.encoders,
+              "batch_size": chunks_per_batch, "decode_tasks": cfg.decode_tasks, "encoders": cfg.encoders,
               "use_gpu": cfg.use_gpu, "precision": cfg.precision}
     # Concepts a previous attempt of this run id staged or skipped are not learned again.
     done = _staged_or_noted(registry.staged(run_id))
     todo = {s.concept_id for s in specs} - done
-    banks, stream = concept_stream(specs, todo, cfg.bank_size, cfg.min_images, **encode)
+    banks, stream, n_chunks = concept_stream(specs, todo, cfg.bank_size, cfg.min_images, cfg.concepts_per_step,
+                                             **encode)
     stages["banks"] = time.perf_counter() - t0
     print(f"[onboard] {len(specs)} concepts ({len(specs) - len(todo)} done by an earlier attempt), "
           f"banks of {sum(len(b.owners) for b in banks.values())} images over {len(banks)} parents", flush=True)
 
     t0 = time.perf_counter()
     if todo:
-        _train(cfg, run_id, job_config, stream, len(todo), encode["backbone"], banks, registry)
+        _train(cfg, run_id, job_config, stream, len(todo), n_chunks, encode["backbone"], banks, registry)
     stages["encode_train"] = time.perf_counter() - t0
 
     version, report = _commit(registry, run_id, job_config, specs, started, stages)
@@ -139,7 +143,7 @@ def _staged_or_noted(staged) -> set[str]:
     return staged.concept_ids() | {cid for note in staged.notes() for cid in note.get("skipped", {})}
 
 
-def _train(cfg: OnboardConfig, run_id, job_config, stream, n_concepts, backbone, banks, registry) -> None:
+def _train(cfg: OnboardConfig, run_id, job_config, stream, n_concepts, n_chunks, backbone, banks, registry) -> None:
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -148,9 +152,9 @@ def _train(cfg: OnboardConfig, run_id, job_config, stream, n_concepts, backbone,
 
     config = {"backbone": backbone, "precision": cfg.precision, "s3": cfg.s3, "registry": cfg.registry,
               "run_id": run_id, "job_config": job_config, "learner": dataclasses.asdict(cfg.learner),
-              "concepts_per_step": cfg.concepts_per_step, "min_images": cfg.min_images,
+              "min_images": cfg.min_images,
               "threads": cfg.threads_per_worker, "use_gpu": cfg.use_gpu, "banks": ray.put(banks)}
-    workers = max(1, min(cfg.workers, n_concepts))
+    workers = max(1, min(cfg.workers, n_chunks))
     trainer = TorchTrainer(
         learn_stream, train_loop_config=config,
         datasets={"concepts": stream}, dataset_config=every_row_data_config(),
@@ -170,8 +174,8 @@ def _train(cfg: OnboardConfig, run_id, job_config, stream, n_concepts, backbone,
 def every_row_data_config():
     """Ray Train's `DataConfig`, splitting the concept stream with ``equal=False``. The stock config
     splits with ``equal=True``, which balances epochs of training data by *dropping* the rows that do
-    not divide evenly (measured: 3 concepts on 2 workers learned 2). Here every row is a concept a
-    customer asked for, so no row may be dropped; shards of unequal length are fine."""
+    not divide evenly (measured: 3 concepts on 2 workers learned 2). Here every row is a chunk of concepts
+    a customer asked for, so no row may be dropped; shards of unequal length are fine."""
     from ray.train import DataConfig
 
     class _EveryRow(DataConfig):

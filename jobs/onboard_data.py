@@ -1,12 +1,14 @@
-"""The Ray Data stage of onboarding: read and validate images, encode each once, one row per concept.
+"""The Ray Data stage of onboarding: read and validate images, encode each once, one row per chunk.
 
-    concept rows (concept_id, parent, uris) -> map_batches(decode_concepts, tasks)
-      -> map_batches(ConceptEncoder, actor pool) -> (features, latents, thumbnails, rejected) per concept
+    chunk rows (chunk, concept ids, parents, uris) -> map_batches(decode_chunks, tasks)
+      -> map_batches(ChunkEncoder, actor pool) -> (features, latents, thumbnails, rejected) per concept
       -> streamed to the Train workers (`jobs.onboard_train`), never gathered in the driver
 
-A row is a whole concept, not an image, so nothing downstream has to group images back into concepts:
-that grouping would need a shuffle or a full materialisation, and the driver's memory would grow with
-the catalog. Arrays travel as NumPy ``.npy`` bytes (any shape, an empty one included, no pickle).
+A row is a whole chunk of C concepts (what one learner call learns together), not an image or a concept,
+so nothing downstream has to group rows back: that grouping would need a shuffle or a full
+materialisation, and the driver's memory would grow with the catalog. Chunks are formed once from the
+catalog (`factory.onboarding.chunks_by_parent`), so the tokens do not depend on how the stream is split
+over workers. Arrays travel as NumPy ``.npz`` bytes (any shape, an empty one included, no pickle).
 
 Bad images (corrupt, truncated, empty, too large, missing) are listed with a reason in the concept's row,
 so they are reported, never fatal. The encoders are callable classes: each actor loads the backbone once.
@@ -83,47 +85,55 @@ def encoder_options(use_gpu: bool, num_cpus: float | None = None) -> dict:
     return {} if num_cpus is None else {"num_cpus": num_cpus}
 
 
-def pack(array: np.ndarray) -> bytes:
-    """An array as ``.npy`` bytes: one binary Arrow cell whatever its shape (a concept's image count varies)."""
+def chunk_rows(chunks) -> list[dict]:
+    """One Ray Data row per chunk of concepts (`factory.onboarding.chunks_by_parent` over the specs): the
+    chunk is the unit the learner's image-side CE couples, so it is formed once, here, from the catalog
+    alone, and the same catalog and C give the same chunks (and tokens) whatever the worker count or the
+    order in which the stream reaches the workers. Per-concept fields are JSON lists in chunk order."""
+    return [{"chunk": chunk[0].concept_id, "concept_id": json.dumps([s.concept_id for s in chunk]),
+             "parent": json.dumps([s.parent for s in chunk]),
+             "uris": json.dumps([list(s.image_uris) for s in chunk])} for chunk in chunks]
+
+
+def pack_many(arrays: list[np.ndarray]) -> bytes:
+    """Several arrays (one per concept of a chunk) as one ``.npz`` cell, in order; no pickle."""
     buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
+    np.savez(buf, *[np.ascontiguousarray(a) for a in arrays])
     return buf.getvalue()
 
 
-def unpack(data: bytes) -> np.ndarray:
-    return np.load(io.BytesIO(data), allow_pickle=False)
+def unpack_many(data: bytes) -> list[np.ndarray]:
+    with np.load(io.BytesIO(data), allow_pickle=False) as z:
+        return [z[f"arr_{i}"] for i in range(len(z.files))]
 
 
-def concept_rows(specs) -> list[dict]:
-    """One Ray Data row per concept, sorted by (parent, id) so a Train worker's chunks mostly share a parent
-    (the image-side CE compares the concepts of a chunk)."""
-    return [{"concept_id": s.concept_id, "parent": s.parent, "uris": json.dumps(list(s.image_uris))}
-            for s in sorted(specs, key=lambda s: (s.parent, s.concept_id))]
-
-
-def decode_concepts(batch: dict, size: int, s3: S3Options | None) -> dict:
-    """Read and decode each concept's images: ``images`` (packed uint8 [n, S, S, 3], good ones only) and
-    ``rejected`` (JSON list of [uri, reason]) per concept."""
+def decode_chunks(batch: dict, size: int, s3: S3Options | None) -> dict:
+    """Read and decode each chunk's images: ``images`` (per concept a uint8 [n, S, S, 3] of its good
+    images, `pack_many`) and ``rejected`` (per concept a JSON list of [uri, reason])."""
     from factory.onboarding import read_image
 
     images, rejected = [], []
-    for uris in batch["uris"]:
-        good, bad = [], []
-        for uri in json.loads(str(uris)):
-            image, why = read_image(uri, size, s3)
-            if image is not None:
-                good.append(image)
-            else:
-                bad.append([uri, why])
-        images.append(pack(np.stack(good) if good else np.zeros((0, size, size, 3), np.uint8)))
-        rejected.append(json.dumps(bad))
-    return {"concept_id": batch["concept_id"], "parent": batch["parent"],
+    for uris_json in batch["uris"]:
+        per_concept, bad_per_concept = [], []
+        for uris in json.loads(str(uris_json)):
+            good, bad = [], []
+            for uri in uris:
+                image, why = read_image(uri, size, s3)
+                if image is not None:
+                    good.append(image)
+                else:
+                    bad.append([uri, why])
+            per_concept.append(np.stack(good) if good else np.zeros((0, size, size, 3), np.uint8))
+            bad_per_concept.append(bad)
+        images.append(pack_many(per_concept))
+        rejected.append(json.dumps(bad_per_concept))
+    return {"chunk": batch["chunk"], "concept_id": batch["concept_id"], "parent": batch["parent"],
             "images": np.array(images, dtype=object), "rejected": np.array(rejected, dtype=object)}
 
 
-class ConceptEncoder(CatalogEncoder):
-    """Ray Data actor: a batch of concept rows -> packed features, latents and a few thumbnails each.
-    All images of the batch go through the encoders together (one forward pass, not one per concept)."""
+class ChunkEncoder(CatalogEncoder):
+    """Ray Data actor: a batch of decoded chunks -> per concept packed features, latents and a few
+    thumbnails. All images of the batch go through the encoders together (one forward pass)."""
 
     def __init__(self, backbone: str | dict, s3: S3Options | None, precision: str = "fp32", latents: bool = True,
                  thumbnails: bool = True, threads: int = 1):
@@ -135,24 +145,27 @@ class ConceptEncoder(CatalogEncoder):
         from factory.images import thumbnail_b64
         from factory.learner import MAX_THUMBNAILS
 
-        per_concept = [unpack(b) for b in batch["images"]]
-        counts = [len(x) for x in per_concept]
+        chunks = [unpack_many(bytes(b)) for b in batch["images"]]
+        flat = [x for chunk in chunks for x in chunk]
         feats = lats = None
-        if sum(counts):
-            feats, lats = encode_images(self.backbone, np.concatenate([x for x in per_concept if len(x)]),
+        if sum(len(x) for x in flat):
+            feats, lats = encode_images(self.backbone, np.concatenate([x for x in flat if len(x)]),
                                         latents=self.latents)
         out = {k: [] for k in ("features", "latents", "thumbnails")}
         start = 0
-        for images, n in zip(per_concept, counts):
-            part = slice(start, start + n)
-            start += n
-            out["features"].append(pack(feats[part].numpy() if n else np.zeros((0, 0), np.float32)))
-            out["latents"].append(pack(lats[part].numpy()) if n and lats is not None else b"")
-            thumbs = [thumbnail_b64(im) for im in images[:MAX_THUMBNAILS]] if self.with_thumbnails else []
+        for chunk in chunks:
+            f, lat, thumbs = [], [], []
+            for images in chunk:
+                part = slice(start, start + len(images))
+                start += len(images)
+                f.append(feats[part].numpy() if len(images) else np.zeros((0, 0), np.float32))
+                lat.append(lats[part].numpy() if len(images) and lats is not None else np.zeros(0, np.float32))
+                thumbs.append([thumbnail_b64(im) for im in images[:MAX_THUMBNAILS]] if self.with_thumbnails else [])
+            out["features"].append(pack_many(f))
+            out["latents"].append(pack_many(lat) if lats is not None else b"")
             out["thumbnails"].append(json.dumps(thumbs))
-        return {"concept_id": batch["concept_id"], "parent": batch["parent"], "rejected": batch["rejected"],
-                "n_images": np.array(counts, dtype=np.int64),
-                **{k: np.array(v, dtype=object) for k, v in out.items()}}
+        return {"chunk": batch["chunk"], "concept_id": batch["concept_id"], "parent": batch["parent"],
+                "rejected": batch["rejected"], **{k: np.array(v, dtype=object) for k, v in out.items()}}
 
 
 @dataclass(eq=False)  # holds arrays: compared by identity
@@ -167,14 +180,17 @@ class EncodedConcept:
     rejected: list[tuple[str, str]] = field(default_factory=list)  # (uri, reason) of its unusable images
 
     @classmethod
-    def rows_of(cls, batch: dict) -> list["EncodedConcept"]:
-        """The concepts of one encoded Ray Data batch (numpy format)."""
+    def chunks_of(cls, batch: dict) -> list[list["EncodedConcept"]]:
+        """The chunks of one encoded Ray Data batch (numpy format), each a list of its concepts."""
         out = []
-        for i, cid in enumerate(batch["concept_id"]):
+        for i in range(len(batch["chunk"])):
+            ids, parents = json.loads(str(batch["concept_id"][i])), json.loads(str(batch["parent"][i]))
+            feats = unpack_many(bytes(batch["features"][i]))
             lat = bytes(batch["latents"][i])
-            out.append(cls(str(cid), str(batch["parent"][i]), unpack(bytes(batch["features"][i])),
-                           unpack(lat) if lat else None, json.loads(str(batch["thumbnails"][i])),
-                           [tuple(r) for r in json.loads(str(batch["rejected"][i]))]))
+            lats = unpack_many(lat) if lat else [None] * len(ids)
+            thumbs, rejected = json.loads(str(batch["thumbnails"][i])), json.loads(str(batch["rejected"][i]))
+            out.append([cls(cid, parent, f, lt if lt is not None and len(f) else None, th, [tuple(r) for r in rj])
+                        for cid, parent, f, lt, th, rj in zip(ids, parents, feats, lats, thumbs, rejected)])
         return out
 
     def to_concept_data(self):
@@ -192,80 +208,87 @@ STREAM_DECODE_CPUS = 0.25  # per decode task (I/O and PNG decoding)
 STREAM_ENCODER_CPUS = 0.5  # per encoder actor on a CPU node
 
 
-def encoded_concepts(specs, backbone: dict, image_size: int, s3: S3Options | None, batch_size: int = 8,
-                     decode_tasks: int = 2, encoders: int = 1, use_gpu: bool = False, precision: str = "fp32",
-                     latents: bool = True, thumbnails: bool = True):
-    """The lazy Ray Dataset of `specs`' concepts, encoded (one row per concept; see the module docstring).
-    ``batch_size`` counts concepts. Nothing runs until a consumer (the Train workers) iterates it."""
+def encoded_chunks(chunks, backbone: dict, image_size: int, s3: S3Options | None, batch_size: int = 1,
+                   decode_tasks: int = 2, encoders: int = 1, use_gpu: bool = False, precision: str = "fp32",
+                   latents: bool = True, thumbnails: bool = True):
+    """The lazy Ray Dataset of ``chunks`` (lists of specs), encoded: one row per chunk (see `chunk_rows`).
+    ``batch_size`` counts chunks. Nothing runs until a consumer (the Train workers) iterates it."""
     import ray.data
 
     # Fractional CPUs: this pipeline runs *beside* the Train workers that consume it. Whole-CPU tasks
     # and actors would leave a small node no CPU for the decode tasks once the encoder actor and the
     # workers hold theirs, and the stream would stall (measured: a 2-CPU node deadlocked).
-    return ray.data.from_items(concept_rows(specs)).map_batches(
-        decode_concepts, fn_kwargs={"size": image_size, "s3": s3}, batch_size=batch_size, concurrency=decode_tasks,
+    return ray.data.from_items(chunk_rows(chunks)).map_batches(
+        decode_chunks, fn_kwargs={"size": image_size, "s3": s3}, batch_size=batch_size, concurrency=decode_tasks,
         num_cpus=STREAM_DECODE_CPUS,
     ).map_batches(
-        ConceptEncoder, fn_constructor_kwargs={"backbone": backbone, "s3": s3, "precision": precision,
-                                               "latents": latents, "thumbnails": thumbnails},
+        ChunkEncoder, fn_constructor_kwargs={"backbone": backbone, "s3": s3, "precision": precision,
+                                             "latents": latents, "thumbnails": thumbnails},
         batch_size=batch_size, concurrency=encoders, **encoder_options(use_gpu, STREAM_ENCODER_CPUS),
     )
 
 
-def bank_sample(specs, bank_size: int) -> list:
-    """The concepts whose images make up the negative banks: per parent, concepts in a fixed pseudo-random
-    order (a hash of the id, so the choice does not depend on catalog order or on which worker asks)
-    until ``bank_size`` images are covered. A parent with fewer images keeps all of them, so a small
-    catalog's banks are exactly "every image of the parent"; a large one's stay bounded, which keeps the
-    memory and the per-step cost of the text-side CE flat however many concepts a parent has."""
+def bank_sample(chunks, bank_size: int) -> list:
+    """The chunks whose images make up the negative banks: per parent, its chunks in a fixed pseudo-random
+    order (a hash of the chunk's first id, so the choice does not depend on catalog order or on which
+    worker asks) until ``bank_size`` images of that parent are covered. Whole chunks, so the sample is
+    encoded once and streams on to the workers as it is. A parent with fewer images keeps all of them,
+    so a small catalog's banks are exactly "every image of the parent"; a large one's stay bounded, which
+    keeps the memory and the per-step cost of the text-side CE flat however many concepts a parent has."""
     import hashlib
     from collections import defaultdict
 
     by_parent = defaultdict(list)
-    for s in specs:
-        by_parent[s.parent].append(s)
-    chosen = []
-    for group in by_parent.values():
-        group.sort(key=lambda s: hashlib.sha1(s.concept_id.encode()).hexdigest())
+    for chunk in chunks:
+        for parent in dict.fromkeys(s.parent for s in chunk):
+            by_parent[parent].append(chunk)
+    chosen = {}
+    for parent, group in by_parent.items():
+        group = sorted(group, key=lambda c: hashlib.sha1(c[0].concept_id.encode()).hexdigest())
         images = 0
-        for s in group:
+        for chunk in group:
             if bank_size and images >= bank_size:
                 break
-            chosen.append(s)
-            images += len(s.image_uris)
-    return chosen
+            chosen[chunk[0].concept_id] = chunk
+            images += sum(len(s.image_uris) for s in chunk if s.parent == parent)
+    return [c for c in chunks if c[0].concept_id in chosen]
 
 
 def banks_of(sample, min_images: int) -> dict:
-    """parent -> NegativeBank from the encoded `bank_sample` (a Ray Dataset; only its features reach the
-    driver, at most about ``bank_size`` images per parent). Concepts the job will skip (fewer than
-    ``min_images`` usable images) are left out, as they were when banks held the whole catalog."""
+    """parent -> NegativeBank from the encoded `bank_sample` (a Ray Dataset of chunk rows; only features
+    reach the driver, about ``bank_size`` images per parent plus a chunk). Concepts the job will skip
+    (fewer than ``min_images`` usable images) are left out, as they were when banks held the whole catalog."""
     import torch
 
     from factory.learner import NegativeBank
 
     feats, owners = {}, {}
-    for batch in sample.select_columns(["concept_id", "parent", "features"]).iter_batches(
+    for batch in sample.select_columns(["chunk", "concept_id", "parent", "features"]).iter_batches(
             batch_size=None, batch_format="numpy"):
-        for i, cid in enumerate(batch["concept_id"]):
-            f = unpack(bytes(batch["features"][i]))
-            if len(f) < max(1, min_images):
-                continue
-            parent = str(batch["parent"][i])
-            feats.setdefault(parent, []).append(torch.from_numpy(np.array(f)))
-            owners.setdefault(parent, []).extend([str(cid)] * len(f))
+        for ids, parents, packed in zip(batch["concept_id"], batch["parent"], batch["features"]):
+            for cid, parent, f in zip(json.loads(str(ids)), json.loads(str(parents)), unpack_many(bytes(packed))):
+                if len(f) < max(1, min_images):
+                    continue
+                feats.setdefault(parent, []).append(torch.from_numpy(np.array(f)))
+                owners.setdefault(parent, []).extend([cid] * len(f))
     return {p: NegativeBank(torch.cat(f), owners[p]) for p, f in feats.items()}
 
 
-def concept_stream(specs, todo_ids: set[str], bank_size: int, min_images: int, **encode):
-    """(banks, the Ray Dataset of the concepts to learn). The bank sample is encoded first and kept in
-    Ray's object store (bounded by ``bank_size``), so its concepts stream to the workers from there and
-    every image is still encoded exactly once; the rest of ``todo_ids`` is encoded as the workers pull."""
-    sample = bank_sample(specs, bank_size)
-    encoded = encoded_concepts(sample, **encode).materialize()
+def concept_stream(specs, todo_ids: set[str], bank_size: int, min_images: int, concepts_per_step: int, **encode):
+    """(banks, the Ray Dataset of the chunks to learn, how many chunks it holds). Chunks are formed once from the whole catalog
+    (`chunks_by_parent`), so a resumed run learns the same chunks as an uninterrupted one; a chunk is
+    streamed while any of its concepts is still to do (the workers drop the done ones). The bank sample
+    is encoded first and kept in Ray's object store (bounded by ``bank_size``), so its chunks stream to
+    the workers from there and every image is still encoded exactly once; the rest is encoded as the
+    workers pull."""
+    from factory.onboarding import chunks_by_parent
+
+    chunks = chunks_by_parent(specs, concepts_per_step)
+    sample = bank_sample(chunks, bank_size)
+    encoded = encoded_chunks(sample, **encode).materialize()
     banks = banks_of(encoded, min_images)
-    in_sample = {s.concept_id for s in sample}
-    drop = in_sample - todo_ids  # staged by an earlier attempt of this run: in the banks, not re-learned
-    stream = encoded.filter(lambda row: row["concept_id"] not in drop) if drop else encoded
-    rest = [s for s in specs if s.concept_id in todo_ids and s.concept_id not in in_sample]
-    return banks, (stream.union(encoded_concepts(rest, **encode)) if rest else stream)
+    in_sample = {c[0].concept_id for c in sample}
+    keep = {c[0].concept_id for c in sample if any(s.concept_id in todo_ids for s in c)}
+    stream = encoded.filter(lambda row: row["chunk"] in keep) if len(keep) < len(sample) else encoded
+    rest = [c for c in chunks if c[0].concept_id not in in_sample and any(s.concept_id in todo_ids for s in c)]
+    return banks, (stream.union(encoded_chunks(rest, **encode)) if rest else stream), len(keep) + len(rest)

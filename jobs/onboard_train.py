@@ -2,7 +2,7 @@
 
 Workers are independent (no gradient all-reduce): each loads the frozen backbone once and shares the
 negative banks (a bounded sample per parent, see `jobs.onboard_data.bank_sample`), not parameters.
-Each worker iterates its split of the encoded-concept stream, so no process ever holds the catalog:
+Each worker iterates its split of the encoded-chunk stream, so no process ever holds the catalog:
 a worker holds its backbone, the banks and one chunk. Concepts already staged for this run id are
 skipped (a restarted worker or job resumes, and nothing is learned twice); tokens are staged after
 every chunk, with a note of that chunk's skipped concepts and rejected images for the run report.
@@ -21,37 +21,22 @@ def peak_rss_mb() -> float:
     return peak / (2**20 if sys.platform == "darwin" else 2**10)
 
 
-class ChunkBuffer:
-    """Collects streamed concepts into chunks of C, setting aside those with too few usable images."""
+def triage(chunk, min_images: int, done: set[str]) -> tuple[list, dict]:
+    """(the concepts of a chunk to learn, its note). Concepts staged by an earlier attempt are dropped;
+    those with too few usable images are noted as skipped; every rejected image is noted."""
+    from factory.onboarding import skip_reason
 
-    def __init__(self, size: int, min_images: int, done: set[str]):
-        self.size, self.min_images, self.done = size, min_images, done
-        self.pending, self.skipped, self.rejected = [], {}, []
-
-    def add(self, concept) -> None:
-        from factory.onboarding import skip_reason
-
-        if concept.concept_id in self.done:
-            return
-        self.rejected.extend(concept.rejected)
-        reason = skip_reason(len(concept.features), self.min_images)
+    learn, note = [], {"skipped": {}, "rejected": []}
+    for concept in chunk:
+        if concept.concept_id in done:
+            continue
+        note["rejected"].extend(concept.rejected)
+        reason = skip_reason(len(concept.features), min_images)
         if reason:
-            self.skipped[concept.concept_id] = reason
+            note["skipped"][concept.concept_id] = reason
         else:
-            self.pending.append(concept)
-
-    def take(self, final: bool = False) -> list:
-        """The next full chunk (or, with ``final``, whatever is left); [] when there is none."""
-        if len(self.pending) < self.size and not (final and self.pending):
-            return []
-        chunk, self.pending = self.pending[: self.size], self.pending[self.size:]
-        return chunk
-
-    def notes(self) -> dict:
-        """Skipped concepts and rejected images since the last call (then forgotten)."""
-        out = {"skipped": self.skipped, "rejected": self.rejected}
-        self.skipped, self.rejected = {}, []
-        return out
+            learn.append(concept)
+    return learn, note
 
 
 def learn_stream(config: dict) -> None:
@@ -78,30 +63,29 @@ def learn_stream(config: dict) -> None:
                                                          config["job_config"])
     banks = ray.get(config["banks"])
     learner = LearnerConfig(**config["learner"])
-    buffer = ChunkBuffer(config["concepts_per_step"], config["min_images"], writer.staged_concept_ids())
+    done = writer.staged_concept_ids()
     attempt = uuid.uuid4().hex[:8]  # note names never collide across restarts
     chunks: list[tuple[float, int]] = []  # (end time, concepts) per chunk: the benchmark's steady rate
 
-    def learn(chunk) -> None:
-        tokens = learn_tokens(backbone, [c.to_concept_data() for c in chunk], banks, learner)
-        thumbs = {c.concept_id: c.thumbnails for c in chunk}
+    def learn(chunk, note, n: int) -> None:
         # Notes first: a worker that dies between the two writes re-notes on resume (the driver dedups),
         # while a token staged without its note would lose the chunk's rejected images from the report.
-        writer.write_note(f"{attempt}-{len(chunks):05d}", buffer.notes())
-        writer.write_shard(f"c-{chunk[0].concept_id}",
-                           [to_record(t, backbone, config["run_id"], thumbs.get(t.concept_id)) for t in tokens])
-        chunks.append((time.time(), len(chunk)))
+        if note["skipped"] or note["rejected"]:
+            writer.write_note(f"{attempt}-{n:05d}", note)
+        if chunk:
+            tokens = learn_tokens(backbone, [c.to_concept_data() for c in chunk], banks, learner)
+            thumbs = {c.concept_id: c.thumbnails for c in chunk}
+            writer.write_shard(f"c-{chunk[0].concept_id}",
+                               [to_record(t, backbone, config["run_id"], thumbs.get(t.concept_id)) for t in tokens])
+            chunks.append((time.time(), len(chunk)))
 
-    shard = ray.train.get_dataset_shard("concepts")
-    for batch in shard.iter_batches(batch_size=config["concepts_per_step"], batch_format="numpy"):
-        for concept in EncodedConcept.rows_of(batch):
-            buffer.add(concept)
-        while chunk := buffer.take():
-            learn(chunk)
-    while chunk := buffer.take(final=True):
-        learn(chunk)
-    notes = buffer.notes()
+    # One row is one chunk, formed by the driver (`jobs.onboard_data.chunk_rows`): learned as it is.
+    n = 0
+    for batch in ray.train.get_dataset_shard("concepts").iter_batches(batch_size=1, batch_format="numpy"):
+        for encoded in EncodedConcept.chunks_of(batch):
+            learn(*triage(encoded, config["min_images"], done), n)
+            n += 1
     stats = {"rank": rank, "attempt": attempt, "started": t_start, "finished": time.time(),
              "peak_rss_mb": peak_rss_mb(), "concepts": sum(n for _, n in chunks), "chunks": chunks}
-    writer.write_note(f"{attempt}-end", {**notes, "worker": stats})
+    writer.write_note(f"{attempt}-end", {"skipped": {}, "rejected": [], "worker": stats})
     ray.train.report({"rank": rank, "learned": stats["concepts"], "peak_rss_mb": stats["peak_rss_mb"]})

@@ -59,6 +59,29 @@ def test_end_to_end_on_s3(ray_cluster, catalog, s3_bucket, s3_env):
     assert version.manifest.config["workers"] == 2  # the effective config is stored with the version
 
 
+def test_job_learns_the_same_chunks_as_the_evaluation(ray_cluster, catalog, s3_bucket, s3_env):
+    # The image-side CE couples the concepts of a chunk, so the job must chunk by the catalog, as the
+    # evaluation's ablations do (`learn_in_chunks`), not by the order the stream reaches its 2 workers
+    # (Ray Data batches of 2 concepts, as here, used to split a chunk of 4 over both workers).
+    from factory.backbones import load_backbone
+    from factory.catalogs import read_concepts
+    from factory.concepts import negative_banks
+    from factory.onboarding import learn_in_chunks, prepare_concepts
+    from jobs.evaluate import run_learner_config
+
+    registry = f"{s3_bucket}/registry-chunks"
+    assert _onboard(catalog, registry, "--concepts-per-step", "4", "--batch-size", "2") == 0
+    version = TokenRegistry(registry, s3_env).open()
+    learner, per_step = run_learner_config(version.manifest.config)
+    backbone = load_backbone("tiny-hf-clip")
+    data, _, _ = prepare_concepts(backbone, read_concepts(catalog, s3_env), s3_env)
+    local = {t.concept_id: t for t in learn_in_chunks(backbone, data, negative_banks(data), learner, per_step)}
+    job = {r.concept_id: np.asarray(r.vector) for r in version.records()}
+    assert per_step == 4 and job.keys() == local.keys() and len(job) == 6
+    for cid, v in job.items():
+        np.testing.assert_allclose(v, local[cid].vector.numpy(), rtol=0, atol=1e-5, err_msg=cid)
+
+
 def test_rerun_of_a_finished_run_id_does_nothing(ray_cluster, catalog, s3_bucket, s3_env):
     registry = f"{s3_bucket}/registry"
     assert _onboard(catalog, registry, "--run-id", "again") == 0
@@ -162,3 +185,48 @@ def test_s3_restart_mid_run_loses_nothing(ray_cluster, catalog, s3_bucket, s3_en
         assert _onboard(*args) == 0
     ids = TokenRegistry(registry, s3_env).open().concept_ids()
     assert len(ids) == 6 == len(set(ids))
+
+
+def _stream_rows(catalog_dir, todo, bank_size, per_step=4, s3=None):
+    from factory.backbones import resolve_backbone_config
+    from factory.catalogs import read_concepts
+    from factory.onboarding import image_size_for
+    from jobs.onboard_data import EncodedConcept, concept_stream
+
+    specs = read_concepts(catalog_dir, s3)
+    bb = resolve_backbone_config("tiny-hf-clip", None, s3)
+    encode = {"backbone": bb.to_dict(), "image_size": image_size_for(bb), "s3": s3, "latents": False}
+    banks, stream, n = concept_stream(specs, todo(specs), bank_size, 1, per_step, **encode)
+    chunks = [[c.concept_id for c in chunk] for batch in stream.iter_batches(batch_size=1, batch_format="numpy")
+              for chunk in EncodedConcept.chunks_of(batch)]
+    return specs, banks, chunks, n
+
+
+def test_stream_rows_are_the_catalogs_chunks(ray_cluster, tmp_path):
+    from factory.onboarding import chunks_by_parent
+
+    write_catalog(str(tmp_path), seed=3, products=6, shots=2, heldout=0, contexts=1, distractors=0)
+    specs, _, chunks, n = _stream_rows(str(tmp_path), lambda specs: {s.concept_id for s in specs}, 0)
+    want = [[s.concept_id for s in c] for c in chunks_by_parent(specs, 4)]
+    assert sorted(chunks) == sorted(want) and n == len(want) == 2
+
+
+def test_stream_holds_the_bank_sample_and_the_rest(ray_cluster, tmp_path):
+    write_catalog(str(tmp_path), seed=3, products=6, shots=2, heldout=0, contexts=1, distractors=0)
+    # Chunks of 1 and a bank of 2 images per parent: one chunk per parent streams from the bank sample,
+    # the other is encoded after it; every concept streams exactly once.
+    specs, banks, chunks, n = _stream_rows(str(tmp_path), lambda specs: {s.concept_id for s in specs}, 2, per_step=1)
+    assert sorted(c for chunk in chunks for c in chunk) == sorted(s.concept_id for s in specs) and n == 6
+    assert sorted(len(b.owners) for b in banks.values()) == [2] * len({s.parent for s in specs})
+
+
+def test_stream_of_a_resumed_run_keeps_chunks_whole(ray_cluster, tmp_path):
+    write_catalog(str(tmp_path), seed=3, products=6, shots=2, heldout=0, contexts=1, distractors=0)
+    # One concept of the second chunk still to do: that chunk streams whole (the worker drops the done
+    # ones), so it is learned exactly as in an uninterrupted run; the finished chunk does not stream.
+    from factory.onboarding import chunks_by_parent
+
+    last = lambda specs: max(s.concept_id for s in specs)  # noqa: E731
+    specs, _, chunks, n = _stream_rows(str(tmp_path), lambda specs: {last(specs)}, 0)
+    whole = next([s.concept_id for s in c] for c in chunks_by_parent(specs, 4) if last(specs) in {s.concept_id for s in c})
+    assert n == 1 and chunks == [whole] and len(whole) > 1

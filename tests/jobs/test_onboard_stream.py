@@ -1,8 +1,11 @@
 """The pieces of streaming onboarding that need no cluster: packing, chunking and the bank sample."""
+import json
+
 import numpy as np
 
-from jobs.onboard_data import EncodedConcept, bank_sample, concept_rows, pack, unpack
-from jobs.onboard_train import ChunkBuffer
+from factory.onboarding import chunks_by_parent
+from jobs.onboard_data import EncodedConcept, bank_sample, chunk_rows, pack_many, unpack_many
+from jobs.onboard_train import triage
 from schemas import ConceptSpec
 
 
@@ -14,47 +17,46 @@ def _concept(cid, n):
     return EncodedConcept(cid, "dress", np.zeros((n, 4), np.float32), rejected=[(f"/x/{cid}-bad.png", "corrupt")])
 
 
-def test_pack_round_trips_any_shape_without_pickle():
-    for a in (np.zeros((0, 8, 8, 3), np.uint8), np.arange(12, dtype=np.float32).reshape(3, 4)):
-        b = unpack(pack(a))
+def test_pack_many_round_trips_any_shapes_in_order_without_pickle():
+    arrays = [np.zeros((0, 8, 8, 3), np.uint8), np.arange(12, dtype=np.float32).reshape(3, 4), np.zeros(0, np.float32)]
+    back = unpack_many(pack_many(arrays))
+    assert len(back) == 3
+    for a, b in zip(arrays, back):
         assert b.shape == a.shape and b.dtype == a.dtype and np.array_equal(a, b)
 
 
-def test_concept_rows_are_sorted_by_parent_then_id():
-    rows = concept_rows([_spec("b", "shirt", 1), _spec("z", "dress", 1), _spec("a", "shirt", 1)])
-    assert [(r["parent"], r["concept_id"]) for r in rows] == [("dress", "z"), ("shirt", "a"), ("shirt", "b")]
+def test_chunks_are_formed_from_the_catalog_by_parent_then_id():
+    specs = [_spec("b", "shirt", 1), _spec("z", "dress", 1), _spec("a", "shirt", 1)]
+    rows = chunk_rows(chunks_by_parent(specs, 2))
+    assert [(r["chunk"], json.loads(r["concept_id"]), json.loads(r["parent"])) for r in rows] == [
+        ("z", ["z", "a"], ["dress", "shirt"]), ("b", ["b"], ["shirt"])]
+    assert rows == chunk_rows(chunks_by_parent(list(reversed(specs)), 2))  # catalog order does not matter
 
 
-def test_chunk_buffer_sets_aside_concepts_with_too_few_images():
-    buf = ChunkBuffer(size=2, min_images=2, done=set())
-    for cid, n in [("a", 3), ("b", 1), ("c", 2)]:
-        buf.add(_concept(cid, n))
-    assert [c.concept_id for c in buf.take()] == ["a", "c"]
-    notes = buf.notes()
-    assert notes["skipped"] == {"b": "only 1 usable image(s), need 2"} and len(notes["rejected"]) == 3
-    assert buf.notes() == {"skipped": {}, "rejected": []}  # reported once
+def test_triage_sets_aside_concepts_with_too_few_images_and_notes_rejects():
+    learn, note = triage([_concept("a", 3), _concept("b", 1), _concept("c", 2)], min_images=2, done=set())
+    assert [c.concept_id for c in learn] == ["a", "c"]
+    assert note["skipped"] == {"b": "only 1 usable image(s), need 2"} and len(note["rejected"]) == 3
 
 
-def test_chunk_buffer_holds_a_partial_chunk_until_the_end():
-    buf = ChunkBuffer(size=2, min_images=1, done={"done"})
-    buf.add(_concept("done", 2))  # staged by an earlier attempt: not learned again
-    buf.add(_concept("a", 2))
-    assert buf.take() == []
-    assert [c.concept_id for c in buf.take(final=True)] == ["a"] and buf.take(final=True) == []
+def test_triage_drops_concepts_staged_by_an_earlier_attempt():
+    learn, note = triage([_concept("done", 2), _concept("a", 2)], min_images=1, done={"done"})
+    assert [c.concept_id for c in learn] == ["a"] and len(note["rejected"]) == 1
 
 
-def test_bank_sample_keeps_every_concept_of_a_small_parent():
-    specs = [_spec(f"c{i}", "dress", 3) for i in range(5)]
-    assert {s.concept_id for s in bank_sample(specs, 100)} == {s.concept_id for s in specs}
+def test_bank_sample_keeps_every_chunk_of_a_small_parent():
+    chunks = chunks_by_parent([_spec(f"c{i}", "dress", 3) for i in range(5)], 2)
+    assert bank_sample(chunks, 100) == chunks
 
 
 def test_bank_sample_is_bounded_per_parent_and_independent_of_order():
     specs = [_spec(f"c{i}", "dress", 4) for i in range(500)] + [_spec(f"s{i}", "shirt", 4) for i in range(500)]
-    chosen = bank_sample(specs, 64)
+    chosen = bank_sample(chunks_by_parent(specs, 4), 64)
     for parent in ("dress", "shirt"):
-        images = sum(len(s.image_uris) for s in chosen if s.parent == parent)
-        assert 64 <= images < 64 + 4  # stops at the first concept that reaches the bound
-    assert {s.concept_id for s in bank_sample(list(reversed(specs)), 64)} == {s.concept_id for s in chosen}
+        images = sum(len(s.image_uris) for c in chosen for s in c if s.parent == parent)
+        assert 64 <= images < 64 + 16  # stops at the first chunk that reaches the bound
+    again = bank_sample(chunks_by_parent(list(reversed(specs)), 4), 64)
+    assert [[s.concept_id for s in c] for c in again] == [[s.concept_id for s in c] for c in chosen]
 
 
 def test_steady_rate_leaves_out_start_up_and_pools_workers():
