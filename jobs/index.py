@@ -77,13 +77,14 @@ def build_index(cfg: IndexConfig):
         ray.init(address=os.environ.get("RAY_ADDRESS"), logging_level="WARNING")
     decoded = ray.data.from_items(items).map_batches(
         decode_batch, fn_kwargs={"size": backbone.image.size, "s3": cfg.s3}, batch_size=cfg.batch_size,
-        concurrency=cfg.decode_tasks,
+        compute=ray.data.TaskPoolStrategy(size=cfg.decode_tasks),
     ).materialize()
     bad = decoded.filter(lambda r: r["error"] != "").select_columns(["uri", "error"]).take_all()
     encoded = decoded.filter(lambda r: r["error"] == "").map_batches(
         CatalogEncoder, fn_constructor_kwargs={"backbone": backbone.to_dict(), "weights": None, "s3": cfg.s3,
                                                "latents": False, "keep": ("item_id", "uri"), "precision": cfg.precision},
-        batch_size=cfg.batch_size, concurrency=cfg.encoders, **encoder_options(cfg.use_gpu),
+        batch_size=cfg.batch_size, compute=ray.data.ActorPoolStrategy(size=cfg.encoders),
+        **encoder_options(cfg.use_gpu),
     )
     ids, uris, feats = [], [], []
     for batch in encoded.iter_batches(batch_size=None, batch_format="numpy"):

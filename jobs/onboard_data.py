@@ -219,12 +219,14 @@ def encoded_chunks(chunks, backbone: dict, image_size: int, s3: S3Options | None
     # and actors would leave a small node no CPU for the decode tasks once the encoder actor and the
     # workers hold theirs, and the stream would stall (measured: a 2-CPU node deadlocked).
     return ray.data.from_items(chunk_rows(chunks)).map_batches(
-        decode_chunks, fn_kwargs={"size": image_size, "s3": s3}, batch_size=batch_size, concurrency=decode_tasks,
+        decode_chunks, fn_kwargs={"size": image_size, "s3": s3}, batch_size=batch_size,
+        compute=ray.data.TaskPoolStrategy(size=decode_tasks),
         num_cpus=STREAM_DECODE_CPUS,
     ).map_batches(
         ChunkEncoder, fn_constructor_kwargs={"backbone": backbone, "s3": s3, "precision": precision,
                                              "latents": latents, "thumbnails": thumbnails},
-        batch_size=batch_size, concurrency=encoders, **encoder_options(use_gpu, STREAM_ENCODER_CPUS),
+        batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=encoders),
+        **encoder_options(use_gpu, STREAM_ENCODER_CPUS),
     )
 
 

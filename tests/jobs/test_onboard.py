@@ -8,6 +8,8 @@ from __future__ import annotations
 import io
 import threading
 import time
+import uuid
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -45,21 +47,33 @@ def _png(size, colour=(200, 10, 10)):
     return buf.getvalue()
 
 
-def test_end_to_end_on_s3(ray_cluster, catalog, s3_bucket, s3_env):
-    registry = f"{s3_bucket}/registry"
-    report_uri = f"{s3_bucket}/report.json"
-    assert _onboard(catalog, registry, "--run-id", "e2e", "--report", report_uri) == 0
-    reg = TokenRegistry(registry, s3_env)
-    version = reg.open()
+@pytest.fixture(scope="module")
+def onboarded(ray_cluster, s3_server):
+    """One run on S3 (2 workers, chunks of 4, Ray Data batches of 2), shared by the tests that read what it
+    wrote: starting Ray Train is most of a run's minute."""
+    bucket = s3_server.create_bucket(f"t-{uuid.uuid4().hex[:16]}")
+    run = SimpleNamespace(catalog=f"{bucket}/catalog", registry=f"{bucket}/registry", report=f"{bucket}/report.json",
+                          s3=s3_server.s3_options)
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in s3_server.env.items():
+            mp.setenv(k, v)
+        write_catalog(run.catalog, seed=3, products=6, shots=3, heldout=1, contexts=1, distractors=0, s3=run.s3)
+        assert _onboard(run.catalog, run.registry, "--run-id", "e2e", "--report", run.report,
+                        "--concepts-per-step", "4", "--batch-size", "2") == 0
+    return run
+
+
+def test_end_to_end_on_s3(onboarded):
+    version = TokenRegistry(onboarded.registry, onboarded.s3).open()
     assert len(version.concept_ids()) == 6 == len(set(version.concept_ids()))
-    report = storage.read_json(report_uri, s3_env)
+    report = storage.read_json(onboarded.report, onboarded.s3)
     assert (report["concepts_requested"], report["concepts_learned"], report["images_read"]) == (6, 6, 18)
     assert report["skipped"] == [] and report["images_rejected"] == []
     assert version.manifest.report["run_id"] == "e2e" and set(report["concept_metrics"]) == set(version.concept_ids())
     assert version.manifest.config["workers"] == 2  # the effective config is stored with the version
 
 
-def test_job_learns_the_same_chunks_as_the_evaluation(ray_cluster, catalog, s3_bucket, s3_env):
+def test_job_learns_the_same_chunks_as_the_evaluation(onboarded):
     # The image-side CE couples the concepts of a chunk, so the job must chunk by the catalog, as the
     # evaluation's ablations do (`learn_in_chunks`), not by the order the stream reaches its 2 workers
     # (Ray Data batches of 2 concepts, as here, used to split a chunk of 4 over both workers).
@@ -69,12 +83,10 @@ def test_job_learns_the_same_chunks_as_the_evaluation(ray_cluster, catalog, s3_b
     from factory.onboarding import learn_in_chunks, prepare_concepts
     from jobs.evaluate import run_learner_config
 
-    registry = f"{s3_bucket}/registry-chunks"
-    assert _onboard(catalog, registry, "--concepts-per-step", "4", "--batch-size", "2") == 0
-    version = TokenRegistry(registry, s3_env).open()
+    version = TokenRegistry(onboarded.registry, onboarded.s3).open()
     learner, per_step = run_learner_config(version.manifest.config)
     backbone = load_backbone("tiny-hf-clip")
-    data, _, _ = prepare_concepts(backbone, read_concepts(catalog, s3_env), s3_env)
+    data, _, _ = prepare_concepts(backbone, read_concepts(onboarded.catalog, onboarded.s3), onboarded.s3)
     local = {t.concept_id: t for t in learn_in_chunks(backbone, data, negative_banks(data), learner, per_step)}
     job = {r.concept_id: np.asarray(r.vector) for r in version.records()}
     assert per_step == 4 and job.keys() == local.keys() and len(job) == 6
@@ -82,13 +94,11 @@ def test_job_learns_the_same_chunks_as_the_evaluation(ray_cluster, catalog, s3_b
         np.testing.assert_allclose(v, local[cid].vector.numpy(), rtol=0, atol=1e-5, err_msg=cid)
 
 
-def test_rerun_of_a_finished_run_id_does_nothing(ray_cluster, catalog, s3_bucket, s3_env):
-    registry = f"{s3_bucket}/registry"
-    assert _onboard(catalog, registry, "--run-id", "again") == 0
-    reg = TokenRegistry(registry, s3_env)
+def test_rerun_of_a_finished_run_id_does_nothing(onboarded, s3_env):
+    reg = TokenRegistry(onboarded.registry, onboarded.s3)
     before = reg.open().records()
     t0 = time.perf_counter()
-    assert _onboard(catalog, registry, "--run-id", "again") == 0
+    assert _onboard(onboarded.catalog, onboarded.registry, "--run-id", "e2e", "--concepts-per-step", "4") == 0
     assert time.perf_counter() - t0 < 10  # no data or training stage ran
     assert reg.versions() == [1]
     assert [r.vector for r in reg.open().records()] == [r.vector for r in before]
