@@ -97,13 +97,22 @@ class _Owned(Protocol):
 _C = TypeVar("_C", bound=_Owned)
 
 
-def chunks_by_parent(concepts: Sequence[_C], size: int) -> list[list[_C]]:
+def chunks_by_parent(concepts: Sequence[_C], size: int, catalog: Sequence[_Owned] | None = None) -> list[list[_C]]:
     """Chunks of at most ``size`` concepts, concepts of one parent kept together where possible. The one
     rule for every learner call (the image-side CE couples a chunk's concepts): the onboarding job applies
-    it to catalog specs, local onboarding and the evaluation's ablations to learner data, so the same
-    catalog gives the same chunks everywhere, whatever the order it arrives in."""
-    ordered = sorted(concepts, key=lambda c: (c.parent, c.concept_id))
-    return [list(ordered[i: i + size]) for i in range(0, len(ordered), size)]
+    it to the catalog's specs, local onboarding and the evaluation's ablations to learner data, so the
+    same catalog gives the same chunks everywhere, whatever the order it arrives in.
+
+    ``catalog``: form the chunks over these concepts instead and keep only the members in ``concepts``
+    (empty chunks dropped). The job chunks the whole catalog before it knows which concepts have too few
+    usable images, so a learner that sees only the registry's concepts chunks the catalog to match it."""
+    ordered = sorted(catalog if catalog is not None else concepts, key=lambda c: (c.parent, c.concept_id))
+    chunks = [list(ordered[i: i + size]) for i in range(0, len(ordered), size)]
+    if catalog is None:
+        return chunks
+    by_id = {c.concept_id: c for c in concepts}
+    kept = [[by_id[c.concept_id] for c in chunk if c.concept_id in by_id] for chunk in chunks]
+    return [chunk for chunk in kept if chunk]
 
 
 def learn_in_chunks(backbone: Backbone, concepts: Sequence[ConceptData], banks: dict[str, NegativeBank],

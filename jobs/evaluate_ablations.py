@@ -65,18 +65,16 @@ def ray_ablations(backbone: str | dict[str, Any], weights: str | None = None, s3
     the same chunks against the same negative banks, and each concept's samples come from its own seed,
     whatever process learns it.
     """
-    def start(data: Sequence[ConceptData], base: LearnerConfig, methods: Sequence[str], concepts_per_step: int):
-        from factory.onboarding import chunks_by_parent
-
+    def start(chunks: Sequence[Sequence[ConceptData]], base: LearnerConfig, methods: Sequence[str]):
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         if not ray.is_initialized():
             ray.init(address=os.environ.get("RAY_ADDRESS"), logging_level="WARNING")
-        shared = ray.put(list(data))  # once in the object store, read by every task
-        chunks = [[c.concept_id for c in chunk] for chunk in chunks_by_parent(data, concepts_per_step)]
+        shared = ray.put([c for chunk in chunks for c in chunk])  # once in the object store, read by every task
+        ids_per_chunk = [[c.concept_id for c in chunk] for chunk in chunks]
         # Submitted now, in the caller's order (the scheduler starts them in that order as CPUs free up);
         # the caller goes on with other work and waits later.
         refs = [(m, _learn_chunk.options(num_cpus=threads, name=f"ablation-{m}-{i}").remote(
-            backbone, weights, s3, shared, ids, base, m, threads)) for m in methods for i, ids in enumerate(chunks)]
+            backbone, weights, s3, shared, ids, base, m, threads)) for m in methods for i, ids in enumerate(ids_per_chunk)]
 
         def wait() -> dict[str, tuple[dict[str, torch.Tensor], float]]:
             tokens: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)

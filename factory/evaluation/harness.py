@@ -18,7 +18,7 @@ from factory.evaluation.methods import (
 )
 from factory.gair import ConceptToken
 from factory.learner import ConceptData, LearnerConfig
-from factory.onboarding import heldout_features, prepare_concepts
+from factory.onboarding import chunks_by_parent, heldout_features, prepare_concepts
 from factory.storage import S3Options
 from schemas import TokenRecord
 
@@ -89,22 +89,22 @@ def targets(metrics: dict) -> dict[str, dict]:
     return out
 
 
-# Starts learning the ablations: (concepts, the run's learner settings, methods, concepts per step) -> a
-# function that waits for them and returns method -> (concept id -> token, seconds it took). Started first,
-# waited for once the stages that need only the registry's tokens are done, so a learner that runs
-# elsewhere (`jobs.evaluate_ablations`: parallel Ray tasks) overlaps GAIR's previews.
-AblationLearner = Callable[[Sequence[ConceptData], LearnerConfig, Sequence[str], int],
+# Starts learning the ablations: (the concepts in the registry run's chunks, the run's learner settings,
+# methods) -> a function that waits for them and returns method -> (concept id -> token, seconds it took).
+# Started first, waited for once the stages that need only the registry's tokens are done, so a learner
+# that runs elsewhere (`jobs.evaluate_ablations`: parallel Ray tasks) overlaps GAIR's previews.
+AblationLearner = Callable[[Sequence[Sequence[ConceptData]], LearnerConfig, Sequence[str]],
                            Callable[[], dict[str, tuple[dict[str, torch.Tensor], float]]]]
 
 
 def learn_ablations_here(backbone: Backbone) -> AblationLearner:
     """The ablations learned one after another in this process, when waited for (nothing runs beside them)."""
-    def start(data, base, methods, concepts_per_step):
+    def start(chunks, base, methods):
         def wait():
             out = {}
             for method in methods:
                 t0 = time.perf_counter()
-                tokens = learn_ablation(backbone, data, base, method, concepts_per_step)
+                tokens = learn_ablation(backbone, chunks, base, method)
                 out[method] = (tokens, time.perf_counter() - t0)
                 log.info("tokens of %s ready (%.1fs)", method, out[method][1])
             return out
@@ -132,7 +132,10 @@ def evaluate(backbone: Backbone, catalog: EvalCatalog, records: Sequence[TokenRe
     methods = [m for m in ABLATIONS if m != "ti_ce_proj" and not (m.startswith("ti") and backbone.generator is None)]
     methods.sort(key=lambda m: not m.startswith("ti"))
     t_ablations = time.perf_counter()
-    pending = (ablations or learn_ablations_here(backbone))(data, config.learner, methods, config.concepts_per_step)
+    # The registry run's chunks: the job chunks the whole catalog (`chunks_by_parent`) and drops the concepts
+    # it skips, so the ablations do the same and each learns exactly what the method's tokens learned with.
+    chunks = chunks_by_parent(data, config.concepts_per_step, catalog=catalog.concepts)
+    pending = (ablations or learn_ablations_here(backbone))(chunks, config.learner, methods)
     stage_seconds: dict[str, float] = {}
     registry_tokens = {d.concept_id: torch.tensor(by_id[d.concept_id].vector) for d in data}
 

@@ -72,7 +72,6 @@ from schemas import DEFAULT_INTENT_MARGIN
 from factory.learner import ConceptData, LearnedToken, LearnerConfig, learn_tokens
 from factory.tokens.prompts import template_prompts
 from factory.losses import LossWeights
-from factory.onboarding import learn_in_chunks
 from factory.tokens import marker
 
 log = logging.getLogger(__name__)
@@ -107,19 +106,19 @@ def ablation_config(base: LearnerConfig, method: str) -> LearnerConfig:
     return dataclasses.replace(base, weights=weights, parametrization=parametrization, log_every=0)
 
 
-def learn_ablation(backbone: Backbone, data: Sequence[ConceptData], base: LearnerConfig, method: str,
-                   concepts_per_step: int) -> dict[str, torch.Tensor]:
-    """Learn one ablation's tokens for ``data``; concept id -> token vector."""
-    learned = learn_in_chunks(backbone, data, negative_banks(data), ablation_config(base, method), concepts_per_step)
-    return _vectors(learned)
+def learn_ablation(backbone: Backbone, chunks: Sequence[Sequence[ConceptData]], base: LearnerConfig,
+                   method: str) -> dict[str, torch.Tensor]:
+    """Learn one ablation's tokens, chunk by chunk (the registry run's chunks, `chunks_by_parent`), against
+    the negative banks of all the chunks' concepts; concept id -> token vector."""
+    banks = negative_banks([c for chunk in chunks for c in chunk])
+    return {cid: v for chunk in chunks for cid, v in learn_ablation_chunk(backbone, chunk, banks, base, method).items()}
 
 
 def learn_ablation_chunk(backbone: Backbone, chunk: Sequence[ConceptData], banks: Mapping[str, NegativeBank],
                          base: LearnerConfig, method: str) -> dict[str, torch.Tensor]:
-    """One chunk (the concepts of one learner call, `chunks_by_parent`) of an ablation, against the negative
-    banks of all the concepts: the unit `learn_ablation` loops over and parallel learners split on. Each
-    chunk learns what it learns inside the whole (its image-side CE sees only the chunk's concepts).
-    `learn_in_chunks` forms the same chunks (`chunks_by_parent`)."""
+    """One chunk (the concepts of one learner call) of an ablation, against the negative banks of all the
+    concepts: the unit `learn_ablation` loops over and parallel learners split on. Each chunk learns what
+    it learns inside the whole (its image-side CE sees only the chunk's concepts)."""
     return _vectors(learn_tokens(backbone, chunk, dict(banks), ablation_config(base, method)))
 
 

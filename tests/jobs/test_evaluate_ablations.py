@@ -6,6 +6,7 @@ from factory.backbones import load_backbone
 from factory.evaluation.harness import learn_ablations_here
 from factory.learner import ConceptData, LearnerConfig
 from factory.losses import LossWeights
+from factory.onboarding import chunks_by_parent
 
 
 def _concepts(backbone, n=3, shots=2):
@@ -24,8 +25,9 @@ def test_ray_tasks_learn_the_in_process_tokens(ray_cluster):
     data = _concepts(backbone)
     base = LearnerConfig(steps=3, weights=LossWeights(ti=1.0, ce=1.0), log_every=0)
     methods = ["ti", "ce_free"]
-    pending = ray_ablations("tiny-hf-clip")(data, base, methods, 2)  # submitted: the caller goes on meanwhile
-    here = learn_ablations_here(backbone)(data, base, methods, 2)()
+    chunks = chunks_by_parent(data, 2)
+    pending = ray_ablations("tiny-hf-clip")(chunks, base, methods)  # submitted: the caller goes on meanwhile
+    here = learn_ablations_here(backbone)(chunks, base, methods)()
     on_ray = pending()
     assert set(on_ray) == set(methods)
     for m in methods:
