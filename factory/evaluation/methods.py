@@ -15,7 +15,8 @@ so each factor (loss, projection) is isolated: ti vs ti_proj and ce_free vs ce i
 ti_proj vs ce vs ti_ce_proj the losses. A k-way tie for the top score counts 1/k (`tie_aware_hits`).
 
 The ablations are learned on the same few-shot images, with the registry run's own learner settings
-(steps, learning rate, seed, λs, concepts per step), changing only what the method name says.
+(steps, learning rate, seed, λs) and its very chunks (`chunks_by_parent` over the catalog, as the job forms
+them), changing only what the method name says.
 
 Retrieval (one query per (concept, context); its relevant gallery items are the targets):
 
