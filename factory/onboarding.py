@@ -117,10 +117,12 @@ def chunks_by_parent(concepts: Sequence[_C], size: int, catalog: Sequence[_Owned
 
 def learn_in_chunks(backbone: Backbone, concepts: Sequence[ConceptData], banks: dict[str, NegativeBank],
                     config: LearnerConfig, concepts_per_step: int,
-                    on_chunk: Callable[[list[LearnedToken]], None] | None = None) -> list[LearnedToken]:
-    """Learn ``concepts`` C at a time; ``on_chunk`` sees each chunk's tokens as soon as they exist."""
+                    on_chunk: Callable[[list[LearnedToken]], None] | None = None,
+                    catalog: Sequence[_Owned] | None = None) -> list[LearnedToken]:
+    """Learn ``concepts`` C at a time, in the chunks `chunks_by_parent` forms (over ``catalog`` when given);
+    ``on_chunk`` sees each chunk's tokens as soon as they exist."""
     out = []
-    for chunk in chunks_by_parent(concepts, concepts_per_step):
+    for chunk in chunks_by_parent(concepts, concepts_per_step, catalog=catalog):
         t0 = time.perf_counter()
         tokens = learn_tokens(backbone, chunk, banks, config)
         log.debug("learned %d concepts in %.1fs", len(chunk), time.perf_counter() - t0)
@@ -154,7 +156,8 @@ def learn_and_commit(registry, specs: Sequence[ConceptSpec], run_id: str, backbo
     data, loaded, skipped = prepare_concepts(backbone, specs, s3, latents=config.weights.ti > 0)
     if not data:
         raise ValueError(f"no concept has a usable image ({len(skipped)} skipped)")
-    learned = learn_in_chunks(backbone, data, negative_banks(data), config, concepts_per_step)
+    # Chunked over the whole catalog, as the Ray job chunks it: a skipped concept does not shift the chunks.
+    learned = learn_in_chunks(backbone, data, negative_banks(data), config, concepts_per_step, catalog=specs)
     thumbs = thumbnails_of(loaded)
     writer = registry.begin(run_id, backbone.name, backbone.fingerprint())
     writer.write_shard("all", [to_record(t, backbone, run_id, thumbs.get(t.concept_id)) for t in learned])
