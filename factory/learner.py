@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from factory.backbones import Backbone
 from factory.errors import DimensionMismatch, EmptyImageSet, NonFiniteLoss
 from factory.losses import LossWeights, text_side_ce
-from factory.objective import concept_seed, objective_terms, ti_weights
+from factory.objective import concept_seed, draw_ti_samples, objective_terms, ti_weights
 from factory.tokens import Subspace, TokenParameters, build_subspace, get_vocabulary, marker, vocabulary_for_parent
 from factory.tokens.prompts import DEFAULT_TEMPLATES
 
@@ -278,14 +278,21 @@ def _step(backbone, cfg, group: _Group, batch, params, opt, frozen, active, stat
     rows, k = _step_rows(cfg, idx, live)
     t_idx = torch.tensor(idx, device=dev)
     vectors = params()[t_idx]
+    samples = None
+    if cfg.weights.ti > 0 and cfg.weights.ce <= 0 and cfg.weights.image_ce <= 0:
+        # TI only: the text encoder feeds nothing but the TI samples' conditioning, so encode just the rows
+        # they drew (about half of them at 2 samples from 4 templates); the other rows would get no gradient.
+        samples = draw_ti_samples(live.concepts, live.gens, scheduler, k, cfg.ti_samples)
+        used = samples.rows.unique()  # sorted
+        rows, samples.rows = rows[used], torch.searchsorted(used, samples.rows)
     # Every row, in order (all concepts active, every template): the batch as tokenised, not a copy of it.
     enc = backbone.encode_text(batch if len(rows) == len(batch) else batch.take(rows), vectors)
-    text = F.normalize(enc.features.float(), dim=-1).view(len(idx), k, -1)
+    text = None if samples is not None else F.normalize(enc.features.float(), dim=-1).view(len(idx), k, -1)
     split_ti = cfg.weights.ti > 0 and cfg.ti_micro_batch > 0
     cut = enc.hidden.detach().requires_grad_() if split_ti else enc.hidden
     others = _stopped_prototypes(backbone, cfg, batch, params, active, state)
     terms = objective_terms(backbone, cfg, live, text, cut, scale, scheduler, vectors, state["ti_weight"][t_idx],
-                             others)
+                             others, samples)
     per_concept = sum(terms.values())
     if not torch.isfinite(per_concept).all():
         bad = [live.concepts[i].concept_id for i in torch.nonzero(~torch.isfinite(per_concept)).flatten().tolist()]

@@ -71,31 +71,38 @@ def ti_weights(backbone, cfg, group, batch, params, scale, scheduler,
 
 
 def objective_terms(backbone, cfg, group, text, hidden, scale, scheduler, vectors, ti_weight,
-                     others=None) -> dict[str, torch.Tensor]:
-    """Weighted per-concept terms [C] of the objective; a term with λ = 0 is never computed.
+                     others=None, ti_samples: TiSamples | None = None) -> dict[str, torch.Tensor]:
+    """Weighted per-concept terms [C] of the objective; a term with λ = 0 is never computed. ``text`` may
+    be None when no CE term is on; ``ti_samples``: the TI term's samples, drawn beforehand (`ti_term`).
 
     With ``cfg.ti_micro_batch`` the TI term comes back detached: its gradient is already in ``hidden.grad``.
     """
     w, terms = cfg.weights, ce_terms(cfg, text, group, scale, others)
     if w.ti > 0:
         terms["ti"] = ti_weight * ti_term(backbone, cfg, group.concepts, hidden, scheduler, group.gens, ti_weight,
-                                           rows_per_concept=text.shape[1])
+                                           rows_per_concept=None if text is None else text.shape[1],
+                                           samples=ti_samples)
     if w.reg > 0:
         terms["reg"] = w.reg * (vectors - group.init).pow(2).sum(-1)
     return terms
 
 
-def ti_term(backbone, cfg, concepts, hidden, scheduler, gens, weight, rows_per_concept: int | None = None,
-             ) -> torch.Tensor:
-    """Per-concept denoising MSE [C] under the token prompts' text states ``hidden`` [C·R, L, w], R =
-    ``rows_per_concept`` (default: every template) prompts per concept, concept-major.
+@dataclasses.dataclass
+class TiSamples:
+    """The TI term's samples of one step, concept-major (``per_concept`` each): a latent, its noise and
+    timestep, and the row of the encoded prompt batch that conditions it."""
 
-    Each concept draws its (image, template, noise, timestep) samples from its own generator, before any
-    splitting, so micro-batching changes memory, not the samples. With ``cfg.ti_micro_batch`` each
-    micro-batch is backpropagated at once (scaled by ``weight`` [C], the term's λ) into ``hidden.grad``
-    and the returned losses are detached.
-    """
-    R, S = rows_per_concept or len(cfg.templates), cfg.ti_samples
+    latents: torch.Tensor
+    noise: torch.Tensor
+    timesteps: torch.Tensor
+    rows: torch.Tensor
+    per_concept: int
+
+
+def draw_ti_samples(concepts, gens, scheduler, rows_per_concept: int, per_concept: int) -> TiSamples:
+    """Each concept's (image, template row, noise, timestep) samples from its own generator, in a fixed
+    order, so they do not depend on the other concepts of the step or on how the term is batched."""
+    R, S = rows_per_concept, per_concept
     lat, noise, steps, rows = [], [], [], []
     for i, (c, g) in enumerate(zip(concepts, gens)):
         idx = torch.randint(c.latents.shape[0], (S,), generator=g)
@@ -105,9 +112,24 @@ def ti_term(backbone, cfg, concepts, hidden, scheduler, gens, weight, rows_per_c
         noise.append(torch.randn(x.shape, generator=g))
         steps.append(torch.randint(scheduler.config.num_train_timesteps, (S,), generator=g))
         rows.append(i * R + tpl)
-    dev, unet = hidden.device, backbone.generator.unet
-    lat, noise, steps, rows = torch.cat(lat).to(dev), torch.cat(noise).to(dev), torch.cat(steps).to(dev), torch.cat(rows)
-    micro = cfg.ti_micro_batch
+    return TiSamples(torch.cat(lat), torch.cat(noise), torch.cat(steps), torch.cat(rows), S)
+
+
+def ti_term(backbone, cfg, concepts, hidden, scheduler, gens, weight, rows_per_concept: int | None = None,
+             samples: TiSamples | None = None) -> torch.Tensor:
+    """Per-concept denoising MSE [C] under the token prompts' text states ``hidden`` [C·R, L, w], R =
+    ``rows_per_concept`` (default: every template) prompts per concept, concept-major.
+
+    The samples are ``samples`` when given (their ``rows`` index ``hidden``), else drawn here
+    (`draw_ti_samples`), so micro-batching changes memory, not the samples. With ``cfg.ti_micro_batch``
+    each micro-batch is backpropagated at once (scaled by ``weight`` [C], the term's λ) into
+    ``hidden.grad`` and the returned losses are detached.
+    """
+    if samples is None:
+        samples = draw_ti_samples(concepts, gens, scheduler, rows_per_concept or len(cfg.templates), cfg.ti_samples)
+    S, dev, unet = samples.per_concept, hidden.device, backbone.generator.unet
+    lat, noise, steps = samples.latents.to(dev), samples.noise.to(dev), samples.timesteps.to(dev)
+    rows, micro = samples.rows, cfg.ti_micro_batch
     if micro <= 0:
         mse = textual_inversion_loss(unet, scheduler, lat, hidden[rows], noise, steps)
         return mse.view(len(concepts), S).mean(1)

@@ -302,3 +302,26 @@ def test_sampled_templates_are_a_concepts_own_alone_or_beside_others(backbone):
 def test_templates_per_step_out_of_range_is_an_error(k):
     with pytest.raises(ValueError, match="templates_per_step"):
         LearnerConfig(templates_per_step=k)
+
+
+def test_ti_only_encodes_just_the_rows_its_samples_use(hf_backbone, monkeypatch):
+    concepts, _, banks = _world(hf_backbone, n_concepts=3, latents=True)
+    rows, original = [], hf_backbone.encode_text
+    monkeypatch.setattr(hf_backbone, "encode_text", lambda b, v=None: rows.append(len(b)) or original(b, v))
+    cfg = LearnerConfig(steps=5, ti_samples=2, log_every=0, weights=LossWeights(ti=1.0, ce=0.0, image_ce=0.0))
+    learn_tokens(hf_backbone, concepts, banks, cfg)
+    # (the first call is the probe, the last the final metrics on every template): per step at most
+    # ti_samples rows per concept, at least one, and fewer than every template on some step.
+    steps = rows[1:-1]
+    assert len(steps) == 5 and all(3 <= n <= 3 * 2 for n in steps)
+
+
+def test_ti_only_learns_what_encoding_every_row_learns(backbone):
+    # The rows TI-only skips carry no gradient; a CE weight too small to move anything (1e-30) takes the
+    # path that encodes every row and must learn the same tokens from the same samples.
+    concepts, _, banks = _world(backbone, n_concepts=3, shots=3, heldout=0, latents=True)
+    ti_only = _vectors(backbone, concepts, banks, weights=LossWeights(ti=1.0, ce=0.0, image_ce=0.0))
+    every_row = _vectors(backbone, concepts, banks, weights=LossWeights(ti=1.0, ce=1e-30, image_ce=0.0, ti_balance=0.0))
+    start = torch.stack([backbone.word_embedding(c.parent) for c in concepts])
+    assert (ti_only - start).norm() > 0  # it learned
+    torch.testing.assert_close(ti_only, every_row, atol=1e-6, rtol=1e-5)
