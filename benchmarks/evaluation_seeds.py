@@ -28,22 +28,29 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXED = ("fixed_0", "fixed_0.25", "fixed_0.5", "fixed_0.75", "fixed_1")
 
 
+CLI = [sys.executable, "-m", "cli", "--log-level", "WARNING"]
+
+
+def pipeline(work: str, seed: int, args, out: str = "out") -> list[list[str]]:
+    """The `tokenfactory` commands (arguments after the CLI) of one seed: world, onboard, index, evaluate."""
+    return [
+        ["world", "--out", f"{work}/catalog", "--seed", str(seed), "--products", str(args.products),
+         "--contexts", str(args.contexts), "--groups-per-parent", str(args.groups_per_parent)],
+        ["onboard", "--catalog", f"{work}/catalog", "--registry", f"{work}/registry", "--workers", "2",
+         "--concepts-per-step", str(args.concepts_per_step), "--steps", str(args.steps), "--run-id", f"seed{seed}"],
+        ["index", "--gallery", f"{work}/catalog", "--out", f"{work}/index"],
+        ["evaluate", "--catalog", f"{work}/catalog", "--registry", f"{work}/registry", "--index", f"{work}/index",
+         "--out", f"{work}/{out}", "--generation-queries", str(args.generation_queries), "--ray-ablations"],
+    ]
+
+
 def run_seed(seed: int, args) -> dict:
     """world -> onboard -> index -> evaluate for one seed; the evaluation's metrics."""
     work = os.path.join(args.work, f"seed{seed}")
     metrics_path = os.path.join(work, "out", "metrics.json")
     if not os.path.exists(metrics_path):
-        cli = [sys.executable, "-m", "cli", "--log-level", "WARNING"]
-        steps = [
-            ["world", "--out", f"{work}/catalog", "--seed", str(seed), "--products", str(args.products),
-             "--contexts", str(args.contexts), "--groups-per-parent", str(args.groups_per_parent)],
-            ["onboard", "--catalog", f"{work}/catalog", "--registry", f"{work}/registry", "--workers", "2",
-             "--concepts-per-step", str(args.concepts_per_step), "--steps", str(args.steps), "--run-id", f"seed{seed}"],
-            ["index", "--gallery", f"{work}/catalog", "--out", f"{work}/index"],
-            ["evaluate", "--catalog", f"{work}/catalog", "--registry", f"{work}/registry", "--index", f"{work}/index",
-             "--out", f"{work}/out", "--generation-queries", str(args.generation_queries), "--ray-ablations"],
-        ]
-        for step in steps:
+        cli = CLI
+        for step in pipeline(work, seed, args):
             t0 = time.perf_counter()
             print(f"[seed {seed}] {step[0]} ...", flush=True)
             with open(os.path.join(args.work, f"seed{seed}-{step[0]}.log"), "w") as log:

@@ -50,10 +50,14 @@ def register(sub) -> None:
     p.add_argument("--ablation-steps", type=int, default=None,
                    help="learner steps of the ablations (default: the registry run's --steps)")
     p.add_argument("--ray-ablations", action="store_true",
-                   help="learn the ablations as parallel Ray tasks, one per ablation (default: one after another "
-                        "in this process)")
+                   help="learn the ablations as parallel Ray tasks, one per (ablation, chunk of concepts), while "
+                        "this process runs GAIR beside them (default: one after another in this process)")
     p.add_argument("--ablation-cpus", type=int, default=1,
                    help="CPUs and torch threads of each ablation task with --ray-ablations (default: 1)")
+    p.add_argument("--threads-while-learning", type=int, default=1,
+                   help="torch threads of this process while the --ray-ablations tasks learn: the tasks hold the "
+                        "node's cores, and a multi-threaded process beside them spins at its own barriers; raise it "
+                        "when the tasks run on other nodes (0: torch's default) (default: 1)")
     add_s3_arguments(p)
     p.set_defaults(func=run)
 
@@ -69,7 +73,7 @@ def config_from_args(args):
                         refine=args.gair_refine, previews_for=args.previews_for,
                         **({} if args.gair_intent_margin is None else {"intent_margin": args.gair_intent_margin}))
     fields = ("catalog", "registry", "index", "out", "version", "backbone", "weights", "max_queries",
-              "generation_queries", "ablation_steps", "ray_ablations", "ablation_cpus")
+              "generation_queries", "ablation_steps", "ray_ablations", "ablation_cpus", "threads_while_learning")
     return EvaluateConfig(**{f: getattr(args, f) for f in fields}, gair=gair, s3=s3_options(args))
 
 

@@ -32,6 +32,9 @@ class EvaluateConfig:
     ablation_steps: int | None = None  # learner steps of the ablations (None: the run's own)
     ray_ablations: bool = False  # learn the ablations as parallel Ray tasks (`jobs.evaluate_ablations`)
     ablation_cpus: int = 1  # CPUs (and torch threads) of each such task
+    # Torch threads of this process while Ray ablation tasks learn beside it (0: unchanged); see
+    # `factory.evaluation.harness.EvaluationConfig.threads_while_learning`. Only with ``ray_ablations``.
+    threads_while_learning: int = 1
     gair: GairSettings = field(default_factory=GairSettings)
     s3: S3Options | None = field(default=None, repr=False)  # never recorded: it may hold keys
 
@@ -95,7 +98,8 @@ def evaluate_registry(cfg: EvaluateConfig) -> dict:
     backbone = load_backbone(cfg.backbone or recorded, weights=cfg.weights, s3=cfg.s3)
     learner, per_step = run_learner_config(version.manifest.config, cfg.ablation_steps)
     config = EvaluationConfig(learner=learner, concepts_per_step=per_step, max_queries=cfg.max_queries,
-                              generation_queries=cfg.generation_queries, gair=cfg.gair)
+                              generation_queries=cfg.generation_queries, gair=cfg.gair,
+                              threads_while_learning=cfg.threads_while_learning if cfg.ray_ablations else 0)
     print(f"[evaluate] {len(catalog.concepts)} concepts, {len(catalog.queries)} queries, gallery index of "
           f"{len(index)}; registry version {version.version} ({len(version)} tokens)", flush=True)
     ablations = None

@@ -1,6 +1,7 @@
 """One evaluation run: a catalog, the registry's tokens, a gallery index -> every metric of `methods`."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -35,6 +36,12 @@ class EvaluationConfig:
     gair: GairSettings = field(default_factory=GairSettings)
     max_queries: int | None = None  # evaluate only the first N queries (GAIR costs previews per query)
     generation_queries: int | None = 24  # queries whose composition prompts every method samples (None: all)
+    # Torch threads of this process for the stages that run while the ablations learn elsewhere (0: as is).
+    # Parallel ablation tasks hold the node's cores; a multi-threaded process beside them has its threads
+    # spin at every op's barrier waiting for a sibling that is descheduled, so it and the tasks both slow
+    # down (measured on 2 cores: a 2-thread UNet loop beside two 1-thread tasks ran 2.8x slower than on one
+    # thread, and the tasks 1.4x slower). `jobs.evaluate` sets 1 with Ray ablations on this node.
+    threads_while_learning: int = 0
 
 
 @dataclass
@@ -112,6 +119,18 @@ def learn_ablations_here(backbone: Backbone) -> AblationLearner:
     return start
 
 
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Run the block on ``n`` torch intra-op threads (0: unchanged), then restore the previous count."""
+    before = torch.get_num_threads()
+    if n > 0:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def evaluate(backbone: Backbone, catalog: EvalCatalog, records: Sequence[TokenRecord], index,
              config: EvaluationConfig, s3: S3Options | None = None, progress: bool = True,
              ablations: AblationLearner | None = None) -> Evaluation:
@@ -141,26 +160,27 @@ def evaluate(backbone: Backbone, catalog: EvalCatalog, records: Sequence[TokenRe
 
     # GAIR's retrieval and previews, the method's and the caption's composition and the held-out features need
     # only the registry's tokens: they run while the ablations learn.
-    t1 = time.perf_counter()
-    protos = _prototypes(data, by_id)
-    rivals = look_alikes(protos, {d.concept_id: d.parent for d in data})
-    concepts = {d.concept_id: ConceptToken(registry_tokens[d.concept_id], d.parent, protos[d.concept_id],
-                                           rivals[d.concept_id]) for d in data}
-    eval_catalog = catalog
-    if config.max_queries is not None:
-        eval_catalog = EvalCatalog(catalog.name, catalog.concepts, catalog.queries[: config.max_queries], catalog.gallery)
-    outcome = retrieval_and_generation(backbone, eval_catalog, index, concepts, config.gair, progress=progress)
-    stage_seconds["retrieval_generation"] = time.perf_counter() - t1
-    t1 = time.perf_counter()
-    g = config.gair
-    compose = lambda token_sets, caption: composition_generation(  # noqa: E731
-        backbone, eval_catalog, token_sets, protos, g.previews, g.steps, g.guidance, g.seed, config.generation_queries,
-        caption=caption)
-    composition = compose({"ti_ce_proj": registry_tokens}, True)  # the method and the caption: no ablation needed
-    stage_seconds["composition"] = time.perf_counter() - t1
-    t1 = time.perf_counter()
-    heldout = heldout_features(backbone, specs, s3)
-    stage_seconds["classification"] = time.perf_counter() - t1
+    with torch_threads(config.threads_while_learning):
+        t1 = time.perf_counter()
+        protos = _prototypes(data, by_id)
+        rivals = look_alikes(protos, {d.concept_id: d.parent for d in data})
+        concepts = {d.concept_id: ConceptToken(registry_tokens[d.concept_id], d.parent, protos[d.concept_id],
+                                               rivals[d.concept_id]) for d in data}
+        eval_catalog = catalog
+        if config.max_queries is not None:
+            eval_catalog = EvalCatalog(catalog.name, catalog.concepts, catalog.queries[: config.max_queries], catalog.gallery)
+        outcome = retrieval_and_generation(backbone, eval_catalog, index, concepts, config.gair, progress=progress)
+        stage_seconds["retrieval_generation"] = time.perf_counter() - t1
+        t1 = time.perf_counter()
+        g = config.gair
+        compose = lambda token_sets, caption: composition_generation(  # noqa: E731
+            backbone, eval_catalog, token_sets, protos, g.previews, g.steps, g.guidance, g.seed, config.generation_queries,
+            caption=caption)
+        composition = compose({"ti_ce_proj": registry_tokens}, True)  # the method and the caption: no ablation needed
+        stage_seconds["composition"] = time.perf_counter() - t1
+        t1 = time.perf_counter()
+        heldout = heldout_features(backbone, specs, s3)
+        stage_seconds["classification"] = time.perf_counter() - t1
 
     t1 = time.perf_counter()
     learned = pending()

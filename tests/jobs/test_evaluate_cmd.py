@@ -10,7 +10,16 @@ from cli.main import main
 
 
 @pytest.mark.ray
-def test_evaluate_a_four_concept_catalog(ray_cluster, tmp_path):
+def test_evaluate_a_four_concept_catalog(ray_cluster, tmp_path, monkeypatch):
+    import torch
+
+    import factory.evaluation.harness as harness
+
+    threads, before = {}, torch.get_num_threads()  # torch threads of this process in a stage beside the tasks
+    for stage in ("retrieval_and_generation", "classification"):  # and one after them
+        original = getattr(harness, stage)
+        monkeypatch.setattr(harness, stage, lambda *a, _f=original, _s=stage, **k: threads.update(
+            {_s: torch.get_num_threads()}) or _f(*a, **k))
     catalog, registry, index, out = (str(tmp_path / d) for d in ("catalog", "registry", "index", "eval"))
     write_catalog(catalog, seed=2, products=4, shots=2, heldout=2, contexts=2, distractors=4)
     assert main(["onboard", "--catalog", catalog, "--registry", registry, "--backbone", "tiny-hf-clip",
@@ -19,6 +28,8 @@ def test_evaluate_a_four_concept_catalog(ray_cluster, tmp_path):
     assert main(["evaluate", "--catalog", catalog, "--registry", registry, "--index", index, "--out", out,
                  "--previews", "1", "--sample-steps", "2", "--alphas", "0,1", "--ray-ablations"]) == 0
 
+    # GAIR ran on one thread while the Ray tasks held the cores, the stages after them on the usual count
+    assert threads == {"retrieval_and_generation": 1, "classification": before} and torch.get_num_threads() == before
     m = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert all((tmp_path / "eval" / f).stat().st_size > 0 for f in FILES)
     assert set(m["classification"]) == set(CLASSIFICATION_METHODS)
