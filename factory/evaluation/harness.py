@@ -40,7 +40,7 @@ class EvaluationConfig:
     # Parallel ablation tasks hold the node's cores; a multi-threaded process beside them has its threads
     # spin at every op's barrier waiting for a sibling that is descheduled, so it and the tasks both slow
     # down (measured on 2 cores: a 2-thread UNet loop beside two 1-thread tasks ran 2.8x slower than on one
-    # thread, and the tasks 1.4x slower). `jobs.evaluate` sets 1 with Ray ablations on this node.
+    # thread, and the tasks 1.4x slower). `evaluate --ray-ablations` sets 1 (`--threads-while-learning`).
     threads_while_learning: int = 0
 
 
