@@ -50,6 +50,7 @@ def build_index(cfg: IndexConfig):
     import numpy as np
     import ray
     import ray.data
+    from ray.data.expressions import col
 
     from factory.backbones import resolve_backbone_config
     from factory.catalogs import gallery_items
@@ -79,8 +80,9 @@ def build_index(cfg: IndexConfig):
         decode_batch, fn_kwargs={"size": backbone.image.size, "s3": cfg.s3}, batch_size=cfg.batch_size,
         compute=ray.data.TaskPoolStrategy(size=cfg.decode_tasks),
     ).materialize()
-    bad = decoded.filter(lambda r: r["error"] != "").select_columns(["uri", "error"]).take_all()
-    encoded = decoded.filter(lambda r: r["error"] == "").map_batches(
+    # Expressions, not Python lambdas: Ray evaluates them on the Arrow blocks without a row-by-row call.
+    bad = decoded.filter(expr=col("error") != "").select_columns(["uri", "error"]).take_all()
+    encoded = decoded.filter(expr=col("error") == "").map_batches(
         CatalogEncoder, fn_constructor_kwargs={"backbone": backbone.to_dict(), "weights": None, "s3": cfg.s3,
                                                "latents": False, "keep": ("item_id", "uri"), "precision": cfg.precision},
         batch_size=cfg.batch_size, compute=ray.data.ActorPoolStrategy(size=cfg.encoders),

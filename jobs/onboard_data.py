@@ -283,6 +283,8 @@ def concept_stream(specs, todo_ids: set[str], bank_size: int, min_images: int, c
     is encoded first and kept in Ray's object store (bounded by ``bank_size``), so its chunks stream to
     the workers from there and every image is still encoded exactly once; the rest is encoded as the
     workers pull."""
+    from ray.data.expressions import col
+
     from factory.onboarding import chunks_by_parent
 
     chunks = chunks_by_parent(specs, concepts_per_step)
@@ -291,6 +293,7 @@ def concept_stream(specs, todo_ids: set[str], bank_size: int, min_images: int, c
     banks = banks_of(encoded, min_images)
     in_sample = {c[0].concept_id for c in sample}
     keep = {c[0].concept_id for c in sample if any(s.concept_id in todo_ids for s in c)}
-    stream = encoded.filter(lambda row: row["chunk"] in keep) if len(keep) < len(sample) else encoded
+    # An expression, not a Python lambda: Ray evaluates it on the Arrow block without a row-by-row call.
+    stream = encoded.filter(expr=col("chunk").is_in(sorted(keep))) if len(keep) < len(sample) else encoded
     rest = [c for c in chunks if c[0].concept_id not in in_sample and any(s.concept_id in todo_ids for s in c)]
     return banks, (stream.union(encoded_chunks(rest, **encode)) if rest else stream), len(keep) + len(rest)
