@@ -25,7 +25,7 @@ import torch
 
 from factory.backbones import Backbone
 from factory.evaluation.harness import AblationLearner
-from factory.learner import ConceptData, LearnerConfig
+from factory.learner import ConceptData, LearnerConfig, NegativeBank
 from factory.storage import S3Options
 
 _MODELS: dict[str, Backbone] = {}  # per worker process: every task it runs shares one loaded backbone
@@ -42,17 +42,17 @@ def _model(backbone: str | dict[str, Any], weights: str | None, s3: S3Options | 
 
 @ray.remote(max_retries=1)
 def _learn_chunk(backbone: str | dict[str, Any], weights: str | None, s3: S3Options | None,
-                 data: list[ConceptData], chunk_ids: list[str], base: LearnerConfig, method: str,
-                 threads: int) -> tuple[dict[str, torch.Tensor], float]:
-    from factory.concepts import negative_banks
+                 shared: tuple[list[ConceptData], dict[str, NegativeBank]], chunk_ids: list[str], base: LearnerConfig,
+                 method: str, threads: int) -> tuple[dict[str, torch.Tensor], float]:
     from factory.evaluation.methods import learn_ablation_chunk
 
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
     model = _model(backbone, weights, s3)
+    data, banks = shared
     by_id = {d.concept_id: d for d in data}
     chunk = [by_id[c] for c in chunk_ids]
-    return learn_ablation_chunk(model, chunk, negative_banks(data), base, method), time.perf_counter() - t0
+    return learn_ablation_chunk(model, chunk, banks, base, method), time.perf_counter() - t0
 
 
 def ray_ablations(backbone: str | dict[str, Any], weights: str | None = None, s3: S3Options | None = None,
@@ -69,7 +69,11 @@ def ray_ablations(backbone: str | dict[str, Any], weights: str | None = None, s3
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         if not ray.is_initialized():
             ray.init(address=os.environ.get("RAY_ADDRESS"), logging_level="WARNING")
-        shared = ray.put([c for chunk in chunks for c in chunk])  # once in the object store, read by every task
+        from factory.concepts import negative_banks
+
+        data = [c for chunk in chunks for c in chunk]
+        # The concepts and their negative banks, formed once and put in the object store once, read by every task.
+        shared = ray.put((data, negative_banks(data)))
         ids_per_chunk = [[c.concept_id for c in chunk] for chunk in chunks]
         # Submitted now, in the caller's order (the scheduler starts them in that order as CPUs free up);
         # the caller goes on with other work and waits later.
