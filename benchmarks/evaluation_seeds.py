@@ -44,17 +44,26 @@ def pipeline(work: str, seed: int, args, out: str = "out") -> list[list[str]]:
     ]
 
 
+def add_pipeline_arguments(p: argparse.ArgumentParser, products: int) -> None:
+    """The flags `pipeline` reads: the world's and the onboarding run's."""
+    p.add_argument("--products", type=int, default=products, help=f"products per world (default: {products})")
+    p.add_argument("--contexts", type=int, default=3, help="gallery scenes per product = queries per product (default: 3)")
+    p.add_argument("--groups-per-parent", type=int, default=2, help="colourway groups per category (default: 2)")
+    p.add_argument("--steps", type=int, default=150, help="onboarding learner steps (default: 150)")
+    p.add_argument("--concepts-per-step", type=int, default=6, help="onboarding C (default: 6)")
+    p.add_argument("--generation-queries", type=int, default=24, help="composition queries per seed (default: 24)")
+
+
 def run_seed(seed: int, args) -> dict:
     """world -> onboard -> index -> evaluate for one seed; the evaluation's metrics."""
     work = os.path.join(args.work, f"seed{seed}")
     metrics_path = os.path.join(work, "out", "metrics.json")
     if not os.path.exists(metrics_path):
-        cli = CLI
         for step in pipeline(work, seed, args):
             t0 = time.perf_counter()
             print(f"[seed {seed}] {step[0]} ...", flush=True)
             with open(os.path.join(args.work, f"seed{seed}-{step[0]}.log"), "w") as log:
-                subprocess.run(cli + step, check=True, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+                subprocess.run(CLI + step, check=True, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
             print(f"[seed {seed}] {step[0]} done in {time.perf_counter() - t0:.0f}s", flush=True)
     with open(metrics_path) as f:
         return json.load(f)
@@ -131,12 +140,7 @@ def bootstrap(u: dict, draws: int, seed: int = 0) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="world seeds (default: 1 2 3; 0 is for tuning)")
-    p.add_argument("--products", type=int, default=12, help="products per world (default: 12)")
-    p.add_argument("--contexts", type=int, default=3, help="gallery scenes per product = queries per product (default: 3)")
-    p.add_argument("--groups-per-parent", type=int, default=2, help="colourway groups per category (default: 2)")
-    p.add_argument("--steps", type=int, default=150, help="onboarding learner steps (default: 150)")
-    p.add_argument("--concepts-per-step", type=int, default=6, help="onboarding C (default: 6)")
-    p.add_argument("--generation-queries", type=int, default=24, help="composition queries per seed (default: 24)")
+    add_pipeline_arguments(p, products=12)
     p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap draws (default: 2000)")
     p.add_argument("--work", default="build/eval-seeds", help="working folder (catalogs, registries, indexes, logs)")
     p.add_argument("--out", default="build/evaluation_seeds.json", help="JSON output path")

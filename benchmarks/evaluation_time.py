@@ -25,7 +25,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from evaluation_seeds import CLI, ROOT, pipeline  # noqa: E402
+from evaluation_seeds import CLI, ROOT, add_pipeline_arguments, pipeline  # noqa: E402
 
 TARGET_SECONDS = 15 * 60
 
@@ -58,12 +58,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", type=int, default=2, help="timed evaluate runs (default: 2)")
     p.add_argument("--seed", type=int, default=4, help="world seed (default: 4, neither tuning nor reported)")
-    p.add_argument("--products", type=int, default=30, help="products in the catalog (default: 30)")
-    p.add_argument("--contexts", type=int, default=3, help="gallery scenes per product = queries per product (default: 3)")
-    p.add_argument("--groups-per-parent", type=int, default=2, help="colourway groups per category (default: 2)")
-    p.add_argument("--steps", type=int, default=150, help="onboarding learner steps (default: 150)")
-    p.add_argument("--concepts-per-step", type=int, default=6, help="onboarding C (default: 6)")
-    p.add_argument("--generation-queries", type=int, default=24, help="composition queries (default: 24, evaluate's)")
+    add_pipeline_arguments(p, products=30)
     p.add_argument("--threads-while-learning", type=int, default=1,
                    help="evaluate's --threads-while-learning (default: 1, its default; 0: torch's default)")
     p.add_argument("--work", default="build/eval-time", help="working folder (catalog, registry, index, runs, logs)")
