@@ -9,7 +9,7 @@ STAMP := $(VENV)/.tokenfactory-installed
 # headless browser (Chromium + its WebDriver) for the GAIR studio's page test.
 APT_PACKAGES := dataset-fashion-mnist chromium chromium-driver
 
-.PHONY: setup test demo serve apt clean-venv
+.PHONY: setup test demo serve apt clean-venv gpu-check pretrain-gpu
 
 setup: apt $(STAMP)
 
@@ -41,6 +41,24 @@ demo: setup
 # The demo, keeping its service (and embedded S3) up on http://127.0.0.1:8000 until Ctrl-C.
 serve: setup
 	$(VENV)/bin/tokenfactory demo --keep-serving
+
+# On a CUDA machine: the `cuda` tests and the GPU benchmark, JSON + log under build/gpu_check/ (under 8 minutes
+# on one H200); elsewhere its CPU smoke mode. `bash benchmarks/gpu_check.sh --download-wheels` first, here,
+# fetches the wheels a GPU machine without network needs (see the script).
+gpu-check:
+	bash benchmarks/gpu_check.sh $(GPU_CHECK_ARGS)
+
+# Pretrain fashion-mini from scratch on one GPU in about 8 minutes (docs/pretrain-gpu.md; step counts from
+# benchmarks/pretrain_flops.py, an estimate made on a CPU). Writes $(PRETRAIN_GPU_OUT): model.safetensors, logs,
+# embedded_quality.json.
+PRETRAIN_GPU_OUT ?= build/fashion-mini-gpu
+pretrain-gpu: setup
+	$(VENV)/bin/tokenfactory pretrain --stage clip --use-gpu --precision bf16 --out $(PRETRAIN_GPU_OUT) \
+	  --clip-steps 1600 --batch-size 1024 --group-size 4 --checkpoint-every 100 --max-minutes 3.75
+	$(VENV)/bin/tokenfactory pretrain --stage unet --use-gpu --precision bf16 --out $(PRETRAIN_GPU_OUT) \
+	  --unet-steps 4100 --batch-size 256 --checkpoint-every 400 --max-minutes 3.75
+	$(PY) benchmarks/embedded_quality.py --weights $(PRETRAIN_GPU_OUT)/model.safetensors \
+	  --out $(PRETRAIN_GPU_OUT)/embedded_quality.json
 
 clean-venv:
 	rm -rf $(VENV)

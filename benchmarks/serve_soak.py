@@ -120,7 +120,9 @@ def main(argv: list[str] | None = None) -> int:
         data = build_service_data(root, args.seed)
         ray.init(logging_level="WARNING", log_to_driver=False, include_dashboard=True, dashboard_host="127.0.0.1")
         settings = ServeSettings(registry=data["registry"], index=data["index"], api_key_env="TF_SOAK_CLIENT_KEY",
-                                 require_key=True, admin_key_env="TF_SOAK_ADMIN_KEY", poll_s=0)
+                                 require_key=True, admin_key_env="TF_SOAK_ADMIN_KEY", poll_s=0,
+                                 # every soak client connects from 127.0.0.1: one address for 40 clients
+                                 limits={"max_in_flight_per_address": 256})
         url = start(settings, port=_free_port())
         try:
             result = _run(url, data, args)

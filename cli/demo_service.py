@@ -29,7 +29,7 @@ def serve_tour(args, bucket: str, catalog_uri: str, registry_uri: str, s3, s3_en
     settings = ServeSettings(registry=registry_uri, index=index_uri, backbone=args.backbone, weights=args.weights,
                              admin_key_env=KEY_ENV, poll_s=5, s3_env_file=_private_json(s3_env))
     url = start(settings, port=args.port)
-    console.print(f"[demo] service ready at {url} (OpenAPI at {url}/docs)")
+    console.print(f"[demo] service ready at {url} (OpenAPI at {url}/openapi.json, studio at {url}/studio)")
     console.print(f"[demo] GAIR studio: {url}/studio  (compose, preview and refine queries in a browser)")
     try:
         with httpx.Client(base_url=url, timeout=300.0) as client:

@@ -18,6 +18,21 @@ class TokenFactoryError(Exception):
     http_status: int = 422
     code: str = "bad_request"
 
+    def __reduce__(self):
+        # Pickled as (class, args, attributes) and rebuilt *without* calling __init__ (as Ray Train v2's
+        # errors define their own __reduce__): Ray re-raises a remote error from its pickle, and the default
+        # (class, args) calls __init__ with the message, which a subclass whose __init__ takes other
+        # arguments (UnknownConceptMarker's concept ids, StorageError's uri) turns into a wrong error.
+        return _rebuild, (type(self), self.args, self.__dict__)
+
+
+def _rebuild(cls: type, args: tuple, state: dict) -> TokenFactoryError:
+    """A `TokenFactoryError` from `TokenFactoryError.__reduce__`'s parts: the same message, attributes and class."""
+    err = cls.__new__(cls, *args)  # the builtin base's __new__ (OSError's for StorageError), never __init__
+    err.args = args
+    err.__dict__.update(state)
+    return err
+
 
 class MalformedMarker(TokenFactoryError, ValueError):
     """A `<concept:...>` marker whose id is not a valid concept id, or an unclosed marker."""
@@ -115,3 +130,15 @@ class SamplingCancelled(TokenFactoryError):
 
 class CatalogError(TokenFactoryError, ValueError):
     """A catalog that cannot be onboarded as it is (e.g. image URIs outside the catalog)."""
+
+
+class ConfigError(TokenFactoryError, ValueError):
+    """A configuration value that cannot work (a config's ``__post_init__`` or a device/resource check)."""
+
+    code = "bad_config"
+
+
+class DeviceError(TokenFactoryError, RuntimeError):
+    """A device request that cannot be met (no GPU where one was asked for, or more workers than GPUs)."""
+
+    http_status, code = 503, "device_unavailable"

@@ -38,10 +38,14 @@ The ``previews`` rule needs every α's previews.
 ``manual`` takes the caller's α. Retrieval uses q(α*), optionally expanded with the chosen previews' image
 features. Every step's previews (where rendered), what it retrieved and its scores are returned, so a
 person can see why.
+
+The request (`GairRequest`: `GairOptions` and one query; it checks and prices itself) and the result
+(`GairResult` of `GairStep`) are the method's one shape, in `schemas.gair` so that the HTTP API and the
+evaluation derive from them; they are re-exported here.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
@@ -49,14 +53,13 @@ import torch
 import torch.nn.functional as F
 
 from factory.backbones import Backbone
-from factory.errors import MalformedMarker, UnknownConceptMarker
+from factory.errors import UnknownConceptMarker
 from factory.images import to_uint8
-from factory.tokens import marker, split_on_markers
-from schemas import CONCEPT_SLOT, DEFAULT_INTENT_MARGIN, MAX_REFINE
-
-DEFAULT_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
-RULES = ("retrieval", "object", "previews")
-PREVIEWS_FOR = ("every", "chosen")
+from factory.tokens import marker
+from schemas import CONCEPT_SLOT, DEFAULT_INTENT_MARGIN
+# The method's request and result live in `schemas.gair` (one shape for the library, the HTTP API and
+# the evaluation); they are GAIR's own, so they are named here too.
+from schemas.gair import DEFAULT_ALPHAS, PREVIEWS_FOR, RULES, GairOptions, GairRequest, GairResult, GairStep
 
 
 @dataclass
@@ -67,79 +70,6 @@ class ConceptToken:
     parent: str
     prototype: torch.Tensor  # [D] mean normalised image feature of the concept's few-shot images
     rivals: torch.Tensor | None = None  # [R, D] prototypes of its look-alikes (same parent), for ``object``
-
-
-@dataclass
-class GairRequest:
-    concept_ids: list[str]
-    intent: str
-    top_k: int = 10
-    mode: str = "auto"  # "auto": search the α schedule; "manual": use ``alpha``
-    alphas: Sequence[float] = DEFAULT_ALPHAS
-    alpha: float | None = None  # manual mode
-    previews: int = 2  # generated images per α
-    steps: int = 20  # DDIM steps per preview
-    guidance: float = 4.0
-    seed: int = 0
-    expand: float = 0.0  # weight of the chosen previews' mean image feature added to the query (0: off)
-    expand_with: Sequence[int] | None = None  # which previews of the chosen α (default: all of them)
-    template: str | None = None  # the query with a {concept} slot; None: "a photo of {concept} <intent>"
-    rule: str = "retrieval"  # how ``auto`` picks α: see `RULES`
-    intent_margin: float = DEFAULT_INTENT_MARGIN  # the ``retrieval`` rule's intent tolerance (cosine)
-    refine: int = 0  # auto: bisection rounds around the kept α (each scores at most two more α)
-    previews_for: str = "every"  # "every" α of the search, or only the "chosen" one (see `PREVIEWS_FOR`)
-
-    def __post_init__(self):
-        if self.rule not in RULES:
-            raise ValueError(f"rule must be one of {RULES}, got {self.rule!r}")
-        if self.previews_for not in PREVIEWS_FOR:
-            raise ValueError(f"previews_for must be one of {PREVIEWS_FOR}, got {self.previews_for!r}")
-        if not 0 <= self.refine <= MAX_REFINE:
-            raise ValueError(f"refine must be in [0, {MAX_REFINE}] bisection rounds, got {self.refine}")
-        if self.previews < 0:
-            raise ValueError(f"previews must be >= 0, got {self.previews}")
-        if self.rule == "previews" and (self.previews == 0 or self.previews_for != "every") and self.mode == "auto":
-            raise ValueError("the previews rule decides on every α's previews: it needs previews >= 1 and "
-                             "previews_for='every'")
-        if not self.intent_margin >= 0:
-            raise ValueError(f"intent_margin must be >= 0, got {self.intent_margin}")
-        if self.mode not in ("auto", "manual"):
-            raise ValueError(f"mode must be 'auto' or 'manual', got {self.mode!r}")
-        if self.mode == "manual" and self.alpha is None:
-            raise ValueError("manual mode needs an alpha")
-        if not self.concept_ids:
-            raise ValueError("name at least one concept")
-        if not self.alphas or any(not 0.0 <= a <= 1.0 for a in self.alphas):
-            raise ValueError("alphas must be a non-empty list of values in [0, 1]")
-        if split_on_markers(self.intent)[1]:
-            raise MalformedMarker("the intent must be plain words: concept markers belong in concept_ids")
-        if self.template is not None:
-            if self.template.count(CONCEPT_SLOT) != 1 or split_on_markers(self.template)[1]:
-                raise ValueError(f"template must have exactly one {CONCEPT_SLOT} slot and no concept markers")
-
-
-@dataclass
-class GairStep:
-    alpha: float
-    fidelity: float  # mean cosine of previews to the concepts' reference features (nan: no previews)
-    intent: float  # mean cosine of previews to the words-only prompt (nan: no previews)
-    score: float  # what the request's rule maximises over the admitted α (see `choose_alpha`)
-    previews: np.ndarray  # uint8 [n, H, W, 3]; n = 0 where this α was not rendered (`previews_for`)
-    features: np.ndarray | None = field(default=None, repr=False)  # [n, D] normalised CLIP features of previews
-    query: np.ndarray | None = field(default=None, repr=False)  # [D] q(α), normalised
-    retrieved: list[tuple[str, str | None, float]] = field(default_factory=list)  # q(α)'s top items
-    retrieved_fidelity: float = float("nan")  # cosine of the top item to the concepts' reference features
-    retrieved_intent: float = float("nan")  # cosine of the top item to the words-only query q(0)
-    retrieved_object: float = float("nan")  # retrieved_fidelity less the top item's best cosine to a rival
-    admitted: bool = True  # passed the rule's gate (``retrieval``: the intent margin)
-
-
-@dataclass
-class GairResult:
-    alpha: float
-    steps: list[GairStep]
-    query: np.ndarray  # [D] the final normalised query
-    ranking: list[tuple[str, str | None, float]] = field(default_factory=list)  # (id, uri, score)
 
 
 def prompts_for(concepts: Sequence[str], parents: Sequence[str], intent: str,
@@ -182,8 +112,7 @@ class _Balance:
         found = index.search(queries_np, k) if len(index) else None
         out = []
         for i, a in enumerate(alphas):
-            step = GairStep(float(a), float("nan"), float("nan"), 0.0, np.zeros((0, 0, 0, 3), np.uint8),
-                            query=queries_np[i])
+            step = GairStep(alpha=float(a), query=queries_np[i])
             if found is not None and found.ids[i]:
                 step.retrieved = list(zip(found.ids[i], found.uris[i], [float(x) for x in found.scores[i]]))
                 top = torch.from_numpy(index.vectors_of(found.ids[i][:1])).to(self.protos.device)[0]
@@ -258,8 +187,9 @@ class Gair:
                 previews = previews[list(request.expand_with)]
             q = F.normalize(torch.from_numpy(chosen.query) + request.expand * previews.mean(0), dim=-1)
             q = q.numpy().astype(np.float32)
-            return GairResult(chosen.alpha, steps, q, self.retrieve(q, request.top_k))
-        return GairResult(chosen.alpha, steps, chosen.query, chosen.retrieved[: request.top_k])
+            return GairResult(alpha=chosen.alpha, steps=steps, ranking=self.retrieve(q, request.top_k), query=q)
+        return GairResult(alpha=chosen.alpha, steps=steps, ranking=chosen.retrieved[: request.top_k],
+                          query=chosen.query)
 
     @staticmethod
     def _decide(steps: list[GairStep], request: GairRequest) -> int:
@@ -311,3 +241,7 @@ def choose_alpha(steps: Sequence[GairStep], rule: str = "retrieval",
 def _minmax(x: np.ndarray) -> np.ndarray:
     span = x.max() - x.min()
     return (x - x.min()) / span if span > 1e-8 else np.full_like(x, 0.5)
+
+
+__all__ = ["DEFAULT_ALPHAS", "PREVIEWS_FOR", "RULES", "ConceptToken", "Gair", "GairOptions", "GairRequest",
+           "GairResult", "GairStep", "bisection_alphas", "choose_alpha", "prompts_for"]

@@ -11,10 +11,20 @@ concept id), and the objective is a *sum* of per-concept losses (`factory.object
 concept learns the same token, and stops at the same step, whether it is learned alone or beside others
 (up to float rounding in batched kernels). The exception is the image-side CE (``weights.image_ce``),
 which couples a group by design; concepts that stopped stay in it as fixed competitors.
+
+On a GPU these equalities hold to rounding only: the backward of row selection and token injection
+accumulates with atomics, flash attention's backward accumulates dQ with atomics, and cuBLAS/cuDNN choose
+kernels by batch size, so a concept's token alone and in a group (or in two runs) differ in the last bits.
+`factory.device.deterministic_cuda()` trades speed for bitwise-repeatable runs where a test needs them.
+
+Steady steps never read the GPU on the host (`Progress`): the host draws rows and TI samples and copies
+them non-blocking, so it runs ahead of the GPU; early stopping reads it once per step, finiteness every
+``log_every`` steps.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import time
@@ -25,80 +35,16 @@ import torch
 import torch.nn.functional as F
 
 from factory.backbones import Backbone
+from factory.concept_group import ConceptData, ConceptGroup, NegativeBank
+from factory.device import to_device
 from factory.errors import DimensionMismatch, EmptyImageSet, NonFiniteLoss
-from factory.losses import LossWeights, text_side_ce
+from factory.learner_config import LearnerConfig, LossWeights  # noqa: F401  (re-exported: its settings)
+from factory.losses import text_side_ce
 from factory.objective import concept_seed, draw_ti_samples, objective_terms, ti_weights
 from factory.tokens import Subspace, TokenParameters, build_subspace, get_vocabulary, marker, vocabulary_for_parent
-from factory.tokens.prompts import DEFAULT_TEMPLATES
+from factory.tokens.tokenizer import PromptBatch
 
 log = logging.getLogger(__name__)
-
-@dataclass
-class LearnerConfig:
-    steps: int = 200
-    lr: float = 0.01
-    weights: LossWeights = field(default_factory=LossWeights)
-    parametrization: str = "projected"  # or "free" (the ablation)
-    templates: tuple[str, ...] = DEFAULT_TEMPLATES
-    ti_samples: int = 2  # TI (latent, noise, t) samples per concept per step
-    # Templates encoded per concept per step, sampled from the concept's own generator (0: all of them).
-    # The text encoder runs on C × this many prompts instead of C × T: the CE terms see a fresh subset
-    # each step (as the diffusers TI example samples one template per image) at 1/T of the cost.
-    templates_per_step: int = 0
-    # TI samples per concept that measure its gradient when λ_TI is calibrated (`LossWeights.ti_balance`),
-    # once, before the first step. One draw is too noisy; with few steps (early stopping) and one TI sample
-    # per step, 8 of them are a large share of a concept's UNet work, hence a setting.
-    calibration_samples: int = 8
-    patience: int = 0  # early stopping: steps without improvement of the loss EMA; 0 disables
-    min_delta: float = 1e-4
-    ema: float = 0.9  # smoothing of the per-concept loss used for early stopping and reported losses
-    seed: int = 0
-    vocabulary: str | None = None  # attribute vocabulary name; None: chosen by parent word
-    rank_tol: float = 1e-4
-    log_every: int = 50
-    # Memory (a GPU at production size): the TI term's UNet samples in micro-batches of this many, each
-    # backpropagated to the text states on its own (0: all C × ti_samples in one call; the token is the
-    # same either way), and UNet gradient checkpointing (recompute activations in the backward pass).
-    ti_micro_batch: int = 0
-    gradient_checkpointing: bool = False
-    # Bound each token's norm to this multiple of the vocabulary's mean word norm (0: unbounded). A token
-    # far longer than any word dominates every prompt it is in, which is what breaks composition.
-    max_norm_ratio: float = 0.0
-
-    def __post_init__(self):
-        if self.parametrization not in ("projected", "free"):
-            raise ValueError(f"parametrization must be 'projected' or 'free', got {self.parametrization!r}")
-        if isinstance(self.weights, dict):
-            self.weights = LossWeights(**self.weights)
-        self.templates = tuple(self.templates)
-        if self.ti_micro_batch < 0:
-            raise ValueError(f"ti_micro_batch must be >= 0 (0: one batch), got {self.ti_micro_batch}")
-        if not 0 <= self.templates_per_step <= len(self.templates):
-            raise ValueError(f"templates_per_step must be in [0, {len(self.templates)}] (0: all), "
-                             f"got {self.templates_per_step}")
-        if self.calibration_samples < 1:
-            raise ValueError(f"calibration_samples must be >= 1, got {self.calibration_samples}")
-        if self.max_norm_ratio < 0:
-            raise ValueError(f"max_norm_ratio must be >= 0 (0: unbounded), got {self.max_norm_ratio}")
-
-
-@dataclass
-class ConceptData:
-    """What the learner needs of one concept: normalised-or-not image features and optional latents."""
-
-    concept_id: str
-    parent: str
-    image_features: torch.Tensor  # [n, D]
-    latents: torch.Tensor | None = None  # [n, c, h, w] in the UNet's input space
-
-
-@dataclass
-class NegativeBank:
-    """Image features of a parent class; rows owned by the concept being learned are masked out."""
-
-    features: torch.Tensor  # [m, D]
-    owners: list[str]  # concept id of each row ("" for distractors owned by no concept)
-
 
 @dataclass
 class LearnedToken:
@@ -112,26 +58,38 @@ class LearnedToken:
     prototype: torch.Tensor | None = None  # [D] mean normalised image feature of the concept
 
 
+_SUBSPACES: dict[tuple, Subspace] = {}  # (fingerprint, vocabulary and words, parent, rank_tol) -> subspace
+
+
 def subspaces_for(backbone: Backbone, parents: Sequence[str], vocabulary: str | None = None,
                   rank_tol: float = 1e-4) -> dict[str, Subspace]:
-    """One subspace per distinct parent word (shared by every concept of that parent)."""
-    out = {}
+    """One subspace per distinct parent word (shared by every concept of that parent).
+
+    Built on the CPU in float64 from fp32 word embeddings and cached per backbone fingerprint: the same
+    ``basis_id`` then names the same basis on every device and precision (on a GPU it was an SVD on the
+    device, rebuilt per chunk, with a blocking copy per word), and a chunk of a known parent costs nothing.
+    """
+    out, embed = {}, None
     for p in dict.fromkeys(parents):
         vocab = get_vocabulary(vocabulary) if vocabulary else vocabulary_for_parent(p)
-        with torch.no_grad():
-            out[p] = build_subspace(backbone.word_embedding, vocab, p, rank_tol=rank_tol,
-                                    salt=backbone.fingerprint())
+        key = (backbone.fingerprint(), vocab.name, tuple(vocab.words()), p, rank_tol)
+        if key not in _SUBSPACES:
+            embed = embed or backbone.word_embeddings_cpu()
+            with torch.no_grad():
+                _SUBSPACES[key] = build_subspace(embed, vocab, p, rank_tol=rank_tol, salt=backbone.fingerprint())
+        out[p] = _SUBSPACES[key]
     return out
 
 
 def _pad(rows: list[torch.Tensor], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows [n_i, D] (on the CPU) -> one padded [len, n, D] tensor and its mask, each copied once."""
     n = max(1, max(r.shape[0] for r in rows))
-    out = torch.zeros(len(rows), n, rows[0].shape[-1], device=device)
-    mask = torch.zeros(len(rows), n, dtype=torch.bool, device=device)
+    out = torch.zeros(len(rows), n, rows[0].shape[-1])
+    mask = torch.zeros(len(rows), n, dtype=torch.bool)
     for i, r in enumerate(rows):
         out[i, : r.shape[0]] = r
         mask[i, : r.shape[0]] = True
-    return out, mask
+    return to_device(out, device), to_device(mask, device)
 
 
 def _validate(backbone: Backbone, concepts: Sequence[ConceptData], config: LearnerConfig, embed_dim: int):
@@ -153,41 +111,22 @@ def _validate(backbone: Backbone, concepts: Sequence[ConceptData], config: Learn
         raise ValueError(f"backbone {backbone.name!r} has no generator: set weights.ti = 0")
 
 
-@dataclass
-class _Group:
-    """The concepts learned together and their tensors; row i of each tensor is concept i."""
-
-    concepts: list[ConceptData]
-    pos: torch.Tensor  # [C, N, D] normalised own-image features, ``pos_mask`` [C, N] valid rows
-    pos_mask: torch.Tensor
-    neg: torch.Tensor  # [C, M, D] the parent's negative bank less the concept's own rows
-    neg_mask: torch.Tensor
-    init: torch.Tensor  # [C, d] the parent words' embeddings
-    gens: list[torch.Generator]  # TI samples, one generator per concept
-    template_gens: list[torch.Generator]  # sampled templates (apart, so TI samples do not depend on them)
-
-    def take(self, idx: list[int]) -> "_Group":
-        t = torch.as_tensor(idx, dtype=torch.long, device=self.pos.device)
-        return _Group([self.concepts[i] for i in idx], self.pos[t], self.pos_mask[t], self.neg[t],
-                      self.neg_mask[t], self.init[t], [self.gens[i] for i in idx],
-                      [self.template_gens[i] for i in idx])
-
-
 def _group(backbone: Backbone, cfg: LearnerConfig, concepts: Sequence[ConceptData],
-           banks: Mapping[str, NegativeBank]) -> _Group:
+           banks: Mapping[str, NegativeBank]) -> ConceptGroup:
     dev = backbone.device
     C = len(concepts)
     with torch.no_grad():
-        init = torch.stack([backbone.word_embedding(c.parent) for c in concepts]).float()
-    pos, pos_mask = _pad([F.normalize(c.image_features.float(), dim=-1).to(dev) for c in concepts], dev)
+        embed = backbone.word_embeddings_cpu()
+        init = to_device(torch.stack([embed(c.parent) for c in concepts]), dev)
+    pos, pos_mask = _pad([F.normalize(c.image_features.float().cpu(), dim=-1) for c in concepts], dev)
     neg_rows = []
     for c in concepts:
         bank = banks.get(c.parent)
         if bank is None or bank.features.shape[0] == 0:
-            neg_rows.append(torch.zeros(0, pos.shape[-1], device=dev))
+            neg_rows.append(torch.zeros(0, pos.shape[-1]))
             continue
         keep = torch.tensor([o != c.concept_id for o in bank.owners], dtype=torch.bool)
-        neg_rows.append(F.normalize(bank.features.float(), dim=-1)[keep].to(dev))
+        neg_rows.append(F.normalize(bank.features.float().cpu(), dim=-1)[keep])
     if any(r.shape[0] == 0 for r in neg_rows) and cfg.weights.ce > 0:
         lonely = [c.concept_id for c, r in zip(concepts, neg_rows) if r.shape[0] == 0]
         log.warning("no negatives for %d concept(s) (e.g. %s): their CE term is zero", len(lonely), lonely[:3])
@@ -195,7 +134,73 @@ def _group(backbone: Backbone, cfg: LearnerConfig, concepts: Sequence[ConceptDat
         torch.zeros(C, 1, pos.shape[-1], device=dev), torch.zeros(C, 1, dtype=torch.bool, device=dev))
     gens = [torch.Generator().manual_seed(concept_seed(cfg.seed, c.concept_id)) for c in concepts]
     tgens = [torch.Generator().manual_seed(concept_seed(cfg.seed, "templates/" + c.concept_id)) for c in concepts]
-    return _Group(list(concepts), pos, pos_mask, neg, neg_mask, init, gens, tgens)
+    return ConceptGroup(list(concepts), pos, pos_mask, neg, neg_mask, init, gens, tgens)
+
+
+@dataclass
+class StepContext:
+    """What every step of one `learn_tokens` call reads: fixed for the call."""
+
+    backbone: Backbone
+    cfg: LearnerConfig
+    group: ConceptGroup
+    batch: PromptBatch  # every prompt (C × T, concept-major), on the device
+    batch_cpu: PromptBatch  # the same on the host, where sub-batches are cut (`PromptBatch.take`)
+    params: TokenParameters
+    opt: torch.optim.Optimizer
+    frozen: list[torch.Tensor]  # each parameter as of the last step its concept was active
+    scale: float  # the CLIP logit scale
+    scheduler: object | None  # the DDPM noise scheduler of the TI term (None without it)
+    max_norm: float  # bound on a token's norm (0: none)
+    on_step: Callable[[int, int], None] | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.backbone.device
+
+
+@dataclass
+class Progress:
+    """Per-concept progress [C] of one call, kept on the device: the host reads it only to log, to stop
+    early (``patience``) and to check finiteness, so a steady step never waits for the GPU."""
+
+    ti_weight: torch.Tensor
+    ema: torch.Tensor
+    best: torch.Tensor
+    wait: torch.Tensor
+    steps_run: torch.Tensor
+    active: torch.Tensor  # bool [C] on the device
+    nonfinite: torch.Tensor  # bool [C]: the loss was non-finite at some step since the last check
+    active_idx: list[int]  # the host's copy of ``active``, as indices
+    last: dict[str, torch.Tensor] = field(default_factory=dict)  # each term's last value
+    stopped_protos: dict[int, torch.Tensor] = field(default_factory=dict)
+    t0: float = field(default_factory=time.perf_counter)
+
+    @classmethod
+    def start(cls, ti_weight: torch.Tensor) -> "Progress":
+        C, dev = ti_weight.shape[0], ti_weight.device
+        return cls(ti_weight=ti_weight, ema=torch.full((C,), float("nan"), device=dev),
+                   best=torch.full((C,), float("inf"), device=dev), wait=torch.zeros(C, dtype=torch.long, device=dev),
+                   steps_run=torch.zeros(C, dtype=torch.long, device=dev),
+                   active=torch.ones(C, dtype=torch.bool, device=dev),
+                   nonfinite=torch.zeros(C, dtype=torch.bool, device=dev), active_idx=list(range(C)))
+
+
+def _resolve_memory(backbone: Backbone, cfg: LearnerConfig, n_concepts: int) -> LearnerConfig:
+    """``ti_micro_batch="auto"``: on a GPU, the largest micro-batch that fits the free memory (and
+    checkpointing only where none does, `factory.memory`); elsewhere one batch."""
+    if cfg.ti_micro_batch != "auto":
+        return cfg
+    if backbone.device.type != "cuda" or cfg.weights.ti <= 0 or backbone.generator is None:
+        return dataclasses.replace(cfg, ti_micro_batch=0)
+    from factory.memory import auto_ti_micro_batch
+
+    free, _ = torch.cuda.mem_get_info(backbone.device)
+    micro, checkpointing = auto_ti_micro_batch(backbone, cfg, n_concepts, free)
+    log.info("ti_micro_batch auto: %d (of %d samples), gradient checkpointing %s", micro,
+             n_concepts * cfg.ti_samples, "on" if checkpointing else "off")
+    return dataclasses.replace(cfg, ti_micro_batch=micro,
+                               gradient_checkpointing=cfg.gradient_checkpointing or checkpointing)
 
 
 def learn_tokens(backbone: Backbone, concepts: Sequence[ConceptData], banks: Mapping[str, NegativeBank],
@@ -207,12 +212,12 @@ def learn_tokens(backbone: Backbone, concepts: Sequence[ConceptData], banks: Map
     with torch.no_grad():
         probe = backbone.encode_prompts(["a"]).features
     _validate(backbone, concepts, cfg, probe.shape[-1])
-    C = len(concepts)
+    cfg = _resolve_memory(backbone, cfg, len(concepts))
     parents = [c.parent for c in concepts]
 
     prompts = [t.format(concept=marker(c.concept_id), parent=c.parent) for c in concepts for t in cfg.templates]
-    batch = backbone.tokenize(prompts)
-    assert batch.concept_ids == [c.concept_id for c in concepts]  # slots follow first appearance
+    batch_cpu = backbone.tokenize(prompts)
+    assert batch_cpu.concept_ids == [c.concept_id for c in concepts]  # slots follow first appearance
 
     group = _group(backbone, cfg, concepts, banks)
     spaces = None
@@ -220,25 +225,24 @@ def learn_tokens(backbone: Backbone, concepts: Sequence[ConceptData], banks: Map
         spaces = dict(subspaces or {})
         spaces.update(subspaces_for(backbone, [p for p in parents if p not in spaces], cfg.vocabulary, cfg.rank_tol))
     params = TokenParameters(group.init, [spaces[p] for p in parents] if spaces else None).to(dev)
-
     scheduler = backbone.generator.noise_scheduler() if cfg.weights.ti > 0 else None
-    scale = backbone.logit_scale
-    opt = torch.optim.Adam(params.parameters(), lr=cfg.lr)
+    ctx = StepContext(backbone, cfg, group, batch_cpu.to(dev), batch_cpu, params,
+                      torch.optim.Adam(params.parameters(), lr=cfg.lr),
+                      [p.detach().clone() for p in params.parameters()], backbone.logit_scale, scheduler,
+                      cfg.max_norm_ratio * backbone.vocab_mean_norm if cfg.max_norm_ratio > 0 else 0.0, on_step)
 
-    ti_weight, ti_ratio = ti_weights(backbone, cfg, group, batch, params, scale, scheduler)
-    active = torch.ones(C, dtype=torch.bool, device=dev)
-    state = {"ti_weight": ti_weight, "ema": torch.full((C,), float("nan"), device=dev),
-             "best": torch.full((C,), float("inf"), device=dev), "wait": torch.zeros(C, dtype=torch.long, device=dev),
-             "steps_run": torch.zeros(C, dtype=torch.long, device=dev), "last": {}, "stopped_protos": {},
-             "max_norm": cfg.max_norm_ratio * backbone.vocab_mean_norm if cfg.max_norm_ratio > 0 else 0.0}
-    frozen = [p.detach().clone() for p in params.parameters()]
-    t0 = time.perf_counter()
     with _checkpointing(backbone, cfg.gradient_checkpointing and scheduler is not None):
+        # Calibration inside checkpointing and in the step's micro-batches: it ran 4× a step's UNet
+        # samples in one un-checkpointed batch and was the memory peak of the whole call (C=32 on SD 1.5:
+        # 187 GiB against a 50 GiB step).
+        ti_weight, ti_ratio = ti_weights(backbone, cfg, group, ctx.batch, params, ctx.scale, scheduler)
+        progress = Progress.start(ti_weight)
         for step in range(cfg.steps):
-            if not _step(backbone, cfg, group, batch, params, opt, frozen, active, state, scale, scheduler,
-                         step, t0, on_step):
+            _step(ctx, progress, step)
+            if not progress.active_idx:
                 break
-    return _finish(backbone, cfg, group, batch, params, spaces, scale, state, ti_ratio)
+    _check_finite(ctx, progress, cfg.steps)
+    return _finish(ctx, progress, spaces, ti_ratio)
 
 
 @contextlib.contextmanager
@@ -254,53 +258,63 @@ def _checkpointing(backbone: Backbone, on: bool):
             unet.disable_gradient_checkpointing()
 
 
-def _step_rows(cfg, idx: list[int], live: _Group) -> tuple[torch.Tensor, int]:
-    """Rows of the tokenised batch (concept-major, T templates each) that this step encodes: every
-    template of each active concept, or ``templates_per_step`` of them drawn from its own generator."""
+def _step_rows(cfg, idx: list[int], live: ConceptGroup, every: bool) -> tuple[torch.Tensor | None, int]:
+    """Rows of the tokenised batch (concept-major, T templates each) that this step encodes (None: all
+    of them): every template of each active concept, or ``templates_per_step`` of them drawn from its own
+    generator. Host tensors: they index the host batch."""
     T, k = len(cfg.templates), cfg.templates_per_step or len(cfg.templates)
     if k == T:
+        if every:
+            return None, k
         picks = torch.arange(T).expand(len(idx), T)
     else:
         picks = torch.stack([torch.randperm(T, generator=g)[:k].sort().values for g in live.template_gens])
     return (torch.tensor(idx)[:, None] * T + picks).flatten(), k
 
 
-def _step(backbone, cfg, group: _Group, batch, params, opt, frozen, active, state, scale, scheduler, step, t0,
-          on_step) -> bool:
-    """One optimisation step of the active concepts; False once no concept is active.
+def _step(ctx: StepContext, progress: Progress, step: int) -> None:
+    """One optimisation step of the active concepts.
 
     Only active concepts run through the text encoder and the UNet: a concept that stopped early costs
     nothing more (its prototype stays in the image-side CE as a fixed competitor, as it was while frozen).
+    Nothing here reads a GPU value on the host in the steady state (`Progress`): the rows and TI samples
+    are drawn on the host and copied non-blocking, so the host runs ahead of the GPU.
     """
-    C, dev = len(group.concepts), backbone.device
-    idx = torch.nonzero(active).flatten().tolist()
-    live = group if len(idx) == C else group.take(idx)
-    rows, k = _step_rows(cfg, idx, live)
-    t_idx = torch.tensor(idx, device=dev)
-    vectors = params()[t_idx]
+    cfg, group, backbone = ctx.cfg, ctx.group, ctx.backbone
+    idx = progress.active_idx
+    every = len(idx) == len(group.concepts)
+    live = group if every else group.take(idx)
+    rows, k = _step_rows(cfg, idx, live, every)
+    t_idx = None if every else to_device(torch.tensor(idx), ctx.device)
+    vectors = ctx.params() if every else ctx.params()[t_idx]
     samples = None
     if cfg.weights.ti > 0 and cfg.weights.ce <= 0 and cfg.weights.image_ce <= 0:
         # TI only: the text encoder feeds nothing but the TI samples' conditioning, so encode just the rows
         # they drew (about half of them at 2 samples from 4 templates); the other rows would get no gradient.
-        samples = draw_ti_samples(live.concepts, live.gens, scheduler, k, cfg.ti_samples)
-        used = samples.rows.unique()  # sorted
-        rows, samples.rows = rows[used], torch.searchsorted(used, samples.rows)
-    # Every row, in order (all concepts active, every template): the batch as tokenised, not a copy of it.
-    enc = backbone.encode_text(batch if len(rows) == len(batch) else batch.take(rows), vectors)
+        samples = draw_ti_samples(live.concepts, live.gens, ctx.scheduler, k, cfg.ti_samples)
+        used = samples.rows.unique()  # sorted (host tensors: no device sync)
+        all_rows = rows if rows is not None else torch.arange(len(ctx.batch_cpu))
+        rows, samples.rows = all_rows[used], torch.searchsorted(used, samples.rows)
+    # Every row (all concepts active, every template): the device batch as tokenised, not a copy of it.
+    enc = backbone.encode_text(ctx.batch if rows is None else ctx.batch_cpu.take(rows).to(ctx.device), vectors)
     text = None if samples is not None else F.normalize(enc.features.float(), dim=-1).view(len(idx), k, -1)
     split_ti = cfg.weights.ti > 0 and cfg.ti_micro_batch > 0
     cut = enc.hidden.detach().requires_grad_() if split_ti else enc.hidden
-    others = _stopped_prototypes(backbone, cfg, batch, params, active, state)
-    terms = objective_terms(backbone, cfg, live, text, cut, scale, scheduler, vectors, state["ti_weight"][t_idx],
-                             others, samples)
+    others = _stopped_prototypes(ctx, progress)
+    ti_weight = progress.ti_weight if every else progress.ti_weight[t_idx]
+    terms = objective_terms(backbone, cfg, live, text, cut, ctx.scale, ctx.scheduler, vectors, ti_weight, others,
+                            samples)
     per_concept = sum(terms.values())
-    if not torch.isfinite(per_concept).all():
-        bad = [live.concepts[i].concept_id for i in torch.nonzero(~torch.isfinite(per_concept)).flatten().tolist()]
-        raise NonFiniteLoss(
-            f"loss became non-finite at step {step} for concept(s) {bad[:5]}: lower the learning rate "
-            f"(now {cfg.lr}) or check the images/latents of these concepts for NaN values"
-        )
-    opt.zero_grad(set_to_none=True)
+    # Finiteness is accumulated on the device and read every ``log_every`` steps (every step on a CPU,
+    # where reading costs nothing): a check between forward and backward drained the GPU every step.
+    bad = ~torch.isfinite(per_concept.detach())
+    if every:
+        progress.nonfinite |= bad
+    else:
+        progress.nonfinite.index_put_((t_idx,), progress.nonfinite[t_idx] | bad)
+    if ctx.device.type != "cuda":
+        _check_finite(ctx, progress, step)
+    ctx.opt.zero_grad(set_to_none=True)
     if split_ti:
         # The TI term already sent its gradient to the text states (`cut.grad`), one micro-batch at a time;
         # carry it through the text encoder together with the other terms in one backward pass.
@@ -309,94 +323,115 @@ def _step(backbone, cfg, group: _Group, batch, params, opt, frozen, active, stat
         (loss + (enc.hidden * cut.grad).sum()).backward()
     else:
         per_concept.sum().backward()
-    opt.step()
-    if state["max_norm"] > 0:
-        params.bound_norms_(state["max_norm"])
-    _bookkeep(cfg, params, frozen, active, t_idx, state, terms, per_concept)
-    if on_step is not None:
-        on_step(step + 1, cfg.steps)
+    ctx.opt.step()
+    if ctx.max_norm > 0:
+        ctx.params.bound_norms_(ctx.max_norm)
+    _bookkeep(ctx, progress, t_idx, terms, per_concept)
+    if ctx.on_step is not None:
+        ctx.on_step(step + 1, cfg.steps)
     if cfg.log_every and (step + 1) % cfg.log_every == 0:
-        rate = (step + 1) / (time.perf_counter() - t0)
+        _check_finite(ctx, progress, step)
+        rate = (step + 1) / (time.perf_counter() - progress.t0)
         log.info("step %d/%d  loss %.4f  active %d/%d  %.1f steps/s  eta %.0fs", step + 1, cfg.steps,
-                 float(state["ema"].mean()), int(active.sum()), C, rate, (cfg.steps - step - 1) / rate)
-    return bool(active.any())
+                 float(progress.ema.mean()), len(progress.active_idx), len(group.concepts), rate,
+                 (cfg.steps - step - 1) / rate)
+
+
+def _check_finite(ctx: StepContext, progress: Progress, step: int) -> None:
+    """Raise `NonFiniteLoss` naming the concepts whose loss went non-finite (one host read)."""
+    bad = progress.nonfinite.cpu()
+    if bool(bad.any()):
+        ids = [ctx.group.concepts[i].concept_id for i in torch.nonzero(bad).flatten().tolist()]
+        raise NonFiniteLoss(
+            f"loss became non-finite by step {step} for concept(s) {ids[:5]}: lower the learning rate "
+            f"(now {ctx.cfg.lr}) or check the images/latents of these concepts for NaN values"
+        )
 
 
 @torch.no_grad()
-def _stopped_prototypes(backbone, cfg, batch, params, active, state) -> torch.Tensor | None:
+def _stopped_prototypes(ctx: StepContext, progress: Progress) -> torch.Tensor | None:
     """Template-mean text features [K, D] of the concepts that stopped (for the image-side CE only),
     computed once per concept from its frozen token."""
-    if cfg.weights.image_ce <= 0 or bool(active.all()):
+    if ctx.cfg.weights.image_ce <= 0 or len(progress.active_idx) == len(ctx.group.concepts):
         return None
-    cache, T = state["stopped_protos"], len(cfg.templates)
-    new = [i for i in torch.nonzero(~active).flatten().tolist() if i not in cache]
+    cache, T = progress.stopped_protos, len(ctx.cfg.templates)
+    live = set(progress.active_idx)
+    new = [i for i in range(len(ctx.group.concepts)) if i not in live and i not in cache]
     if new:
         rows = (torch.tensor(new)[:, None] * T + torch.arange(T)).flatten()
-        feats = backbone.encode_text(batch.take(rows), params()[torch.tensor(new, device=backbone.device)]).features
+        vectors = ctx.params()[to_device(torch.tensor(new), ctx.device)]
+        feats = ctx.backbone.encode_text(ctx.batch_cpu.take(rows).to(ctx.device), vectors).features
         protos = F.normalize(F.normalize(feats.float(), dim=-1).view(len(new), T, -1).mean(1), dim=-1)
         cache.update(zip(new, protos))
     return torch.stack([cache[i] for i in sorted(cache)])
 
 
 @torch.no_grad()
-def _bookkeep(cfg, params, frozen, active, idx, state, terms, per_concept) -> None:
+def _bookkeep(ctx: StepContext, progress: Progress, idx: torch.Tensor | None, terms, per_concept) -> None:
     """Freeze stopped concepts, update the loss EMA, the last term values and early stopping (in place).
-    ``terms`` and ``per_concept`` hold the active concepts ``idx`` only."""
-    for p, f in zip(params.parameters(), frozen):
-        p[~active] = f[~active]  # a stopped concept stays exactly where it stopped (Adam's momentum moves it)
-        f[active] = p[active]
-    state["steps_run"] += active.long()
-    detached, ema = per_concept.detach(), state["ema"]
-    old = ema[idx]
-    ema[idx] = torch.where(torch.isnan(old), detached, cfg.ema * old + (1 - cfg.ema) * detached)
-    last = state["last"]
+    ``terms`` and ``per_concept`` hold the active concepts ``idx`` only (None: every concept). Only
+    early stopping (``patience`` > 0) reads the device, once per step."""
+    active, cfg = progress.active, ctx.cfg
+    for p, f in zip(ctx.params.parameters(), ctx.frozen):
+        if idx is not None:  # a stopped concept stays exactly where it stopped (Adam's momentum moves it)
+            p.copy_(torch.where(active.view(-1, *([1] * (p.dim() - 1))), p, f))
+        f.copy_(p)
+    progress.steps_run += active.long()
+    detached, ema = per_concept.detach(), progress.ema
+    sel = slice(None) if idx is None else idx
+    old = ema[sel]
+    ema[sel] = torch.where(torch.isnan(old), detached, cfg.ema * old + (1 - cfg.ema) * detached)
     for name, v in terms.items():
-        last.setdefault(name, torch.zeros_like(ema))[idx] = v.detach()
+        progress.last.setdefault(name, torch.zeros_like(ema))[sel] = v.detach()
     if cfg.patience > 0:
-        improved = ema < state["best"] - cfg.min_delta
-        state["best"] = torch.where(improved & active, ema, state["best"])
-        state["wait"] = torch.where(improved, torch.zeros_like(state["wait"]), state["wait"] + 1)
-        active &= state["wait"] < cfg.patience
+        improved = ema < progress.best - cfg.min_delta
+        progress.best = torch.where(improved & active, ema, progress.best)
+        progress.wait = torch.where(improved, torch.zeros_like(progress.wait), progress.wait + 1)
+        active &= progress.wait < cfg.patience
+        progress.active_idx = torch.nonzero(active.cpu()).flatten().tolist()  # the one read of the step
 
 
 @torch.no_grad()
-def _finish(backbone, cfg, group: _Group, batch, params, spaces, scale, state, ti_ratio) -> list[LearnedToken]:
-    last, ema, steps_run, ti_weight = state["last"], state["ema"], state["steps_run"], state["ti_weight"]
+def _finish(ctx: StepContext, progress: Progress, spaces, ti_ratio) -> list[LearnedToken]:
+    group, cfg, backbone = ctx.group, ctx.cfg, ctx.backbone
     concepts, pos, pos_mask, init = group.concepts, group.pos, group.pos_mask, group.init
-    vectors = params()
+    vectors = ctx.params()
     C, T = len(concepts), len(cfg.templates)
-    text = F.normalize(backbone.encode_text(batch, vectors).features.float(), dim=-1).view(C, T, -1)
-    ce, acc = text_side_ce(text, pos, pos_mask, group.neg, group.neg_mask, scale)
+    text = F.normalize(backbone.encode_text(ctx.batch, vectors).features.float(), dim=-1).view(C, T, -1)
+    ce, acc = text_side_ce(text, pos, pos_mask, group.neg, group.neg_mask, ctx.scale)
+    # Every per-concept number in one host copy (the GPU is read once, not per metric per concept).
+    columns = {"loss": progress.ema, "loss_ce": ce, "train_acc": acc,
+               "cos_to_init": F.cosine_similarity(vectors, init, dim=-1), "steps": progress.steps_run,
+               "n_images": pos_mask.sum(1), "n_negatives": group.neg_mask.sum(1), "ti_weight": progress.ti_weight}
+    if "ti" in progress.last:
+        columns["loss_ti"] = progress.last["ti"] / progress.ti_weight
+    if ti_ratio is not None:
+        columns["ti_grad_ratio_start"] = ti_ratio  # ‖∇TI‖ / ‖∇CE‖ at λ_TI = 1
+    host = dict(zip(columns, torch.stack([c.float() for c in columns.values()]).cpu().tolist()))
+    vectors_cpu = vectors.detach().cpu()
+    w = pos_mask.float()[..., None]  # a masked mean: a boolean index per concept would read the GPU
+    protos = F.normalize((pos * w).sum(1) / w.sum(1).clamp_min(1.0), dim=-1).cpu()
+    coefficients = ctx.params.coefficients_cpu()
     vocab_norm = backbone.vocab_mean_norm
     out = []
     for i, c in enumerate(concepts):
-        v = vectors[i].detach().cpu().clone()
+        v = vectors_cpu[i].clone()
         norm = float(v.norm())
-        metrics = {
-            "loss": float(ema[i]),
-            "loss_ce": float(ce[i]),
-            "train_acc": float(acc[i]),
-            "token_norm": norm,
-            "vocab_mean_norm": vocab_norm,
-            "norm_ratio": norm / vocab_norm,
-            "cos_to_init": float(F.cosine_similarity(v, init[i].cpu(), dim=0)),
-            "steps": float(steps_run[i]),
-            "n_images": float(pos_mask[i].sum()),
-            "n_negatives": float(group.neg_mask[i].sum()),
-        }
-        if "ti" in last:
-            metrics["loss_ti"] = float(last["ti"][i] / ti_weight[i])
-            metrics["ti_weight"] = float(ti_weight[i])
-        if ti_ratio is not None:
-            metrics["ti_grad_ratio_start"] = float(ti_ratio[i])  # ‖∇TI‖ / ‖∇CE‖ at λ_TI = 1
+        metrics = {name: host[name][i] for name in ("loss", "loss_ce", "train_acc")}
+        metrics.update(token_norm=norm, vocab_mean_norm=vocab_norm, norm_ratio=norm / vocab_norm)
+        metrics.update({name: host[name][i] for name in ("cos_to_init", "steps", "n_images", "n_negatives")})
+        if "loss_ti" in host:
+            metrics["loss_ti"] = host["loss_ti"][i]
+            metrics["ti_weight"] = host["ti_weight"][i]
+        if "ti_grad_ratio_start" in host:
+            metrics["ti_grad_ratio_start"] = host["ti_grad_ratio_start"][i]
         if spaces:
             metrics["rank"] = float(spaces[c.parent].rank)
         assert math.isfinite(norm)
         out.append(LearnedToken(
-            concept_id=c.concept_id, parent=c.parent, vector=v, parametrization=params.mode,
-            coefficients=params.coefficients_of(i),
-            basis_id=spaces[c.parent].basis_id if spaces else None, metrics=metrics,
-            prototype=F.normalize(pos[i][pos_mask[i]].mean(0), dim=-1).cpu(),
+            concept_id=c.concept_id, parent=c.parent, vector=v, parametrization=ctx.params.mode,
+            coefficients=coefficients[i] if coefficients is not None else None,
+            basis_id=spaces[c.parent].basis_id if spaces else None, metrics=metrics, prototype=protos[i],
         ))
     return out
 

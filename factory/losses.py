@@ -5,29 +5,11 @@ concepts keeps each concept's update independent of which other concepts share t
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
-
-@dataclass
-class LossWeights:
-    """``λ`` of each term; 0 disables a term and skips its forward pass entirely."""
-
-    ti: float = 1.0  # textual inversion (generative)
-    ce: float = 1.0  # text-side CLIP cross-entropy against the parent's negative bank
-    image_ce: float = 0.0  # image-side CE: each image classified among the tokens learned together
-    reg: float = 0.0  # ‖v − e_p‖²: stay near the parent word
-    # Calibrate λ_TI per concept by measurement (0: λ_TI is ``ti`` as given). At the start, on fresh
-    # samples, the learner measures the gradient each term sends to the concept's parameters and sets
-    # λ_TI,c = ti · ti_balance · ‖∇CE_c‖ / ‖∇TI_c‖: the TI term pulls ``ti_balance`` times as hard as the
-    # CE terms. The raw denoising MSE's gradient is two orders of magnitude below CE's (its loss sits
-    # near the noise floor), so an uncalibrated λ_TI = 1 leaves the token CE-only; and the ratio differs
-    # by backbone, so no fixed λ carries from one to another. Default 0.5: chosen by
-    # benchmarks/objective_sweep.py on world seed 0 (rule fixed before it ran: the highest fidelity + colour
-    # among settings within 0.02 of CE-only's accuracy); README "The objective" has the sweep.
-    ti_balance: float = 0.5
+# Re-exported: the weights are defined with the learner's settings, which import no torch.
+from factory.learner_config import LossWeights  # noqa: F401
 
 
 def text_side_ce(text: torch.Tensor, pos: torch.Tensor, pos_mask: torch.Tensor, neg: torch.Tensor,

@@ -13,10 +13,10 @@ import hashlib
 import torch
 import torch.nn.functional as F
 
+from factory.concept_group import ConceptGroup
+from factory.device import to_device
 from factory.losses import image_side_ce, text_side_ce, textual_inversion_loss
 
-# ``group`` below is the learner's `factory.learner._Group`: the concepts of one step and their tensors
-# (pos/pos_mask, neg/neg_mask, init, gens). Not imported: the learner imports this module.
 
 
 def concept_seed(seed: int, concept_id: str) -> int:
@@ -24,7 +24,7 @@ def concept_seed(seed: int, concept_id: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{concept_id}".encode()).digest()[:8], "little") & (2**63 - 1)
 
 
-def ce_terms(cfg, text, group, scale, others=None) -> dict[str, torch.Tensor]:
+def ce_terms(cfg, text, group: ConceptGroup, scale, others=None) -> dict[str, torch.Tensor]:
     w, terms = cfg.weights, {}
     if w.ce > 0:
         terms["ce"] = w.ce * text_side_ce(text, group.pos, group.pos_mask, group.neg, group.neg_mask, scale)[0]
@@ -33,12 +33,14 @@ def ce_terms(cfg, text, group, scale, others=None) -> dict[str, torch.Tensor]:
     return terms
 
 
-def term_gradient_norms(backbone, cfg, group, batch, params, scale, scheduler,
+def term_gradient_norms(backbone, cfg, group: ConceptGroup, batch, params, scale, scheduler,
                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-concept norms [C] of the gradients that the (weighted) CE terms and the λ = 1 TI term send to
     each concept's parameters, the TI term on ``calibration_samples`` fresh samples per concept (drawn
     from generators of their own, so the training samples are the same with and without calibration).
-    Measured on every template, whatever ``templates_per_step`` is."""
+    Measured on every template, whatever ``templates_per_step`` is, in micro-batches of a step's UNet
+    batch (``ti_micro_batch``, or C × ``ti_samples``): run as one batch of ``calibration_samples`` per
+    concept it needed 4× a step's memory and was the peak of `learn_tokens`."""
     C, T = len(group.concepts), len(cfg.templates)
     param = next(params.parameters())
     enc = backbone.encode_text(batch, params())
@@ -47,16 +49,15 @@ def term_gradient_norms(backbone, cfg, group, batch, params, scale, scheduler,
     g_ce = (torch.autograd.grad(ce.sum(), param, retain_graph=True)[0].norm(dim=-1) if torch.is_tensor(ce)
             else torch.zeros(C, device=param.device))
     gens = [torch.Generator().manual_seed(concept_seed(cfg.seed, "calibrate/" + c.concept_id)) for c in group.concepts]
-    cal = dataclasses.replace(cfg, ti_samples=max(cfg.ti_samples, cfg.calibration_samples))
+    cal = dataclasses.replace(cfg, ti_samples=max(cfg.ti_samples, cfg.calibration_samples),
+                              ti_micro_batch=cfg.ti_micro_batch or C * cfg.ti_samples)
     cut = enc.hidden.detach().requires_grad_()
     mse = ti_term(backbone, cal, group.concepts, cut, scheduler, gens, torch.ones(C, device=param.device))
-    if cut.grad is None:  # one batch: the MSE still holds its graph to ``cut``
-        mse.sum().backward()
     g_ti = torch.autograd.grad(enc.hidden, param, grad_outputs=cut.grad)[0].norm(dim=-1)
     return g_ce.detach(), g_ti.detach()
 
 
-def ti_weights(backbone, cfg, group, batch, params, scale, scheduler,
+def ti_weights(backbone, cfg, group: ConceptGroup, batch, params, scale, scheduler,
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """λ_TI of each concept [C] (see `LossWeights.ti_balance`) and the measured ‖∇TI‖ / ‖∇CE‖ at λ = 1
     (None when not calibrated)."""
@@ -70,7 +71,7 @@ def ti_weights(backbone, cfg, group, batch, params, scale, scheduler,
     return torch.where((g_ce > 0) & (g_ti > 0), calibrated, fixed), ratio
 
 
-def objective_terms(backbone, cfg, group, text, hidden, scale, scheduler, vectors, ti_weight,
+def objective_terms(backbone, cfg, group: ConceptGroup, text, hidden, scale, scheduler, vectors, ti_weight,
                      others=None, ti_samples: TiSamples | None = None) -> dict[str, torch.Tensor]:
     """Weighted per-concept terms [C] of the objective; a term with λ = 0 is never computed. ``text`` may
     be None when no CE term is on; ``ti_samples``: the TI term's samples, drawn beforehand (`ti_term`).
@@ -128,8 +129,9 @@ def ti_term(backbone, cfg, concepts, hidden, scheduler, gens, weight, rows_per_c
     if samples is None:
         samples = draw_ti_samples(concepts, gens, scheduler, rows_per_concept or len(cfg.templates), cfg.ti_samples)
     S, dev, unet = samples.per_concept, hidden.device, backbone.generator.unet
-    lat, noise, steps = samples.latents.to(dev), samples.noise.to(dev), samples.timesteps.to(dev)
-    rows, micro = samples.rows, cfg.ti_micro_batch
+    # Drawn on the host, copied non-blocking (pinned): a blocking copy here drained the GPU every step.
+    lat, noise, steps = (to_device(t, dev) for t in (samples.latents, samples.noise, samples.timesteps))
+    rows, micro = to_device(samples.rows, dev), cfg.ti_micro_batch
     if micro <= 0:
         mse = textual_inversion_loss(unet, scheduler, lat, hidden[rows], noise, steps)
         return mse.view(len(concepts), S).mean(1)

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from factory.storage import S3Options
 from factory.storage import absolute_uri
+from jobs._ray import connect
 
 
 @dataclass
@@ -27,7 +27,8 @@ class IndexConfig:
     weights: str | None = None
     use_gpu: bool = False
     allow_outside_catalog: bool = False
-    precision: str = "fp32"
+    precision: str | None = None  # of the image encoder (None: bf16 on GPUs, else fp32; fp16 is allowed
+    # here: indexing only encodes, there are no gradients for fp16's range to lose)
     backend: str = "exact"  # exact, hnsw, ivf or ivfpq (factory.index.BACKENDS)
     batch_size: int = 128
     decode_tasks: int = 2
@@ -36,8 +37,15 @@ class IndexConfig:
     s3: S3Options | None = field(default=None, repr=False)  # never printed: it may hold keys
 
     def __post_init__(self):
+        from factory.device import PRECISIONS, default_precision
+        from factory.errors import ConfigError
+
         for name in ("gallery", "out", "weights"):
             setattr(self, name, absolute_uri(getattr(self, name)))
+        if self.precision is None:
+            self.precision = default_precision(self.use_gpu)
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {sorted(PRECISIONS)}, got {self.precision!r}")
 
     def record(self) -> dict[str, Any]:
         """The config as JSON-able data (printed at the start), without the S3 options."""
@@ -57,7 +65,7 @@ def build_index(cfg: IndexConfig):
     from factory.errors import CatalogError
     from factory.index import create_index
     from factory.index.versions import IndexVersions
-    from jobs.onboard_data import CatalogEncoder, decode_batch, encoder_options
+    from jobs.onboard_data import CatalogEncoder, decode_batch, plan_placement
 
     print("[index] config: " + json.dumps(cfg.record(), sort_keys=True), flush=True)
     t0 = time.perf_counter()
@@ -73,9 +81,10 @@ def build_index(cfg: IndexConfig):
         if not items:
             print("[index] nothing to add: no new version", flush=True)
             return base
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), logging_level="WARNING")
+    connect()
+    # No Train workers here: only the encoders ask for GPU shares; a GPU request the cluster cannot hold
+    # fails now instead of waiting on resources.
+    placement = plan_placement(ray.cluster_resources().get("GPU", 0), 0, cfg.use_gpu, cfg.encoders)
     decoded = ray.data.from_items(items).map_batches(
         decode_batch, fn_kwargs={"size": backbone.image.size, "s3": cfg.s3}, batch_size=cfg.batch_size,
         compute=ray.data.TaskPoolStrategy(size=cfg.decode_tasks),
@@ -86,7 +95,7 @@ def build_index(cfg: IndexConfig):
         CatalogEncoder, fn_constructor_kwargs={"backbone": backbone.to_dict(), "weights": None, "s3": cfg.s3,
                                                "latents": False, "keep": ("item_id", "uri"), "precision": cfg.precision},
         batch_size=cfg.batch_size, compute=ray.data.ActorPoolStrategy(size=cfg.encoders),
-        **encoder_options(cfg.use_gpu),
+        **placement.encoder_options,
     )
     ids, uris, feats = [], [], []
     for batch in encoded.iter_batches(batch_size=None, batch_format="numpy"):

@@ -12,7 +12,7 @@ encoded first and kept in Ray's object store, from where its chunks also stream 
 the catalog alone (by parent, then id), so the same catalog and config learn the same tokens whatever
 the worker count, and the evaluation's ablations learn exactly the registry's chunks.
 
-`tokenfactory onboard` (`jobs/onboard_cmd.py`) turns its flags into an `OnboardConfig`; the demo and the
+`tokenfactory onboard` (`cli/onboard_cmd.py`) turns its flags into an `OnboardConfig`; the demo and the
 benchmarks build one directly. The config, with the run id and the resolved backbone, is printed at the
 start and stored in the version's manifest, so `evaluate` reads back exactly what a run learned with.
 """
@@ -29,25 +29,51 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from factory.learner import LearnerConfig
-from factory.losses import LossWeights
+from factory.learner_config import LearnerConfig, LossWeights
 from factory.storage import S3Options
 from factory.storage import absolute_uri
+from jobs._ray import connect
+from jobs.onboard_train import WorkerConfig
 from schemas import RunReport
 
 log = logging.getLogger(__name__)
+
+
+# The one source of onboarding's learner defaults: the `LearnerConfig` fields onboarding sets otherwise than
+# the library does. They are what `tokenfactory onboard` has always run with (and the README's numbers):
+# 150 steps, both CE terms (the image-side CE couples a chunk's concepts), early stopping's improvement
+# 1e-3, no per-step log. `LearnerConfig`'s own defaults (200 steps, image_ce 0, min_delta 1e-4) stay as
+# they are, since the in-process learner, the evaluation and the tests are measured with them. Every
+# other setting is LearnerConfig's / LossWeights' field default. The CLI's flags read their defaults
+# from here and from those fields (`cli/onboard_cmd.py`), and `OnboardConfig.learner` is built here.
+ONBOARD_LEARNER: dict[str, Any] = {"steps": 150, "min_delta": 1e-3, "log_every": 0}
+ONBOARD_WEIGHTS: dict[str, Any] = {"image_ce": 1.0}
+
+
+def onboard_micro_batch(use_gpu: bool) -> int | str:
+    """Onboarding's TI micro-batch: "auto" on GPUs (the largest that fits the worker GPU's free memory,
+    resolved on its device), 0 (one batch) on CPUs."""
+    return "auto" if use_gpu else 0
+
+
+def onboard_learner(use_gpu: bool = False, **changes: Any) -> LearnerConfig:
+    """The learner settings onboarding uses by default (`ONBOARD_LEARNER`), with ``changes`` laid over."""
+    base = LearnerConfig(**ONBOARD_LEARNER, weights=LossWeights(**ONBOARD_WEIGHTS),
+                         ti_micro_batch=onboard_micro_batch(use_gpu))
+    return dataclasses.replace(base, **changes)
 
 
 @dataclass
 class OnboardConfig:
     catalog: str  # a folder/manifest.json written by `world`, a CatalogRow Parquet/JSONL, or a PerVL layout
     registry: str  # token registry root URI
-    learner: LearnerConfig = field(default_factory=lambda: onboard_learner())
+    learner: LearnerConfig | None = None  # None: `onboard_learner(use_gpu)`, onboarding's defaults
     backbone: str | dict[str, Any] = "fashion-mini"  # a registered name, a config file/URI or a resolved dict
     weights: str | None = None
-    precision: str = "fp32"  # of the frozen models in encoding and learning; tokens stay fp32
+    precision: str | None = None  # of the frozen models in encoding and learning (None: bf16 on GPUs, else
+    # fp32; fp16 is refused, see `factory.device.check_learning_precision`); tokens stay fp32
     run_id: str | None = None  # reuse one to resume an interrupted run (None: a new id)
-    workers: int = 2  # Ray Train workers
+    workers: int = 2  # Ray Train workers (with use_gpu: capped at the cluster's GPUs)
     cpus_per_worker: float = 0.5  # fractional: leaves Ray Data room to run beside the workers
     threads_per_worker: int = 1
     use_gpu: bool = False
@@ -63,8 +89,15 @@ class OnboardConfig:
     s3: S3Options | None = field(default=None, repr=False)  # never recorded: it may hold keys
 
     def __post_init__(self):
-        if isinstance(self.learner, dict):
+        from factory.device import check_learning_precision, default_precision
+
+        if self.learner is None:
+            self.learner = onboard_learner(self.use_gpu)
+        elif isinstance(self.learner, dict):
             self.learner = LearnerConfig(**self.learner)
+        if self.precision is None:
+            self.precision = default_precision(self.use_gpu)
+        check_learning_precision(self.precision)  # a ConfigError before anything runs
         # Ray workers run elsewhere: local paths become absolute once, here.
         for name in ("catalog", "registry", "weights", "report"):
             setattr(self, name, absolute_uri(getattr(self, name)))
@@ -72,11 +105,6 @@ class OnboardConfig:
     def record(self) -> dict[str, Any]:
         """The config as JSON-able data (printed, stored with the version), without the S3 options."""
         return {f.name: dataclasses.asdict(self)[f.name] for f in dataclasses.fields(self) if f.name != "s3"}
-
-
-def onboard_learner(**changes: Any) -> LearnerConfig:
-    """The learner settings `tokenfactory onboard` uses by default (both CE terms on; 150 steps)."""
-    return dataclasses.replace(LearnerConfig(steps=150, log_every=0, weights=LossWeights(image_ce=1.0)), **changes)
 
 
 def onboard(cfg: OnboardConfig) -> tuple[int, RunReport | None]:
@@ -104,29 +132,35 @@ def onboard(cfg: OnboardConfig) -> tuple[int, RunReport | None]:
     started, stages = datetime.now(timezone.utc), {}
     t0 = time.perf_counter()
     specs = read_concepts(cfg.catalog, cfg.s3, allow_outside=cfg.allow_outside_catalog)
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), logging_level="WARNING", include_dashboard=True,
-                 dashboard_host="127.0.0.1")
+    connect(dashboard=True)
     from factory.onboarding import image_size_for
-    from jobs.onboard_data import concept_stream
+    from jobs.onboard_data import STREAM_ENCODER_CPUS, EncodeSettings, concept_stream, plan_placement
 
+    # Before any data moves: a GPU request this cluster cannot hold fails here, in seconds, not as a wait.
+    placement = plan_placement(ray.cluster_resources().get("GPU", 0), cfg.workers, cfg.use_gpu, cfg.encoders,
+                               cfg.cpus_per_worker, STREAM_ENCODER_CPUS)
+    if placement.capped_from is not None:
+        print(f"[onboard] --workers {placement.capped_from} capped at {placement.workers}: the GPUs Ray sees",
+              flush=True)
     chunks_per_batch = max(1, round(cfg.batch_size / cfg.concepts_per_step))  # Ray Data batches whole chunks
-    encode = {"backbone": backbone.to_dict(), "image_size": image_size_for(backbone), "s3": cfg.s3,
-              "batch_size": chunks_per_batch, "decode_tasks": cfg.decode_tasks, "encoders": cfg.encoders,
-              "use_gpu": cfg.use_gpu, "precision": cfg.precision}
+    encode = EncodeSettings(backbone=backbone.to_dict(), image_size=image_size_for(backbone), s3=cfg.s3,
+                            batch_size=chunks_per_batch, decode_tasks=cfg.decode_tasks, encoders=cfg.encoders,
+                            use_gpu=cfg.use_gpu, precision=cfg.precision)
     # Concepts a previous attempt of this run id staged or skipped are not learned again.
     done = _staged_or_noted(registry.staged(run_id))
     todo = {s.concept_id for s in specs} - done
     banks, stream, n_chunks = concept_stream(specs, todo, cfg.bank_size, cfg.min_images, cfg.concepts_per_step,
-                                             **encode)
+                                             encode)
     stages["banks"] = time.perf_counter() - t0
     print(f"[onboard] {len(specs)} concepts ({len(specs) - len(todo)} done by an earlier attempt), "
           f"banks of {sum(len(b.owners) for b in banks.values())} images over {len(banks)} parents", flush=True)
 
     t0 = time.perf_counter()
     if todo:
-        _train(cfg, run_id, job_config, stream, len(todo), n_chunks, encode["backbone"], banks, registry)
+        worker = WorkerConfig(run_id=run_id, registry=cfg.registry, backbone=encode.backbone, precision=cfg.precision,
+                              learner=cfg.learner, job_config=job_config, min_images=cfg.min_images,
+                              threads=cfg.threads_per_worker, use_gpu=cfg.use_gpu, banks=ray.put(banks), s3=cfg.s3)
+        _train(cfg, placement, worker, stream, len(todo), n_chunks, registry)
     stages["encode_train"] = time.perf_counter() - t0
 
     version, report = _commit(registry, run_id, job_config, specs, started, stages)
@@ -143,30 +177,30 @@ def _staged_or_noted(staged) -> set[str]:
     return staged.concept_ids() | {cid for note in staged.notes() for cid in note.get("skipped", {})}
 
 
-def _train(cfg: OnboardConfig, run_id, job_config, stream, n_concepts, n_chunks, backbone, banks, registry) -> None:
-    import ray
+def _train(cfg: OnboardConfig, placement, worker: WorkerConfig, stream, n_concepts, n_chunks, registry) -> None:
     from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     from jobs.onboard_train import learn_stream
 
-    config = {"backbone": backbone, "precision": cfg.precision, "s3": cfg.s3, "registry": cfg.registry,
-              "run_id": run_id, "job_config": job_config, "learner": dataclasses.asdict(cfg.learner),
-              "min_images": cfg.min_images,
-              "threads": cfg.threads_per_worker, "use_gpu": cfg.use_gpu, "banks": ray.put(banks)}
-    workers = max(1, min(cfg.workers, n_chunks))
+    workers = max(1, min(placement.workers, n_chunks))
     trainer = TorchTrainer(
-        learn_stream, train_loop_config=config,
+        # Ray Train wants a dict here: it holds the one typed, picklable worker config (`WorkerConfig.of`).
+        learn_stream, train_loop_config=worker.train_loop_config(),
+        # gloo whatever the device: the workers are independent and never run a collective, so NCCL (Ray's
+        # choice for GPU workers) would only build communicators on every GPU, and cannot start without CUDA.
+        torch_config=TorchConfig(backend="gloo"),
         datasets={"concepts": stream}, dataset_config=every_row_data_config(),
+        # With use_gpu, a fraction of a GPU per worker: the rest is an encoder actor's (`plan_placement`).
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=cfg.use_gpu,
-                                     resources_per_worker={"CPU": cfg.cpus_per_worker}),
-        run_config=RunConfig(name=f"onboard-{run_id}", storage_path=os.path.abspath("build/ray_results"),
+                                     resources_per_worker=placement.worker_resources),
+        run_config=RunConfig(name=f"onboard-{worker.run_id}", storage_path=os.path.abspath("build/ray_results"),
                              failure_config=FailureConfig(max_failures=cfg.max_failures)),
     )
     outcome: dict = {}
     thread = threading.Thread(target=lambda: outcome.update(result=_fit(trainer)), daemon=True)
     thread.start()
-    _watch(thread, registry.staged(run_id), n_concepts)
+    _watch(thread, registry.staged(worker.run_id), n_concepts)
     if isinstance(outcome.get("result"), BaseException):
         raise outcome["result"]
 
@@ -300,4 +334,5 @@ def _print_summary(report, version) -> None:
         print(f"  rejected {r.uri}: {r.reason}")
 
 
-__all__ = ["OnboardConfig", "onboard", "onboard_learner", "steady_rate"]
+__all__ = ["ONBOARD_LEARNER", "ONBOARD_WEIGHTS", "OnboardConfig", "onboard", "onboard_learner", "onboard_micro_batch",
+           "steady_rate"]

@@ -49,10 +49,19 @@ class CatalogEncoder:
         import torch
 
         from factory.backbones import PRECISIONS, load_backbone
+        from factory.concepts import to_encoding_device
 
         torch.set_num_threads(threads)  # several actors share a node: do not oversubscribe its cores
-        device = "cuda" if torch.cuda.is_available() and ray_gpu_ids() else "cpu"
-        self.backbone = load_backbone(backbone, weights=weights, s3=s3, dtype=PRECISIONS[precision], device=device)
+        cuda = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+        device = actor_device(bool(ray_gpu_ids()), cuda, gpu_stand_in())
+        # Loaded on the CPU; only the image tower and the VAE go to the GPU (the encoders never run the text
+        # tower or the UNet, and the GPU is shared with a Train worker: see `plan_placement`).
+        self.backbone = load_backbone(backbone, weights=weights, s3=s3, dtype=PRECISIONS[precision])
+        if device.type != "cpu":
+            from factory.device import configure_cuda_math
+
+            configure_cuda_math()
+            to_encoding_device(self.backbone, device)
         self.latents, self.keep, self.thumbnails = latents, keep, thumbnails
 
     def __call__(self, batch: dict) -> dict:
@@ -77,12 +86,98 @@ def ray_gpu_ids() -> list:
     return ray.get_gpu_ids() if ray.is_initialized() else []
 
 
+# Set (to anything but "" or "0") in a Ray cluster's runtime env to let the CPU stand in for a GPU that the
+# cluster only *declares* (`ray.init(num_gpus=1)` on a machine without CUDA). For tests of GPU placement on
+# CPU machines only: without it, a GPU that Ray hands out and torch cannot see is an error.
+GPU_STAND_IN_ENV = "TOKENFACTORY_CPU_STANDS_IN_FOR_GPU"
+
+
+def gpu_stand_in() -> bool:
+    import os
+
+    return os.environ.get(GPU_STAND_IN_ENV, "") not in ("", "0")
+
+
+def actor_device(ray_gave_gpu: bool, cuda_device, stand_in: bool = False):
+    """The torch device of a Ray actor or Train worker: ``cuda_device`` (what torch sees, None when it sees
+    no GPU) when Ray gave it a GPU, else the CPU. A GPU that Ray gave and torch cannot see (no driver, a
+    CPU build of torch, CUDA_VISIBLE_DEVICES emptied) is a `DeviceError`, never a silent CPU run that
+    holds the GPU's reservation: except under `GPU_STAND_IN_ENV`, for tests."""
+    import torch
+
+    from factory.errors import DeviceError
+
+    if not ray_gave_gpu:
+        return torch.device("cpu")
+    if cuda_device is not None:
+        return torch.device(cuda_device)
+    if stand_in:
+        return torch.device("cpu")
+    raise DeviceError("Ray gave this worker a GPU but torch sees none (no CUDA driver, or a CPU build of torch): "
+                      "fix the node's CUDA setup or drop --use-gpu")
+
+
+# The GPU share of one encoder actor under --use-gpu; a Train worker takes the rest of its GPU (1 - this).
+# Why a fraction, and why 0.2: encoding is about 3 % of a concept's GPU time (an image is encoded once, a
+# token takes 150 learner steps), so a whole GPU per encoder mostly idles and, on a one-GPU node, left the
+# Train worker nothing (the job waited on resources for ever). 0.2 lets one encoder share each worker's GPU
+# (0.8 + 0.2 = 1) and five share a free one. Ray counts these shares only: memory is not partitioned, and
+# an encoder holds the image tower, the VAE and `factory.concepts.GPU_ENCODE_BATCH` images' activations
+# (about 11 GiB at SD 1.5 / 512 px in bf16) beside the worker. Tenths keep Ray's fixed-point sums exact.
+ENCODER_GPU_SHARE = 0.2
+
+
 def encoder_options(use_gpu: bool, num_cpus: float | None = None) -> dict:
-    """Ray Data `map_batches` resources of an encoder actor: a whole GPU with --use-gpu (ViT-L/14 and the
-    VAE on a CPU are the slowest part of onboarding), else ``num_cpus`` (None: Ray's default of one)."""
+    """Ray Data `map_batches` resources of an encoder actor: `ENCODER_GPU_SHARE` of a GPU with --use-gpu
+    (ViT-L/14 and the VAE on a CPU are the slowest part of onboarding), plus ``num_cpus`` (None: Ray's
+    default of one)."""
+    out = {} if num_cpus is None else {"num_cpus": num_cpus}
     if use_gpu:
-        return {"num_gpus": 1}
-    return {} if num_cpus is None else {"num_cpus": num_cpus}
+        out["num_gpus"] = ENCODER_GPU_SHARE
+    return out
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a job's Ray actors go: its Train workers' count and resources, its encoder actors' options."""
+
+    workers: int  # Train workers (--workers, capped at the GPUs with --use-gpu)
+    worker_resources: dict  # `ScalingConfig.resources_per_worker`
+    encoder_options: dict  # `map_batches` resources of one encoder actor
+    capped_from: int | None = None  # the --workers asked for, when the GPUs capped it
+
+
+def plan_placement(gpus: float, workers: int, use_gpu: bool, encoders: int = 1,
+                   cpus_per_worker: float | None = None, encoder_cpus: float | None = None) -> Placement:
+    """The resources of ``workers`` Train workers and ``encoders`` encoder actors on a cluster of ``gpus``
+    GPUs (`ray.cluster_resources()["GPU"]`): a pure function, so the rule is tested without a cluster.
+
+    Without ``use_gpu`` nothing asks for a GPU. With it, a worker asks for ``1 - ENCODER_GPU_SHARE`` of a GPU
+    and an encoder for ``ENCODER_GPU_SHARE``; workers are capped at the whole GPUs (each needs most of one,
+    two never share). Ray places a fractional request on one GPU, so encoders fit one beside each worker
+    and ``1 / ENCODER_GPU_SHARE`` on each GPU no worker holds. A request that cannot fit raises
+    `DeviceError` now: Ray would otherwise wait for resources that never come, silently."""
+    from factory.errors import ConfigError, DeviceError
+
+    if workers < 0 or encoders < 1:
+        raise ConfigError(f"workers must be >= 0 and encoders >= 1, got {workers} and {encoders}")
+    cpu = {} if cpus_per_worker is None else {"CPU": cpus_per_worker}
+    if not use_gpu:
+        return Placement(workers, cpu, encoder_options(False, encoder_cpus))
+    n = int(gpus + 1e-9)  # a cluster's GPU total is whole; the epsilon only guards a float sum
+    if n < 1:
+        raise DeviceError(f"--use-gpu was given but the Ray cluster has no GPU (cluster resources: GPU={gpus:g}): "
+                          "drop --use-gpu, or start Ray on GPU nodes (`ray start --num-gpus N`)")
+    placed = min(workers, n)
+    per_free_gpu = int(1 / ENCODER_GPU_SHARE + 1e-9)
+    room = placed + (n - placed) * per_free_gpu
+    if encoders > room:
+        raise DeviceError(f"{encoders} encoder actors at {ENCODER_GPU_SHARE:g} GPU each do not fit beside {placed} "
+                          f"Train worker(s) at {1 - ENCODER_GPU_SHARE:g} GPU each on {n} GPU(s): at most {room}; "
+                          "lower --encoders (or --workers)")
+    resources = {**cpu, "GPU": round(1 - ENCODER_GPU_SHARE, 6)} if placed else cpu
+    return Placement(placed, resources, encoder_options(True, encoder_cpus),
+                     capped_from=workers if placed < workers else None)
 
 
 def chunk_rows(chunks) -> list[dict]:
@@ -208,25 +303,41 @@ STREAM_DECODE_CPUS = 0.25  # per decode task (I/O and PNG decoding)
 STREAM_ENCODER_CPUS = 0.5  # per encoder actor on a CPU node
 
 
-def encoded_chunks(chunks, backbone: dict, image_size: int, s3: S3Options | None, batch_size: int = 1,
-                   decode_tasks: int = 2, encoders: int = 1, use_gpu: bool = False, precision: str = "fp32",
-                   latents: bool = True, thumbnails: bool = True):
+@dataclass(frozen=True)
+class EncodeSettings:
+    """How the onboarding stream reads and encodes a chunk's images (`encoded_chunks`): one typed value from
+    the driver's `OnboardConfig` (`jobs.onboard.onboard`), not a dict of keywords passed along."""
+
+    backbone: dict  # the resolved backbone config, as plain data (each encoder actor loads it once)
+    image_size: int  # images are decoded to this square size (`factory.onboarding.image_size_for`)
+    s3: S3Options | None = field(default=None, repr=False)  # may hold keys: never printed
+    batch_size: int = 1  # chunks per Ray Data batch
+    decode_tasks: int = 2
+    encoders: int = 1  # image-encoder actors
+    use_gpu: bool = False  # encoders take `ENCODER_GPU_SHARE` of a GPU each
+    precision: str = "fp32"  # of the image tower and the VAE
+    latents: bool = True  # diffusion latents too (the TI term needs them)
+    thumbnails: bool = True
+
+
+def encoded_chunks(chunks, encode: EncodeSettings):
     """The lazy Ray Dataset of ``chunks`` (lists of specs), encoded: one row per chunk (see `chunk_rows`).
-    ``batch_size`` counts chunks. Nothing runs until a consumer (the Train workers) iterates it."""
+    ``encode.batch_size`` counts chunks. Nothing runs until a consumer (the Train workers) iterates it."""
     import ray.data
 
     # Fractional CPUs: this pipeline runs *beside* the Train workers that consume it. Whole-CPU tasks
     # and actors would leave a small node no CPU for the decode tasks once the encoder actor and the
     # workers hold theirs, and the stream would stall (measured: a 2-CPU node deadlocked).
     return ray.data.from_items(chunk_rows(chunks)).map_batches(
-        decode_chunks, fn_kwargs={"size": image_size, "s3": s3}, batch_size=batch_size,
-        compute=ray.data.TaskPoolStrategy(size=decode_tasks),
+        decode_chunks, fn_kwargs={"size": encode.image_size, "s3": encode.s3}, batch_size=encode.batch_size,
+        compute=ray.data.TaskPoolStrategy(size=encode.decode_tasks),
         num_cpus=STREAM_DECODE_CPUS,
     ).map_batches(
-        ChunkEncoder, fn_constructor_kwargs={"backbone": backbone, "s3": s3, "precision": precision,
-                                             "latents": latents, "thumbnails": thumbnails},
-        batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=encoders),
-        **encoder_options(use_gpu, STREAM_ENCODER_CPUS),
+        ChunkEncoder, fn_constructor_kwargs={"backbone": encode.backbone, "s3": encode.s3,
+                                             "precision": encode.precision, "latents": encode.latents,
+                                             "thumbnails": encode.thumbnails},
+        batch_size=encode.batch_size, compute=ray.data.ActorPoolStrategy(size=encode.encoders),
+        **encoder_options(encode.use_gpu, STREAM_ENCODER_CPUS),
     )
 
 
@@ -276,7 +387,8 @@ def banks_of(sample, min_images: int) -> dict:
     return {p: NegativeBank(torch.cat(f), owners[p]) for p, f in feats.items()}
 
 
-def concept_stream(specs, todo_ids: set[str], bank_size: int, min_images: int, concepts_per_step: int, **encode):
+def concept_stream(specs, todo_ids: set[str], bank_size: int, min_images: int, concepts_per_step: int,
+                   encode: EncodeSettings):
     """(banks, the Ray Dataset of the chunks to learn, how many chunks it holds). Chunks are formed once from the whole catalog
     (`chunks_by_parent`), so a resumed run learns the same chunks as an uninterrupted one; a chunk is
     streamed while any of its concepts is still to do (the workers drop the done ones). The bank sample
@@ -289,11 +401,11 @@ def concept_stream(specs, todo_ids: set[str], bank_size: int, min_images: int, c
 
     chunks = chunks_by_parent(specs, concepts_per_step)
     sample = bank_sample(chunks, bank_size)
-    encoded = encoded_chunks(sample, **encode).materialize()
+    encoded = encoded_chunks(sample, encode).materialize()
     banks = banks_of(encoded, min_images)
     in_sample = {c[0].concept_id for c in sample}
     keep = {c[0].concept_id for c in sample if any(s.concept_id in todo_ids for s in c)}
     # An expression, not a Python lambda: Ray evaluates it on the Arrow block without a row-by-row call.
     stream = encoded.filter(expr=col("chunk").is_in(sorted(keep))) if len(keep) < len(sample) else encoded
     rest = [c for c in chunks if c[0].concept_id not in in_sample and any(s.concept_id in todo_ids for s in c)]
-    return banks, (stream.union(encoded_chunks(rest, **encode)) if rest else stream), len(keep) + len(rest)
+    return banks, (stream.union(encoded_chunks(rest, encode)) if rest else stream), len(keep) + len(rest)

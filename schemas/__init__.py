@@ -18,7 +18,15 @@ from schemas.catalog import (
     concepts_from_rows,
     rows_from_concepts,
 )
-from schemas.gair import DEFAULT_INTENT_MARGIN, MAX_REFINE
+from schemas.gair import (
+    DEFAULT_ALPHAS,
+    DEFAULT_INTENT_MARGIN,
+    MAX_REFINE,
+    GairOptions,
+    GairRequest,
+    GairResult,
+    GairStep,
+)
 from schemas.ids import (
     CONCEPT_ID_PATTERN,
     CONCEPT_ID_RULE,
@@ -45,6 +53,7 @@ __all__ = [
     "CONCEPT_ID_PATTERN",
     "CONCEPT_ID_RULE",
     "CONCEPT_SLOT",
+    "DEFAULT_ALPHAS",
     "DEFAULT_INTENT_MARGIN",
     "MAX_REFINE",
     "REGISTRY_FORMAT",
@@ -53,6 +62,10 @@ __all__ = [
     "CatalogRow",
     "ConceptId",
     "ConceptSpec",
+    "GairOptions",
+    "GairRequest",
+    "GairResult",
+    "GairStep",
     "Parametrization",
     "ParentWord",
     "RegistryFile",

@@ -6,11 +6,17 @@ that names the field, not a silently ignored value. Every error, whatever raised
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, model_validator
+from pydantic import (
+    BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, ValidationError, ValidationInfo, field_validator,
+    model_validator,
+)
+from pydantic.dataclasses import dataclass
+from pydantic_core import PydanticCustomError
 
-from schemas import DEFAULT_INTENT_MARGIN, MAX_REFINE, ConceptId, ParentWord
+from schemas import ParentWord
+from schemas.gair import GairRequest, GairResult
 
 
 class ApiError(Exception):
@@ -54,32 +60,70 @@ class GenerateRequest(Request):
     guidance: StrictFloat | StrictInt = Field(default=4.0, ge=1.0, le=20.0)
 
 
-class GairApiRequest(Request):
-    concept_ids: list[ConceptId] = Field(min_length=1, max_length=16)
-    intent: StrictStr = Field(description="plain words the user adds to the concept(s): 'on the beach'")
-    top_k: StrictInt = 10
-    mode: Literal["auto", "manual"] = "auto"
-    alphas: list[StrictFloat | StrictInt] | None = Field(default=None, max_length=32,
-                                                         description="auto: the α schedule to search")
-    alpha: StrictFloat | StrictInt | None = Field(default=None, ge=0.0, le=1.0, description="manual: the α to use")
-    previews: StrictInt = 2
-    steps: StrictInt = 20
-    seed: StrictInt = Field(default=0, ge=0, lt=2**31)
-    expand: StrictFloat | StrictInt = Field(default=0.0, ge=0.0, le=2.0,
-                                           description="weight of accepted previews' image features added to the query")
-    expand_with: list[StrictInt] | None = Field(default=None, min_length=1, max_length=8,
-                                                description="which previews of the chosen α to add (default: all)")
-    rule: Literal["retrieval", "object", "previews"] = Field(
-        default="retrieval", description="auto: 'retrieval' keeps the α whose top item looks most like the concept "
-        "while matching the intent within intent_margin; 'object' the same, measured against the concept's "
-        "look-alikes (same parent) so its scenes cancel; 'previews' balances the previews' scores")
-    intent_margin: StrictFloat | StrictInt = Field(default=DEFAULT_INTENT_MARGIN, ge=0.0, le=2.0,
-                                                   description="the retrieval rule's intent tolerance (cosine)")
-    refine: StrictInt = Field(default=0, ge=0, le=MAX_REFINE,
-                              description="auto: bisection rounds around the kept α (each adds up to two α)")
-    previews_for: Literal["every", "chosen"] = Field(
-        default="every", description="render previews for every α searched, or only the chosen one (the "
-        "retrieval rule decides without them)")
+# Method checks whose pydantic error type is also one of this API's codes: a request failing only those is
+# answered with that code (422 either way), as it was when the ingress checked α ranges and the replica the
+# intent's markers; any other failure of the method's checks is an invalid_request, as every schema error.
+METHOD_CHECK_CODES = ("out_of_range", "malformed_marker")
+# Method options the service sets for its clients: ``guidance`` is part of the UNet price and of the studio's
+# look, ``template`` would let a client write the whole prompt around the concept. A client sending them
+# gets the answer any unknown field gets.
+WITHHELD = ("guidance", "template")
+# Sizes a request body may not exceed whatever the deployment's `Limits` (checked in the ingress) say.
+MAX_ITEMS = {"concept_ids": 16, "alphas": 32, "expand_with": 8}
+
+
+def _without_withheld(schema: dict[str, Any]) -> None:
+    for name in WITHHELD:
+        schema.get("properties", {}).pop(name, None)
+
+
+@dataclass(kw_only=True, config=ConfigDict(extra="forbid", json_schema_extra=_without_withheld))
+class GairApiRequest(GairRequest):
+    """`/v1/gair`'s body: the method's request (`schemas.gair.GairRequest`: its fields, defaults, strict
+    types and checks, so a new GAIR option is taken here unchanged) with only the service's strictness
+    added: no unknown fields, `WITHHELD` options, body-size caps, and bounds the service alone imposes. The
+    per-deployment limits (`serve.settings.Limits`) and the price are checked by the ingress."""
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _answer_with_the_checks_code(cls, data: Any, handler) -> GairApiRequest:
+        try:
+            return handler(data)
+        except ValidationError as e:
+            errors = e.errors()
+            if all(err["type"] in METHOD_CHECK_CODES for err in errors):
+                # an ApiError is no ValueError: pydantic lets it through, and the app's handler answers it
+                raise ApiError(422, errors[0]["type"], errors[0]["msg"]) from None
+            raise
+
+    @field_validator(*WITHHELD, mode="before")
+    @classmethod
+    def _withheld(cls, v: Any) -> Any:
+        raise PydanticCustomError("unexpected_keyword_argument", "Unexpected keyword argument")  # as unknown fields
+
+    @field_validator(*MAX_ITEMS)
+    @classmethod
+    def _capped(cls, v: Any, info: ValidationInfo) -> Any:
+        cap = MAX_ITEMS[info.field_name]
+        if v is not None and len(v) > cap:
+            raise PydanticCustomError("too_long", "List should have at most {max_length} items after validation, "
+                                      "not {actual_length}", {"max_length": cap, "actual_length": len(v)})
+        return v
+
+    @field_validator("seed")
+    @classmethod
+    def _seed_in_31_bits(cls, v: int) -> int:
+        if not 0 <= v < 2**31:
+            raise PydanticCustomError("seed_range", "seed must be in [0, 2^31), got {seed}", {"seed": v})
+        return v
+
+    @field_validator("expand", "intent_margin")
+    @classmethod
+    def _at_most_two(cls, v: float) -> float:
+        # cosines differ by at most 2: a larger weight or margin says nothing more
+        if v > 2.0:
+            raise PydanticCustomError("less_than_equal", "Input should be less than or equal to 2")
+        return v
 
 
 class ReloadRequest(Request):
@@ -114,25 +158,10 @@ class GenerateResponse(BaseModel):
     registry_version: int
 
 
-class GairStepOut(BaseModel):
-    alpha: float
-    fidelity: float | None = Field(description="previews vs the concepts' reference images (mean cosine); "
-                                   "null where this α was not rendered (previews_for)")
-    intent: float | None = Field(description="previews vs the words-only query (mean cosine); null: not rendered")
-    score: float | None = Field(description="what the rule maximises over the admitted α")
-    admitted: bool = Field(description="passed the rule's gate (retrieval rule: the intent margin)")
-    retrieved_fidelity: float | None = Field(description="q(α)'s top item vs the concepts' reference images")
-    retrieved_intent: float | None = Field(description="q(α)'s top item vs the words-only query")
-    retrieved_object: float | None = Field(default=None, description="retrieved_fidelity less the top item's best "
-                                           "cosine to a look-alike (same parent) concept's images")
-    retrieved: list[Item] = Field(description="q(α)'s top items")
-    previews: list[str] = Field(description="PNG files, base64")
+class GairResponse(GairResult):
+    """The method's result (`schemas.gair.GairResult`, written by its own ``model_dump(mode="json")``) and the
+    registry version that answered."""
 
-
-class GairResponse(BaseModel):
-    alpha: float
-    steps: list[GairStepOut]
-    ranking: list[Item]
     registry_version: int
 
 

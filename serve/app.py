@@ -7,6 +7,7 @@ the demo and the tests.
 """
 from __future__ import annotations
 
+import logging
 import time
 
 import ray
@@ -15,8 +16,9 @@ from ray.serve import Application
 
 from serve.deployments import GalleryIndex, Generator, ImageEncoder, RegistryWatcher, TextEncoder
 from serve.ingress import Ingress
-from serve.settings import ServeSettings
+from serve.settings import LOOPBACK_HOSTS, ServeSettings, is_loopback
 
+log = logging.getLogger("tokenfactory.serve")
 APP_NAME = "tokenfactory"
 
 
@@ -61,13 +63,18 @@ def start(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000, re
             if attempt == 2:
                 raise
             serve.shutdown()
+    if not is_loopback(host) and set(settings.allowed_hosts) <= set(LOOPBACK_HOSTS):
+        log.warning("bound to %s but allowed_hosts is loopback only: clients reaching it by another name get 400 "
+                    "(set allowed_hosts to the names they use)", host)
     serve.run(build_app(settings), name=APP_NAME, route_prefix="/", blocking=False)
     url = f"http://{host}:{port}"
+    # The edge answers only the allowed Host names: the readiness probe uses one of them, whatever the address.
+    probe = {"Host": settings.allowed_hosts[0].replace("*", "ready")} if settings.allowed_hosts else {}
     deadline = time.monotonic() + ready_timeout_s
     last = None
     while time.monotonic() < deadline:
         try:
-            r = httpx.get(f"{url}/readyz", timeout=10.0)
+            r = httpx.get(f"{url}/readyz", timeout=10.0, headers=probe)
             if r.status_code == 200:
                 return url
             last = r.text

@@ -19,14 +19,14 @@ import base64
 import logging
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from ray import serve
 
-from factory.errors import TokenFactoryError
+from factory.errors import ConfigError, DeviceError, TokenFactoryError
 from serve.settings import ServeSettings, configure_batching
 from serve.state import TokenState
 
@@ -57,10 +57,44 @@ def _setup(settings: dict) -> ServeSettings:
     return s
 
 
-def _backbone(s: ServeSettings):
-    from factory.backbones import load_backbone
+def replica_device(setting: str, gpu_ids: Sequence, cuda_available: bool) -> str:
+    """Where a replica computes ("cuda" or "cpu"), given ``ServeSettings.device``, the GPU ids Ray gave it
+    (`ray.get_gpu_ids()`) and whether torch sees a GPU; pure, so every case is tested on a CPU.
 
-    return load_backbone(s.backbone, weights=s.weights, s3=s.s3())
+    "auto" takes the GPU only when Ray reserved one for this replica (``num_gpus`` in its ray_actor_options):
+    Ray does not hide the node's GPUs from replicas that reserved none, and CPU replicas grabbing an
+    unaccounted GPU would crowd the Generator that did reserve it. "cuda" is the operator's explicit wish,
+    accounted or not, and an error where there is no GPU rather than a silent CPU replica.
+    """
+    if setting == "cpu":
+        return "cpu"
+    if setting == "cuda":
+        if not cuda_available:
+            raise DeviceError("ServeSettings.device is 'cuda' but torch sees no GPU in this replica: use 'auto' or "
+                              "'cpu', or run the replica on a GPU node (num_gpus in its ray_actor_options)")
+        return "cuda"
+    if setting != "auto":
+        raise ConfigError(f"device must be one of auto, cpu, cuda, got {setting!r}")
+    if gpu_ids and not cuda_available:
+        log.warning("Ray gave this replica GPU(s) %s but torch sees none (a CPU build of torch?): computing on "
+                    "the CPU", list(gpu_ids))
+    return "cuda" if gpu_ids and cuda_available else "cpu"
+
+
+def _backbone(s: ServeSettings):
+    """The replica's backbone, on the device `replica_device` picks, in ``s.precision``. The fingerprint
+    the registry check compares is taken before the cast (`load_backbone`), so tokens learned in fp32 serve
+    in bf16 and back."""
+    import ray
+
+    from factory.backbones import load_backbone
+    from factory.device import PRECISIONS, pick_device
+
+    # Outside a Ray worker (an in-process replica in tests) there are no Ray GPU ids to read.
+    gpu_ids = ray.get_gpu_ids() if ray.is_initialized() else []
+    device = pick_device(replica_device(s.device, gpu_ids, torch.cuda.is_available()) == "cuda")
+    log.info("backbone on %s in %s", device, s.precision)
+    return load_backbone(s.backbone, weights=s.weights, s3=s.s3(), device=device, dtype=PRECISIONS[s.precision])
 
 
 class VersionFollower:
@@ -361,11 +395,6 @@ async def run_cancellable(fn: Callable[[Callable[[], bool]], Any]) -> Any:
         raise
 
 
-def _finite(x: float) -> float | None:
-    """JSON has no NaN: a score with no evidence behind it (an empty gallery) is null."""
-    return x if np.isfinite(x) else None
-
-
 def _png_b64(images: np.ndarray) -> list[str]:
     from factory.images import encode_png
 
@@ -407,47 +436,44 @@ class Generator:
 
             with torch.no_grad():
                 uncond = self.backbone.encode_prompts([""]).hidden
-                return to_uint8(self.backbone.generator.sample(cond.expand(n, -1, -1), uncond, steps=steps,
-                                                               guidance=guidance, seed=seed, should_stop=should_stop))
+                images = self.backbone.generator.sample(cond.expand(n, -1, -1), uncond, steps=steps,
+                                                        guidance=guidance, seed=seed, should_stop=should_stop)
+                # NumPy takes neither a GPU tensor nor bf16: to the host in fp32 before the PNGs
+                return to_uint8(images.float().cpu())
 
         images = await self.sample(run)
         return {"images": _png_b64(images), "seed": seed, "registry_version": state.version}
 
-    async def gair(self, request: dict[str, Any]) -> dict:
+    async def gair(self, request: Any) -> dict:
+        """One GAIR request (a `GairRequest`, as the ingress sends it, or its fields as a dict) -> the JSON of
+        `serve.api.GairResponse`: the method's result dumped once, and the registry version."""
         from factory.evaluation.metrics import look_alikes
         from factory.gair import ConceptToken, Gair, GairRequest
 
+        if not isinstance(request, GairRequest):
+            try:
+                request = GairRequest(**request)
+            except (TokenFactoryError, ValueError) as e:
+                return prompt_error(e)
         state = await self.follower.state()
-        missing = [c for c in request["concept_ids"] if c not in state.records]
+        ids, records = request.concept_ids, state.records
+        missing = [c for c in ids if c not in records]
         if missing:
             return error(404, "unknown_concept", f"no token for concept(s) {', '.join(missing)} in registry "
                                                  f"version {state.version}")
-        no_proto = [c for c in request["concept_ids"] if not state.records[c].prototype]
+        no_proto = [c for c in ids if not records[c].prototype]
         if no_proto:
             return error(409, "no_prototype", f"concept(s) {', '.join(no_proto)} have no stored prototype (learned by an "
                                               "older version of tokenfactory): onboard them again to use GAIR")
-        ids, records = request["concept_ids"], state.records
         # the look-alikes' prototypes (`object` rule), only where the rule reads them
         rivals = (look_alikes({c: r.prototype for c, r in records.items() if r.prototype},
                               {c: r.parent for c, r in records.items()}, of=ids)
-                  if request.get("rule") == "object" else {})
+                  if request.rule == "object" else {})
         concepts = {c: ConceptToken(state.tokens[c], records[c].parent, torch.tensor(records[c].prototype),
                                     rivals.get(c)) for c in ids}
         try:
-            req = GairRequest(**request)
-        except (TokenFactoryError, ValueError) as e:
-            return prompt_error(e)
-        try:
             gair = Gair(self.backbone, concepts, self.gallery.current())
-            res = await self.sample(lambda should_stop: gair(req, should_stop))
+            res = await self.sample(lambda should_stop: gair(request, should_stop))
         except (TokenFactoryError, ValueError) as e:
             return prompt_error(e)
-        return {"alpha": res.alpha, "registry_version": state.version,
-                "steps": [{"alpha": s.alpha, "fidelity": _finite(s.fidelity), "intent": _finite(s.intent),
-                           "score": _finite(s.score),
-                           "admitted": s.admitted, "retrieved_fidelity": _finite(s.retrieved_fidelity),
-                           "retrieved_intent": _finite(s.retrieved_intent),
-                           "retrieved_object": _finite(s.retrieved_object),
-                           "retrieved": [{"id": i, "uri": u, "score": sc} for i, u, sc in s.retrieved],
-                           "previews": _png_b64(s.previews)} for s in res.steps],
-                "ranking": [{"id": i, "uri": u, "score": sc} for i, u, sc in res.ranking]}
+        return {**res.model_dump(mode="json"), "registry_version": state.version}

@@ -8,13 +8,12 @@ error naming the problem (`serve.api.ApiError`). The ingress itself holds no mod
 import asyncio
 import base64
 import binascii
-import hashlib
-import hmac
 import logging
 
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
 from fastapi.responses import JSONResponse, RedirectResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -25,58 +24,25 @@ from serve.api import (
     ApiError, ClassifyRequest, ClassifyResponse, GairApiRequest, GairResponse, GenerateRequest, GenerateResponse,
     ReloadRequest, ReloadResponse, RetrieveRequest, RetrieveResponse, TokenDetail, TokensResponse,
 )
-from factory.gair import DEFAULT_ALPHAS, GairRequest
 from factory.index.sharded import merge_hits, shard_of
-from serve.guard import CHEAP, COSTLY, Admission, check_cost, read_allowed_image, unet_passes
+from serve.edge import CLIENT, EdgeGuard, EdgePolicy
+from serve.guard import check_cost, read_allowed_image, unet_passes
 from serve.studio import THUMBNAIL_CACHE, png_response, static_file, thumbnail_png
-from serve.settings import Limits, ServeSettings, configure_batching
+from serve.settings import ServeSettings, configure_batching
 
 log = logging.getLogger("tokenfactory.serve")
 
-app = FastAPI(title="tokenfactory", version="1",
+# No Swagger UI or ReDoc: FastAPI's load their scripts from a CDN (unpinned, no integrity check) onto the
+# studio's origin, where they could read the key the studio keeps; `docs: true` serves a script-free page
+# instead (`serve.edge`). The OpenAPI document itself stays at /openapi.json.
+app = FastAPI(title="tokenfactory", version="1", docs_url=None, redoc_url=None,
               description="Classification, retrieval, generation and GAIR with learned concept tokens.")
 
 
-class BodyLimit:
-    """ASGI middleware: refuse request bodies over the limit (413) while they stream in, whether or not
-    the client sent a Content-Length, so a huge upload is never buffered whole. Only /v1/classify takes
-    images; every other route gets the small JSON limit, so a 2M-item list is refused before it is parsed."""
-
-    limit = Limits().max_request_bytes  # set from the settings by the ingress replica that owns the app
-    json_limit = Limits().max_json_bytes
-    IMAGE_ROUTES = ("/v1/classify",)
-
-    def __init__(self, inner):
-        self.inner = inner
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.inner(scope, receive, send)
-        limit = self.limit if scope.get("path") in self.IMAGE_ROUTES else self.json_limit
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > limit):
-            return await _send_error(scope, send, ApiError(413, "request_too_large",
-                                                    f"request body over the limit of {limit} bytes"))
-        seen = 0
-
-        async def limited():
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > limit:
-                    raise ApiError(413, "request_too_large", f"request body over the limit of {limit} bytes")
-            return message
-
-        return await self.inner(scope, limited, send)
-
-
-async def _send_error(scope, send, e: ApiError) -> None:
-    response = JSONResponse(e.body(), status_code=e.status, headers=e.headers)
-    await response(scope, None, send)
-
-
-app.add_middleware(BodyLimit)
+# The edge (serve/edge.py): host allow-list, per-address cap, key and admission from the headers, then the
+# body under a size limit and a deadline, before FastAPI reads anything; browser hardening headers on every
+# response. Added last, so it runs first (inside only Starlette's error middleware).
+app.add_middleware(EdgeGuard)
 
 
 @app.exception_handler(ApiError)
@@ -139,6 +105,32 @@ def _raise_if_error(result: dict) -> dict:
     return result
 
 
+# /v1/classify's body in the OpenAPI document, as FastAPI would write it from a `ClassifyRequest` parameter.
+CLASSIFY_BODY = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": ClassifyRequest.model_json_schema()}}}}
+# A classify body is one object of strings and numbers: a few braces and brackets at most. Thousands of
+# them are a body built to cost parsing time (2.8M empty lists: 3 CPU-s), refused after a byte count.
+MAX_JSON_CONTAINERS = 64
+
+
+async def parse_off_loop(model, request: Request):
+    """``model`` from the request's JSON body, parsed and validated in a worker thread; the same 422s as a
+    body parameter (`RequestValidationError`, or an `ApiError` a validator raises)."""
+    content_type = request.headers.get("content-type", "")
+    raw = await request.body()  # already read, with its size limit and deadline, by the edge
+    if content_type and "json" not in content_type.split(";")[0].lower():
+        raise RequestValidationError([{"loc": ("body",), "msg": "send the body as application/json",
+                                       "type": "model_attributes_type"}])
+    if raw.count(b"[") + raw.count(b"{") > MAX_JSON_CONTAINERS:
+        raise ApiError(422, "invalid_request", f"body: more than {MAX_JSON_CONTAINERS} JSON objects and lists")
+    try:
+        # In a worker thread pydantic-core lets the loop run meanwhile (measured on 8 MiB of nested lists: 3 s
+        # of parsing, the loop's longest pause 46 ms; `json.loads` on the loop stalled it for 0.6 s).
+        return await asyncio.to_thread(model.model_validate_json, raw)
+    except ValidationError as e:
+        raise RequestValidationError([{**err, "loc": ("body", *err.get("loc", ()))} for err in e.errors()]) from None
+
+
 @serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=256)
 @serve.ingress(app)
 class Ingress:
@@ -148,9 +140,8 @@ class Ingress:
 
         self.s = ServeSettings(**settings)
         self.limits = self.s.limits
-        BodyLimit.limit, BodyLimit.json_limit = self.limits.max_request_bytes, self.limits.max_json_bytes
-        self.key_digest, self.admin_digest = key_digest, admin_digest
-        self.admission = Admission(self.limits)
+        # Keys and admission are checked at the edge, before a body is read; the routes only validate.
+        self.edge = EdgeGuard.policy = EdgePolicy(self.s, key_digest, admin_digest)
         self._thumbs: dict[str, bytes] = {}
         self.text, self.image, self.generator, self.watcher = text, image, generator, watcher
         self.shards = list(index) if isinstance(index, (list, tuple)) else [index]  # GalleryIndex handle(s)
@@ -168,22 +159,6 @@ class Ingress:
         except asyncio.CancelledError:  # the client went away
             response.cancel()
             raise
-
-    def _authorise(self, request: Request, admin: bool) -> str:
-        """Check the key the route needs; returns who is asking (for rate limits): a key digest or an address."""
-        header = request.headers.get("authorization", "")
-        scheme, _, key = header.partition(" ")
-        digest = hashlib.sha256(key.strip().encode()).hexdigest() if scheme.lower() == "bearer" and key else None
-        needed = self.admin_digest if admin else (self.key_digest if self.s.require_key else None)
-        if admin and needed is None:
-            raise ApiError(403, "admin_disabled", "the admin API is off: start the service with --admin-key-env")
-        if needed is not None:
-            if digest is None:
-                raise ApiError(401, "unauthorized", "send the API key as 'Authorization: Bearer <key>'")
-            if not hmac.compare_digest(digest, needed):  # constant time: no timing oracle on the key
-                raise ApiError(401, "unauthorized", "wrong API key")
-            return "key:" + digest[:16]
-        return "addr:" + (request.client.host if request.client else "?")
 
     async def _image(self, req: ClassifyRequest) -> np.ndarray:
         if req.image is not None:
@@ -246,97 +221,81 @@ class Ingress:
                 out[i] = {"items": h, "registry_version": out[i]["registry_version"]}
         return out
 
-    @app.post("/v1/classify", response_model=ClassifyResponse)
-    async def classify(self, body: ClassifyRequest, request: Request):
-        who = self._authorise(request, admin=False)
+    # The body is read as bytes and parsed in a worker thread: FastAPI would parse up to 8 MiB of JSON on the
+    # event loop, which serves every route (audit N2). The key was checked at the edge before it was read.
+    @app.post("/v1/classify", response_model=ClassifyResponse, openapi_extra=CLASSIFY_BODY)
+    async def classify(self, request: Request):
+        body = await parse_off_loop(ClassifyRequest, request)
         _check_range("top_k", body.top_k, 1, self.limits.max_top_k)
-        with self.admission.admit(who, CHEAP):
-            pixels = await self._image(body)
-            out = _raise_if_error(await self._classify_batch((pixels, body.parent, body.top_k)))
+        pixels = await self._image(body)
+        out = _raise_if_error(await self._classify_batch((pixels, body.parent, body.top_k)))
         return {"concepts": [{"concept_id": c, "parent": p, "score": s} for c, p, s in out["concepts"]],
                 "registry_version": out["registry_version"]}
 
     @app.post("/v1/retrieve", response_model=RetrieveResponse)
-    async def retrieve(self, body: RetrieveRequest, request: Request):
-        who = self._authorise(request, admin=False)
+    async def retrieve(self, body: RetrieveRequest):
         _check_text("query", body.query, self.limits.max_prompt_chars)
         _check_range("top_k", body.top_k, 1, self.limits.max_top_k)
-        with self.admission.admit(who, CHEAP):
-            out = _raise_if_error(await self._retrieve_batch((body.query, body.top_k)))
+        out = _raise_if_error(await self._retrieve_batch((body.query, body.top_k)))
         return {"items": [{"id": i, "uri": u, "score": s} for i, u, s in out["items"]],
                 "registry_version": out["registry_version"]}
 
     @app.post("/v1/generate", response_model=GenerateResponse)
-    async def generate(self, body: GenerateRequest, request: Request):
-        who = self._authorise(request, admin=False)
+    async def generate(self, body: GenerateRequest):
         _check_text("prompt", body.prompt, self.limits.max_prompt_chars)
         _check_range("n", body.n, 1, self.limits.max_images)
         _check_range("steps", body.steps, 1, self.limits.max_steps)
         check_cost(unet_passes(body.n, body.steps, float(body.guidance)), self.limits)
-        with self.admission.admit(who, COSTLY):
-            return await self._call(self.generator.generate.remote(body.prompt, body.n, body.seed, body.steps,
-                                                                   float(body.guidance)), self.limits.generation_timeout_s)
+        return await self._call(self.generator.generate.remote(body.prompt, body.n, body.seed, body.steps,
+                                                               float(body.guidance)), self.limits.generation_timeout_s)
 
     @app.post("/v1/gair", response_model=GairResponse)
-    async def gair(self, body: GairApiRequest, request: Request):
-        who = self._authorise(request, admin=False)
+    async def gair(self, body: GairApiRequest):
+        """The body was checked as the method's own request on parsing (`serve.api.GairApiRequest`); here only
+        this deployment's limits, and the price the request states (`GairRequest.unet_passes`)."""
         lim = self.limits
         _check_text("intent", body.intent, lim.max_prompt_chars)
         _check_range("top_k", body.top_k, 1, lim.max_top_k)
         _check_range("previews", body.previews, 1, lim.max_previews)
         _check_range("steps", body.steps, 1, lim.max_steps)
         _check_range("number of concept_ids", len(body.concept_ids), 1, lim.max_concepts)
-        if body.alphas is not None:
-            _check_range("number of alphas", len(body.alphas), 1, lim.max_alphas)
-            for a in body.alphas:
-                _check_range("each alpha", a, 0.0, 1.0)
-        if body.mode == "manual" and body.alpha is None:
-            raise ApiError(422, "invalid_request", "manual mode needs alpha")
-        # Rendered α: the chosen one only, or every α searched (the schedule and two per bisection round).
-        searched = 1 if body.mode == "manual" else len(body.alphas or DEFAULT_ALPHAS) + 2 * body.refine
-        n_alphas = 1 if body.previews_for == "chosen" else searched
-        check_cost(unet_passes(body.previews * n_alphas, body.steps, GairRequest.guidance), lim)
-        req = body.model_dump(exclude_none=True)
-        with self.admission.admit(who, COSTLY):
-            return await self._call(self.generator.gair.remote(req), lim.generation_timeout_s)
+        _check_range("number of alphas", len(body.alphas), 1, lim.max_alphas)
+        check_cost(body.unet_passes(), lim)
+        out = await self._call(self.generator.gair.remote(body), lim.generation_timeout_s)
+        # Already the JSON of `GairResponse` (`Generator.gair` dumps the method's result once): sent as it is,
+        # since response_model validation would want the in-memory result (pixels, not PNG files) back.
+        return JSONResponse(out)
 
     @app.get("/v1/tokens", response_model=TokensResponse)
-    async def tokens(self, request: Request):
-        with self.admission.admit(self._authorise(request, admin=False), CHEAP):
-            return await self._call(self.text.tokens.remote())
+    async def tokens(self):
+        return await self._call(self.text.tokens.remote())
 
     @app.get("/v1/tokens/{concept_id}", response_model=TokenDetail)
-    async def token(self, concept_id: str, request: Request):
-        who = self._authorise(request, admin=False)
+    async def token(self, concept_id: str):
         _check_concept_id(concept_id)
-        with self.admission.admit(who, CHEAP):
-            return await self._call(self.text.token.remote(concept_id))
+        return await self._call(self.text.token.remote(concept_id))
 
     @app.get("/v1/tokens/{concept_id}/thumbnails/{k}", responses={200: {"content": {"image/png": {}}}})
-    async def token_thumbnail(self, concept_id: str, k: int, request: Request):
+    async def token_thumbnail(self, concept_id: str, k: int):
         """A reference thumbnail of a concept, stored with its token at onboarding."""
-        who = self._authorise(request, admin=False)
         _check_concept_id(concept_id)
-        with self.admission.admit(who, CHEAP):
-            out = await self._call(self.text.thumbnail.remote(concept_id, k))
+        out = await self._call(self.text.thumbnail.remote(concept_id, k))
         return png_response(base64.b64decode(out["png"]))
 
     @app.get("/v1/items/{item_id}/thumbnail", responses={200: {"content": {"image/png": {}}}})
-    async def item_thumbnail(self, item_id: str, request: Request):
+    async def item_thumbnail(self, item_id: str):
         """A small PNG of a gallery item, read from the URI the index stores for it (never a client's URI),
         size-bounded and cached."""
-        who = self._authorise(request, admin=False)
         if len(item_id) > 256:
             raise ApiError(422, "bad_item_id", "item id over 256 characters")
-        with self.admission.admit(who, CHEAP):
-            png = self._thumbs.get(item_id)
-            if png is None:
-                shard = self.shards[shard_of(item_id, len(self.shards))]  # the one shard that can hold it
-                uri = (await self._call(shard.uri_of.remote(item_id)))["uri"]
-                png = await asyncio.to_thread(thumbnail_png, uri, self.s3, self.limits)
-                self._thumbs[item_id] = png
-                while len(self._thumbs) > THUMBNAIL_CACHE:
-                    self._thumbs.pop(next(iter(self._thumbs)))
+        png = self._thumbs.get(item_id)
+        if png is None:
+            shard = self.shards[shard_of(item_id, len(self.shards))]  # the one shard that can hold it
+            uri = (await self._call(shard.uri_of.remote(item_id)))["uri"]
+            png = await asyncio.to_thread(thumbnail_png, uri, self.s3, self.limits)
+            self._thumbs[item_id] = png
+            while len(self._thumbs) > THUMBNAIL_CACHE:
+                self._thumbs.pop(next(iter(self._thumbs)))
         return png_response(png)
 
     @app.get("/v1/auth")
@@ -344,7 +303,7 @@ class Ingress:
         """Whether /v1 routes need a key, and whether the one sent (if any) is right: lets the studio ask for
         a key before calling anything, instead of learning it from a 401."""
         try:
-            self._authorise(request, admin=False)
+            self.edge.authorise(request.headers.get("authorization", ""), "", CLIENT)
             valid = True
         except ApiError:
             valid = False
@@ -363,8 +322,7 @@ class Ingress:
         return static_file(name)
 
     @app.post("/v1/admin/reload", response_model=ReloadResponse)
-    async def reload(self, request: Request, body: ReloadRequest | None = None):
-        self._authorise(request, admin=True)
+    async def reload(self, body: ReloadRequest | None = None):  # the admin key was checked at the edge
         out = await self._call(self.watcher.reload.remote(body.version if body else None))
         await asyncio.sleep(self.s.version_check_s)  # every replica's cached version has now expired
         return out

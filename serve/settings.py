@@ -7,11 +7,19 @@ from __future__ import annotations
 
 import hashlib
 import os
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt
 
-from factory.errors import TokenFactoryError
+from factory.errors import ConfigError, TokenFactoryError
+
+# Where a replica computes: "auto" is its GPU when Ray reserved one for it (``num_gpus`` in the Serve
+# config) and torch sees it, else the CPU (`serve.deployments.replica_device`).
+DEVICES = ("auto", "cpu", "cuda")
+# The keys of `factory.device.PRECISIONS` (a test keeps them equal), spelled out because this module is
+# imported when `tokenfactory serve`'s flags are registered, and that must not import torch.
+PRECISION_NAMES = ("fp32", "bf16", "fp16")
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
 
 
 class Limits(BaseModel):
@@ -43,6 +51,11 @@ class Limits(BaseModel):
     max_concurrent_cheap: PositiveInt = 64
     max_concurrent_costly: PositiveInt = 2
     max_queued_requests: PositiveInt = 64
+    # The edge (`serve.edge`), checked from the headers before a body is read: requests one address may
+    # have in flight at once (a 429 beyond), and the time the whole body may take to arrive (a 408 and the
+    # connection closed beyond), so slow-drip clients cannot hold the ingress's slots.
+    max_in_flight_per_address: PositiveInt = 32
+    body_timeout_s: PositiveFloat = 10.0
 
 
 class ServeSettings(BaseModel):
@@ -72,6 +85,13 @@ class ServeSettings(BaseModel):
     max_batch_size: PositiveInt = 32  # @serve.batch of the ingress, the encoders and the index (1: no batching)
     batch_wait_s: float = Field(default=0.005, ge=0)
     threads: PositiveInt = 1  # torch threads per replica
+    device: Literal[DEVICES] = Field(
+        default="auto", description="where replicas compute: 'auto' (a replica's GPU when Ray gave it one, e.g. the "
+        "Generator's num_gpus in serve/configs/cluster.yaml, else the CPU), 'cpu', or 'cuda' (every replica, whether "
+        "or not Ray accounted a GPU to it; an error where torch sees none)")
+    precision: Literal[PRECISION_NAMES] = Field(
+        default="fp32", description="precision of the backbone's weights in every replica (tokens and answers stay "
+        "fp32); bf16 halves a GPU replica's memory, but is slower than fp32 on CPUs")
     # Samplings a Generator replica runs at once; more wait their turn (still cancellable). On a CPU, two
     # concurrent samplings only split the cores between them and take the cheap routes' share too; a GPU
     # runs one kernel stream at a time anyway. The costly-class cap still bounds how many may wait.
@@ -84,6 +104,25 @@ class ServeSettings(BaseModel):
         default=None, description="a JSON file (owner-only) of S3 environment variables the replicas read: keys "
         "stay out of the Serve config, which anyone who can read the cluster's config store can see")
     limits: Limits = Field(default_factory=Limits)
+    allowed_hosts: list[str] = Field(
+        default_factory=lambda: list(LOOPBACK_HOSTS), min_length=1,
+        description="Host header names the service answers (others get 400): against DNS rebinding. Loopback "
+        "names by default; behind a proxy or on a cluster, the names clients use ('*.example.com' for subdomains)")
+    docs: bool = Field(default=False, description="serve /docs: the routes as a plain page (no scripts, no CDN); "
+                       "/openapi.json is served either way")
+
+    def __init__(self, **data: Any):
+        # Checked before pydantic's own validation so that a bad value from a flag or a Serve config's
+        # ``args`` is the project's ConfigError (one line from the CLI, naming the choices), not a
+        # ValidationError dump; the Literal types keep `model_validate` strict as well.
+        for name, allowed in (("device", DEVICES), ("precision", PRECISION_NAMES)):
+            if name in data and data[name] not in allowed:
+                raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {data[name]!r}")
+        super().__init__(**data)
+        if self.require_key and not self.api_key_env:
+            # Without it there is no key to require, and the service would answer everyone (audit N13).
+            raise ConfigError("require_key needs api_key_env (--api-key-env VAR): the environment variable "
+                              "holding the clients' key")
 
     def s3(self):
         """The S3 options of this service: the process environment, overlaid with ``s3_env_file``."""

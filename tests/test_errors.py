@@ -85,3 +85,65 @@ def test_the_cli_turns_any_tree_error_into_one_line_and_exit_2(capsys, tmp_path)
     assert main(["export", "--registry", str(tmp_path / "empty"), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("tokenfactory export: error:"), err
+
+
+# ---- errors survive pickling (Ray re-raises a remote error from its pickle) ----------------------------------
+
+def _factory_error_classes():
+    for module in _project_modules():
+        if module.split(".")[0] == "factory":
+            try:
+                importlib.import_module(module)
+            except ImportError:
+                continue
+    return [c for c in [TokenFactoryError, *_all_subclasses(TokenFactoryError)] if c.__module__.startswith("factory")]
+
+
+# Classes whose __init__ is not (message): their own arguments.
+_SPECIAL_ARGS = {"UnknownConceptMarker": ((["red-dress", "blue-coat"],), {"known": 3}),
+                 "StorageError": (("the store is down",), {"uri": "s3://b/k"}),
+                 "NotFoundInStorage": (("no such key",), {"uri": "s3://b/k"})}
+
+
+def _instance(cls):
+    args, kwargs = _SPECIAL_ARGS.get(cls.__name__, ((f"{cls.__name__}: what went wrong and what to do",), {}))
+    return cls(*args, **kwargs)
+
+
+def test_every_factory_error_round_trips_through_pickle():
+    import pickle
+
+    classes = _factory_error_classes()
+    assert {"UnknownConceptMarker", "ConfigError", "StorageError", "UnknownVersion"} <= {c.__name__ for c in classes}
+    for cls in classes:
+        err = _instance(cls)
+        back = pickle.loads(pickle.dumps(err))
+        assert type(back) is cls, cls
+        assert (str(back), back.http_status, back.code) == (str(err), err.http_status, err.code), cls
+        assert back.args == err.args, cls
+        assert vars(back) == vars(err), cls
+
+
+def test_an_error_keeps_its_own_attributes_through_pickle():
+    import pickle
+
+    from factory.errors import UnknownConceptMarker
+    from factory.storage import StorageError
+
+    marker = pickle.loads(pickle.dumps(UnknownConceptMarker(["a", "b"], known=2)))
+    assert marker.missing == ["a", "b"] and str(marker).startswith("no token for concept(s) a, b (2 concepts")
+    storage_error = pickle.loads(pickle.dumps(StorageError("down", uri="s3://b/k")))
+    assert storage_error.uri == "s3://b/k" and str(storage_error) == "down"
+
+
+def test_an_error_raised_in_a_ray_task_is_caught_by_its_own_class(ray_cluster):
+    from factory.errors import UnknownConceptMarker
+
+    @ray_cluster.remote
+    def fails():
+        raise UnknownConceptMarker(["red-dress"], known=1)
+
+    with pytest.raises(UnknownConceptMarker) as e:
+        ray_cluster.get(fails.remote())
+    assert e.value.missing == ["red-dress"] and (e.value.http_status, e.value.code) == (404, "unknown_concept")
+    assert "no token for concept(s) red-dress (1 concepts are known)" in str(e.value)

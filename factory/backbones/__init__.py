@@ -29,6 +29,7 @@ from factory.backbones.config import (
     list_backbones,
 )
 from factory.backbones.generator import DiffusionGenerator
+from factory.device import PRECISIONS
 from factory.errors import UnknownBackbone, WeightsError
 
 WEIGHTS_FILE = "model.safetensors"
@@ -39,7 +40,6 @@ __all__ = [
     "load_backbone", "resolve_backbone_config", "save_weights", "WEIGHTS_FILE", "PRECISIONS",
 ]
 
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_backbone_config(spec: str | dict | BackboneConfig, weights: str | None = None,
@@ -121,7 +121,7 @@ def load_backbone(spec: str | dict | BackboneConfig, weights: str | None = None,
             _load_state(backbone, _weights_uri(config.weights), s3)
     if dtype is not None and dtype != torch.float32:
         backbone.fingerprint()  # of the weights as stored: tokens learned in bf16 serve in fp32 and back
-        backbone.to(dtype)
+        backbone.cast_precision(dtype)  # the text tower stays fp32 (see there)
     return backbone.to(device).freeze()
 
 

@@ -62,9 +62,12 @@ class DiffusionGenerator(nn.Module):
         """Images in [-1, 1], [N, 3, H, W] at `image_size` -> the UNet's input space.
 
         The VAE posterior's mean is used (not a sample), so precomputed latents are deterministic.
+        Either way the result is on the device of what consumes it: the VAE's latents where the VAE is,
+        a pixel-space generator's pixels (no VAE) on the UNet's device, since pretraining noises them
+        there and feeds them to the UNet.
         """
         if self.vae is None:
-            return images
+            return images.to(self.unet.device)
         images = images.to(self.vae.device, self.vae.dtype)
         return self.vae.encode(images).latent_dist.mean * self.config.latent_scale
 

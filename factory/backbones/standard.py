@@ -149,9 +149,10 @@ def load_standard(config: BackboneConfig, s3=None, dtype: torch.dtype | None = N
     if config.family == "hf-clip":
         from transformers import CLIPModel
 
-        clip, cls = CLIPModel.from_pretrained(str(clip_dir), dtype=dtype), HFClipBackbone
+        # CLIP in fp32: `Backbone.cast_precision` casts its image tower and keeps the text tower fp32.
+        clip, cls = CLIPModel.from_pretrained(str(clip_dir), dtype=torch.float32), HFClipBackbone
     else:
-        clip, cls = _load_open_clip(config.clip, clip_dir, dtype), OpenClipBackbone
+        clip, cls = _load_open_clip(config.clip, clip_dir, torch.float32), OpenClipBackbone
     unet = UNet2DConditionModel.from_pretrained(diff_dir, subfolder="unet", torch_dtype=dtype)
     vae = AutoencoderKL.from_pretrained(diff_dir, subfolder="vae", torch_dtype=dtype) if config.generator.vae else None
     backbone = cls(config, clip=clip, generator=DiffusionGenerator(config.generator, unet=unet, vae=vae))

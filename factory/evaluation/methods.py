@@ -10,9 +10,15 @@ Classification (held-out images of each concept, classified among the concepts o
     ce_free       CE losses only, free token                          (learned here)
     ti_ce_free    both losses, free token                             (learned here)
     ti_ce_proj    both losses, projected token: the method            (the registry's tokens)
+    polar         POLAR's rank-1 update of the text encoder's last value matrix, queried with a fixed
+                  word ("a photo of a sks dress")                     (learned here: an anchor)
+    palavra_ft    PALAVRA's second stage: a token from the parent word, contrastive on CLIP features
+                                                                      (learned here: an anchor)
 
 so each factor (loss, projection) is isolated: ti vs ti_proj and ce_free vs ce isolate the projection,
-ti_proj vs ce vs ti_ce_proj the losses. A k-way tie for the top score counts 1/k (`tie_aware_hits`).
+ti_proj vs ce vs ti_ce_proj the losses, and the method stands beside two published ones (the anchors,
+`factory.evaluation.anchors`, learned on the same few-shot features and backbone). A k-way tie for the
+top score counts 1/k (`tie_aware_hits`).
 
 The ablations are learned on the same few-shot images, with the registry run's own learner settings
 (steps, learning rate, seed, λs) and its very chunks (`chunks_by_parent` over the catalog, as the job forms
@@ -42,6 +48,12 @@ Retrieval (one query per (concept, context); its relevant gallery items are the 
     oracle_alpha  per query, the fixed α whose query ranks the target best: the ceiling of any per-query
                   rule; ``retrieval_summary.gair_share_of_oracle_gain`` says how much of the way from the
                   best fixed α to it GAIR goes
+    polar, palavra_ft  the anchors' queries: the query's words with the anchor's concept word in the slot
+                  ("a <word> dress on the beach"), where the evaluation learned them
+
+Every retrieval method reports ``mrr``, ``r1``/``r5``/``r10`` (the first relevant item in the top k) and the
+field's metrics as ConCon-Chi computes them (`factory.evaluation.ir_metrics`): ``recall@1``/``@5``/``@10``
+(equal to ``r1``…: any relevant item in the top k), ``map`` (over all relevant items) and ``map@50``.
 
 Generation: the previews GAIR makes at α = 1 (exactly the token_intent prompt) and at its chosen α, from
 the same noise, judged by the backbone among all intents of the catalog, and against the concept: plain
@@ -58,6 +70,8 @@ from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 import numpy as np
+from pydantic import Field, field_validator
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
@@ -65,26 +79,30 @@ from tqdm.auto import tqdm
 from factory.backbones import Backbone
 from factory.concepts import NegativeBank, negative_banks
 from factory.catalogs.evaluation import EvalCatalog
+from factory.evaluation.anchors import ANCHORS, Anchor, anchor_accuracy, anchor_query_features
+from factory.evaluation.ir_metrics import field_metrics, ranks_in_ranking
 from factory.evaluation.metrics import (
-    first_relevant_rank, heldout_accuracy, mean_object_scores, object_fidelity, ranking_metrics,
+    heldout_accuracy, mean_object_scores, object_fidelity, ranking_metrics,
 )
-from factory.gair import DEFAULT_ALPHAS, ConceptToken, Gair, GairRequest, GairResult, choose_alpha
-from schemas import DEFAULT_INTENT_MARGIN
+from factory.gair import ConceptToken, Gair, GairOptions, GairRequest, GairResult, choose_alpha
 from factory.learner import ConceptData, LearnedToken, LearnerConfig, learn_tokens
 from factory.tokens.prompts import template_prompts
 from factory.losses import LossWeights
 from factory.tokens import marker
+from schemas.gair import PreviewsFor, Real
 
 log = logging.getLogger(__name__)
 
-CLASSIFICATION_METHODS = ("parent_word", "caption", "ti", "ti_proj", "ce", "ce_free", "ti_ce_free", "ti_ce_proj")
+CLASSIFICATION_METHODS = ("parent_word", "caption", "ti", "ti_proj", "ce", "ce_free", "ti_ce_free", "ti_ce_proj",
+                          *ANCHORS)
 FIXED_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 FIXED_METHODS = tuple(f"fixed_{a:g}" for a in FIXED_ALPHAS)
 GAIR_MARGINS = (0.0, 0.01, 0.02, 0.03, 0.05, 0.1, float("inf"))
 BISECT_ROUNDS = (1, 2, 3)
 GAIR_VARIANTS = ("gair_previews", *(f"gair_retrieval_m{m:g}" for m in GAIR_MARGINS), "gair_object",
                  *(f"gair_bisect{r}" for r in BISECT_ROUNDS), "gair_expand")
-RETRIEVAL_METHODS = ("words", "token", "token_intent", *FIXED_METHODS, "gair_auto", *GAIR_VARIANTS, "oracle_alpha")
+RETRIEVAL_METHODS = ("words", "token", "token_intent", *FIXED_METHODS, "gair_auto", *GAIR_VARIANTS, "oracle_alpha",
+                     *ANCHORS)  # the anchors where the evaluation learned them
 GENERATION_METHODS = ("token_intent", "gair_auto")
 # The ablations: (loss weights replaced, parametrisation). "ce" keeps both CE terms of the run (text- and
 # image-side); "ti" drops both.
@@ -133,8 +151,9 @@ def _templated(concept):
 
 def classification(backbone: Backbone, concepts: Sequence[tuple[str, str]], heldout: Mapping[str, torch.Tensor],
                    captions: Mapping[str, str | None], token_sets: Mapping[str, Mapping[str, torch.Tensor]],
-                   ) -> dict[str, dict[str, float]]:
-    """``classification.<method>.accuracy`` for the word baselines and every method in ``token_sets``.
+                   anchors: Mapping[str, Anchor] | None = None) -> dict[str, dict[str, float]]:
+    """``classification.<method>.accuracy`` for the word baselines, every method in ``token_sets`` and every
+    anchor (`factory.evaluation.anchors`, with its ``seconds_per_concept`` of learning).
 
     ``concepts`` are the (id, parent) pairs every method is scored on (those that have tokens in every
     set), so all methods face the same images and the same candidates.
@@ -149,6 +168,10 @@ def classification(backbone: Backbone, concepts: Sequence[tuple[str, str]], held
         # per_concept: each concept's own held-out accuracy, the unit paired bootstrap intervals resample
         acc, per_concept = heldout_accuracy(backbone, concepts, heldout, prompts_for, tokens)
         out[method] = {"accuracy": acc, "n_images": n_images, "per_concept": per_concept}
+    for name, anchor in (anchors or {}).items():
+        acc, per_concept = anchor_accuracy(backbone, anchor, concepts, heldout)
+        out[name] = {"accuracy": acc, "n_images": n_images, "per_concept": per_concept,
+                     "seconds_per_concept": anchor.seconds_per_concept}
     return out
 
 
@@ -156,26 +179,25 @@ def token_norms(token_sets: Mapping[str, Mapping[str, torch.Tensor]]) -> dict[st
     return {m: float(torch.stack(list(t.values())).norm(dim=-1).mean()) for m, t in token_sets.items() if t}
 
 
-@dataclass
-class GairSettings:
-    alphas: Sequence[float] = DEFAULT_ALPHAS
-    previews: int = 2
-    steps: int = 20
-    guidance: float = 4.0
-    seed: int = 0
-    rule: str = "retrieval"  # gair_auto's rule (`factory.gair.RULES`)
-    intent_margin: float = DEFAULT_INTENT_MARGIN
-    expand: float = 0.5  # gair_expand's weight of the chosen previews' mean feature
-    refine: int = 0  # gair_auto's bisection rounds
+@pydantic_dataclass(kw_only=True)
+class GairSettings(GairOptions):
+    """GAIR's options for every query of the evaluation: the method's own (`schemas.gair.GairOptions`: the same
+    fields, checks and defaults; each query adds its concept, intent and template, `GairRequest.of`), but for
+    the two the evaluation decides itself."""
+
+    # gair_expand's weight of the chosen previews' mean feature; gair_auto itself is never expanded (the
+    # method's default, 0, would make gair_expand a copy of gair_auto).
+    expand: Real = Field(default=0.5, ge=0.0)
     # "chosen": previews of the kept α and of α = 1 (the generation metrics' two) only; "every": of every α,
     # which the previews rule (gair_previews) needs; 2.5x the sampling of the default 5-α schedule.
-    previews_for: str = "chosen"
+    previews_for: PreviewsFor = "chosen"
 
-    def __post_init__(self):
-        if 1.0 not in [float(a) for a in self.alphas]:
+    @field_validator("alphas")
+    @classmethod
+    def _alpha_one_is_searched(cls, v: Sequence[float]) -> Sequence[float]:
+        if 1.0 not in [float(a) for a in v]:
             raise ValueError("the α schedule must contain 1.0: its previews are the token_intent baseline's")
-        if self.rule == "previews" and self.previews_for != "every":
-            raise ValueError("gair_auto's previews rule needs previews_for='every'")
+        return v
 
 
 @dataclass
@@ -195,15 +217,22 @@ def _features(backbone: Backbone, prompts: list[str], tokens, batch: int = 256, 
     return F.normalize(out, dim=-1) if normalize else out
 
 
-def _ranks(index, queries: torch.Tensor, relevant: Sequence[Sequence[str]]) -> list[int | None]:
+def _ranks(index, queries: torch.Tensor, relevant: Sequence[Sequence[str]]) -> list[np.ndarray]:
+    """Per query, the sorted 1-based ranks of its relevant items in the whole gallery (in the index's order)."""
     res = index.search(queries.numpy().astype(np.float32), len(index))
-    return [first_relevant_rank(ids, set(rel)) for ids, rel in zip(res.ids, relevant)]
+    return [ranks_in_ranking(ids, rel) for ids, rel in zip(res.ids, relevant)]
+
+
+def _first(ranks: np.ndarray) -> int | None:
+    return int(ranks[0]) if ranks.size else None
 
 
 def retrieval_and_generation(backbone: Backbone, catalog: EvalCatalog, index, concepts: Mapping[str, ConceptToken],
-                             settings: GairSettings, keep_traces: int = 4, progress: bool = True) -> RetrievalOutcome:
-    """Retrieval metrics of every method over the catalog's queries, and generation metrics of GAIR's
-    previews. Queries whose concept has no token are left out (counted in ``n_queries``)."""
+                             settings: GairSettings, keep_traces: int = 4, progress: bool = True,
+                             anchors: Mapping[str, Anchor] | None = None) -> RetrievalOutcome:
+    """Retrieval metrics of every method over the catalog's queries (and of every anchor in ``anchors``,
+    learned on the same concepts), and generation metrics of GAIR's previews. Queries whose concept has no
+    token are left out (counted in ``n_queries``)."""
     queries = [q for q in catalog.queries if q.concept_id in concepts]
     if not queries:
         raise ValueError("no query names a concept that has a token: evaluate the registry learned on this catalog")
@@ -231,10 +260,8 @@ def retrieval_and_generation(backbone: Backbone, catalog: EvalCatalog, index, co
     variants = {m: [] for m in GAIR_VARIANTS}
     object_scores = {m: [] for m in GENERATION_METHODS}  # (margin, identity) per query, where it has rivals
     for n, q in enumerate(tqdm(queries, desc="GAIR", unit="query", disable=not progress)):
-        req = GairRequest([q.concept_id], q.intent, top_k=1, alphas=settings.alphas, previews=settings.previews,
-                          steps=settings.steps, guidance=settings.guidance, seed=settings.seed + n,
-                          template=q.template, rule=settings.rule, intent_margin=settings.intent_margin,
-                          refine=settings.refine, previews_for=settings.previews_for)
+        req = GairRequest.of(settings, concept_ids=[q.concept_id], intent=q.intent, top_k=1, template=q.template,
+                             seed=settings.seed + n, expand=0.0)
         res = gair(req)
         gair_queries.append(torch.from_numpy(res.query))
         for name, q_alt in _variant_queries(gair, req, res, settings).items():
@@ -259,10 +286,15 @@ def retrieval_and_generation(backbone: Backbone, catalog: EvalCatalog, index, co
     relevant = [q.relevant for q in queries]
     vectors = {"words": words, "token": token, "token_intent": token_intent, **fixed,
                "gair_auto": torch.stack(gair_queries), **{m: torch.stack(v) for m, v in variants.items() if v}}
-    ranks = {m: _ranks(index, v, relevant) for m, v in vectors.items()}
-    ranks["oracle_alpha"] = [min((r for r in per_alpha if r), default=None)
-                             for per_alpha in zip(*(ranks[m] for m in FIXED_METHODS))]
-    retrieval = {m: {**ranking_metrics(r), "n_queries": len(queries)} for m, r in ranks.items()}
+    vectors.update({name: anchor_query_features(backbone, anchor, queries) for name, anchor in (anchors or {}).items()})
+    all_ranks = {m: _ranks(index, v, relevant) for m, v in vectors.items()}
+    all_ranks["oracle_alpha"] = [_oracle(per_alpha) for per_alpha in zip(*(all_ranks[m] for m in FIXED_METHODS))]
+    n_relevant = [len(set(rel)) for rel in relevant]
+    ranks = {m: [_first(x) for x in r] for m, r in all_ranks.items()}  # each query's first relevant rank
+    retrieval = {m: {**ranking_metrics(ranks[m]), **field_metrics(r, n_relevant), "n_queries": len(queries)}
+                 for m, r in all_ranks.items()}
+    for name, anchor in (anchors or {}).items():
+        retrieval[name]["seconds_per_concept"] = anchor.seconds_per_concept
     # Each query's reciprocal rank per method (0: never ranked), the unit paired bootstrap resamples.
     per_query = {"query_ids": [q.query_id for q in queries],
                  "reciprocal_rank": {m: [1.0 / x if x else 0.0 for x in r] for m, r in ranks.items()}}
@@ -271,6 +303,13 @@ def retrieval_and_generation(backbone: Backbone, catalog: EvalCatalog, index, co
                       "n_previews": len(hits[m]), "chance": 1.0 / len(intents)} for m in GENERATION_METHODS}
     return RetrievalOutcome(retrieval, generation, dict(sorted(chosen.items())), traces, retrieval_summary(retrieval),
                             per_query)
+
+
+def _oracle(per_alpha: Sequence[np.ndarray]) -> np.ndarray:
+    """The relevant ranks of the fixed α whose first relevant item comes first (on a tie the earliest of
+    FIXED_ALPHAS), so the oracle's mAP is that of the very query its MRR comes from."""
+    ranked = [r for r in per_alpha if r.size]
+    return min(ranked, key=lambda r: r[0]) if ranked else per_alpha[0]
 
 
 def _variant_queries(gair: Gair, req: GairRequest, res: GairResult, settings: GairSettings) -> dict[str, torch.Tensor]:

@@ -11,6 +11,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from factory import storage  # noqa: E402
 from factory.evaluation.harness import Evaluation  # noqa: E402
+from factory.evaluation.anchors import ANCHORS  # noqa: E402
+from factory.evaluation.ir_metrics import MAP_AT_K, MAP_AT_KEY  # noqa: E402
 from factory.evaluation.methods import CLASSIFICATION_METHODS, RETRIEVAL_METHODS  # noqa: E402
 from factory.figures import image_grid  # noqa: E402
 from factory.storage import S3Options  # noqa: E402
@@ -62,6 +64,7 @@ def _gair_grid(ev: Evaluation) -> bytes:
 def markdown(metrics: dict) -> str:
     cls, ret, gen = metrics["classification"], metrics["retrieval"], metrics["generation"]
     cat = metrics["catalog"]
+    fmt = lambda v: "–" if v is None else f"{v:.3f}"  # noqa: E731
     lines = [f"# Evaluation: {cat['name']}", "",
              f"{cat['evaluated_concepts']} concepts, {cat['queries']} queries, gallery of {cat['gallery']} items, "
              f"{cat['intents']} intents.", "",
@@ -69,13 +72,23 @@ def markdown(metrics: dict) -> str:
              "| method | accuracy |", "|---|---:|"]
     lines += [f"| {m} | {cls[m]['accuracy']:.3f} |" for m in CLASSIFICATION_METHODS if m in cls]
     lines += ["", "## Retrieval (one query per concept and context)", "",
-              "| method | MRR | R@1 | R@5 | R@10 |", "|---|---:|---:|---:|---:|"]
-    lines += [f"| {m} | {ret[m]['mrr']:.3f} | {ret[m]['r1']:.3f} | {ret[m]['r5']:.3f} | {ret[m]['r10']:.3f} |"
+              ("R@k: any relevant item in the top k; mAP over all relevant items, mAP@k over min(#relevant, k) "
+               "(ConCon-Chi's definitions, `factory.evaluation.ir_metrics`)."), "",
+              f"| method | MRR | R@1 | R@5 | R@10 | mAP | mAP@{MAP_AT_K} |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {m} | {ret[m]['mrr']:.3f} | {ret[m]['r1']:.3f} | {ret[m]['r5']:.3f} | {ret[m]['r10']:.3f} | "
+              f"{fmt(ret[m].get('map'))} | {fmt(ret[m].get(MAP_AT_KEY))} |"
               for m in RETRIEVAL_METHODS if m in ret]
+    anchors = metrics.get("anchors", {})
+    if anchors:
+        lines += ["", "## Anchors (published methods learned here on the same few-shot features)", "",
+                  "| anchor | seconds per concept | concepts | generation |", "|---|---:|---:|---|"]
+        lines += [f"| {m} | {anchors[m]['seconds_per_concept']:.3f} | {anchors[m]['n_concepts']} | "
+                  f"{'token not sampled' if anchors[m]['has_token'] else 'none: no token (a text-encoder update)'} |"
+                  for m in ANCHORS if m in anchors]
     lines += ["", "## Generation (previews judged by the backbone among the catalog's intents)", "",
               "| method | intent accuracy | concept fidelity (cos) | object fidelity | identity |",
               "|---|---:|---:|---:|---:|"]
-    fmt = lambda v: "–" if v is None else f"{v:.3f}"  # noqa: E731
     lines += [f"| {m} | {gen[m]['intent_accuracy']:.3f} | {gen[m]['fidelity']:.3f} | "
               f"{fmt(gen[m].get('object_fidelity'))} | {fmt(gen[m].get('identity_accuracy'))} |"
               for m in ("token_intent", "gair_auto") if m in gen]

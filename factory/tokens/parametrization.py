@@ -25,9 +25,10 @@ class TokenParameters(nn.Module):
             if len(subspaces) != init.shape[0]:
                 raise ValueError(f"{len(subspaces)} subspaces for {init.shape[0]} tokens")
             k = max(s.rank for s in subspaces)
-            bases = torch.zeros(len(subspaces), init.shape[1], k)
+            # On init's device: built on the CPU beside a GPU ``init`` this crashed the first GPU step.
+            bases = init.new_zeros(len(subspaces), init.shape[1], k, dtype=torch.float32)
             for i, s in enumerate(subspaces):
-                bases[i, :, : s.rank] = s.basis
+                bases[i, :, : s.rank] = s.basis.to(bases)  # a subspace's basis lives on the CPU
             self.register_buffer("bases", bases)
             self.ranks = [s.rank for s in subspaces]
             self.coefficients = nn.Parameter(torch.einsum("cdk,cd->ck", bases, self.init_vectors))
@@ -51,6 +52,13 @@ class TokenParameters(nn.Module):
         norms = self.forward().norm(dim=-1, keepdim=True)
         scale = (max_norm / norms.clamp_min(1e-12)).clamp(max=1.0)
         (self.coefficients if self.projected else self.vectors_free).mul_(scale)
+
+    def coefficients_cpu(self) -> list[list[float]] | None:
+        """Every concept's coefficients (its own rank's), from one host copy."""
+        if not self.projected:
+            return None
+        rows = self.coefficients.detach().cpu().tolist()
+        return [r[:rank] for r, rank in zip(rows, self.ranks)]
 
     def coefficients_of(self, i: int) -> list[float] | None:
         if not self.projected:

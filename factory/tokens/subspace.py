@@ -67,5 +67,9 @@ def build_subspace(word_embedding: Callable[[str], torch.Tensor], vocabulary: At
     u, s, _ = torch.linalg.svd(a.T, full_matrices=False)
     rank = int((s > rank_tol * s[0]).sum())
     basis = u[:, :rank].float().contiguous()
-    digest = hashlib.sha256("\n".join([salt, parent, *used]).encode()).hexdigest()[:12]
+    # The basis bytes too: an id must name one basis, and an SVD's signs and rotation may differ between
+    # LAPACK builds and devices (the learner builds every basis on the CPU in float64 for that reason).
+    h = hashlib.sha256("\n".join([salt, parent, *used]).encode())
+    h.update(basis.numpy().tobytes())
+    digest = h.hexdigest()[:12]
     return Subspace(basis, e_p, f"{vocabulary.name}/{parent}/{digest}", used, unknown)

@@ -73,9 +73,17 @@ class PromptBatch:
                            [b.concept_ids[s] for s in firsts])
 
     def to(self, device) -> "PromptBatch":
+        """The batch on ``device`` (itself when it is there already: the learner moves its batch once, and
+        a copy per step was five blocking host-to-device copies on a GPU)."""
+        from factory.device import to_device
+
+        device = torch.device(device)
+        if self.input_ids.device.type == device.type:
+            return self
         return PromptBatch(
-            self.input_ids.to(device), self.eot_positions.to(device), self.marker_rows.to(device),
-            self.marker_cols.to(device), self.marker_slots.to(device), list(self.concept_ids),
+            to_device(self.input_ids, device), to_device(self.eot_positions, device),
+            to_device(self.marker_rows, device), to_device(self.marker_cols, device),
+            to_device(self.marker_slots, device), list(self.concept_ids),
         )
 
 

@@ -1,12 +1,19 @@
-"""GAIR on tiny random models: a well-formed trace, deterministic for a seed, manual mode, bad requests."""
+"""GAIR on tiny random models: a well-formed trace, deterministic for a seed, manual mode, bad requests,
+and the price a request states against the UNet passes it really makes."""
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from factory.errors import MalformedMarker, UnknownConceptMarker
+from factory.errors import UnknownConceptMarker
 from factory.gair import ConceptToken, Gair, GairRequest, GairStep, bisection_alphas, choose_alpha, prompts_for
 from factory.index import create_index
+
+
+def _req(concept_ids, intent, **options) -> GairRequest:
+    return GairRequest(concept_ids=concept_ids, intent=intent, **options)
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +32,7 @@ def gair(hf_backbone):
 
 
 def test_trace_is_well_formed(gair):
-    res = gair(GairRequest(["sku-1"], "on the beach", top_k=5, alphas=[0.0, 0.5, 1.0], previews=2, steps=2))
+    res = gair(_req(["sku-1"], "on the beach", top_k=5, alphas=[0.0, 0.5, 1.0], previews=2, steps=2))
     assert [s.alpha for s in res.steps] == [0.0, 0.5, 1.0]
     assert res.alpha in (0.0, 0.5, 1.0)
     for s in res.steps:
@@ -40,32 +47,33 @@ def test_trace_is_well_formed(gair):
 
 
 def test_same_seed_same_result(gair):
-    req = GairRequest(["sku-1", "sku-2"], "in the snow", alphas=[0.25, 0.75], previews=1, steps=2, seed=3)
+    req = _req(["sku-1", "sku-2"], "in the snow", alphas=[0.25, 0.75], previews=1, steps=2, seed=3)
     a, b = gair(req), gair(req)
     assert a.alpha == b.alpha and a.ranking == b.ranking
     assert all(np.array_equal(x.previews, y.previews) for x, y in zip(a.steps, b.steps))
 
 
 def test_manual_mode_uses_the_given_alpha(gair):
-    res = gair(GairRequest(["sku-1"], "on the grass", mode="manual", alpha=0.3, previews=1, steps=2))
+    res = gair(_req(["sku-1"], "on the grass", mode="manual", alpha=0.3, previews=1, steps=2))
     assert res.alpha == 0.3 and [s.alpha for s in res.steps] == [0.3]
 
 
 def test_query_expansion_changes_the_query(gair):
-    base = GairRequest(["sku-1"], "on the grass", mode="manual", alpha=0.5, previews=1, steps=2)
-    expanded = GairRequest(["sku-1"], "on the grass", mode="manual", alpha=0.5, previews=1, steps=2, expand=1.0)
+    base = _req(["sku-1"], "on the grass", mode="manual", alpha=0.5, previews=1, steps=2)
+    expanded = _req(["sku-1"], "on the grass", mode="manual", alpha=0.5, previews=1, steps=2, expand=1.0)
     assert not np.allclose(gair(base).query, gair(expanded).query)
 
 
 def test_bad_requests(gair):
     with pytest.raises(UnknownConceptMarker, match="ghost"):
-        gair(GairRequest(["ghost"], "on the beach", previews=1, steps=1))
-    with pytest.raises(MalformedMarker):
-        GairRequest(["sku-1"], "on the <concept:sku-2> beach")
+        gair(_req(["ghost"], "on the beach", previews=1, steps=1))
+    with pytest.raises(ValueError, match="plain words") as e:
+        _req(["sku-1"], "on the <concept:sku-2> beach")
+    assert e.value.errors()[0]["type"] == "malformed_marker"  # the HTTP API answers with this code
     with pytest.raises(ValueError, match="alpha"):
-        GairRequest(["sku-1"], "x", mode="manual")
+        _req(["sku-1"], "x", mode="manual")
     with pytest.raises(ValueError, match="alphas"):
-        GairRequest(["sku-1"], "x", alphas=[1.5])
+        _req(["sku-1"], "x", alphas=[1.5])
 
 
 def test_prompts_pair_tokens_with_parents():
@@ -79,21 +87,21 @@ def test_prompts_fill_a_template_slot():
     assert tok == "a person wearing a <concept:a1> skirt on a bench"
     assert words == "a person wearing a skirt on a bench"
     with pytest.raises(ValueError, match="slot"):
-        GairRequest(["sku-1"], "x", template="no slot here")
+        _req(["sku-1"], "x", template="no slot here")
     with pytest.raises(ValueError, match="slot"):
-        GairRequest(["sku-1"], "x", template="{concept} and <concept:sku-2>")
+        _req(["sku-1"], "x", template="{concept} and <concept:sku-2>")
 
 
 def test_every_alpha_starts_from_the_same_noise(gair):
     # Two equal α values must give identical previews: only the conditioning may differ between steps.
-    res = gair(GairRequest(["sku-1"], "on the beach", alphas=[0.5, 0.5, 1.0], previews=2, steps=2, seed=5))
+    res = gair(_req(["sku-1"], "on the beach", alphas=[0.5, 0.5, 1.0], previews=2, steps=2, seed=5))
     assert np.array_equal(res.steps[0].previews, res.steps[1].previews)
     assert not np.array_equal(res.steps[0].previews[0], res.steps[0].previews[1])  # previews still differ
     assert res.steps[0].features.shape[0] == 2
 
 
 def test_the_previews_rule_balances_min_max_scores(gair):
-    res = gair(GairRequest(["sku-1"], "on the beach", alphas=[0.0, 0.5, 1.0], previews=1, steps=2, rule="previews"))
+    res = gair(_req(["sku-1"], "on the beach", alphas=[0.0, 0.5, 1.0], previews=1, steps=2, rule="previews"))
     assert all(0.0 <= s.score <= 1.0 and s.admitted for s in res.steps)
     assert max(s.score for s in res.steps) == next(s.score for s in res.steps if s.alpha == res.alpha)
 
@@ -101,7 +109,7 @@ def test_the_previews_rule_balances_min_max_scores(gair):
 def test_each_alpha_retrieves_with_the_balance_of_its_previews(gair, hf_backbone):
     """q(α) is made of the same two prompts and weights as the previews' conditioning, and the ranking
     returned is what the chosen q(α) retrieves."""
-    req = GairRequest(["sku-1"], "on the beach", top_k=3, alphas=[0.0, 0.4, 1.0], previews=1, steps=2)
+    req = _req(["sku-1"], "on the beach", top_k=3, alphas=[0.0, 0.4, 1.0], previews=1, steps=2)
     res = gair(req)
     tok_prompt, _ = prompts_for(["sku-1"], ["dress"], "on the beach")
     c = gair.concepts["sku-1"]
@@ -116,8 +124,8 @@ def test_each_alpha_retrieves_with_the_balance_of_its_previews(gair, hf_backbone
 
 
 def _step(alpha, fid, inten):
-    return GairStep(alpha, 0.0, 0.0, 0.0, np.zeros((1, 2, 2, 3), np.uint8), retrieved_fidelity=fid,
-                    retrieved_intent=inten)
+    return GairStep(alpha=alpha, fidelity=0.0, intent=0.0, previews=np.zeros((1, 2, 2, 3), np.uint8),
+                    retrieved_fidelity=fid, retrieved_intent=inten)
 
 
 def test_the_retrieval_rule_takes_the_most_concept_like_top_item_that_still_matches_the_intent():
@@ -139,22 +147,22 @@ def test_the_retrieval_rule_is_absolute_not_relative_to_the_schedule():
 
 def test_an_empty_gallery_still_answers(hf_backbone, gair):
     empty = Gair(hf_backbone, gair.concepts, create_index("exact", gair.index.dim))
-    res = empty(GairRequest(["sku-1"], "on the beach", alphas=[0.0, 1.0], previews=1, steps=1))
+    res = empty(_req(["sku-1"], "on the beach", alphas=[0.0, 1.0], previews=1, steps=1))
     assert res.ranking == [] and res.alpha == 1.0 and all(s.retrieved == [] for s in res.steps)
 
 
 def test_unknown_rule_is_refused():
     with pytest.raises(ValueError, match="rule"):
-        GairRequest(["sku-1"], "x", rule="vibes")
+        _req(["sku-1"], "x", rule="vibes")
     with pytest.raises(ValueError, match="intent_margin"):
-        GairRequest(["sku-1"], "x", intent_margin=-0.1)
+        _req(["sku-1"], "x", intent_margin=-0.1)
 
 
 def test_chosen_previews_render_only_the_kept_alpha_and_decide_the_same(gair):
     """The retrieval rule decides without previews: rendering only the chosen α keeps its choice, its
     ranking and, from the same noise, that α's very previews."""
-    every = gair(GairRequest(["sku-1"], "on the beach", alphas=[0.0, 0.5, 1.0], previews=2, steps=2, seed=4))
-    chosen = gair(GairRequest(["sku-1"], "on the beach", alphas=[0.0, 0.5, 1.0], previews=2, steps=2, seed=4,
+    every = gair(_req(["sku-1"], "on the beach", alphas=[0.0, 0.5, 1.0], previews=2, steps=2, seed=4))
+    chosen = gair(_req(["sku-1"], "on the beach", alphas=[0.0, 0.5, 1.0], previews=2, steps=2, seed=4,
                               previews_for="chosen"))
     assert chosen.alpha == every.alpha and chosen.ranking == every.ranking
     for a, b in zip(every.steps, chosen.steps):
@@ -166,7 +174,7 @@ def test_chosen_previews_render_only_the_kept_alpha_and_decide_the_same(gair):
 
 
 def test_no_previews_is_retrieval_alone(gair):
-    res = gair(GairRequest(["sku-1"], "on the beach", alphas=[0.0, 1.0], previews=0, steps=2))
+    res = gair(_req(["sku-1"], "on the beach", alphas=[0.0, 1.0], previews=0, steps=2))
     assert all(len(s.previews) == 0 for s in res.steps) and len(res.ranking) == 10
 
 
@@ -178,9 +186,9 @@ def test_bisection_takes_the_midpoints_beside_the_best_alpha():
 
 
 def test_refinement_searches_around_the_kept_alpha_and_keeps_the_best(gair):
-    base = GairRequest(["sku-1"], "on the beach", alphas=[0.0, 0.5, 1.0], previews=1, steps=2, seed=2)
+    base = _req(["sku-1"], "on the beach", alphas=[0.0, 0.5, 1.0], previews=1, steps=2, seed=2)
     plain = gair(base)
-    refined = gair(GairRequest(**{**base.__dict__, "refine": 2}))
+    refined = gair(dataclasses.replace(base, refine=2))
     searched = [s.alpha for s in refined.steps]
     assert searched == sorted(searched) and len(searched) > 3 and {0.0, 0.5, 1.0} <= set(searched)
     assert all(len(s.previews) == 1 for s in refined.steps)  # previews_for="every": each new α rendered
@@ -193,8 +201,66 @@ def test_refinement_searches_around_the_kept_alpha_and_keeps_the_best(gair):
 
 def test_bad_refinement_and_preview_settings_are_refused():
     with pytest.raises(ValueError, match="refine"):
-        GairRequest(["sku-1"], "x", refine=99)
+        _req(["sku-1"], "x", refine=99)
     with pytest.raises(ValueError, match="previews_for"):
-        GairRequest(["sku-1"], "x", previews_for="some")
+        _req(["sku-1"], "x", previews_for="some")
     with pytest.raises(ValueError, match="previews rule"):
-        GairRequest(["sku-1"], "x", rule="previews", previews_for="chosen")
+        _req(["sku-1"], "x", rule="previews", previews_for="chosen")
+
+
+@pytest.fixture
+def unet_images(gair, monkeypatch):
+    """Counts the images the UNet is evaluated on (a batch of n is n passes), summed over its calls."""
+    unet, seen = gair.backbone.generator.unet, []
+    forward = unet.forward
+
+    def counting(x, *args, **kwargs):
+        seen.append(x.shape[0])
+        return forward(x, *args, **kwargs)
+
+    monkeypatch.setattr(unet, "forward", counting)
+    return seen
+
+
+def _keep(monkeypatch, target: float):
+    """Make ``auto`` keep the α nearest ``target``, whatever the evidence: at 0.5 each bisection round has two
+    neighbours and adds two α (the most a round can cost), at 1.0 it has one."""
+    import factory.gair
+
+    def nearest(steps, rule="retrieval", intent_margin=0.0):
+        best = min(range(len(steps)), key=lambda i: abs(steps[i].alpha - target))
+        return best, np.zeros(len(steps)), np.ones(len(steps), bool)
+
+    monkeypatch.setattr(factory.gair, "choose_alpha", nearest)
+
+
+@pytest.mark.parametrize("options", [
+    dict(alphas=[0.0, 0.5, 1.0], previews=2, steps=2),  # every α: 3 x 2 images x 2 steps x 2 (guidance)
+    dict(alphas=[0.0, 0.5, 1.0], previews=2, steps=3, previews_for="chosen"),  # the kept α alone
+    dict(alphas=[0.0, 1.0], previews=1, steps=2, guidance=1.0),  # no guidance: one pass per image and step
+    dict(mode="manual", alpha=0.3, previews=2, steps=2),
+    dict(alphas=[0.0, 0.5, 1.0], previews=0, steps=5),  # retrieval alone: no UNet at all
+    dict(alphas=[0.0, 0.5, 1.0], previews=1, steps=2, refine=2, previews_for="chosen"),
+], ids=["every", "chosen", "no-guidance", "manual", "no-previews", "refine-chosen"])
+def test_a_request_prices_the_unet_passes_it_makes(gair, unet_images, options):
+    req = _req(["sku-1"], "on the beach", **options)
+    gair(req)
+    assert sum(unet_images) == req.unet_passes()
+
+
+def test_bisection_is_priced_at_two_alphas_a_round_the_most_it_renders(gair, unet_images, monkeypatch):
+    _keep(monkeypatch, 0.5)
+    req = _req(["sku-1"], "on the beach", alphas=[0.0, 0.5, 1.0], previews=1, steps=2,
+                      refine=2)
+    res = gair(req)
+    assert [s.alpha for s in res.steps] == [0.0, 0.25, 0.375, 0.5, 0.625, 0.75, 1.0]  # 3 + 2 + 2 α rendered
+    assert sum(unet_images) == req.unet_passes() == 1 * 7 * 2 * 2
+
+
+def test_bisection_at_an_end_of_the_schedule_costs_less_than_its_price(gair, unet_images, monkeypatch):
+    _keep(monkeypatch, 1.0)
+    req = _req(["sku-1"], "on the beach", alphas=[0.0, 0.5, 1.0], previews=1, steps=2,
+                      refine=3)
+    res = gair(req)
+    assert [s.alpha for s in res.steps] == [0.0, 0.5, 0.75, 0.875, 0.9375, 1.0]  # one midpoint a round
+    assert sum(unet_images) == 6 * 2 * 2 < req.unet_passes() == 9 * 2 * 2  # the price is a bound

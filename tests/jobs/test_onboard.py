@@ -201,12 +201,12 @@ def _stream_rows(catalog_dir, todo, bank_size, per_step=4, s3=None):
     from factory.backbones import resolve_backbone_config
     from factory.catalogs import read_concepts
     from factory.onboarding import image_size_for
-    from jobs.onboard_data import EncodedConcept, concept_stream
+    from jobs.onboard_data import EncodedConcept, EncodeSettings, concept_stream
 
     specs = read_concepts(catalog_dir, s3)
     bb = resolve_backbone_config("tiny-hf-clip", None, s3)
-    encode = {"backbone": bb.to_dict(), "image_size": image_size_for(bb), "s3": s3, "latents": False}
-    banks, stream, n = concept_stream(specs, todo(specs), bank_size, 1, per_step, **encode)
+    encode = EncodeSettings(backbone=bb.to_dict(), image_size=image_size_for(bb), s3=s3, latents=False)
+    banks, stream, n = concept_stream(specs, todo(specs), bank_size, 1, per_step, encode)
     chunks = [[c.concept_id for c in chunk] for batch in stream.iter_batches(batch_size=1, batch_format="numpy")
               for chunk in EncodedConcept.chunks_of(batch)]
     return specs, banks, chunks, n

@@ -29,3 +29,17 @@ def test_cluster_generator_gets_a_gpu_and_scales_to_zero():
     gen = next(d for d in schema.applications[0].deployments if d.name == "Generator")
     assert gen.ray_actor_options.num_gpus == 1
     assert gen.autoscaling_config["min_replicas"] == 0
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_replicas_that_reserve_a_gpu_compute_on_it(path):
+    """On a GPU node, each replica's device under the file's settings: the GPU where its ray_actor_options
+    reserve one (cluster.yaml's Generator), the CPU elsewhere (never a reserved GPU left idle)."""
+    from serve.deployments import replica_device
+
+    (app,) = ServeDeploySchema.model_validate(yaml.safe_load(path.read_text())).applications
+    settings = ServeSettings(**app.args)
+    for d in app.deployments:
+        gpus = getattr(d.ray_actor_options, "num_gpus", None)  # unset options are a sentinel without it
+        gpu_ids = [0] if gpus else []  # what ray.get_gpu_ids() gives such a replica
+        assert replica_device(settings.device, gpu_ids, cuda_available=True) == ("cuda" if gpus else "cpu"), d.name

@@ -21,7 +21,7 @@ def test_health_ready_and_openapi(service):
     assert ready.json()["gallery_items"] == len(service.catalog.gallery)
     paths = service.client.get("/openapi.json").json()["paths"]
     assert {"/v1/classify", "/v1/retrieve", "/v1/generate", "/v1/gair", "/v1/tokens", "/v1/admin/reload"} <= set(paths)
-    assert service.client.get("/docs").status_code == 200
+    assert service.client.get("/docs").status_code == 404  # off by default (`ServeSettings.docs`): no CDN page
 
 
 def test_tokens_list_and_detail(service):
@@ -102,3 +102,22 @@ def test_gair_bisection_with_previews_of_the_chosen_alpha_only(service):
             rendered = s["alpha"] == out["alpha"]
             assert len(s["previews"]) == (1 if rendered else 0)
             assert (s["fidelity"] is not None) == rendered and s["retrieved_object"] is not None
+
+
+def test_the_gair_api_takes_the_methods_request_as_it_is():
+    """A GAIR option added to the method (`schemas.gair.GairRequest`) reaches /v1/gair with its default and its
+    checks, and no other file changes, unless the service withholds it (`serve.api.WITHHELD`). No service
+    needed: this reads the two types."""
+    from pydantic import TypeAdapter
+
+    from schemas.gair import GairRequest
+    from serve.api import WITHHELD, GairApiRequest
+
+    method, api = GairRequest.__pydantic_fields__, GairApiRequest.__pydantic_fields__
+    assert api.keys() == method.keys()
+    assert all(api[n].default == method[n].default for n in method)
+    schema = TypeAdapter(GairApiRequest).json_schema()
+    assert set(schema["properties"]) == set(method) - set(WITHHELD) and schema["additionalProperties"] is False
+    body = {"concept_ids": ["sku-1"], "intent": "on the beach", "refine": 1, "previews_for": "chosen"}
+    parsed = TypeAdapter(GairApiRequest).validate_python(body)
+    assert parsed == GairApiRequest(**body) and parsed.unet_passes() == GairRequest(**body).unet_passes()

@@ -83,6 +83,45 @@ def test_the_admin_key_must_differ_from_the_clients_key(monkeypatch):
         ServeSettings(registry="r", index="i", api_key_env="TF_KEY_A", admin_key_env="TF_KEY_A").admin_key_digest()
 
 
+def test_require_key_without_a_key_env_is_refused_at_start(monkeypatch):
+    """It served open before (audit N13): there was no key to require."""
+    from factory.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="require_key needs api_key_env"):
+        ServeSettings(registry="r", index="i", require_key=True)
+    monkeypatch.setenv("TF_CLIENT_KEY", "k" * 24)
+    assert ServeSettings(registry="r", index="i", require_key=True, api_key_env="TF_CLIENT_KEY").require_key
+
+
+def test_the_edge_caps_requests_in_flight_per_address_and_frees_them_on_errors(monkeypatch):
+    from serve.edge import ADMIN, CLIENT, EdgePolicy
+
+    monkeypatch.setenv("TF_CLIENT_KEY", "k" * 24)
+    s = ServeSettings(registry="r", index="i", require_key=True, api_key_env="TF_CLIENT_KEY",
+                      limits=Limits(max_in_flight_per_address=2))
+    edge = EdgePolicy(s, s.api_key_digest(), None)
+    with edge.slot("10.0.0.1"), edge.slot("10.0.0.1"):
+        with pytest.raises(ApiError) as e:
+            with edge.slot("10.0.0.1"):
+                pass
+        assert e.value.status == 429 and e.value.code == "too_many_in_flight" and e.value.headers["Retry-After"]
+        with edge.slot("10.0.0.2"):  # another address has its own slots
+            pass
+    with pytest.raises(RuntimeError):
+        with edge.slot("10.0.0.1"):
+            raise RuntimeError("a failing request")
+    assert edge.in_flight == {}  # all freed, and no entry left per address gone
+    assert edge.authorise("Bearer " + "k" * 24, "10.0.0.1", CLIENT).startswith("key:")
+    assert edge.authorise("", "10.0.0.1", None) == "addr:10.0.0.1"
+    for header in ("", "Bearer wrong-wrong-wrong-wrong", "Basic " + "k" * 24):
+        with pytest.raises(ApiError) as e:
+            edge.authorise(header, "10.0.0.1", CLIENT)
+        assert e.value.status == 401
+    with pytest.raises(ApiError) as e:
+        edge.authorise("Bearer " + "k" * 24, "10.0.0.1", ADMIN)
+    assert e.value.status == 403 and e.value.code == "admin_disabled"
+
+
 def test_a_cancelled_request_stops_its_sampling_thread():
     from serve.deployments import run_cancellable
 

@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from factory.evaluation.anchors import ANCHORS
 from factory.catalogs.evaluation import EvalCatalog
 from factory.evaluation.methods import (
     FIXED_METHODS, RETRIEVAL_METHODS, GairSettings, ablation_config, retrieval_and_generation,
@@ -54,9 +55,11 @@ def test_token_intent_finds_a_gallery_built_from_its_own_queries(hf_backbone):
     index.add(np.concatenate([feats, noise]), [q.relevant[0] for q in queries] + [f"n{i}" for i in range(20)])
     out = retrieval_and_generation(hf_backbone, EvalCatalog("t", [], queries, []), index, concepts,
                                    GairSettings(alphas=(0.0, 1.0), previews=2, steps=2), progress=False)
-    assert out.retrieval["token_intent"] == {"mrr": 1.0, "r1": 1.0, "r5": 1.0, "r10": 1.0, "n_queries": 4}
+    assert out.retrieval["token_intent"] == {"mrr": 1.0, "r1": 1.0, "r5": 1.0, "r10": 1.0, "recall@1": 1.0,
+                                             "recall@5": 1.0, "recall@10": 1.0, "map": 1.0, "map@50": 1.0,
+                                             "n_queries": 4}
     # previews of the chosen α and α = 1 only (the default): the previews rule has nothing to decide on
-    assert set(out.retrieval) == set(RETRIEVAL_METHODS) - {"gair_previews"}
+    assert set(out.retrieval) == set(RETRIEVAL_METHODS) - {"gair_previews", *ANCHORS}  # no anchors given
     # the oracle picks each query's best fixed α: no fixed α beats it, and fixed_1 is token_intent itself
     assert all(out.retrieval["oracle_alpha"]["mrr"] >= out.retrieval[m]["mrr"] for m in FIXED_METHODS)
     assert out.retrieval["fixed_1"] == out.retrieval["token_intent"]
@@ -75,11 +78,13 @@ def test_token_intent_finds_a_gallery_built_from_its_own_queries(hf_backbone):
     every = retrieval_and_generation(hf_backbone, EvalCatalog("t", [], queries, []), index, concepts,
                                      GairSettings(alphas=(0.0, 1.0), previews=2, steps=2, previews_for="every"),
                                      progress=False)
-    assert set(every.retrieval) == set(RETRIEVAL_METHODS)
+    assert set(every.retrieval) == set(RETRIEVAL_METHODS) - set(ANCHORS)
     # rendering more α changes what is shown, never what the retrieval rule decides
     for m in ("gair_auto", "gair_object", "gair_bisect2", "token_intent"):
         assert every.retrieval[m] == out.retrieval[m]
-    assert every.generation["token_intent"] == out.generation["token_intent"]  # α = 1 from the same noise
+    # α = 1 from the same noise; the image features of its previews come from a forward pass of another
+    # batch size (every α's previews at once), which moves them by float rounding (~5e-9) on some CPUs
+    assert every.generation["token_intent"] == pytest.approx(out.generation["token_intent"], rel=1e-6, abs=1e-7)
 
 
 def test_settings_refuse_the_previews_rule_without_every_alphas_previews():
