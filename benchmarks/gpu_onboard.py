@@ -105,16 +105,6 @@ def backbone_config(tiny: bool) -> BackboneConfig:
         "generator": {"unet": unet, "vae": vae, "scheduler": SD_SCHEDULE, "latent_scale": 0.18215}})
 
 
-
-
-def backbone_config(tiny: bool) -> BackboneConfig:
-    clip, unet, vae = (TINY["clip"], TINY["unet"], TINY["vae"]) if tiny else (VIT_L14, SD15_UNET, SD15_VAE)
-    return BackboneConfig.from_dict({
-        "name": "tiny-vit+sd" if tiny else "vit-l14+sd15-shapes", "family": "hf-clip", "clip": clip,
-        "tokenizer": {"context_length": 77, "pad": "eot"}, "image": {"size": TINY["image"] if tiny else 224},
-        "generator": {"unet": unet, "vae": vae, "scheduler": SD_SCHEDULE, "latent_scale": 0.18215}})
-
-
 def _sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -313,10 +303,7 @@ def anchor_diffusers_ti(tiny: bool, args, device: str) -> dict:
            "concepts_per_gpu_minute": 60.0 / (ANCHOR_STEPS * per_step),
            "unet_samples_per_s": ANCHOR_ACCUMULATION / per_step, "flops_per_step": flops,
            "mfu": flops / per_step / (args.peak_tflops * 1e12)}
-    del text, unet, vae, opt
-    if device == "cuda":
-        torch.cuda.empty_cache()
-    return out
+    return out  # its models are freed here; the caller empties the CUDA cache
 
 
 # ---- the encoding stage ------------------------------------------------------------------------------------
@@ -517,6 +504,8 @@ def main(argv=None) -> int:
     deadline = time.monotonic() + 60 * args.max_minutes
     if not args.no_anchor:
         result["anchor_diffusers_ti"] = anchor_diffusers_ti(args.tiny, args, device)
+        if device == "cuda":
+            torch.cuda.empty_cache()  # the anchor's own models are gone
         print("anchor: " + json.dumps(result["anchor_diffusers_ti"]), flush=True)
     for precision in args.precisions:
         backbone = build(args.tiny, precision, device)

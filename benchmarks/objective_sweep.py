@@ -111,7 +111,9 @@ def main(argv=None) -> int:
         gen = composition_generation(backbone, catalog, {"m": tokens}, protos, args.previews, 20, 4.0, 0,
                                      args.queries)["m"]
         ti_loss, empty_loss = denoising_losses(backbone, data, tokens)
-        metric = lambda k: float(sum(t.metrics.get(k, float("nan")) for t in learned) / len(learned))
+        def metric(k: str, learned=learned) -> float:
+            return float(sum(t.metrics.get(k, float("nan")) for t in learned) / len(learned))
+
         rows[name] = {"accuracy": acc, "colour": gen["colour_accuracy"], "fidelity": gen["fidelity"],
                       "intent": gen["intent_accuracy"], "category": gen["category_accuracy"],
                       "ti_loss": ti_loss, "empty_loss": empty_loss, "token_norm": metric("token_norm"),

@@ -20,7 +20,8 @@ def register(sub) -> None:
     d = field_defaults(IndexConfig)  # every flag's default is its field's (one source per default)
     p = sub.add_parser("index", help="embed gallery images into a vector index (Ray Data batch inference)",
                        description=__doc__)
-    p.add_argument("--gallery", required=True, help="catalog root / manifest.json, a gallery Parquet/JSONL, a PerVL <split>_fsl_train.txt, or a folder of images")
+    p.add_argument("--gallery", required=True, help="catalog root / manifest.json, a gallery Parquet/JSONL, a PerVL "
+                   "<split>_fsl_train.txt, or a folder of images")
     p.add_argument("--out", required=True, help="URI of the index folder to write")
     p.add_argument("--backbone", default=d["backbone"],
                    help="backbone: a registered name or a config file/URI (default: %(default)s)")

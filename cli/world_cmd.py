@@ -67,5 +67,6 @@ def run(args: argparse.Namespace) -> int:
           f"{extra['shots']} few-shot + {extra['heldout']} held-out images each")
     print(f"  gallery    {extra['n_gallery']} images ({manifest.n_concepts * extra['contexts']} product, "
           f"{extra['distractors']} distractors), {extra['n_queries']} queries")
-    print(f"  images     {manifest.n_images} PNGs of {extra['size']}x{extra['size']} px; manifest {join(args.out, 'manifest.json')}")
+    size = extra["size"]
+    print(f"  images     {manifest.n_images} PNGs of {size}x{size} px; manifest {join(args.out, 'manifest.json')}")
     return 0

@@ -52,7 +52,7 @@ def term_gradient_norms(backbone, cfg, group: ConceptGroup, batch, params, scale
     cal = dataclasses.replace(cfg, ti_samples=max(cfg.ti_samples, cfg.calibration_samples),
                               ti_micro_batch=cfg.ti_micro_batch or C * cfg.ti_samples)
     cut = enc.hidden.detach().requires_grad_()
-    mse = ti_term(backbone, cal, group.concepts, cut, scheduler, gens, torch.ones(C, device=param.device))
+    ti_term(backbone, cal, group.concepts, cut, scheduler, gens, torch.ones(C, device=param.device))  # -> cut.grad
     g_ti = torch.autograd.grad(enc.hidden, param, grad_outputs=cut.grad)[0].norm(dim=-1)
     return g_ce.detach(), g_ti.detach()
 

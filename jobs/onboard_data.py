@@ -389,8 +389,8 @@ def banks_of(sample, min_images: int) -> dict:
 
 def concept_stream(specs, todo_ids: set[str], bank_size: int, min_images: int, concepts_per_step: int,
                    encode: EncodeSettings):
-    """(banks, the Ray Dataset of the chunks to learn, how many chunks it holds). Chunks are formed once from the whole catalog
-    (`chunks_by_parent`), so a resumed run learns the same chunks as an uninterrupted one; a chunk is
+    """(banks, the Ray Dataset of the chunks to learn, how many chunks it holds). Chunks are formed once from
+    the whole catalog (`chunks_by_parent`), so a resumed run learns the same chunks as an uninterrupted one; a chunk is
     streamed while any of its concepts is still to do (the workers drop the done ones). The bank sample
     is encoded first and kept in Ray's object store (bounded by ``bank_size``), so its chunks stream to
     the workers from there and every image is still encoded exactly once; the rest is encoded as the

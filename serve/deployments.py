@@ -9,8 +9,8 @@
 Replicas that hold tokens ask the watcher for the current version at most every ``version_check_s``
 (one actor call; the admin reload waits that long before it answers, so every request sent after it
 returns sees the new version) and switch by building the new `TokenState` first and then swapping one
-reference, so no request ever sees half a version and none fails during a reload. Client errors are *returned* as ``{"error": …}``
-dicts, not raised: a raised exception would cross the actor boundary wrapped and lose its meaning.
+reference, so no request ever sees half a version and none fails during a reload. Client errors are
+*returned* as ``{"error": …}`` dicts, not raised: a raised exception would cross the actor boundary wrapped and lose its meaning.
 """
 from __future__ import annotations
 
