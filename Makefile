@@ -32,7 +32,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	@touch $(STAMP)
 
+# Format and lint first (ruff, configured in pyproject.toml): `ruff format .` and `ruff check --fix .` repair both.
 test: setup
+	$(PY) -m ruff format --check .
+	$(PY) -m ruff check .
 	$(PY) -m pytest
 
 demo: setup

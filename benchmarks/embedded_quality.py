@@ -6,6 +6,7 @@ zero_shot.<attr>: accuracy on held-out renders (test-split garments) when scorin
 only <attr> (the other attributes are the render's own). generation.<attr>: the same judge applied to
 images generated from random captions. Prints a table, writes JSON.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,14 +25,20 @@ from factory.backbones import load_backbone
 from factory.images import to_uint8
 from factory.world import BACKGROUNDS, CATEGORIES, COLOURS, PATTERNS, FashionWorld, caption
 
-TARGETS = {"zero_shot": {"category": 0.75, "colour": 0.95, "pattern": 0.95, "background": 0.95},
-           "generation": {"category": 0.45, "colour": 0.85, "background": 0.75}}
+TARGETS = {
+    "zero_shot": {"category": 0.75, "colour": 0.95, "pattern": 0.95, "background": 0.95},
+    "generation": {"category": 0.45, "colour": 0.85, "background": 0.75},
+}
 VALUES = {"category": CATEGORIES, "colour": COLOURS, "pattern": PATTERNS, "background": BACKGROUNDS}
 
 
 def _words(r, i):
-    return {"category": CATEGORIES[r.category[i]], "colour": COLOURS[r.colour[i]],
-            "pattern": PATTERNS[r.pattern[i]], "background": BACKGROUNDS[r.background[i]]}
+    return {
+        "category": CATEGORIES[r.category[i]],
+        "colour": COLOURS[r.colour[i]],
+        "pattern": PATTERNS[r.pattern[i]],
+        "background": BACKGROUNDS[r.background[i]],
+    }
 
 
 @torch.no_grad()
@@ -40,8 +47,8 @@ def attribute_accuracy(backbone, images: np.ndarray, labels: list[dict], attr: s
     values = VALUES[attr]
     hits = 0
     for s in range(0, len(images), batch):
-        img = F.normalize(backbone.encode_image(backbone.preprocess(images[s: s + batch])), dim=-1)
-        for j, lab in enumerate(labels[s: s + batch]):
+        img = F.normalize(backbone.encode_image(backbone.preprocess(images[s : s + batch])), dim=-1)
+        for j, lab in enumerate(labels[s : s + batch]):
             prompts = [caption(**{**lab, attr: v}) for v in values]
             txt = F.normalize(backbone.encode_prompts(prompts).features, dim=-1)
             hits += int(int((txt @ img[j]).argmax()) == values.index(lab[attr]))
@@ -93,8 +100,9 @@ def _generation(backbone, args, result) -> None:
     with torch.no_grad():
         cond = backbone.encode_prompts(g.captions).hidden
         uncond = backbone.encode_prompts([""]).hidden
-        images = to_uint8(backbone.generator.sample(cond, uncond, steps=args.steps, guidance=args.guidance,
-                                                    seed=args.seed))
+        images = to_uint8(
+            backbone.generator.sample(cond, uncond, steps=args.steps, guidance=args.guidance, seed=args.seed)
+        )
     result["sampling_seconds_per_image"] = (time.perf_counter() - t0) / len(images)
     for attr in ("category", "colour", "background"):
         result["generation"][attr] = attribute_accuracy(backbone, images, gen_labels, attr)

@@ -14,6 +14,7 @@ the median under ``target_seconds``).
 
 Seed 4 is neither the tuning seed (0) nor a reported one (1-3): this measures time, not quality.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,8 +60,12 @@ def main(argv=None) -> int:
     p.add_argument("--runs", type=int, default=2, help="timed evaluate runs (default: 2)")
     p.add_argument("--seed", type=int, default=4, help="world seed (default: 4, neither tuning nor reported)")
     add_pipeline_arguments(p, products=30)
-    p.add_argument("--threads-while-learning", type=int, default=1,
-                   help="evaluate's --threads-while-learning (default: 1, its default; 0: torch's default)")
+    p.add_argument(
+        "--threads-while-learning",
+        type=int,
+        default=1,
+        help="evaluate's --threads-while-learning (default: 1, its default; 0: torch's default)",
+    )
     p.add_argument("--work", default="build/eval-time", help="working folder (catalog, registry, index, runs, logs)")
     p.add_argument("--out", default="build/evaluation_time.json", help="JSON output path")
     args = p.parse_args(argv)
@@ -72,20 +77,37 @@ def main(argv=None) -> int:
         runs.append(time_run(i, args))
         r, s = runs[-1], runs[-1]["stage_seconds"]
         if i == 0:
-            print(f"{'run':>3} {'wall s':>7} {'total':>7} {'ablations':>9} {'task s':>7} {'GAIR':>6} "
-                  f"{'compose':>7} {'wait':>6}")
-        print(f"{i:3d} {r['wall_seconds']:7.0f} {s['total']:7.0f} {s['learn_ablations']:9.0f} "
-              f"{r['ablation_task_seconds']:7.0f} {s['retrieval_generation']:6.0f} {s['composition']:7.0f} "
-              f"{s['ablations_wait']:6.0f}", flush=True)
+            print(
+                f"{'run':>3} {'wall s':>7} {'total':>7} {'ablations':>9} {'task s':>7} {'GAIR':>6} "
+                f"{'compose':>7} {'wait':>6}"
+            )
+        print(
+            f"{i:3d} {r['wall_seconds']:7.0f} {s['total']:7.0f} {s['learn_ablations']:9.0f} "
+            f"{r['ablation_task_seconds']:7.0f} {s['retrieval_generation']:6.0f} {s['composition']:7.0f} "
+            f"{s['ablations_wait']:6.0f}",
+            flush=True,
+        )
     walls = [r["wall_seconds"] for r in runs]
     median = statistics.median(walls)
-    print(f"evaluate wall: min {min(walls):.0f} s, median {median:.0f} s, max {max(walls):.0f} s; "
-          f"target {TARGET_SECONDS} s {'met' if median < TARGET_SECONDS else 'MISSED'}")
+    print(
+        f"evaluate wall: min {min(walls):.0f} s, median {median:.0f} s, max {max(walls):.0f} s; "
+        f"target {TARGET_SECONDS} s {'met' if median < TARGET_SECONDS else 'MISSED'}"
+    )
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump({"config": vars(args), "evaluate_seconds": walls, "median_seconds": median,
-                   "target_seconds": TARGET_SECONDS, "target_met": median < TARGET_SECONDS, "runs": runs,
-                   "cpus": os.cpu_count()}, f, indent=2)
+        json.dump(
+            {
+                "config": vars(args),
+                "evaluate_seconds": walls,
+                "median_seconds": median,
+                "target_seconds": TARGET_SECONDS,
+                "target_met": median < TARGET_SECONDS,
+                "runs": runs,
+                "cpus": os.cpu_count(),
+            },
+            f,
+            indent=2,
+        )
     print(f"wrote {args.out}")
     return 0
 

@@ -38,6 +38,7 @@ JSON (--out, default build/gpu_onboard.json): ``runs`` (one row per C × precisi
 ``encode_images_per_s``, ``encode_images_per_s_factory``, ``device``, ``config``; with --meta-memory,
 ``memory_computed``. `benchmarks/gpu_check.sh` (``make gpu-check``) runs it on a GPU machine.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,8 +60,14 @@ from factory.backbones import PRECISIONS, BackboneConfig, create_backbone  # noq
 from factory.concepts import negative_banks  # noqa: E402
 from factory.gpu_tuning import ATTENTION_BACKENDS, tune_unet  # noqa: E402
 from factory.learner import ConceptData, LearnerConfig, learn_tokens  # noqa: E402
-from factory.memory import GiB, PeakBytes, auto_ti_micro_batch, fused_attention, measure_ti_memory  # noqa: E402
-from factory.memory import planned_peak_bytes  # noqa: E402
+from factory.memory import (  # noqa: E402
+    GiB,
+    PeakBytes,
+    auto_ti_micro_batch,
+    fused_attention,
+    measure_ti_memory,
+    planned_peak_bytes,  # noqa: E402
+)
 
 H200_BF16_TFLOPS = 790.0  # dense bf16 tensor-core peak of an H200 SXM (NVIDIA's datasheet: 1,979 with sparsity / 2.5)
 ANCHOR_STEPS = 3000  # the diffusers textual-inversion README's max_train_steps (optimizer steps)
@@ -68,41 +75,106 @@ ANCHOR_ACCUMULATION = 4  # ... at train_batch_size 1 and gradient_accumulation_s
 MODES = ("plain", "checkpointing", "budget")
 
 # OpenAI CLIP ViT-L/14 (HF CLIPConfig) and Stable Diffusion 1.5's UNet / VAE (their config.json values).
-VIT_L14 = {"projection_dim": 768,
-           "text_config": {"vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
-                           "num_attention_heads": 12, "max_position_embeddings": 77, "bos_token_id": 49406,
-                           "eos_token_id": 49407, "pad_token_id": 49407},
-           "vision_config": {"image_size": 224, "patch_size": 14, "hidden_size": 1024, "intermediate_size": 4096,
-                             "num_hidden_layers": 24, "num_attention_heads": 16}}
-SD15_UNET = {"sample_size": 64, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
-             "block_out_channels": [320, 640, 1280, 1280],
-             "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-             "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-             "cross_attention_dim": 768, "attention_head_dim": 8}
-SD15_VAE = {"in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 2,
-            "block_out_channels": [128, 256, 512, 512], "down_block_types": ["DownEncoderBlock2D"] * 4,
-            "up_block_types": ["UpDecoderBlock2D"] * 4, "sample_size": 512}
+VIT_L14 = {
+    "projection_dim": 768,
+    "text_config": {
+        "vocab_size": 49408,
+        "hidden_size": 768,
+        "intermediate_size": 3072,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 12,
+        "max_position_embeddings": 77,
+        "bos_token_id": 49406,
+        "eos_token_id": 49407,
+        "pad_token_id": 49407,
+    },
+    "vision_config": {
+        "image_size": 224,
+        "patch_size": 14,
+        "hidden_size": 1024,
+        "intermediate_size": 4096,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 16,
+    },
+}
+SD15_UNET = {
+    "sample_size": 64,
+    "in_channels": 4,
+    "out_channels": 4,
+    "layers_per_block": 2,
+    "block_out_channels": [320, 640, 1280, 1280],
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    "cross_attention_dim": 768,
+    "attention_head_dim": 8,
+}
+SD15_VAE = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "latent_channels": 4,
+    "layers_per_block": 2,
+    "block_out_channels": [128, 256, 512, 512],
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "sample_size": 512,
+}
 SD_SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
-TINY = {"clip": {"projection_dim": 32,
-                 "text_config": {**VIT_L14["text_config"], "hidden_size": 32, "intermediate_size": 64,
-                                 "num_hidden_layers": 2, "num_attention_heads": 4},
-                 "vision_config": {"image_size": 32, "patch_size": 8, "hidden_size": 32, "intermediate_size": 64,
-                                   "num_hidden_layers": 2, "num_attention_heads": 4}},
-        "unet": {"sample_size": 8, "in_channels": 4, "out_channels": 4, "layers_per_block": 1,
-                 "block_out_channels": [16, 32], "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
-                 "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"], "cross_attention_dim": 32,
-                 "attention_head_dim": 4, "norm_num_groups": 8},
-        "vae": {**SD15_VAE, "block_out_channels": [8, 16], "down_block_types": ["DownEncoderBlock2D"] * 2,
-                "up_block_types": ["UpDecoderBlock2D"] * 2, "norm_num_groups": 4, "layers_per_block": 1, "sample_size": 16},
-        "image": 32}
+TINY = {
+    "clip": {
+        "projection_dim": 32,
+        "text_config": {
+            **VIT_L14["text_config"],
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+        },
+        "vision_config": {
+            "image_size": 32,
+            "patch_size": 8,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+        },
+    },
+    "unet": {
+        "sample_size": 8,
+        "in_channels": 4,
+        "out_channels": 4,
+        "layers_per_block": 1,
+        "block_out_channels": [16, 32],
+        "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+        "cross_attention_dim": 32,
+        "attention_head_dim": 4,
+        "norm_num_groups": 8,
+    },
+    "vae": {
+        **SD15_VAE,
+        "block_out_channels": [8, 16],
+        "down_block_types": ["DownEncoderBlock2D"] * 2,
+        "up_block_types": ["UpDecoderBlock2D"] * 2,
+        "norm_num_groups": 4,
+        "layers_per_block": 1,
+        "sample_size": 16,
+    },
+    "image": 32,
+}
 
 
 def backbone_config(tiny: bool) -> BackboneConfig:
     clip, unet, vae = (TINY["clip"], TINY["unet"], TINY["vae"]) if tiny else (VIT_L14, SD15_UNET, SD15_VAE)
-    return BackboneConfig.from_dict({
-        "name": "tiny-vit+sd" if tiny else "vit-l14+sd15-shapes", "family": "hf-clip", "clip": clip,
-        "tokenizer": {"context_length": 77, "pad": "eot"}, "image": {"size": TINY["image"] if tiny else 224},
-        "generator": {"unet": unet, "vae": vae, "scheduler": SD_SCHEDULE, "latent_scale": 0.18215}})
+    return BackboneConfig.from_dict(
+        {
+            "name": "tiny-vit+sd" if tiny else "vit-l14+sd15-shapes",
+            "family": "hf-clip",
+            "clip": clip,
+            "tokenizer": {"context_length": 77, "pad": "eot"},
+            "image": {"size": TINY["image"] if tiny else 224},
+            "generator": {"unet": unet, "vae": vae, "scheduler": SD_SCHEDULE, "latent_scale": 0.18215},
+        }
+    )
 
 
 def _sync(device: str) -> None:
@@ -135,21 +207,23 @@ def train_placement(backbone, device: str):
 def resident_bytes(backbone) -> int:
     """Bytes of the weights a Train worker keeps on its device (text tower + UNet)."""
     away = {id(p) for m in [*backbone.image_tower(), backbone.generator.vae] if m is not None for p in m.parameters()}
-    return sum(t.numel() * t.element_size() for t in [*backbone.parameters(), *backbone.buffers()]
-               if id(t) not in away)
+    return sum(t.numel() * t.element_size() for t in [*backbone.parameters(), *backbone.buffers()] if id(t) not in away)
 
 
 def concepts(backbone, c: int, shots: int = 4) -> list[ConceptData]:
     g = torch.Generator().manual_seed(0)
     dim = backbone.clip.config.projection_dim
     s, ch = backbone.generator.unet.config.sample_size, backbone.generator.latent_channels
-    return [ConceptData(f"c{i}", "dress", torch.randn(shots, dim, generator=g), torch.randn(shots, ch, s, s, generator=g))
-            for i in range(c)]
+    return [
+        ConceptData(f"c{i}", "dress", torch.randn(shots, dim, generator=g), torch.randn(shots, ch, s, s, generator=g))
+        for i in range(c)
+    ]
 
 
 def learner(args, steps: int, checkpointing: bool, micro: int) -> LearnerConfig:
-    return LearnerConfig(steps=steps, ti_samples=args.ti_samples, log_every=0, gradient_checkpointing=checkpointing,
-                         ti_micro_batch=micro)
+    return LearnerConfig(
+        steps=steps, ti_samples=args.ti_samples, log_every=0, gradient_checkpointing=checkpointing, ti_micro_batch=micro
+    )
 
 
 def _flop_context():
@@ -210,17 +284,33 @@ def measure(backbone, c: int, args, mode: str, device: str) -> dict:
         _FLOPS[key] = count_flops(lambda: run(2, f_micro, f_ckpt)) - count_flops(lambda: run(1, f_micro, f_ckpt))
     flops = _FLOPS[key]
     cost = measure_ti_memory(backbone)
-    planned = (resident_bytes(backbone) + planned_peak_bytes(backbone, learner(args, 1, ckpt, micro), c, micro, ckpt,
-                                                             cost)) / GiB
+    planned = (
+        resident_bytes(backbone) + planned_peak_bytes(backbone, learner(args, 1, ckpt, micro), c, micro, ckpt, cost)
+    ) / GiB
     samples = c * args.ti_samples
-    return {"c": c, "mode": mode, "checkpointing": ckpt, "ti_micro_batch": micro, "ti_samples": args.ti_samples,
-            "s_per_step": per_step, "one_off_s": one_off, "measure_steps": n, "timing": timing,
-            "concepts_per_gpu_minute": 60.0 * c / (one_off + args.steps * per_step),
-            "unet_samples_per_s": samples / per_step, "flops_per_step": flops,
-            "mfu": flops / per_step / (args.peak_tflops * 1e12),
-            "peak_gpu_gib": peak, "peak_gib_planned": planned, "resident_gib": resident_bytes(backbone) / GiB,
-            **({"budget_gib": args.budget_gib, "fits_budget": peak is None or peak <= args.budget_gib}
-               if mode == "budget" else {})}
+    return {
+        "c": c,
+        "mode": mode,
+        "checkpointing": ckpt,
+        "ti_micro_batch": micro,
+        "ti_samples": args.ti_samples,
+        "s_per_step": per_step,
+        "one_off_s": one_off,
+        "measure_steps": n,
+        "timing": timing,
+        "concepts_per_gpu_minute": 60.0 * c / (one_off + args.steps * per_step),
+        "unet_samples_per_s": samples / per_step,
+        "flops_per_step": flops,
+        "mfu": flops / per_step / (args.peak_tflops * 1e12),
+        "peak_gpu_gib": peak,
+        "peak_gib_planned": planned,
+        "resident_gib": resident_bytes(backbone) / GiB,
+        **(
+            {"budget_gib": args.budget_gib, "fits_budget": peak is None or peak <= args.budget_gib}
+            if mode == "budget"
+            else {}
+        ),
+    }
 
 
 def _split(t1: float, tn: float, n: int) -> tuple[float, float, str]:
@@ -234,6 +324,7 @@ def _split(t1: float, tn: float, n: int) -> tuple[float, float, str]:
 
 
 # ---- the anchor: diffusers' textual-inversion recipe step ------------------------------------------------
+
 
 def anchor_diffusers_ti(tiny: bool, args, device: str) -> dict:
     """Seconds per optimizer step of diffusers' ``examples/textual_inversion`` at its README recipe, on the
@@ -298,15 +389,23 @@ def anchor_diffusers_ti(tiny: bool, args, device: str) -> dict:
     t1, tn = timed(1), timed(n)
     per_step, _, timing = _split(t1, tn, n)
     flops = count_flops(step)
-    out = {"s_per_optimizer_step": per_step, "timing": timing, "optimizer_steps": ANCHOR_STEPS,
-           "batch": 1, "gradient_accumulation": ANCHOR_ACCUMULATION, "precision": "bf16 mixed",
-           "concepts_per_gpu_minute": 60.0 / (ANCHOR_STEPS * per_step),
-           "unet_samples_per_s": ANCHOR_ACCUMULATION / per_step, "flops_per_step": flops,
-           "mfu": flops / per_step / (args.peak_tflops * 1e12)}
+    out = {
+        "s_per_optimizer_step": per_step,
+        "timing": timing,
+        "optimizer_steps": ANCHOR_STEPS,
+        "batch": 1,
+        "gradient_accumulation": ANCHOR_ACCUMULATION,
+        "precision": "bf16 mixed",
+        "concepts_per_gpu_minute": 60.0 / (ANCHOR_STEPS * per_step),
+        "unet_samples_per_s": ANCHOR_ACCUMULATION / per_step,
+        "flops_per_step": flops,
+        "mfu": flops / per_step / (args.peak_tflops * 1e12),
+    }
     return out  # its models are freed here; the caller empties the CUDA cache
 
 
 # ---- the encoding stage ------------------------------------------------------------------------------------
+
 
 @torch.no_grad()
 def encode_on_device(backbone, images: torch.Tensor, batch: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -319,12 +418,20 @@ def encode_on_device(backbone, images: torch.Tensor, batch: int, device: str) ->
     std = torch.tensor(backbone.config.image.std, device=device).view(1, 3, 1, 1)
     feats, lats = [], []
     for i in range(0, len(images), batch):
-        x = images[i: i + batch].to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
-        px = x if x.shape[-1] == size else F.interpolate(x, size=(size, size), mode="bicubic", antialias=True,
-                                                         align_corners=False).clamp_(0, 1)
+        x = images[i : i + batch].to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
+        px = (
+            x
+            if x.shape[-1] == size
+            else F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False).clamp_(0, 1)
+        )
         feats.append(backbone.image_features(((px - mean) / std).to(tower.dtype)).float())
-        gx = x if x.shape[-1] == gen_size else F.interpolate(x, size=(gen_size, gen_size), mode="bicubic",
-                                                             antialias=True, align_corners=False).clamp_(0, 1)
+        gx = (
+            x
+            if x.shape[-1] == gen_size
+            else F.interpolate(
+                x, size=(gen_size, gen_size), mode="bicubic", antialias=True, align_corners=False
+            ).clamp_(0, 1)
+        )
         lats.append(backbone.generator.encode(gx * 2 - 1).float())
     return torch.cat(feats).cpu(), torch.cat(lats).cpu()
 
@@ -353,6 +460,7 @@ def encode_rates(backbone, args, device: str) -> tuple[float, float]:
 
 
 # ---- memory computed on the meta device ----------------------------------------------------------------------
+
 
 def meta_memory(args) -> list[dict]:
     """Peak memory of `learn_tokens` at production size, computed on the meta device (shapes only).
@@ -383,8 +491,12 @@ def meta_memory(args) -> list[dict]:
     scale, rows = 100.0, []  # CLIP's logit scale (a value: the meta device holds none)
     unet = backbone.generator.unet
     for c in args.concepts:
-        for mode, checkpointing, micro in (("plain", False, 0), ("checkpointing", True, 0),
-                                           ("micro", False, args.micro), ("checkpointing", True, args.micro)):
+        for mode, checkpointing, micro in (
+            ("plain", False, 0),
+            ("checkpointing", True, 0),
+            ("micro", False, args.micro),
+            ("checkpointing", True, args.micro),
+        ):
             cfg = learner(args, 1, checkpointing, micro)
             scheduler = backbone.generator.noise_scheduler()
             with torch.device("meta"):
@@ -395,12 +507,19 @@ def meta_memory(args) -> list[dict]:
                 params = TokenParameters(init)  # free tokens: the projected mode's [C, k] differs by kilobytes
             # The learner's group (`factory.learner._Group`), by the fields the objective reads: every other
             # concept is a negative, as with `negative_banks` of one parent.
-            group = SimpleNamespace(concepts=data, pos=pos, pos_mask=mask, neg=pos.repeat(1, c, 1),
-                                    neg_mask=mask.repeat(1, c), init=init,
-                                    gens=[torch.Generator().manual_seed(i) for i in range(c)],
-                                    template_gens=[torch.Generator().manual_seed(-1 - i) for i in range(c)])
-            batch = backbone.tokenize([t.format(concept=marker(d.concept_id), parent="dress")
-                                       for d in data for t in cfg.templates])
+            group = SimpleNamespace(
+                concepts=data,
+                pos=pos,
+                pos_mask=mask,
+                neg=pos.repeat(1, c, 1),
+                neg_mask=mask.repeat(1, c),
+                init=init,
+                gens=[torch.Generator().manual_seed(i) for i in range(c)],
+                template_gens=[torch.Generator().manual_seed(-1 - i) for i in range(c)],
+            )
+            batch = backbone.tokenize(
+                [t.format(concept=marker(d.concept_id), parent="dress") for d in data for t in cfg.templates]
+            )
             if checkpointing:
                 unet.enable_gradient_checkpointing()
             try:
@@ -422,35 +541,70 @@ def meta_memory(args) -> list[dict]:
             finally:
                 unet.disable_gradient_checkpointing()
             planned = resident + planned_peak_bytes(backbone, cfg, c, micro, checkpointing, cost)
-            row = {"c": c, "precision": args.meta_precision, "checkpointing": checkpointing, "ti_micro_batch": micro,
-                   "ti_samples": args.ti_samples, "peak_gib_computed": (resident + max(calibration, step)) / GiB,
-                   "calibration_gib_computed": (resident + calibration) / GiB, "step_gib_computed": (resident + step) / GiB,
-                   "peak_gib_planned": planned / GiB, "weights_gib": resident / GiB,
-                   "placement": "train worker (text tower + UNet)",
-                   "method": "computed: meta device + dispatch-mode byte count of learn_tokens' calibration and step"}
+            row = {
+                "c": c,
+                "precision": args.meta_precision,
+                "checkpointing": checkpointing,
+                "ti_micro_batch": micro,
+                "ti_samples": args.ti_samples,
+                "peak_gib_computed": (resident + max(calibration, step)) / GiB,
+                "calibration_gib_computed": (resident + calibration) / GiB,
+                "step_gib_computed": (resident + step) / GiB,
+                "peak_gib_planned": planned / GiB,
+                "weights_gib": resident / GiB,
+                "placement": "train worker (text tower + UNet)",
+                "method": "computed: meta device + dispatch-mode byte count of learn_tokens' calibration and step",
+            }
             rows.append(row)
     return rows
 
 
 # ---- main ----------------------------------------------------------------------------------------------------
 
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="tiny models on the CPU: a smoke test of this script")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
-                   help="auto: cuda where present, except with --tiny (the CPU smoke test)")
-    p.add_argument("--meta-memory", action="store_true",
-                   help="no device needed: compute the peak memory of learn_tokens on the meta device")
-    p.add_argument("--meta-precision", choices=list(PRECISIONS), default="bf16",
-                   help="precision of the --meta-memory computation (default: bf16)")
+    p.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        default="auto",
+        help="auto: cuda where present, except with --tiny (the CPU smoke test)",
+    )
+    p.add_argument(
+        "--meta-memory",
+        action="store_true",
+        help="no device needed: compute the peak memory of learn_tokens on the meta device",
+    )
+    p.add_argument(
+        "--meta-precision",
+        choices=list(PRECISIONS),
+        default="bf16",
+        help="precision of the --meta-memory computation (default: bf16)",
+    )
     p.add_argument("--concepts", type=int, nargs="+", default=[8, 16, 32], help="C values (default: 8 16 32)")
-    p.add_argument("--precisions", nargs="+", default=None, choices=["bf16", "fp32"],
-                   help="precisions of the frozen models (default: bf16; fp32 with --tiny, bf16 being slow on CPUs)")
-    p.add_argument("--modes", nargs="+", default=["plain"], choices=MODES,
-                   help="memory modes: plain, checkpointing (+ --micro), budget (planned for --budget-gib)")
+    p.add_argument(
+        "--precisions",
+        nargs="+",
+        default=None,
+        choices=["bf16", "fp32"],
+        help="precisions of the frozen models (default: bf16; fp32 with --tiny, bf16 being slow on CPUs)",
+    )
+    p.add_argument(
+        "--modes",
+        nargs="+",
+        default=["plain"],
+        choices=MODES,
+        help="memory modes: plain, checkpointing (+ --micro), budget (planned for --budget-gib)",
+    )
     p.add_argument("--budget-gib", type=float, default=40.0, help="device memory of the budget mode (default: 40)")
-    p.add_argument("--budget-concepts", type=int, nargs="+", default=None,
-                   help="C values of the budget mode (default: the largest of --concepts)")
+    p.add_argument(
+        "--budget-concepts",
+        type=int,
+        nargs="+",
+        default=None,
+        help="C values of the budget mode (default: the largest of --concepts)",
+    )
     p.add_argument("--ti-samples", type=int, default=2, help="TI samples per concept per step (default: 2)")
     p.add_argument("--micro", type=int, default=8, help="TI micro-batch of the checkpointing mode (default: 8)")
     p.add_argument("--steps", type=int, default=150, help="steps per token for concepts/GPU-minute (default: 150)")
@@ -458,8 +612,12 @@ def parse_args(argv=None):
     p.add_argument("--anchor-steps", type=int, default=4, help="timed anchor optimizer steps (default: 4)")
     p.add_argument("--no-anchor", action="store_true", help="skip the diffusers textual-inversion anchor")
     p.add_argument("--no-encode", action="store_true", help="skip the encoding stage")
-    p.add_argument("--peak-tflops", type=float, default=H200_BF16_TFLOPS,
-                   help=f"the device's peak for MFU, TFLOP/s (default: {H200_BF16_TFLOPS}, H200 dense bf16)")
+    p.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=H200_BF16_TFLOPS,
+        help=f"the device's peak for MFU, TFLOP/s (default: {H200_BF16_TFLOPS}, H200 dense bf16)",
+    )
     p.add_argument("--compile", action="store_true", help="torch.compile the learner's UNet")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (default: inductor)")
     p.add_argument("--channels-last", action="store_true", help="channels_last memory format for the UNet")
@@ -514,8 +672,13 @@ def main(argv=None) -> int:
             result["encode_images_per_s"][precision] = ours
             result["encode_images_per_s_factory"][precision] = factory_rate
         train_placement(backbone, device)
-        tune_unet(backbone.generator.unet, compile=args.compile, channels_last=args.channels_last,
-                  attention=args.attention, compile_backend=args.compile_backend)
+        tune_unet(
+            backbone.generator.unet,
+            compile=args.compile,
+            channels_last=args.channels_last,
+            attention=args.attention,
+            compile_backend=args.compile_backend,
+        )
         for c in args.concepts:
             for mode in args.modes:
                 if mode == "budget" and c not in args.budget_concepts:
@@ -555,32 +718,42 @@ def _gib(v) -> str:
 
 def _table(result: dict) -> None:
     print(f"\nmeasured on {result['device']} (levers: {json.dumps(result['levers'])})")
-    print(f"{'prec':>5} {'C':>3} {'mode':>13} {'ckpt':>5} {'micro':>5} {'s/step':>8} {'one-off s':>9} "
-          f"{'concepts/GPU-min':>16} {'MFU':>6} {'x diffusers':>11} {'peak GiB':>8} {'planned':>7}")
+    print(
+        f"{'prec':>5} {'C':>3} {'mode':>13} {'ckpt':>5} {'micro':>5} {'s/step':>8} {'one-off s':>9} "
+        f"{'concepts/GPU-min':>16} {'MFU':>6} {'x diffusers':>11} {'peak GiB':>8} {'planned':>7}"
+    )
     for r in result["runs"]:
         if "error" in r:
             print(f"{r['precision']:>5} {r['c']:>3} {r['mode']:>13}  {r['error']}")
             continue
-        print(f"{r['precision']:>5} {r['c']:>3} {r['mode']:>13} {r['checkpointing']!s:>5} {r['ti_micro_batch']:>5} "
-              f"{r['s_per_step']:>8.4f} {r['one_off_s']:>9.2f} {r['concepts_per_gpu_minute']:>16.2f} "
-              f"{r['mfu']:>6.1%} {r.get('speedup_vs_diffusers_ti', float('nan')):>11.1f} "
-              f"{_gib(r['peak_gpu_gib']):>8} {_gib(r['peak_gib_planned']):>7}")
+        print(
+            f"{r['precision']:>5} {r['c']:>3} {r['mode']:>13} {r['checkpointing']!s:>5} {r['ti_micro_batch']:>5} "
+            f"{r['s_per_step']:>8.4f} {r['one_off_s']:>9.2f} {r['concepts_per_gpu_minute']:>16.2f} "
+            f"{r['mfu']:>6.1%} {r.get('speedup_vs_diffusers_ti', float('nan')):>11.1f} "
+            f"{_gib(r['peak_gpu_gib']):>8} {_gib(r['peak_gib_planned']):>7}"
+        )
     a = result.get("anchor_diffusers_ti")
     if a:
-        print(f"anchor (diffusers textual inversion, batch 1 x accumulation 4, {a['optimizer_steps']} steps): "
-              f"{a['s_per_optimizer_step']:.3f} s/step, {a['unet_samples_per_s']:.1f} UNet samples/s, "
-              f"{a['concepts_per_gpu_minute']:.4f} concepts/GPU-min, MFU {a['mfu']:.1%}")
+        print(
+            f"anchor (diffusers textual inversion, batch 1 x accumulation 4, {a['optimizer_steps']} steps): "
+            f"{a['s_per_optimizer_step']:.3f} s/step, {a['unet_samples_per_s']:.1f} UNet samples/s, "
+            f"{a['concepts_per_gpu_minute']:.4f} concepts/GPU-min, MFU {a['mfu']:.1%}"
+        )
     for k, v in result["encode_images_per_s"].items():
-        print(f"encoding ({k}): {v:.1f} images/s on the device "
-              f"(factory encode_images: {result['encode_images_per_s_factory'][k]:.1f})")
+        print(
+            f"encoding ({k}): {v:.1f} images/s on the device "
+            f"(factory encode_images: {result['encode_images_per_s_factory'][k]:.1f})"
+        )
 
 
 def _meta_table(rows: list[dict]) -> None:
     print("\npeak memory of learn_tokens, COMPUTED on the meta device (not measured), Train-worker placement")
     print(f"{'C':>3} {'ckpt':>5} {'micro':>5} {'calibration':>11} {'step':>7} {'peak GiB':>8} {'planned':>7}")
     for r in rows:
-        print(f"{r['c']:>3} {r['checkpointing']!s:>5} {r['ti_micro_batch']:>5} {r['calibration_gib_computed']:>11.3f} "
-              f"{r['step_gib_computed']:>7.3f} {r['peak_gib_computed']:>8.3f} {r['peak_gib_planned']:>7.3f}")
+        print(
+            f"{r['c']:>3} {r['checkpointing']!s:>5} {r['ti_micro_batch']:>5} {r['calibration_gib_computed']:>11.3f} "
+            f"{r['step_gib_computed']:>7.3f} {r['peak_gib_computed']:>8.3f} {r['peak_gib_planned']:>7.3f}"
+        )
 
 
 def _write(result: dict, out: str) -> int:

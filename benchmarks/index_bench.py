@@ -107,8 +107,15 @@ def bench_size(n: int, args: argparse.Namespace) -> dict[str, Any]:
         ann.set_search_params(**{sweep_name: value})
         recall = recall_at_10(ann.search(queries, 10).indices, truth)
         ms, mean_ms = per_query_ms(ann, queries)
-        sweep.append({sweep_name: value, "recall_at_10": recall, "ms_per_query": ms, "mean_ms_per_query": mean_ms,
-                      "speedup_vs_exact": exact_ms / ms})
+        sweep.append(
+            {
+                sweep_name: value,
+                "recall_at_10": recall,
+                "ms_per_query": ms,
+                "mean_ms_per_query": mean_ms,
+                "speedup_vs_exact": exact_ms / ms,
+            }
+        )
     reaching = [s for s in sweep if s["recall_at_10"] >= args.target_recall]
     chosen = reaching[0] if reaching else max(sweep, key=lambda s: s["recall_at_10"])
     return {
@@ -140,15 +147,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def print_row(n: int, r: dict[str, Any]) -> None:
     if not getattr(print_row, "header", False):
-        print(f"{'N':>9} {'build s':>8} {'exact ms/q':>10} {'(batched)':>9} {'ANN ms/q':>9} {'recall@10':>9} "
-              f"{'speedup':>8}  {'params'}")
+        print(
+            f"{'N':>9} {'build s':>8} {'exact ms/q':>10} {'(batched)':>9} {'ANN ms/q':>9} {'recall@10':>9} "
+            f"{'speedup':>8}  {'params'}"
+        )
         print_row.header = True  # type: ignore[attr-defined]
-    print(f"{n:>9} {r['build_seconds']:>8.2f} {r['exact_ms_per_query']:>10.3f} {r['exact_batched_ms_per_query']:>9.3f} "
-          f"{r['ann_ms_per_query']:>9.3f} {r['recall_at_10']:>9.3f} {r['speedup_vs_exact']:>7.1f}x  {r['params']}")
+    print(
+        f"{n:>9} {r['build_seconds']:>8.2f} {r['exact_ms_per_query']:>10.3f} {r['exact_batched_ms_per_query']:>9.3f} "
+        f"{r['ann_ms_per_query']:>9.3f} {r['recall_at_10']:>9.3f} {r['speedup_vs_exact']:>7.1f}x  {r['params']}"
+    )
     for s in r["sweep"]:
         knob = next(k for k in s if k in ("ef_search", "nprobe"))
-        print(f"{'':>9}   {knob}={s[knob]:<5} recall@10 {s['recall_at_10']:.3f}  {s['ms_per_query']:.3f} ms/q  "
-              f"{s['speedup_vs_exact']:.1f}x")
+        print(
+            f"{'':>9}   {knob}={s[knob]:<5} recall@10 {s['recall_at_10']:.3f}  {s['ms_per_query']:.3f} ms/q  "
+            f"{s['speedup_vs_exact']:.1f}x"
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -48,6 +48,7 @@ Flags (all optional but --out):
     --workdir DIR          where the indexes are saved for the disk and RSS measurements (default: a
                            temporary folder, removed at the end)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -73,11 +74,13 @@ from factory.index import create_index  # noqa: E402
 from factory.index.sharded import ShardedIndex  # noqa: E402
 
 TARGET_N = 100_000_000
-LATENCY_MODEL = ("ms/query at 100M = median ms of one shard searched alone (measured) × the list size ratio "
-                 "(vectors per shard at 100M / vectors per shard measured): nprobe and each shard's nlist fixed, so "
-                 "every probed list, and the codes a query scans, grow by that ratio; shards are searched in parallel "
-                 "on their own replicas, so a query waits for about one shard. An upper bound in this model: the "
-                 "coarse search and per-call overhead do not grow. Not included: the network hop of the fan-out.")
+LATENCY_MODEL = (
+    "ms/query at 100M = median ms of one shard searched alone (measured) × the list size ratio "
+    "(vectors per shard at 100M / vectors per shard measured): nprobe and each shard's nlist fixed, so "
+    "every probed list, and the codes a query scans, grow by that ratio; shards are searched in parallel "
+    "on their own replicas, so a query waits for about one shard. An upper bound in this model: the "
+    "coarse search and per-call overhead do not grow. Not included: the network hop of the fan-out."
+)
 
 
 def exact_top10(gallery: np.ndarray, queries: np.ndarray, chunk: int = 100_000) -> np.ndarray:
@@ -86,7 +89,11 @@ def exact_top10(gallery: np.ndarray, queries: np.ndarray, chunk: int = 100_000) 
     cand_s, cand_i = [], []
     for start in range(0, len(gallery), chunk):
         s = queries @ gallery[start : start + chunk].T
-        top = np.argpartition(-s, 10, axis=1)[:, :10] if s.shape[1] > 10 else np.broadcast_to(np.arange(s.shape[1]), s.shape)
+        top = (
+            np.argpartition(-s, 10, axis=1)[:, :10]
+            if s.shape[1] > 10
+            else np.broadcast_to(np.arange(s.shape[1]), s.shape)
+        )
         cand_s.append(np.take_along_axis(s, top, axis=1))
         cand_i.append(top + start)
     s, i = np.concatenate(cand_s, axis=1), np.concatenate(cand_i, axis=1)
@@ -112,13 +119,20 @@ def sweep(index: Any, queries: np.ndarray, truth: np.ndarray, nprobes: list[int]
         # By id, not position: a sharded index numbers its items shard by shard, not in gallery order.
         found = np.array([[int(i.rsplit("-", 1)[1]) for i in row] for row in index.search(queries, 10).ids])
         ms = latencies_ms(index, queries)
-        row = {"nprobe": p, "recall_at_10": recall_at_10(found, truth), "ms_per_query": float(np.median(ms)),
-               "p99_ms_per_query": float(np.percentile(ms, 99))}
+        row = {
+            "nprobe": p,
+            "recall_at_10": recall_at_10(found, truth),
+            "ms_per_query": float(np.median(ms)),
+            "p99_ms_per_query": float(np.percentile(ms, 99)),
+        }
         if isinstance(index, ShardedIndex):
             ms = latencies_ms(ShardedIndex(index.shards, check_routing=False, workers=1), queries)
-            row |= {"sequential_ms_per_query": float(np.median(ms)), "sequential_p99_ms_per_query": float(np.percentile(ms, 99)),
-                    # one replica's share: a shard searched on its own
-                    "one_shard_ms_per_query": float(np.median(latencies_ms(index.shards[0], queries)))}
+            row |= {
+                "sequential_ms_per_query": float(np.median(ms)),
+                "sequential_p99_ms_per_query": float(np.percentile(ms, 99)),
+                # one replica's share: a shard searched on its own
+                "one_shard_ms_per_query": float(np.median(latencies_ms(index.shards[0], queries))),
+            }
         rows.append(row)
     return rows
 
@@ -160,8 +174,13 @@ print(json.dumps({"rss_delta": rss() - before, "items": len(index)}))
 
 
 def loaded_rss_bytes(path: Path, warm: Path) -> int:
-    out = subprocess.run([sys.executable, "-c", _RSS_PROBE, str(path), str(ROOT), str(warm)], check=True,
-                         capture_output=True, text=True, timeout=900)
+    out = subprocess.run(
+        [sys.executable, "-c", _RSS_PROBE, str(path), str(ROOT), str(warm)],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     return int(json.loads(out.stdout.strip().splitlines()[-1])["rss_delta"])
 
 
@@ -172,8 +191,13 @@ def memory(index: Any, small: Any, path: Path, n: int) -> dict[str, float]:
     small.save(str(path) + "-warmup")
     disk = folder_bytes(path)
     rss = loaded_rss_bytes(path, Path(str(path) + "-warmup"))
-    return {"faiss_index": disk["faiss"] / n, "on_disk": sum(disk.values()) / n, "on_disk_items": disk["items"] / n,
-            "loaded_rss": rss / n, "items_bookkeeping_rss": (rss - disk["faiss"]) / n}
+    return {
+        "faiss_index": disk["faiss"] / n,
+        "on_disk": sum(disk.values()) / n,
+        "on_disk_items": disk["items"] / n,
+        "loaded_rss": rss / n,
+        "items_bookkeeping_rss": (rss - disk["faiss"]) / n,
+    }
 
 
 def build(make, gallery: np.ndarray, ids: list[str]) -> tuple[Any, float]:
@@ -212,7 +236,8 @@ def extrapolate(mem: dict[str, float], dim: int, shards_measured: int, n: int, r
             f"{budget_gib:g} GiB per replica) = {shards} shard(s) of {TARGET_N / shards:,.0f} vectors; FAISS codes "
             f"alone: {mem['faiss_index']:.1f} B × 1e8 = {faiss_total / gib:.2f} GiB; exact float32: {4 * dim} B × 1e8 "
             f"= {4 * dim * TARGET_N / gib:.0f} GiB. Latency: {row['one_shard_ms_per_query']:.3f} ms (one shard of "
-            f"{per_shard_measured:,.0f}, nprobe {row['nprobe']}) × {ratio:.1f} = {ms:.1f} ms/query"),
+            f"{per_shard_measured:,.0f}, nprobe {row['nprobe']}) × {ratio:.1f} = {ms:.1f} ms/query"
+        ),
     }
 
 
@@ -244,18 +269,30 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         single, secs = build(lambda: create_index("ivfpq", args.dim, nlist=args.nlist or None, **pq), gallery, ids)
         rows = sweep(single, queries, truth, args.nprobe, lambda p: single.set_search_params(nprobe=p))
         small = build(lambda: create_index("ivfpq", args.dim, nlist=4, **pq), gallery[:n_small], ids[:n_small])[0]
-        layouts["unsharded"] = {"params": single.params, "build_seconds": secs, "sweep": rows,
-                                "bytes_per_vector": memory(single, small, workdir / "unsharded", args.n)}
+        layouts["unsharded"] = {
+            "params": single.params,
+            "build_seconds": secs,
+            "sweep": rows,
+            "bytes_per_vector": memory(single, small, workdir / "unsharded", args.n),
+        }
         single = small = None  # freed before the sharded build
-        sharded, secs = build(lambda: ShardedIndex.create("ivfpq", args.dim, args.shards, nlist=args.nlist or None, **pq),
-                              gallery, ids)
+        sharded, secs = build(
+            lambda: ShardedIndex.create("ivfpq", args.dim, args.shards, nlist=args.nlist or None, **pq), gallery, ids
+        )
         rows = sweep(sharded, queries, truth, args.nprobe, lambda p: sharded.set_search_params(nprobe=p))
-        small = build(lambda: ShardedIndex.create("ivfpq", args.dim, args.shards, nlist=4, **pq), gallery[:n_small * args.shards],
-                      ids[:n_small * args.shards])[0]
-        layouts["sharded"] = {"params": sharded.params, "workers": sharded.workers,
-                              "shard_sizes": [len(s) for s in sharded.shards],
-                              "build_seconds": secs, "sweep": rows,
-                              "bytes_per_vector": memory(sharded, small, workdir / "sharded", args.n)}
+        small = build(
+            lambda: ShardedIndex.create("ivfpq", args.dim, args.shards, nlist=4, **pq),
+            gallery[: n_small * args.shards],
+            ids[: n_small * args.shards],
+        )[0]
+        layouts["sharded"] = {
+            "params": sharded.params,
+            "workers": sharded.workers,
+            "shard_sizes": [len(s) for s in sharded.shards],
+            "build_seconds": secs,
+            "sweep": rows,
+            "bytes_per_vector": memory(sharded, small, workdir / "sharded", args.n),
+        }
     finally:
         if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -266,9 +303,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "n_vectors": args.n,
         "dim": args.dim,
         "queries": args.queries,
-        "headline": {"layout": f"sharded ({args.shards} shards)", "nprobe": head["nprobe"],
-                     "rule": f"smallest nprobe reaching recall@10 {args.target_recall}, else the smallest within "
-                             "0.01 of the best recall measured"},
+        "headline": {
+            "layout": f"sharded ({args.shards} shards)",
+            "nprobe": head["nprobe"],
+            "rule": f"smallest nprobe reaching recall@10 {args.target_recall}, else the smallest within "
+            "0.01 of the best recall measured",
+        },
         "recall_at_10": head["recall_at_10"],
         "ms_per_query": head["ms_per_query"],
         "p99_ms_per_query": head["p99_ms_per_query"],
@@ -278,12 +318,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "exact_ms_per_query": float(np.median(exact_ms)),
         "ground_truth_seconds": truth_s,
         "layouts": layouts,
-        "extrapolation_100m": extrapolate(sharded["bytes_per_vector"], args.dim, args.shards, args.n, head,
-                                          args.replica_budget_gib),
+        "extrapolation_100m": extrapolate(
+            sharded["bytes_per_vector"], args.dim, args.shards, args.n, head, args.replica_budget_gib
+        ),
         "wall_seconds": time.perf_counter() - t_start,
         "config": {k: v for k, v in vars(args).items() if k != "out"}
-        | {"cpu_count": os.cpu_count(), "faiss_threads": faiss.omp_get_max_threads(), "faiss": faiss.__version__,
-           "load_average_at_start": load_start, "load_average_at_end": os.getloadavg()},  # others' work shares the cores
+        | {
+            "cpu_count": os.cpu_count(),
+            "faiss_threads": faiss.omp_get_max_threads(),
+            "faiss": faiss.__version__,
+            "load_average_at_start": load_start,
+            "load_average_at_end": os.getloadavg(),
+        },  # others' work shares the cores
     }
 
 
@@ -293,25 +339,49 @@ def print_tables(r: dict[str, Any]) -> None:
 
     console = Console(width=130)  # the tables' width, terminal or not
     t = Table(title=f"IVF-PQ at {r['n_vectors']:,} × {r['dim']}-d, {r['queries']} queries (one per call)")
-    for col in ("layout", "nprobe", "recall@10", "median ms/q", "p99 ms/q", "sequential median (p99)", "one shard ms/q",
-                "build s"):
+    for col in (
+        "layout",
+        "nprobe",
+        "recall@10",
+        "median ms/q",
+        "p99 ms/q",
+        "sequential median (p99)",
+        "one shard ms/q",
+        "build s",
+    ):
         t.add_column(col, justify="left" if col == "layout" else "right")
     for name, lay in r["layouts"].items():
         for row in lay["sweep"]:
-            seq = (f"{row['sequential_ms_per_query']:.3f} ({row['sequential_p99_ms_per_query']:.1f})"
-                   if "sequential_ms_per_query" in row else "")
+            seq = (
+                f"{row['sequential_ms_per_query']:.3f} ({row['sequential_p99_ms_per_query']:.1f})"
+                if "sequential_ms_per_query" in row
+                else ""
+            )
             one = f"{row['one_shard_ms_per_query']:.3f}" if "one_shard_ms_per_query" in row else ""
             label = name if name == "unsharded" else f"{name} ({len(lay['shard_sizes'])}, {lay['workers']} threads)"
-            t.add_row(label, str(row["nprobe"]), f"{row['recall_at_10']:.3f}", f"{row['ms_per_query']:.3f}",
-                      f"{row['p99_ms_per_query']:.3f}", seq, one, f"{lay['build_seconds']:.0f}")
+            t.add_row(
+                label,
+                str(row["nprobe"]),
+                f"{row['recall_at_10']:.3f}",
+                f"{row['ms_per_query']:.3f}",
+                f"{row['p99_ms_per_query']:.3f}",
+                seq,
+                one,
+                f"{lay['build_seconds']:.0f}",
+            )
     console.print(t)
     m = Table(title="bytes per vector")
     for col in ("layout", "FAISS index", "on disk (of which items)", "loaded RSS", "exact float32"):
         m.add_column(col, justify="left" if col == "layout" else "right")
     for name, lay in r["layouts"].items():
         b = lay["bytes_per_vector"]
-        m.add_row(name, f"{b['faiss_index']:.1f}", f"{b['on_disk']:.1f} ({b['on_disk_items']:.1f})", f"{b['loaded_rss']:.1f}",
-                  str(r["exact_bytes_per_vector"]))
+        m.add_row(
+            name,
+            f"{b['faiss_index']:.1f}",
+            f"{b['on_disk']:.1f} ({b['on_disk_items']:.1f})",
+            f"{b['loaded_rss']:.1f}",
+            str(r["exact_bytes_per_vector"]),
+        )
     console.print(m)
     console.print(f"exact (NumPy brute force) {r['exact_ms_per_query']:.1f} ms/query")
     console.print("100M: " + r["extrapolation_100m"]["arithmetic"])
@@ -328,17 +398,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decay", type=float, default=0.5, help="noise spectrum power law, 0: isotropic (default 0.5)")
     p.add_argument("--seed", type=int, default=0, help="mixture seed (default 0)")
     p.add_argument("--shards", type=int, default=4, help="shards of the sharded layout (default 4)")
-    p.add_argument("--nlist", type=int, default=None, help="IVF lists, unsharded and per shard (default: sqrt(n) "
-                   "rounded to a power of two; 0: the library's choice)")
+    p.add_argument(
+        "--nlist",
+        type=int,
+        default=None,
+        help="IVF lists, unsharded and per shard (default: sqrt(n) rounded to a power of two; 0: the library's choice)",
+    )
     p.add_argument("--faiss-threads", type=int, default=1, help="FAISS OpenMP threads (default 1)")
     p.add_argument("--m", type=int, default=64, help="PQ sub-quantizers, must divide --dim (default 64)")
     p.add_argument("--nbits", type=int, default=8, help="bits per sub-quantizer code (default 8)")
     p.add_argument("--train-size", type=int, default=100_000, help="training sample per index (default 100,000)")
-    p.add_argument("--nprobe", type=int, nargs="+", default=[8, 16, 32, 64],
-                   help="lists visited per query (per shard), each measured (default 8 16 32 64)")
+    p.add_argument(
+        "--nprobe",
+        type=int,
+        nargs="+",
+        default=[8, 16, 32, 64],
+        help="lists visited per query (per shard), each measured (default 8 16 32 64)",
+    )
     p.add_argument("--target-recall", type=float, default=0.9, help="headline nprobe's recall@10 target (default 0.9)")
-    p.add_argument("--replica-budget-gib", type=float, default=16.0,
-                   help="one serving replica's memory for the 100M extrapolation (default 16)")
+    p.add_argument(
+        "--replica-budget-gib",
+        type=float,
+        default=16.0,
+        help="one serving replica's memory for the 100M extrapolation (default 16)",
+    )
     p.add_argument("--workdir", default=None, help="where indexes are saved for disk/RSS (default: a temp folder)")
     return p
 

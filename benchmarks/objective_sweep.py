@@ -18,6 +18,7 @@ settings whose accuracy is at least CE-only's − 0.02, the highest fidelity + c
 is applied on the tuning seed only (0) and the chosen default is then reported on other seeds by
 `tokenfactory evaluate`. Prints a table, writes JSON (`settings`, `chosen`, `rule`).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,15 +35,15 @@ import torch
 import torch.nn.functional as F
 
 from factory.backbones import load_backbone
+from factory.catalogs.evaluation import read_eval_catalog
 from factory.concepts import negative_banks
 from factory.evaluation.composition import composition_generation
-from factory.catalogs.evaluation import read_eval_catalog
 from factory.evaluation.methods import classification
 from factory.learner import LearnerConfig, learn_tokens
-from factory.tokens.prompts import template_prompts
 from factory.losses import LossWeights, textual_inversion_loss
 from factory.onboarding import chunks_by_parent, heldout_features, prepare_concepts
 from factory.tokens import marker
+from factory.tokens.prompts import template_prompts
 
 SETTINGS = {  # name -> LossWeights overrides (ti, ti_balance)
     "ce_only": {"ti": 0.0},
@@ -80,7 +81,9 @@ def main(argv=None) -> int:
     p.add_argument("--products", type=int, default=12, help="products of the world catalog (default: 12)")
     p.add_argument("--categories", nargs="+", default=["dress", "coat", "bag"], help="garment categories")
     p.add_argument("--steps", type=int, default=150, help="learner steps (default: 150, the onboard default)")
-    p.add_argument("--settings", nargs="+", default=list(SETTINGS), help=f"settings to run (default: all: {list(SETTINGS)})")
+    p.add_argument(
+        "--settings", nargs="+", default=list(SETTINGS), help=f"settings to run (default: all: {list(SETTINGS)})"
+    )
     p.add_argument("--previews", type=int, default=2, help="composition images per query (default: 2)")
     p.add_argument("--queries", type=int, default=24, help="composition queries (default: 24)")
     p.add_argument("--out", default="build/objective_sweep.json", help="JSON output path")
@@ -89,9 +92,26 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     world = os.path.join(os.path.dirname(args.out) or ".", f"sweep-world-s{args.seed}")
-    subprocess.run([sys.executable, "-m", "cli", "world", "--out", world, "--seed", str(args.seed),
-                    "--products", str(args.products), "--groups-per-parent", "2", "--categories", *args.categories],
-                   check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cli",
+            "world",
+            "--out",
+            world,
+            "--seed",
+            str(args.seed),
+            "--products",
+            str(args.products),
+            "--groups-per-parent",
+            "2",
+            "--categories",
+            *args.categories,
+        ],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
     backbone = load_backbone("fashion-mini")
     catalog = read_eval_catalog(world)
     data, _, _ = prepare_concepts(backbone, catalog.concepts, latents=True)
@@ -102,27 +122,42 @@ def main(argv=None) -> int:
     rows = {}
     for name in args.settings:
         t0 = time.perf_counter()
-        cfg = LearnerConfig(steps=args.steps, log_every=0, seed=0,
-                            weights=LossWeights(**{"ce": 1.0, "image_ce": 1.0, **SETTINGS[name]}))
+        cfg = LearnerConfig(
+            steps=args.steps, log_every=0, seed=0, weights=LossWeights(**{"ce": 1.0, "image_ce": 1.0, **SETTINGS[name]})
+        )
         learned = [t for chunk in chunks_by_parent(data, 8) for t in learn_tokens(backbone, chunk, banks, cfg)]
         learn_s = time.perf_counter() - t0
         tokens = {t.concept_id: t.vector for t in learned}
         acc = classification(backbone, pairs, heldout, {}, {"m": tokens})["m"]["accuracy"]
-        gen = composition_generation(backbone, catalog, {"m": tokens}, protos, args.previews, 20, 4.0, 0,
-                                     args.queries)["m"]
+        gen = composition_generation(backbone, catalog, {"m": tokens}, protos, args.previews, 20, 4.0, 0, args.queries)[
+            "m"
+        ]
         ti_loss, empty_loss = denoising_losses(backbone, data, tokens)
+
         def metric(k: str, learned=learned) -> float:
             return float(sum(t.metrics.get(k, float("nan")) for t in learned) / len(learned))
 
-        rows[name] = {"accuracy": acc, "colour": gen["colour_accuracy"], "fidelity": gen["fidelity"],
-                      "intent": gen["intent_accuracy"], "category": gen["category_accuracy"],
-                      "ti_loss": ti_loss, "empty_loss": empty_loss, "token_norm": metric("token_norm"),
-                      "ti_weight": metric("ti_weight"), "grad_ratio": metric("ti_grad_ratio_start"),
-                      "learn_seconds": learn_s, "weights": dataclasses.asdict(cfg.weights)}
+        rows[name] = {
+            "accuracy": acc,
+            "colour": gen["colour_accuracy"],
+            "fidelity": gen["fidelity"],
+            "intent": gen["intent_accuracy"],
+            "category": gen["category_accuracy"],
+            "ti_loss": ti_loss,
+            "empty_loss": empty_loss,
+            "token_norm": metric("token_norm"),
+            "ti_weight": metric("ti_weight"),
+            "grad_ratio": metric("ti_grad_ratio_start"),
+            "learn_seconds": learn_s,
+            "weights": dataclasses.asdict(cfg.weights),
+        }
         r = rows[name]
-        print(f"{name:>13}  acc {r['accuracy']:.3f}  colour {r['colour']:.3f}  fidelity {r['fidelity']:.3f}  "
-              f"intent {r['intent']:.3f}  ti/empty {r['ti_loss']:.4f}/{r['empty_loss']:.4f}  norm {r['token_norm']:.2f}"
-              f"  λ {r['ti_weight']:.1f}  ({learn_s:.0f}s)", flush=True)
+        print(
+            f"{name:>13}  acc {r['accuracy']:.3f}  colour {r['colour']:.3f}  fidelity {r['fidelity']:.3f}  "
+            f"intent {r['intent']:.3f}  ti/empty {r['ti_loss']:.4f}/{r['empty_loss']:.4f}  norm {r['token_norm']:.2f}"
+            f"  λ {r['ti_weight']:.1f}  ({learn_s:.0f}s)",
+            flush=True,
+        )
     chosen, rule = None, "max fidelity + colour among accuracy >= ce_only - 0.02 (TI settings only)"
     if "ce_only" in rows:
         floor = rows["ce_only"]["accuracy"] - 0.02

@@ -26,6 +26,7 @@ Ratios (the JSON's top-level keys):
 The naive loop is linear in the number of concepts (nothing to amortise), so it runs on the first
 ``--naive-concepts`` only and its rate stands for the whole catalog.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,10 +48,17 @@ from factory.catalogs import read_concepts
 from factory.concepts import encode_images
 from factory.evaluation import heldout_accuracy
 from factory.learner import LearnerConfig, learn_tokens
-from factory.tokens.prompts import template_prompts
 from factory.losses import LossWeights
-from factory.onboarding import heldout_features, image_size_for, learn_in_chunks, load_images, negative_banks, prepare_concepts
+from factory.onboarding import (
+    heldout_features,
+    image_size_for,
+    learn_in_chunks,
+    load_images,
+    negative_banks,
+    prepare_concepts,
+)
 from factory.registry import TokenRegistry
+from factory.tokens.prompts import template_prompts
 from factory.world import write_catalog
 
 
@@ -107,10 +115,27 @@ def ray_job(catalog, backbone_name, workers, args):
 
     registry = tempfile.mkdtemp(prefix="tf-bench-registry-")
     t0 = time.perf_counter()
-    main(["onboard", "--catalog", catalog, "--registry", registry, "--backbone", backbone_name,
-          "--workers", str(workers), "--cpus-per-worker", str(args.cpus_per_worker),
-          "--concepts-per-step", str(args.ray_concepts_per_step or args.concepts_per_step), "--steps", str(args.steps),
-          "--lambda-image-ce", "0"])
+    main(
+        [
+            "onboard",
+            "--catalog",
+            catalog,
+            "--registry",
+            registry,
+            "--backbone",
+            backbone_name,
+            "--workers",
+            str(workers),
+            "--cpus-per-worker",
+            str(args.cpus_per_worker),
+            "--concepts-per-step",
+            str(args.ray_concepts_per_step or args.concepts_per_step),
+            "--steps",
+            str(args.steps),
+            "--lambda-image-ce",
+            "0",
+        ]
+    )
     seconds = time.perf_counter() - t0
     version = TokenRegistry(registry).open()
     steady, _ = steady_rate(version.manifest.report["workers"])
@@ -122,29 +147,52 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="build/onboard_throughput.json", help="JSON output path")
     p.add_argument("--backbone", default="fashion-mini", help="backbone (default: fashion-mini)")
     p.add_argument("--products", type=int, default=64, help="concepts in the catalog (default: 64)")
-    p.add_argument("--world-seed", type=int, default=7,
-                   help="seed of the generated catalog (default: 7; levers were chosen on seed 0)")
+    p.add_argument(
+        "--world-seed",
+        type=int,
+        default=7,
+        help="seed of the generated catalog (default: 7; levers were chosen on seed 0)",
+    )
     p.add_argument("--naive-concepts", type=int, default=8, help="concepts the naive loop runs on (default: 8)")
     p.add_argument("--shots", type=int, default=5, help="few-shot images per concept (default: 5)")
     p.add_argument("--steps", type=int, default=50, help="learner steps, the same for every way (default: 50)")
     p.add_argument("--concepts-per-step", type=int, default=16, help="C for (b), (b') and (c) (default: 16)")
-    p.add_argument("--learner-c", type=int, nargs="*", default=[1, 4],
-                   help="further values of C for (b), besides --concepts-per-step (default: 1 4)")
-    p.add_argument("--levers", nargs="*", default=[*LEVERS, "all"], choices=[*LEVERS, "all"],
-                   help="levers of (b') to measure at --concepts-per-step; 'all' is every lever together "
-                        "(default: each lever and all; none: skip (b'))")
-    p.add_argument("--accuracy-tolerance", type=float, default=0.02,
-                   help="how far below the plain learner's held-out accuracy a way may be and still count as "
-                        "equal for speedup_batched_vs_naive (default: 0.02)")
+    p.add_argument(
+        "--learner-c",
+        type=int,
+        nargs="*",
+        default=[1, 4],
+        help="further values of C for (b), besides --concepts-per-step (default: 1 4)",
+    )
+    p.add_argument(
+        "--levers",
+        nargs="*",
+        default=[*LEVERS, "all"],
+        choices=[*LEVERS, "all"],
+        help="levers of (b') to measure at --concepts-per-step; 'all' is every lever together "
+        "(default: each lever and all; none: skip (b'))",
+    )
+    p.add_argument(
+        "--accuracy-tolerance",
+        type=float,
+        default=0.02,
+        help="how far below the plain learner's held-out accuracy a way may be and still count as "
+        "equal for speedup_batched_vs_naive (default: 0.02)",
+    )
     p.add_argument("--cpus-per-worker", type=float, default=0.5, help="CPUs per Ray Train worker (default: 0.5)")
-    p.add_argument("--ray-concepts-per-step", type=int, default=None,
-                   help="C of the Ray job (default: --concepts-per-step); smaller C gives each worker more chunks to time")
+    p.add_argument(
+        "--ray-concepts-per-step",
+        type=int,
+        default=None,
+        help="C of the Ray job (default: --concepts-per-step); smaller C gives each worker more chunks to time",
+    )
     p.add_argument("--skip-ray", action="store_true", help="skip (c)")
     args = p.parse_args(argv)
 
     catalog = tempfile.mkdtemp(prefix="tf-bench-catalog-")
-    write_catalog(catalog, seed=args.world_seed, products=args.products, shots=args.shots, heldout=5, contexts=1,
-                  distractors=0)
+    write_catalog(
+        catalog, seed=args.world_seed, products=args.products, shots=args.shots, heldout=5, contexts=1, distractors=0
+    )
     specs = read_concepts(catalog)
     backbone = load_backbone(args.backbone)
     concepts, loaded, _ = prepare_concepts(backbone, specs)
@@ -185,10 +233,17 @@ def _report(args, backbone, specs, heldout, rows, ray_seconds, steady) -> None:
     plain_tokens = next(toks for name, _, toks, _ in rows if name == plain)
     for name, secs, toks, over in rows:
         rate, acc, per = scored[name]
-        way = {"way": name, "seconds": secs, "concepts_per_min": rate, "heldout_accuracy": acc, "concepts": len(toks),
-               "overrides": over, "per_concept_accuracy": per,
-               # same tokens as the plain learner (up to float rounding) where nothing but execution differs
-               "token_max_abs_diff_vs_plain": max(float((toks[c] - plain_tokens[c]).abs().max()) for c in toks)}
+        way = {
+            "way": name,
+            "seconds": secs,
+            "concepts_per_min": rate,
+            "heldout_accuracy": acc,
+            "concepts": len(toks),
+            "overrides": over,
+            "per_concept_accuracy": per,
+            # same tokens as the plain learner (up to float rounding) where nothing but execution differs
+            "token_max_abs_diff_vs_plain": max(float((toks[c] - plain_tokens[c]).abs().max()) for c in toks),
+        }
         if len(toks) < len(plain_tokens):
             # The naive loop learns the first few concepts only, and each is classified among the concepts
             # that have tokens: its accuracy is not comparable (its tokens are, above).
@@ -203,23 +258,35 @@ def _report(args, backbone, specs, heldout, rows, ray_seconds, steady) -> None:
     result["speedup_batched_vs_naive"] = fastest["concepts_per_min"] / scored[naive_name][0]
     result["speedup_batched_vs_naive_way"] = fastest["way"]
     result["speedup_batched_same_work_vs_naive"] = scored[plain][0] / scored[naive_name][0]
-    result["speedup_fastest_any_accuracy_vs_naive"] = max(w["concepts_per_min"] for w in learner_ways) / scored[naive_name][0]
+    result["speedup_fastest_any_accuracy_vs_naive"] = (
+        max(w["concepts_per_min"] for w in learner_ways) / scored[naive_name][0]
+    )
     # What bounds the equal-accuracy speedup, from this run's own rows: batching alone, then what each lever
     # buys and what it costs in held-out accuracy.
     result["what_bounds_speedup"] = {
         "batching_alone": result["speedup_batched_same_work_vs_naive"],
-        "per_lever": {w["way"]: {"speedup_vs_naive": w["concepts_per_min"] / scored[naive_name][0],
-                                 "accuracy_diff_vs_plain": w["accuracy_diff_vs_plain"],
-                                 "accuracy_diff_ci95": w["accuracy_diff_ci95"],
-                                 "equal_accuracy": w["accuracy_diff_vs_plain"] >= -args.accuracy_tolerance}
-                      for w in learner_ways if w["overrides"]},
+        "per_lever": {
+            w["way"]: {
+                "speedup_vs_naive": w["concepts_per_min"] / scored[naive_name][0],
+                "accuracy_diff_vs_plain": w["accuracy_diff_vs_plain"],
+                "accuracy_diff_ci95": w["accuracy_diff_ci95"],
+                "equal_accuracy": w["accuracy_diff_vs_plain"] >= -args.accuracy_tolerance,
+            }
+            for w in learner_ways
+            if w["overrides"]
+        },
     }
     if ray_seconds:
         result["steady_concepts_per_min"] = {f"{w}_workers": r for w, r in steady.items()}
         result["speedup_2_vs_1_workers"] = steady[2] / steady[1]
         result["speedup_2_vs_1_workers_end_to_end"] = ray_seconds[1] / ray_seconds[2]
-    for k in ("speedup_batched_vs_naive", "speedup_batched_same_work_vs_naive", "speedup_fastest_any_accuracy_vs_naive",
-              "speedup_2_vs_1_workers", "speedup_2_vs_1_workers_end_to_end"):
+    for k in (
+        "speedup_batched_vs_naive",
+        "speedup_batched_same_work_vs_naive",
+        "speedup_fastest_any_accuracy_vs_naive",
+        "speedup_2_vs_1_workers",
+        "speedup_2_vs_1_workers_end_to_end",
+    ):
         if k in result:
             print(f"{k}: {result[k]:.2f}")
     print(f"equal accuracy: {fastest['way']} (plain learner {ref_acc:.3f}, tolerance {args.accuracy_tolerance})")

@@ -27,6 +27,7 @@ of 100. The printed commands are the `pretrain-gpu` recipe of docs/pretrain-gpu.
 JSON (--out, default build/pretrain_flops.json): ``stages`` (per stage: batch, FLOPs, ops, the three
 rates, the binding bound, steps), ``assumptions``, ``render_images_per_s``, ``commands``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -91,12 +92,26 @@ def measure_stage(backbone_name: str, stage: str, batch: int, render_seconds: fl
         n += batch
     render_ips = n / (time.perf_counter() - t0)
     params = sum(p.numel() for p in trainer.params)
-    return {"stage": stage, "batch": batch, "trained_params": params, "flops_per_step": int(flops.get_total_flops()),
-            "ops_per_step": counter.ops + OPTIMIZER_OPS, "cpu_fwd_bwd_s": cpu_step_s, "render_images_per_s": render_ips}
+    return {
+        "stage": stage,
+        "batch": batch,
+        "trained_params": params,
+        "flops_per_step": int(flops.get_total_flops()),
+        "ops_per_step": counter.ops + OPTIMIZER_OPS,
+        "cpu_fwd_bwd_s": cpu_step_s,
+        "render_images_per_s": render_ips,
+    }
 
 
-def plan(rows: list[dict], minutes: float, overhead_minutes: float, clip_share: float, mfu: float,
-         peak_tflops: float, us_per_op: float) -> None:
+def plan(
+    rows: list[dict],
+    minutes: float,
+    overhead_minutes: float,
+    clip_share: float,
+    mfu: float,
+    peak_tflops: float,
+    us_per_op: float,
+) -> None:
     """Adds the three rates, the binding one and the steps to each row (in place)."""
     train_s = max(0.0, (minutes - overhead_minutes) * 60)
     for r in rows:
@@ -105,13 +120,19 @@ def plan(rows: list[dict], minutes: float, overhead_minutes: float, clip_share: 
         render_s = r["batch"] / r["render_images_per_s"]
         rates = {"flop": mfu * peak_tflops * 1e12 / r["flops_per_step"], "host": 1 / (launch_s + render_s)}
         bound = min(rates, key=rates.get)
-        r.update({"seconds": train_s * share, "steps_per_s": rates, "bound": bound,
-                  "host_s_per_step": {"launch": launch_s, "render": render_s},
-                  "render_share_of_host": render_s / (launch_s + render_s),
-                  "steps_at_flop_bound": int(train_s * share * rates["flop"]),
-                  "steps": int(train_s * share * rates[bound]) // 100 * 100,
-                  # what the GPU could take if rendering cost the host nothing
-                  "gpu_demand_images_per_s": min(rates["flop"], 1 / launch_s) * r["batch"]})
+        r.update(
+            {
+                "seconds": train_s * share,
+                "steps_per_s": rates,
+                "bound": bound,
+                "host_s_per_step": {"launch": launch_s, "render": render_s},
+                "render_share_of_host": render_s / (launch_s + render_s),
+                "steps_at_flop_bound": int(train_s * share * rates["flop"]),
+                "steps": int(train_s * share * rates[bound]) // 100 * 100,
+                # what the GPU could take if rendering cost the host nothing
+                "gpu_demand_images_per_s": min(rates["flop"], 1 / launch_s) * r["batch"],
+            }
+        )
 
 
 def _stage_limit(minutes: float, share: float) -> float:
@@ -140,51 +161,80 @@ def main(argv=None) -> int:
     p.add_argument("--clip-batch", type=int, default=1024, help="clip stage images per step (default: 1024)")
     p.add_argument("--unet-batch", type=int, default=256, help="unet stage images per step (default: 256)")
     p.add_argument("--minutes", type=float, default=8.0, help="GPU time budget of the whole recipe (default: 8)")
-    p.add_argument("--overhead-minutes", type=float, default=1.0,
-                   help="of the budget, for Ray start-up, model builds, checkpoints and saves (default: 1)")
+    p.add_argument(
+        "--overhead-minutes",
+        type=float,
+        default=1.0,
+        help="of the budget, for Ray start-up, model builds, checkpoints and saves (default: 1)",
+    )
     p.add_argument("--clip-share", type=float, default=0.5, help="share of the training time for clip (default: 0.5)")
     p.add_argument("--mfu", type=float, default=0.25, help="assumed model-FLOP utilisation (default: 0.25)")
-    p.add_argument("--peak-tflops", type=float, default=H200_BF16_TFLOPS,
-                   help="GPU peak, dense bf16 (default: 790, an H200)")
-    p.add_argument("--us-per-op", type=float, default=10.0,
-                   help="assumed host time per dispatched op in eager PyTorch, µs (default: 10)")
+    p.add_argument(
+        "--peak-tflops", type=float, default=H200_BF16_TFLOPS, help="GPU peak, dense bf16 (default: 790, an H200)"
+    )
+    p.add_argument(
+        "--us-per-op",
+        type=float,
+        default=10.0,
+        help="assumed host time per dispatched op in eager PyTorch, µs (default: 10)",
+    )
     p.add_argument("--render-seconds", type=float, default=5.0, help="how long to time the renderer per stage")
     p.add_argument("--run-out", default="build/fashion-mini-gpu", help="--out of the printed recipe commands")
     p.add_argument("--out", default="build/pretrain_flops.json", help="JSON output path")
     args = p.parse_args(argv)
 
     torch.manual_seed(0)
-    rows = [measure_stage(args.backbone, "clip", args.clip_batch, args.render_seconds),
-            measure_stage(args.backbone, "unet", args.unet_batch, args.render_seconds)]
+    rows = [
+        measure_stage(args.backbone, "clip", args.clip_batch, args.render_seconds),
+        measure_stage(args.backbone, "unet", args.unet_batch, args.render_seconds),
+    ]
     plan(rows, args.minutes, args.overhead_minutes, args.clip_share, args.mfu, args.peak_tflops, args.us_per_op)
     cmds = commands(rows, args.run_out, args.minutes, args.clip_share)
 
-    print(f"{args.backbone}: pretraining steps in {args.minutes:g} min of one GPU at {args.mfu:.0%} of "
-          f"{args.peak_tflops:g} TFLOP/s, {args.us_per_op:g} µs/op, {args.overhead_minutes:g} min overhead")
-    head = (f"{'stage':<6}{'batch':>7}{'GFLOP/step':>12}{'ops/step':>10}{'launch ms':>11}{'render ms':>11}"
-            f"{'flop st/s':>11}{'host st/s':>11}{'bound':>7}{'steps':>8}{'steps@flop':>12}")
+    print(
+        f"{args.backbone}: pretraining steps in {args.minutes:g} min of one GPU at {args.mfu:.0%} of "
+        f"{args.peak_tflops:g} TFLOP/s, {args.us_per_op:g} µs/op, {args.overhead_minutes:g} min overhead"
+    )
+    head = (
+        f"{'stage':<6}{'batch':>7}{'GFLOP/step':>12}{'ops/step':>10}{'launch ms':>11}{'render ms':>11}"
+        f"{'flop st/s':>11}{'host st/s':>11}{'bound':>7}{'steps':>8}{'steps@flop':>12}"
+    )
     print(head)
     for r in rows:
         s, h = r["steps_per_s"], r["host_s_per_step"]
-        print(f"{r['stage']:<6}{r['batch']:>7}{r['flops_per_step'] / 1e9:>12.1f}{r['ops_per_step']:>10}"
-              f"{h['launch'] * 1e3:>11.1f}{h['render'] * 1e3:>11.1f}{s['flop']:>11.0f}{s['host']:>11.1f}"
-              f"{r['bound']:>7}{r['steps']:>8}{r['steps_at_flop_bound']:>12}")
+        print(
+            f"{r['stage']:<6}{r['batch']:>7}{r['flops_per_step'] / 1e9:>12.1f}{r['ops_per_step']:>10}"
+            f"{h['launch'] * 1e3:>11.1f}{h['render'] * 1e3:>11.1f}{s['flop']:>11.0f}{s['host']:>11.1f}"
+            f"{r['bound']:>7}{r['steps']:>8}{r['steps_at_flop_bound']:>12}"
+        )
     for r in rows:
         starve = r["render_images_per_s"] < r["gpu_demand_images_per_s"]
-        print(f"renderer ({r['stage']} batches, one core): {r['render_images_per_s']:.0f} images/s, "
-              f"{r['render_share_of_host']:.0%} of the host's time per step; without it the GPU could take "
-              f"{r['gpu_demand_images_per_s']:.0f} images/s: "
-              f"{'it starves the GPU' if starve else 'it keeps up, but its time adds to the launches'}")
+        print(
+            f"renderer ({r['stage']} batches, one core): {r['render_images_per_s']:.0f} images/s, "
+            f"{r['render_share_of_host']:.0%} of the host's time per step; without it the GPU could take "
+            f"{r['gpu_demand_images_per_s']:.0f} images/s: "
+            f"{'it starves the GPU' if starve else 'it keeps up, but its time adds to the launches'}"
+        )
     print("recipe:")
     for c in cmds:
         print("  " + c)
 
-    result = {"backbone": args.backbone, "stages": rows, "commands": cmds,
-              "render_images_per_s": {r["stage"]: r["render_images_per_s"] for r in rows},
-              "assumptions": {"mfu": args.mfu, "peak_tflops": args.peak_tflops, "us_per_op": args.us_per_op,
-                              "minutes": args.minutes, "overhead_minutes": args.overhead_minutes,
-                              "clip_share": args.clip_share, "optimizer_ops": OPTIMIZER_OPS},
-              "host": {"cpus": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads()}}
+    result = {
+        "backbone": args.backbone,
+        "stages": rows,
+        "commands": cmds,
+        "render_images_per_s": {r["stage"]: r["render_images_per_s"] for r in rows},
+        "assumptions": {
+            "mfu": args.mfu,
+            "peak_tflops": args.peak_tflops,
+            "us_per_op": args.us_per_op,
+            "minutes": args.minutes,
+            "overhead_minutes": args.overhead_minutes,
+            "clip_share": args.clip_share,
+            "optimizer_ops": OPTIMIZER_OPS,
+        },
+        "host": {"cpus": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads()},
+    }
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)

@@ -25,6 +25,7 @@ JSON: ``http.<batched|unbatched>.<endpoint>.<clients>.{rps,p50_ms,p99_ms,errors,
 ``batching_speedup_32`` (the smaller of the two endpoints' batched/unbatched requests/s at 32 clients;
 per endpoint in ``batching_speedup_32_by_endpoint``), and ``ann.N.{recall_at_10,speedup_vs_exact,…}``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,13 +52,13 @@ ENDPOINTS = ("classify", "retrieve")
 def build_service_data(root: str, seed: int) -> dict[str, Any]:
     """A sample catalog, tokens for its products (CE losses: fast) and its gallery index."""
     from factory.backbones import load_backbone
+    from factory.catalogs import read_world_catalog
     from factory.gallery import index_images
     from factory.images import load_rgb
     from factory.learner import LearnerConfig
     from factory.losses import LossWeights
     from factory.onboarding import learn_and_commit
     from factory.registry import TokenRegistry
-    from factory.catalogs import read_world_catalog
     from factory.world import write_catalog
 
     catalog_uri, registry, index = (os.path.join(root, d) for d in ("catalog", "registry", "index"))
@@ -145,9 +146,13 @@ async def _load(url: str, endpoint: str, payloads: list[dict], clients: int, dur
 
     wall = await run_clients(url, clients, client)
     lat = np.array(latencies) * 1000
-    return {"rps": len(latencies) / wall, "p50_ms": float(np.percentile(lat, 50)) if len(lat) else float("nan"),
-            "p99_ms": float(np.percentile(lat, 99)) if len(lat) else float("nan"), "requests": len(latencies),
-            "errors": errors}
+    return {
+        "rps": len(latencies) / wall,
+        "p50_ms": float(np.percentile(lat, 50)) if len(lat) else float("nan"),
+        "p99_ms": float(np.percentile(lat, 99)) if len(lat) else float("nan"),
+        "requests": len(latencies),
+        "errors": errors,
+    }
 
 
 async def _encoder_load(images: list, clients: int, duration: float) -> dict[str, float]:
@@ -178,12 +183,19 @@ def bench_http(data: dict, args: argparse.Namespace) -> dict[str, Any]:
     from serve.app import start, stop
     from serve.settings import ServeSettings
 
-    payloads = {"classify": [{"image": im, "top_k": 5} for im in data["images"]],
-                "retrieve": [{"query": q, "top_k": 10} for q in data["queries"]]}
+    payloads = {
+        "classify": [{"image": im, "top_k": 5} for im in data["images"]],
+        "retrieve": [{"query": q, "top_k": 10} for q in data["queries"]],
+    }
     out: dict[str, Any] = {}
     for mode, batch in (("batched", args.max_batch_size), ("unbatched", 1)):
-        settings = ServeSettings(registry=data["registry"], index=data["index"], poll_s=0, max_batch_size=batch,
-                                 batch_wait_s=args.batch_wait_s)
+        settings = ServeSettings(
+            registry=data["registry"],
+            index=data["index"],
+            poll_s=0,
+            max_batch_size=batch,
+            batch_wait_s=args.batch_wait_s,
+        )
         url = start(settings, port=_free_port())
         try:
             out[mode] = {}
@@ -194,15 +206,23 @@ def bench_http(data: dict, args: argparse.Namespace) -> dict[str, Any]:
                     before = _cpu_seconds()
                     cell = asyncio.run(_load(url, endpoint, payloads[endpoint], clients, args.duration))
                     after = _cpu_seconds()
-                    cell["cpu_ms_per_request"] = {k: round(1000 * (v - before.get(k, 0.0)) / max(cell["requests"], 1), 2)
-                                                  for k, v in sorted(after.items())}
+                    cell["cpu_ms_per_request"] = {
+                        k: round(1000 * (v - before.get(k, 0.0)) / max(cell["requests"], 1), 2)
+                        for k, v in sorted(after.items())
+                    }
                     cell["cpu_ms_per_request"]["total"] = round(sum(cell["cpu_ms_per_request"].values()), 2)
                     out[mode][endpoint][str(clients)] = cell
-                    print(f"{mode:>9} {endpoint:>8} {clients:>7} {cell['rps']:>9.1f} {cell['p50_ms']:>8.1f} "
-                          f"{cell['p99_ms']:>8.1f} {cell['errors']:>6}", flush=True)
+                    print(
+                        f"{mode:>9} {endpoint:>8} {clients:>7} {cell['rps']:>9.1f} {cell['p50_ms']:>8.1f} "
+                        f"{cell['p99_ms']:>8.1f} {cell['errors']:>6}",
+                        flush=True,
+                    )
                 cpu = out[mode][endpoint][str(max(args.concurrency))]["cpu_ms_per_request"]
-                print(f"{'':>9} {'':>8} CPU ms per request at {max(args.concurrency)} clients: "
-                      + ", ".join(f"{k} {v:.1f}" for k, v in cpu.items() if v >= 0.05), flush=True)
+                print(
+                    f"{'':>9} {'':>8} CPU ms per request at {max(args.concurrency)} clients: "
+                    + ", ".join(f"{k} {v:.1f}" for k, v in cpu.items() if v >= 0.05),
+                    flush=True,
+                )
             top = max(args.concurrency)
             cell = asyncio.run(_encoder_load(data["pixels"], top, args.duration))
             out[mode]["image_encoder_handle"] = {str(top): cell}
@@ -241,8 +261,9 @@ def main(argv: list[str] | None = None) -> None:
         by_endpoint = {e: http["batched"][e][top]["rps"] / http["unbatched"][e][top]["rps"] for e in ENDPOINTS}
         results["batching_speedup_32_by_endpoint"] = by_endpoint
         results["batching_speedup_32"] = min(by_endpoint.values())
-        results["encoder_batching_speedup_32"] = (http["batched"]["image_encoder_handle"][top]["rps"]
-                                                  / http["unbatched"]["image_encoder_handle"][top]["rps"])
+        results["encoder_batching_speedup_32"] = (
+            http["batched"]["image_encoder_handle"][top]["rps"] / http["unbatched"]["image_encoder_handle"][top]["rps"]
+        )
         print(f"batching speed-up at {top} clients: " + ", ".join(f"{e} {v:.2f}x" for e, v in by_endpoint.items()))
     if args.sizes:
         ann_args = index_bench.build_parser().parse_args(["--out", "-", "--sizes", *map(str, args.sizes)])

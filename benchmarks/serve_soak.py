@@ -19,6 +19,7 @@ requests}`` and ``server_errors`` (5xx); ``p99_ratio`` (soak p99 / baseline p99,
 ``flood.{no_key, with_key}.statuses`` (status -> count); ``memory_mb`` (process -> [[t_s, rss_mb], ...]) and
 ``memory_growth_mb`` (last minus first sample after warm-up, per process).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,7 +37,6 @@ sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
 import numpy as np  # noqa: E402
-
 from serve_load import _free_port, build_service_data, run_clients, serve_processes  # noqa: E402
 
 CLIENT_KEY, ADMIN_KEY = "soak-client-key-0123456789", "soak-admin-key-0123456789"
@@ -67,8 +67,11 @@ async def _cheap_clients(url: str, data: dict, clients: int, seconds: float) -> 
         i = k
         while time.perf_counter() < deadline:
             route = "classify" if i % 2 == 0 else "retrieve"
-            body = ({"image": data["images"][i % len(data["images"])], "top_k": 3} if route == "classify"
-                    else {"query": data["queries"][i % len(data["queries"])], "top_k": 5})
+            body = (
+                {"image": data["images"][i % len(data["images"])], "top_k": 3}
+                if route == "classify"
+                else {"query": data["queries"][i % len(data["queries"])], "top_k": 5}
+            )
             t0 = time.perf_counter()
             r = await http.post(f"/v1/{route}", json=body, headers=headers)
             statuses[r.status_code] += 1
@@ -77,8 +80,16 @@ async def _cheap_clients(url: str, data: dict, clients: int, seconds: float) -> 
             i += clients
 
     wall = await run_clients(url, clients, client)
-    out = {r: {"p50_ms": float(np.percentile(v, 50)), "p99_ms": float(np.percentile(v, 99)), "requests": len(v),
-               "rps": len(v) / wall} for r, v in lat.items() if v}
+    out = {
+        r: {
+            "p50_ms": float(np.percentile(v, 50)),
+            "p99_ms": float(np.percentile(v, 99)),
+            "requests": len(v),
+            "rps": len(v) / wall,
+        }
+        for r, v in lat.items()
+        if v
+    }
     out["statuses"] = {str(k): v for k, v in sorted(statuses.items())}
     out["server_errors"] = sum(v for k, v in statuses.items() if k >= 500)
     return out
@@ -87,8 +98,12 @@ async def _cheap_clients(url: str, data: dict, clients: int, seconds: float) -> 
 def _flood(url: str, data: dict, key: str | None, stop: threading.Event, statuses: Counter) -> None:
     import httpx
 
-    body = {"concept_ids": [data["queries"][0].split("<concept:")[1].split(">")[0]], "intent": "on the beach",
-            "previews": 2, "steps": 10}
+    body = {
+        "concept_ids": [data["queries"][0].split("<concept:")[1].split(">")[0]],
+        "intent": "on the beach",
+        "previews": 2,
+        "steps": 10,
+    }
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     with httpx.Client(base_url=url, timeout=300.0) as http:
         while not stop.is_set():
@@ -104,7 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--baseline-s", type=float, default=30.0, help="seconds without the flood (default: 30)")
     p.add_argument("--soak-s", type=float, default=180.0, help="seconds under the GAIR flood (default: 180)")
     p.add_argument("--sample-s", type=float, default=5.0, help="seconds between memory samples (default: 5)")
-    p.add_argument("--flooders", type=int, default=4, help="GAIR flood threads with and without a key, each (default: 4)")
+    p.add_argument(
+        "--flooders", type=int, default=4, help="GAIR flood threads with and without a key, each (default: 4)"
+    )
     p.add_argument("--seed", type=int, default=0, help="world seed of the sample data (default: 0)")
     p.add_argument("--out", default="build/serve_soak.json", help="JSON output (default: build/serve_soak.json)")
     args = p.parse_args(argv)
@@ -119,10 +136,16 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as root:
         data = build_service_data(root, args.seed)
         ray.init(logging_level="WARNING", log_to_driver=False, include_dashboard=True, dashboard_host="127.0.0.1")
-        settings = ServeSettings(registry=data["registry"], index=data["index"], api_key_env="TF_SOAK_CLIENT_KEY",
-                                 require_key=True, admin_key_env="TF_SOAK_ADMIN_KEY", poll_s=0,
-                                 # every soak client connects from 127.0.0.1: one address for 40 clients
-                                 limits={"max_in_flight_per_address": 256})
+        settings = ServeSettings(
+            registry=data["registry"],
+            index=data["index"],
+            api_key_env="TF_SOAK_CLIENT_KEY",
+            require_key=True,
+            admin_key_env="TF_SOAK_ADMIN_KEY",
+            poll_s=0,
+            # every soak client connects from 127.0.0.1: one address for 40 clients
+            limits={"max_in_flight_per_address": 256},
+        )
         url = start(settings, port=_free_port())
         try:
             result = _run(url, data, args)
@@ -153,12 +176,18 @@ def _run(url: str, data: dict, args) -> dict:
     warm = time.monotonic() - t_start
     flood = {"no_key": Counter(), "with_key": Counter()}
     stop = threading.Event()
-    flooders = [threading.Thread(target=_flood, args=(url, data, key, stop, flood[name]))
-                for name, key in (("no_key", None), ("with_key", CLIENT_KEY)) for _ in range(args.flooders)]
+    flooders = [
+        threading.Thread(target=_flood, args=(url, data, key, stop, flood[name]))
+        for name, key in (("no_key", None), ("with_key", CLIENT_KEY))
+        for _ in range(args.flooders)
+    ]
     for t in flooders:
         t.start()
-    print(f"soak: the same clients for {args.soak_s:.0f}s under a GAIR flood ({args.flooders} threads without a key, "
-          f"{args.flooders} with)", flush=True)
+    print(
+        f"soak: the same clients for {args.soak_s:.0f}s under a GAIR flood ({args.flooders} threads without a key, "
+        f"{args.flooders} with)",
+        flush=True,
+    )
     try:
         soak = asyncio.run(_cheap_clients(url, data, args.clients, args.soak_s))
     finally:
@@ -167,13 +196,24 @@ def _run(url: str, data: dict, args) -> dict:
             t.join()
         done.set()
         sampler.join()
-    growth = {n: (pts[-1][1] - next(mb for t, mb in pts if t >= warm)) for n, pts in memory.items()
-              if any(t >= warm for t, _ in pts)}
-    return {"baseline": baseline, "soak": soak,
-            "p99_ratio": {r: soak[r]["p99_ms"] / baseline[r]["p99_ms"] for r in ("classify", "retrieve")
-                          if r in soak and r in baseline},
-            "flood": {k: {"statuses": {str(s): n for s, n in sorted(v.items(), key=str)}} for k, v in flood.items()},
-            "memory_mb": memory, "memory_growth_mb": growth, "config": vars(args)}
+    growth = {
+        n: (pts[-1][1] - next(mb for t, mb in pts if t >= warm))
+        for n, pts in memory.items()
+        if any(t >= warm for t, _ in pts)
+    }
+    return {
+        "baseline": baseline,
+        "soak": soak,
+        "p99_ratio": {
+            r: soak[r]["p99_ms"] / baseline[r]["p99_ms"]
+            for r in ("classify", "retrieve")
+            if r in soak and r in baseline
+        },
+        "flood": {k: {"statuses": {str(s): n for s, n in sorted(v.items(), key=str)}} for k, v in flood.items()},
+        "memory_mb": memory,
+        "memory_growth_mb": growth,
+        "config": vars(args),
+    }
 
 
 def _report(r: dict) -> None:

@@ -1,5 +1,6 @@
 """Flags and values every command shares: S3 options, absolute URIs, the printed run config, and the
 defaults flags read off their config's fields."""
+
 from __future__ import annotations
 
 import argparse
@@ -23,8 +24,9 @@ def field_defaults(cls) -> dict[str, Any]:
     """
     if dataclasses.is_dataclass(cls):
         return {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
-    return {name: f.default for name, f in cls.model_fields.items()
-            if not f.is_required() and f.default_factory is None}
+    return {
+        name: f.default for name, f in cls.model_fields.items() if not f.is_required() and f.default_factory is None
+    }
 
 
 def add_s3_arguments(p: argparse.ArgumentParser) -> None:
@@ -33,11 +35,19 @@ def add_s3_arguments(p: argparse.ArgumentParser) -> None:
     Keys are read from the environment only (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or the instance
     profile): secrets on a command line show up in ``ps``.
     """
-    p.add_argument("--s3-endpoint", metavar="URL", default=None,
-                   help="S3 endpoint, e.g. http://127.0.0.1:8333. Default: $TOKENFACTORY_S3_ENDPOINT, "
-                        "$AWS_ENDPOINT_URL_S3 or $AWS_ENDPOINT_URL, else AWS")
-    p.add_argument("--s3-region", metavar="REGION", default=None,
-                   help="S3 region. Default: $AWS_REGION or $AWS_DEFAULT_REGION, else us-east-1")
+    p.add_argument(
+        "--s3-endpoint",
+        metavar="URL",
+        default=None,
+        help="S3 endpoint, e.g. http://127.0.0.1:8333. Default: $TOKENFACTORY_S3_ENDPOINT, "
+        "$AWS_ENDPOINT_URL_S3 or $AWS_ENDPOINT_URL, else AWS",
+    )
+    p.add_argument(
+        "--s3-region",
+        metavar="REGION",
+        default=None,
+        help="S3 region. Default: $AWS_REGION or $AWS_DEFAULT_REGION, else us-east-1",
+    )
 
 
 def s3_options(args: argparse.Namespace):

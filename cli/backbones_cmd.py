@@ -1,9 +1,12 @@
 """`tokenfactory backbones`: list the registered backbone configs and the weights layout each expects."""
+
 from __future__ import annotations
 
 
 def register(sub) -> None:
-    p = sub.add_parser("backbones", help="list registered backbones, their families and the weights layout each expects")
+    p = sub.add_parser(
+        "backbones", help="list registered backbones, their families and the weights layout each expects"
+    )
     p.set_defaults(func=run)
 
 

@@ -10,6 +10,7 @@
    `serve/`), sends one request of each kind with a real HTTP client, prints the answers and stops it
    (``--keep-serving``, i.e. `make serve`, keeps it up until Ctrl-C).
 """
+
 from __future__ import annotations
 
 import io
@@ -23,9 +24,14 @@ COMPOSITIONS = ("on the beach", "in the snow")
 
 
 def register(sub) -> None:
-    p = sub.add_parser("demo", help="the main job on the embedded default: world -> S3 -> onboard on Ray -> table + PNG -> index -> service",
-                       description=__doc__)
-    p.add_argument("--out", default="out/demo", help="local folder for the report, the table and the PNG (default: out/demo)")
+    p = sub.add_parser(
+        "demo",
+        help="the main job on the embedded default: world -> S3 -> onboard on Ray -> table + PNG -> index -> service",
+        description=__doc__,
+    )
+    p.add_argument(
+        "--out", default="out/demo", help="local folder for the report, the table and the PNG (default: out/demo)"
+    )
     p.add_argument("--backbone", default="fashion-mini", help="backbone name (default: fashion-mini)")
     p.add_argument("--weights", default=None, help="weights URI (default: the backbone's own)")
     p.add_argument("--products", type=int, default=24, help="products in the sample catalog (default: 24)")
@@ -86,10 +92,20 @@ def _run(args, bucket: str, s3, s3_env: dict) -> int:
     console.print(f"[demo] sample catalog of {args.products} products written to {catalog_uri}")
 
     report_path = os.path.join(args.out, "onboard-report.json")
-    onboard(OnboardConfig(catalog_uri, registry_uri, onboard_learner(steps=args.steps, seed=args.seed),
-                          backbone=args.backbone, weights=args.weights, workers=args.workers,
-                          concepts_per_step=args.concepts_per_step, report=report_path,
-                          run_id=f"demo-seed{args.seed}", s3=s3))
+    onboard(
+        OnboardConfig(
+            catalog_uri,
+            registry_uri,
+            onboard_learner(steps=args.steps, seed=args.seed),
+            backbone=args.backbone,
+            weights=args.weights,
+            workers=args.workers,
+            concepts_per_step=args.concepts_per_step,
+            report=report_path,
+            run_id=f"demo-seed{args.seed}",
+            s3=s3,
+        )
+    )
 
     version = TokenRegistry(registry_uri, s3).open()
     tokens = {r.concept_id: torch.tensor(r.vector) for r in version.records()}
@@ -99,10 +115,18 @@ def _run(args, bucket: str, s3, s3_env: dict) -> int:
     pairs = [(s.concept_id, s.parent) for s in specs if s.concept_id in tokens]
     captions = {s.concept_id: s.caption for s in specs}
     scores = classification(backbone, pairs, heldout, captions, {"token": tokens})  # the evaluation's own scoring
-    accuracy = {name: scores[key]["accuracy"] for name, key in
-                (("parent word", "parent_word"), ("hand-written caption", "caption"), ("learned token", "token"))}
-    table = Table(title=f"held-out classification among products of the same category "
-                        f"({len(pairs)} products, registry version {version.version})")
+    accuracy = {
+        name: scores[key]["accuracy"]
+        for name, key in (
+            ("parent word", "parent_word"),
+            ("hand-written caption", "caption"),
+            ("learned token", "token"),
+        )
+    }
+    table = Table(
+        title=f"held-out classification among products of the same category "
+        f"({len(pairs)} products, registry version {version.version})"
+    )
     table.add_column("prompt")
     table.add_column("accuracy", justify="right")
     for name, acc in accuracy.items():
@@ -111,11 +135,16 @@ def _run(args, bucket: str, s3, s3_env: dict) -> int:
 
     figure = os.path.join(args.out, "tokens.png")
     _draw(backbone, specs, tokens, args, figure, s3)
-    result = {"registry_version": version.version, "accuracy": accuracy, "products": len(specs),
-              "learned": len(tokens), "figure": figure, "onboard_report": report_path}
+    result = {
+        "registry_version": version.version,
+        "accuracy": accuracy,
+        "products": len(specs),
+        "learned": len(tokens),
+        "figure": figure,
+        "onboard_report": report_path,
+    }
     if not args.no_serve:
         from cli.demo_service import serve_tour
-
         from factory.catalogs import read_world_catalog
 
         queries = read_world_catalog(catalog_uri, s3).queries  # a scene the first product really appears in
@@ -142,13 +171,16 @@ def _draw(backbone, specs, tokens, args, path, s3) -> None:
     with torch.no_grad():
         cond = backbone.encode_prompts(prompts, tokens).hidden
         uncond = backbone.encode_prompts([""]).hidden
-        images = to_uint8(backbone.generator.sample(cond, uncond, steps=args.sample_steps, guidance=args.guidance,
-                                                    seed=args.seed))
+        images = to_uint8(
+            backbone.generator.sample(cond, uncond, steps=args.sample_steps, guidance=args.guidance, seed=args.seed)
+        )
     shots = load_images({s.concept_id: s.image_uris[:3] for s in chosen}, image_size_for(backbone.config), s3)
     owners = np.array(shots.owners)
     per = 1 + len(COMPOSITIONS)
-    rows = [(s.concept_id, list(shots.images[owners == s.concept_id]) + list(images[i * per: (i + 1) * per]))
-            for i, s in enumerate(chosen)]
+    rows = [
+        (s.concept_id, list(shots.images[owners == s.concept_id]) + list(images[i * per : (i + 1) * per]))
+        for i, s in enumerate(chosen)
+    ]
     titles = ["few-shot"] * 3 + ["token alone"] + [f"token {c}" for c in COMPOSITIONS]
     buf = io.BytesIO()
     image_grid(rows, titles, scale=3, label_w=110).save(buf, format="PNG")

@@ -1,4 +1,5 @@
 """The demo's last act: index the gallery, start the service, and send it one request of each kind."""
+
 from __future__ import annotations
 
 import base64
@@ -21,13 +22,19 @@ def serve_tour(args, bucket: str, catalog_uri: str, registry_uri: str, s3, s3_en
 
     console = Console()
     index_uri = f"{bucket}/index"
-    build_index(IndexConfig(catalog_uri, index_uri, backbone=args.backbone, weights=args.weights,
-                            s3=s3))
+    build_index(IndexConfig(catalog_uri, index_uri, backbone=args.backbone, weights=args.weights, s3=s3))
     os.environ[KEY_ENV] = secrets.token_urlsafe(24)  # a fresh admin key for this run, never printed
     # No S3 keys in the Serve config (anyone who can read it would see them): the replicas read them from
     # an owner-only file whose path is all the config holds.
-    settings = ServeSettings(registry=registry_uri, index=index_uri, backbone=args.backbone, weights=args.weights,
-                             admin_key_env=KEY_ENV, poll_s=5, s3_env_file=_private_json(s3_env))
+    settings = ServeSettings(
+        registry=registry_uri,
+        index=index_uri,
+        backbone=args.backbone,
+        weights=args.weights,
+        admin_key_env=KEY_ENV,
+        poll_s=5,
+        s3_env_file=_private_json(s3_env),
+    )
     url = start(settings, port=args.port)
     console.print(f"[demo] service ready at {url} (OpenAPI at {url}/openapi.json, studio at {url}/studio)")
     console.print(f"[demo] GAIR studio: {url}/studio  (compose, preview and refine queries in a browser)")
@@ -66,17 +73,41 @@ def _tour(client, specs, args, console, intent: str) -> dict:
 
     spec = specs[0]
     m = f"<concept:{spec.concept_id}>"
-    image = base64.b64encode(storage.read_bytes(spec.heldout_uris[0] if spec.heldout_uris else spec.image_uris[0])).decode()
+    image = base64.b64encode(
+        storage.read_bytes(spec.heldout_uris[0] if spec.heldout_uris else spec.image_uris[0])
+    ).decode()
     admin = {"Authorization": f"Bearer {os.environ[KEY_ENV]}"}
     calls = [
         ("GET /readyz", "get", "/readyz", None, {}),
         ("GET /v1/tokens", "get", "/v1/tokens", None, {}),
         ("POST /v1/classify", "post", "/v1/classify", {"image": image, "parent": spec.parent, "top_k": 3}, {}),
-        ("POST /v1/retrieve", "post", "/v1/retrieve", {"query": f"a photo of a {m} {spec.parent} {intent}", "top_k": 3}, {}),
-        ("POST /v1/generate", "post", "/v1/generate", {"prompt": f"a {m} {spec.parent} in the snow", "n": 2,
-                                                      "steps": args.sample_steps, "seed": args.seed}, {}),
-        ("POST /v1/gair", "post", "/v1/gair", {"concept_ids": [spec.concept_id], "intent": "on the grass", "top_k": 3,
-                                              "previews": 1, "steps": min(args.sample_steps, 20)}, {}),
+        (
+            "POST /v1/retrieve",
+            "post",
+            "/v1/retrieve",
+            {"query": f"a photo of a {m} {spec.parent} {intent}", "top_k": 3},
+            {},
+        ),
+        (
+            "POST /v1/generate",
+            "post",
+            "/v1/generate",
+            {"prompt": f"a {m} {spec.parent} in the snow", "n": 2, "steps": args.sample_steps, "seed": args.seed},
+            {},
+        ),
+        (
+            "POST /v1/gair",
+            "post",
+            "/v1/gair",
+            {
+                "concept_ids": [spec.concept_id],
+                "intent": "on the grass",
+                "top_k": 3,
+                "previews": 1,
+                "steps": min(args.sample_steps, 20),
+            },
+            {},
+        ),
         ("POST /v1/admin/reload", "post", "/v1/admin/reload", {}, admin),
     ]
     table = Table(title=f"the service, one request of each kind (concept {spec.concept_id})")
@@ -103,8 +134,9 @@ def _describe(path: str, r, spec, args) -> str:
     if path == "/v1/tokens":
         return f"{len(body['tokens'])} tokens"
     if path == "/v1/classify":
-        return ", ".join(f"{c['concept_id']} {c['score']:.2f}" for c in body["concepts"]) + \
-            f"  (truth: {spec.concept_id})"
+        return (
+            ", ".join(f"{c['concept_id']} {c['score']:.2f}" for c in body["concepts"]) + f"  (truth: {spec.concept_id})"
+        )
     if path == "/v1/retrieve":
         return ", ".join(f"{it['id']} {it['score']:.2f}" for it in body["items"]) + f"  (wanted: {spec.concept_id}-…)"
     if path == "/v1/generate":

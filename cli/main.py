@@ -5,6 +5,7 @@ service in `cli/`) and exposes ``register(subparsers)``, which adds its parser (
 ``--help``) and sets ``func``. Heavy imports (torch, Ray) happen inside the command functions, so
 ``tokenfactory --help`` stays fast.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -13,8 +14,17 @@ import logging
 import sys
 
 # Subcommand modules, in the order `--help` lists them.
-COMMANDS = ["cli.demo_cmd", "cli.onboard_cmd", "cli.index_cmd", "cli.evaluate_cmd", "cli.serve_cmd",
-            "cli.export_cmd", "cli.world_cmd", "cli.pretrain_cmd", "cli.backbones_cmd"]
+COMMANDS = [
+    "cli.demo_cmd",
+    "cli.onboard_cmd",
+    "cli.index_cmd",
+    "cli.evaluate_cmd",
+    "cli.serve_cmd",
+    "cli.export_cmd",
+    "cli.world_cmd",
+    "cli.pretrain_cmd",
+    "cli.backbones_cmd",
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,8 +43,11 @@ def main(argv: list[str] | None = None) -> int:
     from factory.errors import TokenFactoryError
 
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=getattr(logging, args.log_level.upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
     try:
         return int(args.func(args) or 0)
     except TokenFactoryError as e:

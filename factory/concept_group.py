@@ -1,5 +1,6 @@
 """The concepts one learner call learns together, and their tensors: the type the learner builds and the
 objective reads (`factory.learner`, `factory.objective`), kept apart so both can name it."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -42,6 +43,13 @@ class ConceptGroup:
         from factory.device import to_device
 
         t = to_device(torch.as_tensor(idx, dtype=torch.long), self.pos.device)
-        return ConceptGroup([self.concepts[i] for i in idx], self.pos[t], self.pos_mask[t], self.neg[t],
-                            self.neg_mask[t], self.init[t], [self.gens[i] for i in idx],
-                            [self.template_gens[i] for i in idx])
+        return ConceptGroup(
+            [self.concepts[i] for i in idx],
+            self.pos[t],
+            self.pos_mask[t],
+            self.neg[t],
+            self.neg_mask[t],
+            self.init[t],
+            [self.gens[i] for i in idx],
+            [self.template_gens[i] for i in idx],
+        )

@@ -3,6 +3,7 @@
 Each image is encoded exactly once (CLIP features and, when a generator is present, diffusion latents);
 the learner then loops over these tensors only.
 """
+
 from __future__ import annotations
 
 from collections import defaultdict
@@ -13,7 +14,6 @@ import torch
 
 from factory.backbones import Backbone
 from factory.learner import ConceptData, NegativeBank
-
 
 # Images per forward pass when the encoders sit on a GPU. Why a cap, and why 32: the SD VAE encoder holds
 # about 322 MiB of activations per 512-px image, so the Ray batch (up to 256 images) in one pass would need
@@ -27,7 +27,10 @@ def to_encoding_device(backbone: Backbone, device: str | torch.device) -> Backbo
     """Move only what encoding runs through (the image tower and the VAE) to ``device``: the mirror image of
     `Backbone.to_training_device`. The text tower and the UNet stay where they are (on the CPU), which
     spares an encoder actor's GPU their memory (+1.9 GiB in bf16 at SD 1.5 size) for nothing."""
-    move = [*backbone.image_tower(), *([backbone.generator.vae] if backbone.generator and backbone.generator.vae else [])]
+    move = [
+        *backbone.image_tower(),
+        *([backbone.generator.vae] if backbone.generator and backbone.generator.vae else []),
+    ]
     for module in move:
         module.to(device)
     return backbone
@@ -51,8 +54,9 @@ def _images_tensor(images):
 
 
 @torch.no_grad()
-def encode_images(backbone: Backbone, images: np.ndarray, batch_size: int = 256,
-                  latents: bool = True, max_batch: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def encode_images(
+    backbone: Backbone, images: np.ndarray, batch_size: int = 256, latents: bool = True, max_batch: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """uint8 images [N, H, W, 3] -> (CLIP features [N, D], latents [N, c, h, w] or None).
 
     Computes where the image tower (and the VAE) are: the CPU, or a GPU after `to_encoding_device`.
@@ -66,7 +70,7 @@ def encode_images(backbone: Backbone, images: np.ndarray, batch_size: int = 256,
     x_all = _images_tensor(images)
     feats, lats = [], []
     for i in range(0, len(images), step):
-        chunk = x_all[i: i + step]
+        chunk = x_all[i : i + step]
         if isinstance(chunk, torch.Tensor):
             chunk = chunk.to(tower, non_blocking=True)
         feats.append(backbone.encode_image(backbone.preprocess(chunk)).float().cpu())
@@ -77,8 +81,13 @@ def encode_images(backbone: Backbone, images: np.ndarray, batch_size: int = 256,
     return torch.cat(feats), (torch.cat(lats) if lats else None)
 
 
-def concept_data(concept_ids: Sequence[str], parents: Sequence[str], features: torch.Tensor,
-                 latents: torch.Tensor | None, owner: Sequence[str]) -> list[ConceptData]:
+def concept_data(
+    concept_ids: Sequence[str],
+    parents: Sequence[str],
+    features: torch.Tensor,
+    latents: torch.Tensor | None,
+    owner: Sequence[str],
+) -> list[ConceptData]:
     """Group per-image rows (``owner[i]`` = concept of row i) into one ConceptData per concept."""
     rows: dict[str, list[int]] = defaultdict(list)
     for i, c in enumerate(owner):

@@ -4,6 +4,7 @@ Why a module of its own: the learner, the encoders, serving, pretraining and eva
 device and a precision, and the GPU audit found each choosing differently (fp32 kept on GPUs, TF32 off,
 fp16 learning without loss scaling). Every caller asks here instead.
 """
+
 from __future__ import annotations
 
 import torch
@@ -49,8 +50,10 @@ def check_learning_precision(precision: str) -> str:
     if precision not in PRECISIONS:
         raise ConfigError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
     if precision == "fp16":
-        raise ConfigError("fp16 is not supported for learning tokens (its range loses the TI gradients without "
-                          "loss scaling): use bf16 on GPUs or fp32")
+        raise ConfigError(
+            "fp16 is not supported for learning tokens (its range loses the TI gradients without "
+            "loss scaling): use bf16 on GPUs or fp32"
+        )
     return precision
 
 

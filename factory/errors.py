@@ -3,6 +3,7 @@
 Each one says what went wrong *and what to do about it*: these messages reach users of the CLI, the
 Ray jobs and the HTTP API unchanged, so they must be actionable without reading the code.
 """
+
 from __future__ import annotations
 
 

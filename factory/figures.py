@@ -1,4 +1,5 @@
 """Pictures for people: a grid of few-shot images beside images generated from learned tokens."""
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -7,8 +8,14 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 
-def image_grid(rows: Sequence[tuple[str, Sequence[np.ndarray]]], col_titles: Sequence[str], scale: int = 3,
-               pad: int = 4, label_w: int = 130, title_h: int = 16) -> Image.Image:
+def image_grid(
+    rows: Sequence[tuple[str, Sequence[np.ndarray]]],
+    col_titles: Sequence[str],
+    scale: int = 3,
+    pad: int = 4,
+    label_w: int = 130,
+    title_h: int = 16,
+) -> Image.Image:
     """Rows of uint8 images [H, W, 3] with a label per row and a title per column."""
     h, w = rows[0][1][0].shape[:2]
     cell_h, cell_w = h * scale + pad, w * scale + pad

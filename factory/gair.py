@@ -43,6 +43,7 @@ The request (`GairRequest`: `GairOptions` and one query; it checks and prices it
 (`GairResult` of `GairStep`) are the method's one shape, in `schemas.gair` so that the HTTP API and the
 evaluation derive from them; they are re-exported here.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -57,6 +58,7 @@ from factory.errors import UnknownConceptMarker
 from factory.images import to_uint8
 from factory.tokens import marker
 from schemas import CONCEPT_SLOT, DEFAULT_INTENT_MARGIN
+
 # The method's request and result live in `schemas.gair` (one shape for the library, the HTTP API and
 # the evaluation); they are GAIR's own, so they are named here too.
 from schemas.gair import DEFAULT_ALPHAS, PREVIEWS_FOR, RULES, GairOptions, GairRequest, GairResult, GairStep
@@ -72,8 +74,9 @@ class ConceptToken:
     rivals: torch.Tensor | None = None  # [R, D] prototypes of its look-alikes (same parent), for ``object``
 
 
-def prompts_for(concepts: Sequence[str], parents: Sequence[str], intent: str,
-                template: str | None = None) -> tuple[str, str]:
+def prompts_for(
+    concepts: Sequence[str], parents: Sequence[str], intent: str, template: str | None = None
+) -> tuple[str, str]:
     """(prompt with the tokens and the intent, prompt with the parent words and the intent).
 
     ``template`` has one ``{concept}`` slot that receives "a <concept:ID> dress" (joined by "and" for
@@ -100,14 +103,20 @@ class _Balance:
         self.uncond = bb.encode_prompts([""]).hidden
         self.protos = F.normalize(torch.stack([c.prototype.float() for c in chosen]).to(self.uncond.device), dim=-1)
         self.f_words = F.normalize(self.aligned.features.float(), dim=-1)[0]
-        self.rivals = [F.normalize(c.rivals.float(), dim=-1).to(self.protos.device)
-                       if c.rivals is not None and len(c.rivals) else None for c in chosen]
+        self.rivals = [
+            F.normalize(c.rivals.float(), dim=-1).to(self.protos.device)
+            if c.rivals is not None and len(c.rivals)
+            else None
+            for c in chosen
+        ]
 
     def steps(self, alphas: Sequence[float]) -> list[GairStep]:
         """q(α) for each α (module docstring) and what it retrieves; no previews yet."""
         index, k = self.gair.index, max(1, self.request.top_k)
         weights = torch.tensor(list(alphas), device=self.tok.features.device)[:, None]
-        queries = F.normalize(weights * self.tok.features.float() + (1 - weights) * self.aligned.features.float(), dim=-1)
+        queries = F.normalize(
+            weights * self.tok.features.float() + (1 - weights) * self.aligned.features.float(), dim=-1
+        )
         queries_np = queries.cpu().numpy().astype(np.float32)
         found = index.search(queries_np, k) if len(index) else None
         out = []
@@ -118,9 +127,14 @@ class _Balance:
                 top = torch.from_numpy(index.vectors_of(found.ids[i][:1])).to(self.protos.device)[0]
                 step.retrieved_fidelity = float((self.protos @ top).mean())
                 step.retrieved_intent = float(top @ self.f_words)
-                step.retrieved_object = float(np.mean([
-                    float(p @ top) - (float((r @ top).max()) if r is not None else 0.0)
-                    for p, r in zip(self.protos, self.rivals)]))
+                step.retrieved_object = float(
+                    np.mean(
+                        [
+                            float(p @ top) - (float((r @ top).max()) if r is not None else 0.0)
+                            for p, r in zip(self.protos, self.rivals)
+                        ]
+                    )
+                )
             out.append(step)
         return out
 
@@ -131,15 +145,19 @@ class _Balance:
         n, bb, r = self.request.previews, self.gair.backbone, self.request
         if not steps or n == 0:
             return
-        cond = torch.cat([(s.alpha * self.tok.hidden + (1 - s.alpha) * self.aligned.hidden).expand(n, -1, -1)
-                          for s in steps])
+        cond = torch.cat(
+            [(s.alpha * self.tok.hidden + (1 - s.alpha) * self.aligned.hidden).expand(n, -1, -1) for s in steps]
+        )
         noise = bb.generator.initial_noise(n, r.seed).repeat(len(steps), 1, 1, 1)
-        u8 = to_uint8(bb.generator.sample(cond, self.uncond, steps=r.steps, guidance=r.guidance, noise=noise,
-                                          should_stop=self.should_stop))
+        u8 = to_uint8(
+            bb.generator.sample(
+                cond, self.uncond, steps=r.steps, guidance=r.guidance, noise=noise, should_stop=self.should_stop
+            )
+        )
         feats = F.normalize(bb.encode_image(bb.preprocess(u8)).float(), dim=-1)
         for i, s in enumerate(steps):
-            f = feats[i * n: (i + 1) * n]
-            s.previews, s.features = u8[i * n: (i + 1) * n], f.cpu().numpy()
+            f = feats[i * n : (i + 1) * n]
+            s.previews, s.features = u8[i * n : (i + 1) * n], f.cpu().numpy()
             s.fidelity, s.intent = float((f @ self.protos.T).mean()), float((f @ self.f_words).mean())
 
 
@@ -188,8 +206,9 @@ class Gair:
             q = F.normalize(torch.from_numpy(chosen.query) + request.expand * previews.mean(0), dim=-1)
             q = q.numpy().astype(np.float32)
             return GairResult(alpha=chosen.alpha, steps=steps, ranking=self.retrieve(q, request.top_k), query=q)
-        return GairResult(alpha=chosen.alpha, steps=steps, ranking=chosen.retrieved[: request.top_k],
-                          query=chosen.query)
+        return GairResult(
+            alpha=chosen.alpha, steps=steps, ranking=chosen.retrieved[: request.top_k], query=chosen.query
+        )
 
     @staticmethod
     def _decide(steps: list[GairStep], request: GairRequest) -> int:
@@ -215,8 +234,9 @@ def bisection_alphas(searched: Sequence[float], best: float) -> list[float]:
     return out
 
 
-def choose_alpha(steps: Sequence[GairStep], rule: str = "retrieval",
-                 intent_margin: float = DEFAULT_INTENT_MARGIN) -> tuple[int, np.ndarray, np.ndarray]:
+def choose_alpha(
+    steps: Sequence[GairStep], rule: str = "retrieval", intent_margin: float = DEFAULT_INTENT_MARGIN
+) -> tuple[int, np.ndarray, np.ndarray]:
     """(index of the step ``auto`` keeps, each step's score, each step's admission) under ``rule`` (`RULES`).
 
     A pure function of the steps' evidence (it changes nothing), so the evaluation can score every rule on
@@ -243,5 +263,17 @@ def _minmax(x: np.ndarray) -> np.ndarray:
     return (x - x.min()) / span if span > 1e-8 else np.full_like(x, 0.5)
 
 
-__all__ = ["DEFAULT_ALPHAS", "PREVIEWS_FOR", "RULES", "ConceptToken", "Gair", "GairOptions", "GairRequest",
-           "GairResult", "GairStep", "bisection_alphas", "choose_alpha", "prompts_for"]
+__all__ = [
+    "DEFAULT_ALPHAS",
+    "PREVIEWS_FOR",
+    "RULES",
+    "ConceptToken",
+    "Gair",
+    "GairOptions",
+    "GairRequest",
+    "GairResult",
+    "GairStep",
+    "bisection_alphas",
+    "choose_alpha",
+    "prompts_for",
+]

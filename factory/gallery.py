@@ -1,4 +1,5 @@
 """A gallery of images into a vector index, in one process (`tokenfactory index` is the Ray version)."""
+
 from __future__ import annotations
 
 from typing import Mapping
@@ -13,8 +14,9 @@ from factory.onboarding import load_images
 from factory.storage import S3Options
 
 
-def index_images(backbone: Backbone, items: Mapping[str, str], backend: str = "exact",
-                 s3: S3Options | None = None) -> tuple[VectorIndex, list[tuple[str, str]]]:
+def index_images(
+    backbone: Backbone, items: Mapping[str, str], backend: str = "exact", s3: S3Options | None = None
+) -> tuple[VectorIndex, list[tuple[str, str]]]:
     """Index ``items`` (item id -> image URI) by their normalised CLIP features.
 
     Returns the index and the images that could not be used, as (uri, reason); they are left out.
@@ -24,8 +26,7 @@ def index_images(backbone: Backbone, items: Mapping[str, str], backend: str = "e
         raise ValueError(f"none of the {len(items)} gallery images could be read")
     feats, _ = encode_images(backbone, loaded.images, latents=False)
     index = create_index(backend, feats.shape[1])
-    index.add(F.normalize(feats, dim=-1).numpy().astype(np.float32), loaded.owners,
-              [items[i] for i in loaded.owners])
+    index.add(F.normalize(feats, dim=-1).numpy().astype(np.float32), loaded.owners, [items[i] for i in loaded.owners])
     return index, loaded.rejected
 
 

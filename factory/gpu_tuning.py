@@ -16,6 +16,7 @@ beyond kernel rounding: a tuned UNet gives the same outputs as the untuned one, 
   up to 64 (at most 62.5 % of its work is useful), so cuDNN's or the memory-efficient kernel may win on
   Hopper; "default" leaves PyTorch's own choice.
 """
+
 from __future__ import annotations
 
 import torch
@@ -32,8 +33,12 @@ _CUDA_ONLY = ("efficient", "cudnn")
 def _backend(name: str):
     from torch.nn.attention import SDPBackend
 
-    return {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
-            "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}[name]
+    return {
+        "flash": SDPBackend.FLASH_ATTENTION,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "cudnn": SDPBackend.CUDNN_ATTENTION,
+        "math": SDPBackend.MATH,
+    }[name]
 
 
 class SDPAKernelProcessor:
@@ -47,16 +52,23 @@ class SDPAKernelProcessor:
         self.backend = backend
         self._inner = AttnProcessor2_0()
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
-                 *args, **kwargs):
+    def __call__(
+        self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs
+    ):
         from torch.nn.attention import sdpa_kernel
 
         with sdpa_kernel(_backend(self.backend)):
             return self._inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
 
 
-def tune_unet(unet: nn.Module, compile: bool = False, channels_last: bool = False, attention: str = "default",
-              compile_backend: str = "inductor", compile_mode: str | None = None) -> nn.Module:
+def tune_unet(
+    unet: nn.Module,
+    compile: bool = False,
+    channels_last: bool = False,
+    attention: str = "default",
+    compile_backend: str = "inductor",
+    compile_mode: str | None = None,
+) -> nn.Module:
     """Apply the chosen levers to a diffusers UNet in place and return it (the same object).
 
     ``compile_backend`` / ``compile_mode`` go to ``torch.compile`` (tests use "eager": the wiring, not
@@ -66,8 +78,10 @@ def tune_unet(unet: nn.Module, compile: bool = False, channels_last: bool = Fals
         raise ConfigError(f"attention must be one of {list(ATTENTION_BACKENDS)}, got {attention!r}")
     device = next(unet.parameters()).device
     if attention in _CUDA_ONLY and device.type != "cuda":
-        raise ConfigError(f"attention={attention!r} is a CUDA-only SDPA backend, but the UNet is on {device}: "
-                          "move it to the GPU first, or use 'default', 'flash' or 'math'")
+        raise ConfigError(
+            f"attention={attention!r} is a CUDA-only SDPA backend, but the UNet is on {device}: "
+            "move it to the GPU first, or use 'default', 'flash' or 'math'"
+        )
     if channels_last:
         # nn.Module.to, not diffusers' override (which warns on any cast): only 4-D conv weights change layout.
         nn.Module.to(unet, memory_format=torch.channels_last)

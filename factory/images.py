@@ -4,6 +4,7 @@ Catalog images come from anywhere. A bad one must become a *reason* in the run r
 `decode_image` raises `BadImage` with a short reason for empty, corrupt or truncated files, unsupported
 formats, absurd dimensions and decompression bombs (checked from the header, before decoding pixels).
 """
+
 from __future__ import annotations
 
 import io
@@ -79,7 +80,7 @@ def load_rgb(data: bytes, size: int, max_pixels: int = MAX_PIXELS) -> np.ndarray
         return arr
     s = min(h, w)
     top, left = (h - s) // 2, (w - s) // 2
-    im = Image.fromarray(arr[top: top + s, left: left + s])
+    im = Image.fromarray(arr[top : top + s, left : left + s])
     return np.asarray(im.resize((size, size), Image.BICUBIC))
 
 

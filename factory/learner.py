@@ -21,6 +21,7 @@ Steady steps never read the GPU on the host (`Progress`): the host draws rows an
 them non-blocking, so it runs ahead of the GPU; early stopping reads it once per step, finiteness every
 ``log_every`` steps.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -46,6 +47,7 @@ from factory.tokens.tokenizer import PromptBatch
 
 log = logging.getLogger(__name__)
 
+
 @dataclass
 class LearnedToken:
     concept_id: str
@@ -61,8 +63,9 @@ class LearnedToken:
 _SUBSPACES: dict[tuple, Subspace] = {}  # (fingerprint, vocabulary and words, parent, rank_tol) -> subspace
 
 
-def subspaces_for(backbone: Backbone, parents: Sequence[str], vocabulary: str | None = None,
-                  rank_tol: float = 1e-4) -> dict[str, Subspace]:
+def subspaces_for(
+    backbone: Backbone, parents: Sequence[str], vocabulary: str | None = None, rank_tol: float = 1e-4
+) -> dict[str, Subspace]:
     """One subspace per distinct parent word (shared by every concept of that parent).
 
     Built on the CPU in float64 from fp32 word embeddings and cached per backbone fingerprint: the same
@@ -111,8 +114,9 @@ def _validate(backbone: Backbone, concepts: Sequence[ConceptData], config: Learn
         raise ValueError(f"backbone {backbone.name!r} has no generator: set weights.ti = 0")
 
 
-def _group(backbone: Backbone, cfg: LearnerConfig, concepts: Sequence[ConceptData],
-           banks: Mapping[str, NegativeBank]) -> ConceptGroup:
+def _group(
+    backbone: Backbone, cfg: LearnerConfig, concepts: Sequence[ConceptData], banks: Mapping[str, NegativeBank]
+) -> ConceptGroup:
     dev = backbone.device
     C = len(concepts)
     with torch.no_grad():
@@ -130,8 +134,11 @@ def _group(backbone: Backbone, cfg: LearnerConfig, concepts: Sequence[ConceptDat
     if any(r.shape[0] == 0 for r in neg_rows) and cfg.weights.ce > 0:
         lonely = [c.concept_id for c, r in zip(concepts, neg_rows) if r.shape[0] == 0]
         log.warning("no negatives for %d concept(s) (e.g. %s): their CE term is zero", len(lonely), lonely[:3])
-    neg, neg_mask = _pad(neg_rows, dev) if any(r.shape[0] for r in neg_rows) else (
-        torch.zeros(C, 1, pos.shape[-1], device=dev), torch.zeros(C, 1, dtype=torch.bool, device=dev))
+    neg, neg_mask = (
+        _pad(neg_rows, dev)
+        if any(r.shape[0] for r in neg_rows)
+        else (torch.zeros(C, 1, pos.shape[-1], device=dev), torch.zeros(C, 1, dtype=torch.bool, device=dev))
+    )
     gens = [torch.Generator().manual_seed(concept_seed(cfg.seed, c.concept_id)) for c in concepts]
     tgens = [torch.Generator().manual_seed(concept_seed(cfg.seed, "templates/" + c.concept_id)) for c in concepts]
     return ConceptGroup(list(concepts), pos, pos_mask, neg, neg_mask, init, gens, tgens)
@@ -179,11 +186,16 @@ class Progress:
     @classmethod
     def start(cls, ti_weight: torch.Tensor) -> "Progress":
         C, dev = ti_weight.shape[0], ti_weight.device
-        return cls(ti_weight=ti_weight, ema=torch.full((C,), float("nan"), device=dev),
-                   best=torch.full((C,), float("inf"), device=dev), wait=torch.zeros(C, dtype=torch.long, device=dev),
-                   steps_run=torch.zeros(C, dtype=torch.long, device=dev),
-                   active=torch.ones(C, dtype=torch.bool, device=dev),
-                   nonfinite=torch.zeros(C, dtype=torch.bool, device=dev), active_idx=list(range(C)))
+        return cls(
+            ti_weight=ti_weight,
+            ema=torch.full((C,), float("nan"), device=dev),
+            best=torch.full((C,), float("inf"), device=dev),
+            wait=torch.zeros(C, dtype=torch.long, device=dev),
+            steps_run=torch.zeros(C, dtype=torch.long, device=dev),
+            active=torch.ones(C, dtype=torch.bool, device=dev),
+            nonfinite=torch.zeros(C, dtype=torch.bool, device=dev),
+            active_idx=list(range(C)),
+        )
 
 
 def _resolve_memory(backbone: Backbone, cfg: LearnerConfig, n_concepts: int) -> LearnerConfig:
@@ -197,15 +209,25 @@ def _resolve_memory(backbone: Backbone, cfg: LearnerConfig, n_concepts: int) -> 
 
     free, _ = torch.cuda.mem_get_info(backbone.device)
     micro, checkpointing = auto_ti_micro_batch(backbone, cfg, n_concepts, free)
-    log.info("ti_micro_batch auto: %d (of %d samples), gradient checkpointing %s", micro,
-             n_concepts * cfg.ti_samples, "on" if checkpointing else "off")
-    return dataclasses.replace(cfg, ti_micro_batch=micro,
-                               gradient_checkpointing=cfg.gradient_checkpointing or checkpointing)
+    log.info(
+        "ti_micro_batch auto: %d (of %d samples), gradient checkpointing %s",
+        micro,
+        n_concepts * cfg.ti_samples,
+        "on" if checkpointing else "off",
+    )
+    return dataclasses.replace(
+        cfg, ti_micro_batch=micro, gradient_checkpointing=cfg.gradient_checkpointing or checkpointing
+    )
 
 
-def learn_tokens(backbone: Backbone, concepts: Sequence[ConceptData], banks: Mapping[str, NegativeBank],
-                 config: LearnerConfig | None = None, subspaces: Mapping[str, Subspace] | None = None,
-                 on_step: Callable[[int, int], None] | None = None) -> list[LearnedToken]:
+def learn_tokens(
+    backbone: Backbone,
+    concepts: Sequence[ConceptData],
+    banks: Mapping[str, NegativeBank],
+    config: LearnerConfig | None = None,
+    subspaces: Mapping[str, Subspace] | None = None,
+    on_step: Callable[[int, int], None] | None = None,
+) -> list[LearnedToken]:
     """Learn one token per concept; see the module docstring. ``banks`` maps parent -> NegativeBank."""
     cfg = config or LearnerConfig()
     dev = backbone.device
@@ -226,10 +248,20 @@ def learn_tokens(backbone: Backbone, concepts: Sequence[ConceptData], banks: Map
         spaces.update(subspaces_for(backbone, [p for p in parents if p not in spaces], cfg.vocabulary, cfg.rank_tol))
     params = TokenParameters(group.init, [spaces[p] for p in parents] if spaces else None).to(dev)
     scheduler = backbone.generator.noise_scheduler() if cfg.weights.ti > 0 else None
-    ctx = StepContext(backbone, cfg, group, batch_cpu.to(dev), batch_cpu, params,
-                      torch.optim.Adam(params.parameters(), lr=cfg.lr),
-                      [p.detach().clone() for p in params.parameters()], backbone.logit_scale, scheduler,
-                      cfg.max_norm_ratio * backbone.vocab_mean_norm if cfg.max_norm_ratio > 0 else 0.0, on_step)
+    ctx = StepContext(
+        backbone,
+        cfg,
+        group,
+        batch_cpu.to(dev),
+        batch_cpu,
+        params,
+        torch.optim.Adam(params.parameters(), lr=cfg.lr),
+        [p.detach().clone() for p in params.parameters()],
+        backbone.logit_scale,
+        scheduler,
+        cfg.max_norm_ratio * backbone.vocab_mean_norm if cfg.max_norm_ratio > 0 else 0.0,
+        on_step,
+    )
 
     with _checkpointing(backbone, cfg.gradient_checkpointing and scheduler is not None):
         # Calibration inside checkpointing and in the step's micro-batches: it ran 4× a step's UNet
@@ -302,8 +334,9 @@ def _step(ctx: StepContext, progress: Progress, step: int) -> None:
     cut = enc.hidden.detach().requires_grad_() if split_ti else enc.hidden
     others = _stopped_prototypes(ctx, progress)
     ti_weight = progress.ti_weight if every else progress.ti_weight[t_idx]
-    terms = objective_terms(backbone, cfg, live, text, cut, ctx.scale, ctx.scheduler, vectors, ti_weight, others,
-                            samples)
+    terms = objective_terms(
+        backbone, cfg, live, text, cut, ctx.scale, ctx.scheduler, vectors, ti_weight, others, samples
+    )
     per_concept = sum(terms.values())
     # Finiteness is accumulated on the device and read every ``log_every`` steps (every step on a CPU,
     # where reading costs nothing): a check between forward and backward drained the GPU every step.
@@ -332,9 +365,16 @@ def _step(ctx: StepContext, progress: Progress, step: int) -> None:
     if cfg.log_every and (step + 1) % cfg.log_every == 0:
         _check_finite(ctx, progress, step)
         rate = (step + 1) / (time.perf_counter() - progress.t0)
-        log.info("step %d/%d  loss %.4f  active %d/%d  %.1f steps/s  eta %.0fs", step + 1, cfg.steps,
-                 float(progress.ema.mean()), len(progress.active_idx), len(group.concepts), rate,
-                 (cfg.steps - step - 1) / rate)
+        log.info(
+            "step %d/%d  loss %.4f  active %d/%d  %.1f steps/s  eta %.0fs",
+            step + 1,
+            cfg.steps,
+            float(progress.ema.mean()),
+            len(progress.active_idx),
+            len(group.concepts),
+            rate,
+            (cfg.steps - step - 1) / rate,
+        )
 
 
 def _check_finite(ctx: StepContext, progress: Progress, step: int) -> None:
@@ -400,9 +440,16 @@ def _finish(ctx: StepContext, progress: Progress, spaces, ti_ratio) -> list[Lear
     text = F.normalize(backbone.encode_text(ctx.batch, vectors).features.float(), dim=-1).view(C, T, -1)
     ce, acc = text_side_ce(text, pos, pos_mask, group.neg, group.neg_mask, ctx.scale)
     # Every per-concept number in one host copy (the GPU is read once, not per metric per concept).
-    columns = {"loss": progress.ema, "loss_ce": ce, "train_acc": acc,
-               "cos_to_init": F.cosine_similarity(vectors, init, dim=-1), "steps": progress.steps_run,
-               "n_images": pos_mask.sum(1), "n_negatives": group.neg_mask.sum(1), "ti_weight": progress.ti_weight}
+    columns = {
+        "loss": progress.ema,
+        "loss_ce": ce,
+        "train_acc": acc,
+        "cos_to_init": F.cosine_similarity(vectors, init, dim=-1),
+        "steps": progress.steps_run,
+        "n_images": pos_mask.sum(1),
+        "n_negatives": group.neg_mask.sum(1),
+        "ti_weight": progress.ti_weight,
+    }
     if "ti" in progress.last:
         columns["loss_ti"] = progress.last["ti"] / progress.ti_weight
     if ti_ratio is not None:
@@ -428,11 +475,18 @@ def _finish(ctx: StepContext, progress: Progress, spaces, ti_ratio) -> list[Lear
         if spaces:
             metrics["rank"] = float(spaces[c.parent].rank)
         assert math.isfinite(norm)
-        out.append(LearnedToken(
-            concept_id=c.concept_id, parent=c.parent, vector=v, parametrization=ctx.params.mode,
-            coefficients=coefficients[i] if coefficients is not None else None,
-            basis_id=spaces[c.parent].basis_id if spaces else None, metrics=metrics, prototype=protos[i],
-        ))
+        out.append(
+            LearnedToken(
+                concept_id=c.concept_id,
+                parent=c.parent,
+                vector=v,
+                parametrization=ctx.params.mode,
+                coefficients=coefficients[i] if coefficients is not None else None,
+                basis_id=spaces[c.parent].basis_id if spaces else None,
+                metrics=metrics,
+                prototype=protos[i],
+            )
+        )
     return out
 
 
@@ -442,10 +496,17 @@ def to_record(token: LearnedToken, backbone: Backbone, run_id: str, thumbnails: 
     from schemas import TokenRecord
 
     return TokenRecord(
-        concept_id=token.concept_id, parent=token.parent, backbone=backbone.name,
-        backbone_fingerprint=backbone.fingerprint(), dim=int(token.vector.numel()),
-        vector=token.vector.tolist(), parametrization=token.parametrization, coefficients=token.coefficients,
-        basis_id=token.basis_id, metrics=token.metrics, run_id=run_id,
+        concept_id=token.concept_id,
+        parent=token.parent,
+        backbone=backbone.name,
+        backbone_fingerprint=backbone.fingerprint(),
+        dim=int(token.vector.numel()),
+        vector=token.vector.tolist(),
+        parametrization=token.parametrization,
+        coefficients=token.coefficients,
+        basis_id=token.basis_id,
+        metrics=token.metrics,
+        run_id=run_id,
         prototype=token.prototype.tolist() if token.prototype is not None else None,
         thumbnails=thumbnails[:MAX_THUMBNAILS] if thumbnails else None,
     )

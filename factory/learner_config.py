@@ -5,6 +5,7 @@ the command line takes its flags' defaults from these fields (one source per def
 parser must stay fast (`cli/main.py`). The templates' default is read from `factory.tokens.prompts` when a
 config is built, since importing the `factory.tokens` package loads torch.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -80,11 +81,13 @@ class LearnerConfig:
         if isinstance(self.ti_micro_batch, str) and self.ti_micro_batch.isdigit():
             self.ti_micro_batch = int(self.ti_micro_batch)
         if self.ti_micro_batch != "auto" and (not isinstance(self.ti_micro_batch, int) or self.ti_micro_batch < 0):
-            raise ConfigError(f"ti_micro_batch must be an integer >= 0 (0: one batch) or 'auto', "
-                              f"got {self.ti_micro_batch!r}")
+            raise ConfigError(
+                f"ti_micro_batch must be an integer >= 0 (0: one batch) or 'auto', got {self.ti_micro_batch!r}"
+            )
         if not 0 <= self.templates_per_step <= len(self.templates):
-            raise ConfigError(f"templates_per_step must be in [0, {len(self.templates)}] (0: all), "
-                              f"got {self.templates_per_step}")
+            raise ConfigError(
+                f"templates_per_step must be in [0, {len(self.templates)}] (0: all), got {self.templates_per_step}"
+            )
         if self.calibration_samples < 1:
             raise ConfigError(f"calibration_samples must be >= 1, got {self.calibration_samples}")
         if self.max_norm_ratio < 0:

@@ -3,6 +3,7 @@
 Every function returns *per-concept* losses ([C]) so the learner can sum them: with Adam, a sum over
 concepts keeps each concept's update independent of which other concepts share the batch.
 """
+
 from __future__ import annotations
 
 import torch
@@ -12,8 +13,14 @@ import torch.nn.functional as F
 from factory.learner_config import LossWeights  # noqa: F401
 
 
-def text_side_ce(text: torch.Tensor, pos: torch.Tensor, pos_mask: torch.Tensor, neg: torch.Tensor,
-                 neg_mask: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def text_side_ce(
+    text: torch.Tensor,
+    pos: torch.Tensor,
+    pos_mask: torch.Tensor,
+    neg: torch.Tensor,
+    neg_mask: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Text → image InfoNCE of each concept against its negative bank.
 
     Args:
@@ -34,8 +41,9 @@ def text_side_ce(text: torch.Tensor, pos: torch.Tensor, pos_mask: torch.Tensor, 
     return (loss * weight).sum(dim=(1, 2)) / denom, (hit * weight).sum(dim=(1, 2)) / denom
 
 
-def image_side_ce(text: torch.Tensor, pos: torch.Tensor, pos_mask: torch.Tensor, scale: float,
-                  others: torch.Tensor | None = None) -> torch.Tensor:
+def image_side_ce(
+    text: torch.Tensor, pos: torch.Tensor, pos_mask: torch.Tensor, scale: float, others: torch.Tensor | None = None
+) -> torch.Tensor:
     """Each concept's images classified among all C tokens learned together (template-mean features).
 
     Couples the concepts of a step (unlike `text_side_ce`), which is why it is optional. ``others`` [K, D]
@@ -53,8 +61,9 @@ def image_side_ce(text: torch.Tensor, pos: torch.Tensor, pos_mask: torch.Tensor,
     return (loss * w).sum(1) / w.sum(1).clamp_min(1.0)
 
 
-def textual_inversion_loss(unet, scheduler, latents: torch.Tensor, cond: torch.Tensor, noise: torch.Tensor,
-                           timesteps: torch.Tensor) -> torch.Tensor:
+def textual_inversion_loss(
+    unet, scheduler, latents: torch.Tensor, cond: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+) -> torch.Tensor:
     """Per-sample denoising MSE [B] of ``unet`` conditioned on text hidden states ``cond`` [B, L, w].
 
     ``noise`` and ``timesteps`` are drawn by the caller (per concept, from its own generator), which is

@@ -15,6 +15,7 @@ template), plus one UNet micro-batch of activations. `plan_ti_micro_batch` turns
 device's free bytes into the largest micro-batch that fits; `auto_ti_micro_batch` measures them for a
 backbone. No Ray here: the learner (and a Train worker through it) calls this with ``torch.cuda.mem_get_info``.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -46,6 +47,7 @@ MIN_PLAIN_MICRO_BATCH = 8
 
 
 # ---- the byte counter ------------------------------------------------------------------------------------
+
 
 class PeakBytes:
     """Peak bytes of the tensors created inside it, beyond ``resident`` ones (the weights), from a torch
@@ -152,6 +154,7 @@ def _meta_state(module: nn.Module) -> dict[str, torch.Tensor]:
 
 # ---- what one UNet sample and one prompt cost --------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class TiMemoryCost:
     """Bytes that learning allocates beyond the resident weights, measured on the meta device.
@@ -205,14 +208,19 @@ def _unet_call_bytes(unet, scheduler, n: int, cond_len: int, cond_dtype: torch.d
     return peak.peak
 
 
-def unet_sample_cost(unet, scheduler, cond_len: int, cond_dtype: torch.dtype,
-                     checkpointing: bool) -> tuple[int, int]:
+def unet_sample_cost(unet, scheduler, cond_len: int, cond_dtype: torch.dtype, checkpointing: bool) -> tuple[int, int]:
     """(per-sample bytes, per-call bytes) of the TI term's UNet: the slope and intercept of the peak over
     one and two samples (activations grow linearly with the batch; the intercept is what a call holds
     whatever its batch: the time embedding, workspace-like temporaries). Cached per architecture."""
     orig = getattr(unet, "_orig_mod", unet)
-    key = (json.dumps(dict(orig.config), sort_keys=True, default=str), str(orig.dtype), cond_len, str(cond_dtype),
-           checkpointing, type(orig).__name__)
+    key = (
+        json.dumps(dict(orig.config), sort_keys=True, default=str),
+        str(orig.dtype),
+        cond_len,
+        str(cond_dtype),
+        checkpointing,
+        type(orig).__name__,
+    )
     if key not in _UNET_CACHE:
         one = _unet_call_bytes(unet, scheduler, 1, cond_len, cond_dtype, checkpointing)
         two = _unet_call_bytes(unet, scheduler, 2, cond_len, cond_dtype, checkpointing)
@@ -265,7 +273,10 @@ def measure_ti_memory(backbone) -> TiMemoryCost:
     size, once per architecture and dtype: the results are cached)."""
     if backbone.generator is None:
         raise ConfigError(f"backbone {backbone.name!r} has no generator: the TI term (and its memory) does not apply")
-    unet, scheduler = backbone.generator.unet, backbone.generator.noise_scheduler()  # fresh: add_noise moves its tensors
+    unet, scheduler = (
+        backbone.generator.unet,
+        backbone.generator.noise_scheduler(),
+    )  # fresh: add_noise moves its tensors
     cond_len, cond_dtype = backbone.config.tokenizer.context_length, backbone.token_embedding.weight.dtype
     per, call = unet_sample_cost(unet, scheduler, cond_len, cond_dtype, checkpointing=False)
     per_ck, call_ck = unet_sample_cost(unet, scheduler, cond_len, cond_dtype, checkpointing=True)
@@ -275,9 +286,17 @@ def measure_ti_memory(backbone) -> TiMemoryCost:
 
 # ---- the plan ----------------------------------------------------------------------------------------------
 
-def plan_ti_micro_batch(per_sample_bytes: int, fixed_bytes: int, free_bytes: int, n_concepts: int, ti_samples: int,
-                        per_sample_checkpointed_bytes: int | None = None, margin: float = ALLOCATOR_MARGIN,
-                        min_plain: int = MIN_PLAIN_MICRO_BATCH) -> tuple[int, bool]:
+
+def plan_ti_micro_batch(
+    per_sample_bytes: int,
+    fixed_bytes: int,
+    free_bytes: int,
+    n_concepts: int,
+    ti_samples: int,
+    per_sample_checkpointed_bytes: int | None = None,
+    margin: float = ALLOCATOR_MARGIN,
+    min_plain: int = MIN_PLAIN_MICRO_BATCH,
+) -> tuple[int, bool]:
     """(micro_batch, gradient_checkpointing) for learning ``n_concepts`` tokens at ``ti_samples`` TI samples
     each, in the learner's convention: micro_batch 0 is one UNet call on all C × ti_samples samples.
 
@@ -316,11 +335,13 @@ def plan_ti_micro_batch(per_sample_bytes: int, fixed_bytes: int, free_bytes: int
         f"{fixed_bytes / GiB:.2f} GiB whatever the micro-batch (the text graph of the group's prompts) plus "
         f"{one / GiB:.2f} GiB per UNet sample even with gradient checkpointing, but {free_bytes / GiB:.2f} GiB "
         f"are free ({margin:.0%} kept for the allocator): learn fewer concepts per chunk, or use a GPU with "
-        "more free memory")
+        "more free memory"
+    )
 
 
-def auto_ti_micro_batch(backbone, config, n_concepts: int, free_bytes: int,
-                        cost: TiMemoryCost | None = None) -> tuple[int, bool]:
+def auto_ti_micro_batch(
+    backbone, config, n_concepts: int, free_bytes: int, cost: TiMemoryCost | None = None
+) -> tuple[int, bool]:
     """(micro_batch, gradient_checkpointing) for `factory.learner.learn_tokens` with ``config`` (a
     LearnerConfig) on ``n_concepts`` concepts, where ``free_bytes`` are free on the device with the backbone
     already resident (``torch.cuda.mem_get_info()[0]``). (0, False) when the TI term is off: no UNet runs."""
@@ -331,12 +352,19 @@ def auto_ti_micro_batch(backbone, config, n_concepts: int, free_bytes: int,
     cost = cost or measure_ti_memory(backbone)
     # The calibration encodes every template, a step at most as many: the larger text graph bounds both.
     n_prompts = n_concepts * len(config.templates)
-    return plan_ti_micro_batch(cost.per_sample, cost.fixed(n_prompts), free_bytes, n_concepts, config.ti_samples,
-                               per_sample_checkpointed_bytes=cost.per_sample_checkpointed)
+    return plan_ti_micro_batch(
+        cost.per_sample,
+        cost.fixed(n_prompts),
+        free_bytes,
+        n_concepts,
+        config.ti_samples,
+        per_sample_checkpointed_bytes=cost.per_sample_checkpointed,
+    )
 
 
-def planned_peak_bytes(backbone, config, n_concepts: int, micro_batch: int, checkpointing: bool,
-                       cost: TiMemoryCost | None = None) -> int:
+def planned_peak_bytes(
+    backbone, config, n_concepts: int, micro_batch: int, checkpointing: bool, cost: TiMemoryCost | None = None
+) -> int:
     """Peak bytes beyond the resident weights that ``learn_tokens`` should reach with this plan (what
     ``max_memory_allocated`` minus the weights measures, less the allocator's rounding)."""
     if config.weights.ti <= 0 or backbone.generator is None:

@@ -6,17 +6,18 @@ concept's (image, template, noise, timestep) samples from the concept's own gene
 reason. λ_TI is set per concept by measurement (`LossWeights.ti_balance`): the raw denoising MSE's
 gradient is orders of magnitude below CE's, so a fixed λ leaves the token CE-only.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+
 import torch
 import torch.nn.functional as F
 
 from factory.concept_group import ConceptGroup
 from factory.device import to_device
 from factory.losses import image_side_ce, text_side_ce, textual_inversion_loss
-
 
 
 def concept_seed(seed: int, concept_id: str) -> int:
@@ -33,8 +34,15 @@ def ce_terms(cfg, text, group: ConceptGroup, scale, others=None) -> dict[str, to
     return terms
 
 
-def term_gradient_norms(backbone, cfg, group: ConceptGroup, batch, params, scale, scheduler,
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
+def term_gradient_norms(
+    backbone,
+    cfg,
+    group: ConceptGroup,
+    batch,
+    params,
+    scale,
+    scheduler,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-concept norms [C] of the gradients that the (weighted) CE terms and the λ = 1 TI term send to
     each concept's parameters, the TI term on ``calibration_samples`` fresh samples per concept (drawn
     from generators of their own, so the training samples are the same with and without calibration).
@@ -46,19 +54,32 @@ def term_gradient_norms(backbone, cfg, group: ConceptGroup, batch, params, scale
     enc = backbone.encode_text(batch, params())
     text = F.normalize(enc.features.float(), dim=-1).view(C, T, -1)
     ce = sum(ce_terms(cfg, text, group, scale).values())
-    g_ce = (torch.autograd.grad(ce.sum(), param, retain_graph=True)[0].norm(dim=-1) if torch.is_tensor(ce)
-            else torch.zeros(C, device=param.device))
+    g_ce = (
+        torch.autograd.grad(ce.sum(), param, retain_graph=True)[0].norm(dim=-1)
+        if torch.is_tensor(ce)
+        else torch.zeros(C, device=param.device)
+    )
     gens = [torch.Generator().manual_seed(concept_seed(cfg.seed, "calibrate/" + c.concept_id)) for c in group.concepts]
-    cal = dataclasses.replace(cfg, ti_samples=max(cfg.ti_samples, cfg.calibration_samples),
-                              ti_micro_batch=cfg.ti_micro_batch or C * cfg.ti_samples)
+    cal = dataclasses.replace(
+        cfg,
+        ti_samples=max(cfg.ti_samples, cfg.calibration_samples),
+        ti_micro_batch=cfg.ti_micro_batch or C * cfg.ti_samples,
+    )
     cut = enc.hidden.detach().requires_grad_()
     ti_term(backbone, cal, group.concepts, cut, scheduler, gens, torch.ones(C, device=param.device))  # -> cut.grad
     g_ti = torch.autograd.grad(enc.hidden, param, grad_outputs=cut.grad)[0].norm(dim=-1)
     return g_ce.detach(), g_ti.detach()
 
 
-def ti_weights(backbone, cfg, group: ConceptGroup, batch, params, scale, scheduler,
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+def ti_weights(
+    backbone,
+    cfg,
+    group: ConceptGroup,
+    batch,
+    params,
+    scale,
+    scheduler,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """λ_TI of each concept [C] (see `LossWeights.ti_balance`) and the measured ‖∇TI‖ / ‖∇CE‖ at λ = 1
     (None when not calibrated)."""
     w, C, dev = cfg.weights, len(group.concepts), backbone.device
@@ -71,8 +92,19 @@ def ti_weights(backbone, cfg, group: ConceptGroup, batch, params, scale, schedul
     return torch.where((g_ce > 0) & (g_ti > 0), calibrated, fixed), ratio
 
 
-def objective_terms(backbone, cfg, group: ConceptGroup, text, hidden, scale, scheduler, vectors, ti_weight,
-                     others=None, ti_samples: TiSamples | None = None) -> dict[str, torch.Tensor]:
+def objective_terms(
+    backbone,
+    cfg,
+    group: ConceptGroup,
+    text,
+    hidden,
+    scale,
+    scheduler,
+    vectors,
+    ti_weight,
+    others=None,
+    ti_samples: TiSamples | None = None,
+) -> dict[str, torch.Tensor]:
     """Weighted per-concept terms [C] of the objective; a term with λ = 0 is never computed. ``text`` may
     be None when no CE term is on; ``ti_samples``: the TI term's samples, drawn beforehand (`ti_term`).
 
@@ -80,9 +112,17 @@ def objective_terms(backbone, cfg, group: ConceptGroup, text, hidden, scale, sch
     """
     w, terms = cfg.weights, ce_terms(cfg, text, group, scale, others)
     if w.ti > 0:
-        terms["ti"] = ti_weight * ti_term(backbone, cfg, group.concepts, hidden, scheduler, group.gens, ti_weight,
-                                           rows_per_concept=None if text is None else text.shape[1],
-                                           samples=ti_samples)
+        terms["ti"] = ti_weight * ti_term(
+            backbone,
+            cfg,
+            group.concepts,
+            hidden,
+            scheduler,
+            group.gens,
+            ti_weight,
+            rows_per_concept=None if text is None else text.shape[1],
+            samples=ti_samples,
+        )
     if w.reg > 0:
         terms["reg"] = w.reg * (vectors - group.init).pow(2).sum(-1)
     return terms
@@ -116,8 +156,17 @@ def draw_ti_samples(concepts, gens, scheduler, rows_per_concept: int, per_concep
     return TiSamples(torch.cat(lat), torch.cat(noise), torch.cat(steps), torch.cat(rows), S)
 
 
-def ti_term(backbone, cfg, concepts, hidden, scheduler, gens, weight, rows_per_concept: int | None = None,
-             samples: TiSamples | None = None) -> torch.Tensor:
+def ti_term(
+    backbone,
+    cfg,
+    concepts,
+    hidden,
+    scheduler,
+    gens,
+    weight,
+    rows_per_concept: int | None = None,
+    samples: TiSamples | None = None,
+) -> torch.Tensor:
     """Per-concept denoising MSE [C] under the token prompts' text states ``hidden`` [C·R, L, w], R =
     ``rows_per_concept`` (default: every template) prompts per concept, concept-major.
 

@@ -3,6 +3,7 @@
 The same steps the Ray job distributes (`jobs/onboard.py`), as plain functions: the demo and the
 benchmarks call them directly, Ray Data and Ray Train workers call them on their shards.
 """
+
 from __future__ import annotations
 
 import logging
@@ -48,8 +49,9 @@ def read_image(uri: str, size: int, s3: S3Options | None = None) -> tuple[np.nda
         return None, "missing: no such object"
 
 
-def load_images(uris_by_concept: dict[str, Sequence[str]], size: int, s3: S3Options | None = None,
-                threads: int = 8) -> LoadedImages:
+def load_images(
+    uris_by_concept: dict[str, Sequence[str]], size: int, s3: S3Options | None = None, threads: int = 8
+) -> LoadedImages:
     """Read and validate every image; a bad or missing one is listed with its reason, never fatal."""
     jobs = [(cid, uri) for cid, uris in uris_by_concept.items() for uri in uris]
 
@@ -75,8 +77,13 @@ def too_few_images(specs: Sequence[ConceptSpec], counts: Mapping[str, int], min_
     return {cid: why for cid, why in reasons.items() if why}
 
 
-def prepare_concepts(backbone: Backbone, specs: Sequence[ConceptSpec], s3: S3Options | None = None,
-                     min_images: int = 1, latents: bool = True) -> tuple[list[ConceptData], LoadedImages, dict[str, str]]:
+def prepare_concepts(
+    backbone: Backbone,
+    specs: Sequence[ConceptSpec],
+    s3: S3Options | None = None,
+    min_images: int = 1,
+    latents: bool = True,
+) -> tuple[list[ConceptData], LoadedImages, dict[str, str]]:
     """Load and encode the few-shot images of ``specs``; returns the usable concepts, the load result and
     the concepts skipped (id -> reason) for having fewer than ``min_images`` good images."""
     loaded = load_images({s.concept_id: s.image_uris for s in specs}, image_size_for(backbone.config), s3)
@@ -107,7 +114,7 @@ def chunks_by_parent(concepts: Sequence[_C], size: int, catalog: Sequence[_Owned
     (empty chunks dropped). The job chunks the whole catalog before it knows which concepts have too few
     usable images, so a learner that sees only the registry's concepts chunks the catalog to match it."""
     ordered = sorted(catalog if catalog is not None else concepts, key=lambda c: (c.parent, c.concept_id))
-    chunks = [list(ordered[i: i + size]) for i in range(0, len(ordered), size)]
+    chunks = [list(ordered[i : i + size]) for i in range(0, len(ordered), size)]
     if catalog is None:
         return chunks
     by_id = {c.concept_id: c for c in concepts}
@@ -115,10 +122,15 @@ def chunks_by_parent(concepts: Sequence[_C], size: int, catalog: Sequence[_Owned
     return [chunk for chunk in kept if chunk]
 
 
-def learn_in_chunks(backbone: Backbone, concepts: Sequence[ConceptData], banks: dict[str, NegativeBank],
-                    config: LearnerConfig, concepts_per_step: int,
-                    on_chunk: Callable[[list[LearnedToken]], None] | None = None,
-                    catalog: Sequence[_Owned] | None = None) -> list[LearnedToken]:
+def learn_in_chunks(
+    backbone: Backbone,
+    concepts: Sequence[ConceptData],
+    banks: dict[str, NegativeBank],
+    config: LearnerConfig,
+    concepts_per_step: int,
+    on_chunk: Callable[[list[LearnedToken]], None] | None = None,
+    catalog: Sequence[_Owned] | None = None,
+) -> list[LearnedToken]:
     """Learn ``concepts`` C at a time, in the chunks `chunks_by_parent` forms (over ``catalog`` when given);
     ``on_chunk`` sees each chunk's tokens as soon as they exist."""
     out = []
@@ -132,10 +144,13 @@ def learn_in_chunks(backbone: Backbone, concepts: Sequence[ConceptData], banks: 
     return out
 
 
-def heldout_features(backbone: Backbone, specs: Sequence[ConceptSpec], s3: S3Options | None = None
-                     ) -> dict[str, torch.Tensor]:
+def heldout_features(
+    backbone: Backbone, specs: Sequence[ConceptSpec], s3: S3Options | None = None
+) -> dict[str, torch.Tensor]:
     """CLIP features of each concept's held-out images (for evaluation)."""
-    loaded = load_images({s.concept_id: s.heldout_uris for s in specs if s.heldout_uris}, backbone.config.image.size, s3)
+    loaded = load_images(
+        {s.concept_id: s.heldout_uris for s in specs if s.heldout_uris}, backbone.config.image.size, s3
+    )
     if not len(loaded.images):
         return {}
     feats, _ = encode_images(backbone, loaded.images, latents=False)
@@ -143,9 +158,15 @@ def heldout_features(backbone: Backbone, specs: Sequence[ConceptSpec], s3: S3Opt
     return {cid: feats[torch.from_numpy(np.nonzero(owners == cid)[0])] for cid in dict.fromkeys(loaded.owners)}
 
 
-
-def learn_and_commit(registry, specs: Sequence[ConceptSpec], run_id: str, backbone: Backbone, config: LearnerConfig,
-                     concepts_per_step: int = 8, s3: S3Options | None = None) -> int:
+def learn_and_commit(
+    registry,
+    specs: Sequence[ConceptSpec],
+    run_id: str,
+    backbone: Backbone,
+    config: LearnerConfig,
+    concepts_per_step: int = 8,
+    s3: S3Options | None = None,
+) -> int:
     """Onboard ``specs`` in this process and commit them as one registry version; returns its number.
 
     The single-process counterpart of `tokenfactory onboard` (no Ray): for small catalogs, tests and
@@ -173,5 +194,18 @@ def thumbnails_of(loaded: LoadedImages, per_concept: int = 3) -> dict[str, list[
     return out
 
 
-__all__ = ["LoadedImages", "chunks_by_parent", "heldout_features", "image_size_for", "learn_and_commit", "learn_in_chunks",
-           "load_images", "negative_banks", "prepare_concepts", "read_image", "skip_reason", "thumbnails_of", "too_few_images"]
+__all__ = [
+    "LoadedImages",
+    "chunks_by_parent",
+    "heldout_features",
+    "image_size_for",
+    "learn_and_commit",
+    "learn_in_chunks",
+    "load_images",
+    "negative_banks",
+    "prepare_concepts",
+    "read_image",
+    "skip_reason",
+    "thumbnails_of",
+    "too_few_images",
+]

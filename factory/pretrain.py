@@ -22,6 +22,7 @@ synchronisation, so the host renders the next batch while the GPU computes: the 
 once per `Pretrainer.train_steps` call. ``precision="fp32"`` (the CPU default) computes exactly what
 it always did.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -35,7 +36,6 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
-
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from factory.backbones import Backbone
@@ -66,8 +66,7 @@ def gradient_buckets(grads: list[torch.Tensor], bucket_bytes: int = BUCKET_BYTES
     for g in grads:
         nbytes = g.numel() * g.element_size()
         last = buckets[-1] if buckets else None
-        if (last is None or last[0].dtype != g.dtype or last[0].device != g.device
-                or size + nbytes > bucket_bytes):
+        if last is None or last[0].dtype != g.dtype or last[0].device != g.device or size + nbytes > bucket_bytes:
             buckets.append([g])
             size = nbytes
         else:
@@ -76,8 +75,12 @@ def gradient_buckets(grads: list[torch.Tensor], bucket_bytes: int = BUCKET_BYTES
     return buckets
 
 
-def average_gradients(grads: list[torch.Tensor], world_size: int, all_reduce: Callable[[torch.Tensor], object],
-                      bucket_bytes: int = BUCKET_BYTES) -> None:
+def average_gradients(
+    grads: list[torch.Tensor],
+    world_size: int,
+    all_reduce: Callable[[torch.Tensor], object],
+    bucket_bytes: int = BUCKET_BYTES,
+) -> None:
     """Average ``grads`` in place across ``world_size`` workers, one ``all_reduce`` (a sum, e.g.
     ``torch.distributed.all_reduce``) per bucket of flattened gradients (`gradient_buckets`).
 
@@ -114,15 +117,25 @@ class PretrainConfig:
         if self.towers not in ("both", "image"):
             raise ConfigError(f"towers must be 'both' or 'image', got {self.towers!r}")
         if self.precision not in PRETRAIN_PRECISIONS:
-            hint = (": fp16 would need loss scaling, which pretraining does not do; use bf16"
-                    if self.precision == "fp16" else "")
-            raise ConfigError(f"pretraining precision must be one of {list(PRETRAIN_PRECISIONS)}, "
-                              f"got {self.precision!r}{hint}")
+            hint = (
+                ": fp16 would need loss scaling, which pretraining does not do; use bf16"
+                if self.precision == "fp16"
+                else ""
+            )
+            raise ConfigError(
+                f"pretraining precision must be one of {list(PRETRAIN_PRECISIONS)}, got {self.precision!r}{hint}"
+            )
 
 
 class Pretrainer:
-    def __init__(self, backbone: Backbone, cfg: PretrainConfig, batches: BatchFn,
-                 grad_sync: Callable[[list[torch.Tensor]], None] | None = None, rank: int = 0):
+    def __init__(
+        self,
+        backbone: Backbone,
+        cfg: PretrainConfig,
+        batches: BatchFn,
+        grad_sync: Callable[[list[torch.Tensor]], None] | None = None,
+        rank: int = 0,
+    ):
         self.backbone, self.cfg, self.batches, self.grad_sync = backbone, cfg, batches, grad_sync
         backbone.requires_grad_(False)
         self.module = backbone.clip if cfg.stage == "clip" else backbone.generator.unet
@@ -194,8 +207,9 @@ class Pretrainer:
         # Drawn on the CPU generator, then copied: the same seed gives the same noise and timesteps on
         # every device, and the generator's state is what checkpoints save.
         noise = to_device(torch.randn(x0.shape, generator=self.torch_gen), x0.device)
-        t = to_device(torch.randint(self.noise.config.num_train_timesteps, (x0.shape[0],), generator=self.torch_gen),
-                      x0.device)
+        t = to_device(
+            torch.randint(self.noise.config.num_train_timesteps, (x0.shape[0],), generator=self.torch_gen), x0.device
+        )
         with self._autocast():
             pred = gen.unet(self.noise.add_noise(x0, noise, t), t, encoder_hidden_states=cond).sample
         per_sample = (pred.float() - noise).pow(2).mean(dim=(1, 2, 3))
@@ -236,11 +250,16 @@ class Pretrainer:
         values = torch.stack(losses).double().cpu().numpy() if losses else np.zeros(0)
         bad = np.flatnonzero(~np.isfinite(values))
         if len(bad):
-            raise FloatingPointError(f"pretraining loss became {values[bad[0]]} at step {first + int(bad[0])}; "
-                                     "lower --lr")
+            raise FloatingPointError(
+                f"pretraining loss became {values[bad[0]]} at step {first + int(bad[0])}; lower --lr"
+            )
         dt = time.perf_counter() - t0
-        return {"step": self.step, "loss": float(np.mean(values)) if len(values) else float("nan"),
-                "steps_per_s": len(values) / dt if dt > 0 else 0.0, "lr": self.sched.get_last_lr()[0]}
+        return {
+            "step": self.step,
+            "loss": float(np.mean(values)) if len(values) else float("nan"),
+            "steps_per_s": len(values) / dt if dt > 0 else 0.0,
+            "lr": self.sched.get_last_lr()[0],
+        }
 
     @torch.no_grad()
     def _update_ema(self):
@@ -250,17 +269,25 @@ class Pretrainer:
 
     # ---- checkpoints -----------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"config": asdict(self.cfg), "step": self.step, "module": self.module.state_dict(),
-                "opt": self.opt.state_dict(), "sched": self.sched.state_dict(),
-                "ema": self.ema.state_dict() if self.ema is not None else None,
-                "rng": self.rng.bit_generator.state, "torch_gen": self.torch_gen.get_state()}
+        return {
+            "config": asdict(self.cfg),
+            "step": self.step,
+            "module": self.module.state_dict(),
+            "opt": self.opt.state_dict(),
+            "sched": self.sched.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "rng": self.rng.bit_generator.state,
+            "torch_gen": self.torch_gen.get_state(),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         if state["config"]["stage"] != self.cfg.stage:
             raise ValueError(f"checkpoint is of stage {state['config']['stage']!r}, not {self.cfg.stage!r}")
         if state["config"].get("towers", "both") != self.cfg.towers:
-            raise ValueError(f"checkpoint trained towers={state['config'].get('towers', 'both')!r}, this run "
-                             f"towers={self.cfg.towers!r}: use another --out, or the same setting")
+            raise ValueError(
+                f"checkpoint trained towers={state['config'].get('towers', 'both')!r}, this run "
+                f"towers={self.cfg.towers!r}: use another --out, or the same setting"
+            )
         self.module.load_state_dict(state["module"])
         self.opt.load_state_dict(state["opt"])
         self.sched.load_state_dict(state["sched"])

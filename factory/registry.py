@@ -164,8 +164,11 @@ class TokenRegistry:
                 return self.open(v), skipped
             except (RegistryError, storage.StorageError) as e:
                 skipped[v] = str(e)
-        raise NoCommittedVersion(f"no readable committed version in registry {self.root_uri}"
-                                 + (f" (skipped: {skipped})" if skipped else "") + ": run `tokenfactory onboard` first")
+        raise NoCommittedVersion(
+            f"no readable committed version in registry {self.root_uri}"
+            + (f" (skipped: {skipped})" if skipped else "")
+            + ": run `tokenfactory onboard` first"
+        )
 
     def committed_version_for_run(self, run_id: str) -> int | None:
         """The version a run committed, if any: a rerun of a finished run id can then do nothing."""
@@ -254,8 +257,7 @@ class RegistryVersion:
                 table = _table_from_bytes(data)
                 if table.num_rows != file.rows:
                     raise ChecksumMismatch(
-                        f"version {self.version}: file {file.path} has {table.num_rows} rows, "
-                        f"manifest says {file.rows}"
+                        f"version {self.version}: file {file.path} has {table.num_rows} rows, manifest says {file.rows}"
                     )
                 records.extend(from_arrow(table, TokenRecord))
             self._by_id = {r.concept_id: r for r in records}
@@ -328,11 +330,16 @@ class StagedRun:
 
     def records(self) -> list[TokenRecord]:
         """Every staged record (a resumed run stages new concepts under new shard names, never twice)."""
-        return [r for uri in self.shards() for r in from_arrow(storage.read_parquet(uri, self.registry.s3), TokenRecord)]
+        return [
+            r for uri in self.shards() for r in from_arrow(storage.read_parquet(uri, self.registry.s3), TokenRecord)
+        ]
 
     def notes(self) -> list[Any]:
         """Every note staged with `VersionWriter.write_note`, in name order (dropped with the staging area)."""
-        return [storage.read_json(uri, self.registry.s3) for uri in storage.glob_files(self.uri, NOTE_GLOB, self.registry.s3)]
+        return [
+            storage.read_json(uri, self.registry.s3)
+            for uri in storage.glob_files(self.uri, NOTE_GLOB, self.registry.s3)
+        ]
 
 
 class VersionWriter:
@@ -423,9 +430,7 @@ class VersionWriter:
         """
         shards = self.staged_shards()
         contents = {uri: storage.read_bytes(uri, self._s3) for uri in shards}
-        records_by_shard = {
-            uri: from_arrow(_table_from_bytes(data), TokenRecord) for uri, data in contents.items()
-        }
+        records_by_shard = {uri: from_arrow(_table_from_bytes(data), TokenRecord) for uri, data in contents.items()}
         staged_ids = {r.concept_id for recs in records_by_shard.values() for r in recs}
 
         done = self.registry.committed_version_for_run(self.run_id)
@@ -484,8 +489,10 @@ class VersionWriter:
         storage.write_json(storage.join(version_uri, MANIFEST_NAME), manifest, self._s3)
         written = self.registry._manifest(version)
         if written is None or written.claim != nonce:  # confirmed before the staged tokens are dropped
-            raise RegistryError(f"version {version} of {self.registry.root_uri} does not hold run {self.run_id!r}'s "
-                                f"manifest after the commit; its staged tokens are kept: rerun to commit them")
+            raise RegistryError(
+                f"version {version} of {self.registry.root_uri} does not hold run {self.run_id!r}'s "
+                f"manifest after the commit; its staged tokens are kept: rerun to commit them"
+            )
         self.abort()
         return version
 

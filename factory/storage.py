@@ -76,11 +76,7 @@ class S3Options:
     def from_env(cls, environ: Mapping[str, str] | None = None) -> S3Options:
         """Read the usual AWS variables. pyarrow itself ignores ``AWS_ENDPOINT_URL``; we honour it here."""
         env = os.environ if environ is None else environ
-        endpoint = (
-            env.get("TOKENFACTORY_S3_ENDPOINT")
-            or env.get("AWS_ENDPOINT_URL_S3")
-            or env.get("AWS_ENDPOINT_URL")
-        )
+        endpoint = env.get("TOKENFACTORY_S3_ENDPOINT") or env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
         return cls(
             endpoint=endpoint or None,
             region=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1",
@@ -254,10 +250,16 @@ def _boto3_client(options: S3Options):
     from botocore.config import Config
 
     return boto3.client(
-        "s3", endpoint_url=options.endpoint_url, region_name=options.region, aws_access_key_id=options.access_key,
-        aws_secret_access_key=options.secret_key, aws_session_token=options.session_token,
-        config=Config(s3={"addressing_style": "path"} if options.endpoint else {},
-                      retries={"mode": "standard", "max_attempts": options.max_attempts}),
+        "s3",
+        endpoint_url=options.endpoint_url,
+        region_name=options.region,
+        aws_access_key_id=options.access_key,
+        aws_secret_access_key=options.secret_key,
+        aws_session_token=options.session_token,
+        config=Config(
+            s3={"addressing_style": "path"} if options.endpoint else {},
+            retries={"mode": "standard", "max_attempts": options.max_attempts},
+        ),
     )
 
 
@@ -327,8 +329,7 @@ def glob_files(uri: str, pattern: str | None = None, s3: S3Options | None = None
     return sorted(
         loc.uri(info.path)
         for info in infos
-        if info.type == pafs.FileType.File
-        and (pattern is None or fnmatch.fnmatchcase(info.base_name, pattern))
+        if info.type == pafs.FileType.File and (pattern is None or fnmatch.fnmatchcase(info.base_name, pattern))
     )
 
 

@@ -8,6 +8,7 @@ A version number is taken with a conditional create of its ``claim.json`` (`stor
 concurrent writers each try max(existing) + 1 and move up on a loss, so no two are told the same number,
 and a claimed folder is never cleared or reused, even when its commit died (readers skip it: no manifest).
 """
+
 from __future__ import annotations
 
 import json

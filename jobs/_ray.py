@@ -4,6 +4,7 @@
 Usage stats are off unless the environment says otherwise (nothing leaves the machine by default). A
 process that is already connected (a test's cluster, the demo, a benchmark) keeps its connection.
 """
+
 from __future__ import annotations
 
 import os

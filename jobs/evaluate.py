@@ -5,6 +5,7 @@ tokens with the registry run's own learner settings (read back from its manifest
 parallel Ray tasks (``ray_ablations``); runs every method of
 `factory.evaluation.methods`. `tokenfactory evaluate` (`cli/evaluate_cmd.py`) builds the config from flags.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -14,8 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from factory.errors import ConfigError
-from factory.storage import S3Options
-from factory.storage import absolute_uri
+from factory.storage import S3Options, absolute_uri
 
 if TYPE_CHECKING:
     from factory.evaluation.methods import GairSettings
@@ -63,7 +63,9 @@ class EvaluateConfig:
             self.precision = default_precision(self.use_gpu)
         check_learning_precision(self.precision)  # the ablations learn tokens: fp16 is refused (see there)
         if not 0 < self.ablation_gpus <= 1:
-            raise ConfigError(f"ablation_gpus must be in (0, 1] (a share of one GPU per task), got {self.ablation_gpus}")
+            raise ConfigError(
+                f"ablation_gpus must be in (0, 1] (a share of one GPU per task), got {self.ablation_gpus}"
+            )
 
     def record(self) -> dict[str, Any]:
         """The config as JSON-able data (printed, stored in metrics.json), without the S3 options."""
@@ -71,11 +73,23 @@ class EvaluateConfig:
 
 
 # Versions written before runs stored their learner settings recorded onboard's flags: flag -> field.
-_LEGACY_FIELDS = {"steps": "steps", "lr": "lr", "seed": "seed", "parametrization": "parametrization",
-                  "ti_samples": "ti_samples", "ti_micro_batch": "ti_micro_batch",
-                  "gradient_checkpointing": "gradient_checkpointing", "max_norm_ratio": "max_norm_ratio"}
-_LEGACY_WEIGHTS = {"lambda_ti": "ti", "lambda_ce": "ce", "lambda_image_ce": "image_ce", "lambda_reg": "reg",
-                   "ti_balance": "ti_balance"}
+_LEGACY_FIELDS = {
+    "steps": "steps",
+    "lr": "lr",
+    "seed": "seed",
+    "parametrization": "parametrization",
+    "ti_samples": "ti_samples",
+    "ti_micro_batch": "ti_micro_batch",
+    "gradient_checkpointing": "gradient_checkpointing",
+    "max_norm_ratio": "max_norm_ratio",
+}
+_LEGACY_WEIGHTS = {
+    "lambda_ti": "ti",
+    "lambda_ce": "ce",
+    "lambda_image_ce": "image_ce",
+    "lambda_reg": "reg",
+    "ti_balance": "ti_balance",
+}
 
 
 def run_learner_config(manifest_config: dict, steps: int | None = None):
@@ -91,8 +105,11 @@ def run_learner_config(manifest_config: dict, steps: int | None = None):
         learner = LearnerConfig(**manifest_config["learner"])
     else:
         base = onboard_learner()
-        weights = {**dataclasses.asdict(base.weights), "ti_balance": 0.0,
-                   **{w: manifest_config[f] for f, w in _LEGACY_WEIGHTS.items() if f in manifest_config}}
+        weights = {
+            **dataclasses.asdict(base.weights),
+            "ti_balance": 0.0,
+            **{w: manifest_config[f] for f, w in _LEGACY_WEIGHTS.items() if f in manifest_config},
+        }
         fields = {k: manifest_config[f] for f, k in _LEGACY_FIELDS.items() if f in manifest_config}
         learner = dataclasses.replace(base, weights=type(base.weights)(**weights), **fields)
     if steps is not None:
@@ -121,22 +138,37 @@ def evaluate_registry(cfg: EvaluateConfig) -> dict:
     recorded = version.manifest.config.get("backbone_config") or version.manifest.backbone
     # The whole backbone on the device: the evaluation uses every part (text and image towers for the
     # features, the UNet and VAE for the previews and the TI ablations).
-    backbone = load_backbone(cfg.backbone or recorded, weights=cfg.weights, s3=cfg.s3, device=device,
-                             dtype=PRECISIONS[cfg.precision])
+    backbone = load_backbone(
+        cfg.backbone or recorded, weights=cfg.weights, s3=cfg.s3, device=device, dtype=PRECISIONS[cfg.precision]
+    )
     catalog = read_eval_catalog(cfg.catalog, cfg.s3)
     index = load_index(cfg.index, cfg.s3)
     learner, per_step = run_learner_config(version.manifest.config, cfg.ablation_steps)
-    config = EvaluationConfig(learner=learner, concepts_per_step=per_step, max_queries=cfg.max_queries,
-                              generation_queries=cfg.generation_queries, gair=cfg.gair,
-                              threads_while_learning=cfg.threads_while_learning if cfg.ray_ablations else 0)
-    print(f"[evaluate] {len(catalog.concepts)} concepts, {len(catalog.queries)} queries, gallery index of "
-          f"{len(index)}; registry version {version.version} ({len(version)} tokens)", flush=True)
+    config = EvaluationConfig(
+        learner=learner,
+        concepts_per_step=per_step,
+        max_queries=cfg.max_queries,
+        generation_queries=cfg.generation_queries,
+        gair=cfg.gair,
+        threads_while_learning=cfg.threads_while_learning if cfg.ray_ablations else 0,
+    )
+    print(
+        f"[evaluate] {len(catalog.concepts)} concepts, {len(catalog.queries)} queries, gallery index of "
+        f"{len(index)}; registry version {version.version} ({len(version)} tokens)",
+        flush=True,
+    )
     ablations = None
     if cfg.ray_ablations:
         from jobs.evaluate_ablations import ray_ablations
 
-        ablations = ray_ablations(cfg.backbone or recorded, cfg.weights, cfg.s3, cfg.ablation_cpus,
-                                  gpus=cfg.ablation_gpus if cfg.use_gpu else 0.0, precision=cfg.precision)
+        ablations = ray_ablations(
+            cfg.backbone or recorded,
+            cfg.weights,
+            cfg.s3,
+            cfg.ablation_cpus,
+            gpus=cfg.ablation_gpus if cfg.use_gpu else 0.0,
+            precision=cfg.precision,
+        )
     ev = evaluate(backbone, catalog, version.records(), index, config, cfg.s3, ablations=ablations)
     ev.metrics["registry"] = {"uri": cfg.registry, "version": version.version, "run_id": version.manifest.run_id}
     ev.metrics["config"] = cfg.record()

@@ -12,6 +12,7 @@ waited for later, so the evaluation's GAIR stage runs while they learn. A task l
 config (a model travels as its config, not as pickled weights) once per worker process, and learns on
 ``threads`` torch threads: on a 2-core node two run at once.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,24 +34,38 @@ from jobs._ray import connect
 _MODELS: dict[str, Backbone] = {}  # per worker process: every task it runs shares one loaded backbone
 
 
-def _model(backbone: str | dict[str, Any], weights: str | None, s3: S3Options | None, use_gpu: bool = False,
-           precision: str = "fp32") -> Backbone:
+def _model(
+    backbone: str | dict[str, Any],
+    weights: str | None,
+    s3: S3Options | None,
+    use_gpu: bool = False,
+    precision: str = "fp32",
+) -> Backbone:
     """The worker's backbone: on the GPU Ray gave the task (it sets CUDA_VISIBLE_DEVICES, so the
     current device is that one) when ``use_gpu``, in ``precision``."""
     from factory.backbones import load_backbone
 
     key = json.dumps([backbone, weights, use_gpu, precision], sort_keys=True, default=str)
     if key not in _MODELS:
-        _MODELS[key] = load_backbone(backbone, weights=weights, s3=s3, device=pick_device(use_gpu),
-                                     dtype=PRECISIONS[precision])
+        _MODELS[key] = load_backbone(
+            backbone, weights=weights, s3=s3, device=pick_device(use_gpu), dtype=PRECISIONS[precision]
+        )
     return _MODELS[key]
 
 
 @ray.remote(max_retries=1)
-def _learn_chunk(backbone: str | dict[str, Any], weights: str | None, s3: S3Options | None,
-                 shared: tuple[list[ConceptData], dict[str, NegativeBank]], chunk_ids: list[str], base: LearnerConfig,
-                 method: str, threads: int, use_gpu: bool = False,
-                 precision: str = "fp32") -> tuple[dict[str, torch.Tensor], float]:
+def _learn_chunk(
+    backbone: str | dict[str, Any],
+    weights: str | None,
+    s3: S3Options | None,
+    shared: tuple[list[ConceptData], dict[str, NegativeBank]],
+    chunk_ids: list[str],
+    base: LearnerConfig,
+    method: str,
+    threads: int,
+    use_gpu: bool = False,
+    precision: str = "fp32",
+) -> tuple[dict[str, torch.Tensor], float]:
     from factory.evaluation.methods import learn_ablation_chunk
 
     torch.set_num_threads(threads)
@@ -62,8 +77,14 @@ def _learn_chunk(backbone: str | dict[str, Any], weights: str | None, s3: S3Opti
     return learn_ablation_chunk(model, chunk, banks, base, method), time.perf_counter() - t0
 
 
-def ray_ablations(backbone: str | dict[str, Any], weights: str | None = None, s3: S3Options | None = None,
-                  threads: int = 1, gpus: float = 0.0, precision: str = "fp32") -> AblationLearner:
+def ray_ablations(
+    backbone: str | dict[str, Any],
+    weights: str | None = None,
+    s3: S3Options | None = None,
+    threads: int = 1,
+    gpus: float = 0.0,
+    precision: str = "fp32",
+) -> AblationLearner:
     """An `AblationLearner` that runs each (ablation, chunk) as a Ray task of ``threads`` CPUs (and torch
     threads) and, with ``gpus`` > 0, that share of a GPU, on which it learns; an ablation's seconds are
     the sum of its chunks' task times. ``precision``: of the tasks' frozen models.
@@ -78,12 +99,15 @@ def ray_ablations(backbone: str | dict[str, Any], weights: str | None = None, s3
     the same chunks against the same negative banks, and each concept's samples come from its own seed,
     whatever process learns it.
     """
+
     def start(chunks: Sequence[Sequence[ConceptData]], base: LearnerConfig, methods: Sequence[str]):
         connect()
         if gpus > 0 and not ray.cluster_resources().get("GPU"):
-            raise DeviceError("the ablation tasks were asked to learn on GPUs (--use-gpu --ray-ablations) but the "
-                              "Ray cluster has none: join a cluster with GPU nodes (RAY_ADDRESS), or drop "
-                              "--ray-ablations to learn them on this process's GPU")
+            raise DeviceError(
+                "the ablation tasks were asked to learn on GPUs (--use-gpu --ray-ablations) but the "
+                "Ray cluster has none: join a cluster with GPU nodes (RAY_ADDRESS), or drop "
+                "--ray-ablations to learn them on this process's GPU"
+            )
         from factory.concepts import negative_banks
 
         data = [c for chunk in chunks for c in chunk]
@@ -92,9 +116,16 @@ def ray_ablations(backbone: str | dict[str, Any], weights: str | None = None, s3
         ids_per_chunk = [[c.concept_id for c in chunk] for chunk in chunks]
         # Submitted now, in the caller's order (the scheduler starts them in that order as CPUs free up);
         # the caller goes on with other work and waits later.
-        refs = [(m, _learn_chunk.options(num_cpus=threads, num_gpus=gpus, name=f"ablation-{m}-{i}").remote(
-            backbone, weights, s3, shared, ids, base, m, threads, gpus > 0, precision))
-                for m in methods for i, ids in enumerate(ids_per_chunk)]
+        refs = [
+            (
+                m,
+                _learn_chunk.options(num_cpus=threads, num_gpus=gpus, name=f"ablation-{m}-{i}").remote(
+                    backbone, weights, s3, shared, ids, base, m, threads, gpus > 0, precision
+                ),
+            )
+            for m in methods
+            for i, ids in enumerate(ids_per_chunk)
+        ]
 
         def wait() -> dict[str, tuple[dict[str, torch.Tensor], float]]:
             tokens: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
@@ -103,7 +134,9 @@ def ray_ablations(backbone: str | dict[str, Any], weights: str | None = None, s3
                 tokens[m].update(learned)
                 seconds[m] += secs
             return {m: (tokens[m], seconds[m]) for m in methods}
+
         return wait
+
     return start
 
 

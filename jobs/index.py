@@ -6,6 +6,7 @@
 With ``append`` the output is a root of index versions (`factory.index.versions`): only the items the
 newest version lacks are read and encoded, and the union is committed as the next, immutable version.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -14,8 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from factory.storage import S3Options
-from factory.storage import absolute_uri
+from factory.storage import S3Options, absolute_uri
 from jobs._ray import connect
 
 
@@ -85,16 +85,30 @@ def build_index(cfg: IndexConfig):
     # No Train workers here: only the encoders ask for GPU shares; a GPU request the cluster cannot hold
     # fails now instead of waiting on resources.
     placement = plan_placement(ray.cluster_resources().get("GPU", 0), 0, cfg.use_gpu, cfg.encoders)
-    decoded = ray.data.from_items(items).map_batches(
-        decode_batch, fn_kwargs={"size": backbone.image.size, "s3": cfg.s3}, batch_size=cfg.batch_size,
-        compute=ray.data.TaskPoolStrategy(size=cfg.decode_tasks),
-    ).materialize()
+    decoded = (
+        ray.data.from_items(items)
+        .map_batches(
+            decode_batch,
+            fn_kwargs={"size": backbone.image.size, "s3": cfg.s3},
+            batch_size=cfg.batch_size,
+            compute=ray.data.TaskPoolStrategy(size=cfg.decode_tasks),
+        )
+        .materialize()
+    )
     # Expressions, not Python lambdas: Ray evaluates them on the Arrow blocks without a row-by-row call.
     bad = decoded.filter(expr=col("error") != "").select_columns(["uri", "error"]).take_all()
     encoded = decoded.filter(expr=col("error") == "").map_batches(
-        CatalogEncoder, fn_constructor_kwargs={"backbone": backbone.to_dict(), "weights": None, "s3": cfg.s3,
-                                               "latents": False, "keep": ("item_id", "uri"), "precision": cfg.precision},
-        batch_size=cfg.batch_size, compute=ray.data.ActorPoolStrategy(size=cfg.encoders),
+        CatalogEncoder,
+        fn_constructor_kwargs={
+            "backbone": backbone.to_dict(),
+            "weights": None,
+            "s3": cfg.s3,
+            "latents": False,
+            "keep": ("item_id", "uri"),
+            "precision": cfg.precision,
+        },
+        batch_size=cfg.batch_size,
+        compute=ray.data.ActorPoolStrategy(size=cfg.encoders),
         **placement.encoder_options,
     )
     ids, uris, feats = [], [], []
@@ -103,8 +117,9 @@ def build_index(cfg: IndexConfig):
         uris += [str(x) for x in batch["uri"]]
         feats.append(batch["features"])
     if not ids and base is None:
-        raise CatalogError(f"every gallery image at {cfg.gallery} was rejected ({len(bad)}; e.g. {bad[0]['uri']}: "
-                           f"{bad[0]['error']})")
+        raise CatalogError(
+            f"every gallery image at {cfg.gallery} was rejected ({len(bad)}; e.g. {bad[0]['uri']}: {bad[0]['error']})"
+        )
     index = base if base is not None else create_index(cfg.backend, int(feats[0].shape[1]))
     if ids:
         index.add(np.concatenate(feats).astype(np.float32), ids, uris)
@@ -113,8 +128,11 @@ def build_index(cfg: IndexConfig):
     else:
         index.save(cfg.out, cfg.s3)
         where = cfg.out
-    print(f"[index] {len(ids)} items encoded, {len(index)} in the index ({len(bad)} rejected) -> {where} "
-          f"[{index.backend}] in {time.perf_counter() - t0:.1f}s", flush=True)
+    print(
+        f"[index] {len(ids)} items encoded, {len(index)} in the index ({len(bad)} rejected) -> {where} "
+        f"[{index.backend}] in {time.perf_counter() - t0:.1f}s",
+        flush=True,
+    )
     for r in bad:
         print(f"  rejected {r['uri']}: {r['error']}")
     return index

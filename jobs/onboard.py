@@ -16,6 +16,7 @@ the worker count, and the evaluation's ablations learn exactly the registry's ch
 benchmarks build one directly. The config, with the run id and the resolved backbone, is printed at the
 start and stored in the version's manifest, so `evaluate` reads back exactly what a run learned with.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -30,8 +31,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from factory.learner_config import LearnerConfig, LossWeights
-from factory.storage import S3Options
-from factory.storage import absolute_uri
+from factory.storage import S3Options, absolute_uri
 from jobs._ray import connect
 from jobs.onboard_train import WorkerConfig
 from schemas import RunReport
@@ -58,8 +58,9 @@ def onboard_micro_batch(use_gpu: bool) -> int | str:
 
 def onboard_learner(use_gpu: bool = False, **changes: Any) -> LearnerConfig:
     """The learner settings onboarding uses by default (`ONBOARD_LEARNER`), with ``changes`` laid over."""
-    base = LearnerConfig(**ONBOARD_LEARNER, weights=LossWeights(**ONBOARD_WEIGHTS),
-                         ti_micro_batch=onboard_micro_batch(use_gpu))
+    base = LearnerConfig(
+        **ONBOARD_LEARNER, weights=LossWeights(**ONBOARD_WEIGHTS), ti_micro_batch=onboard_micro_batch(use_gpu)
+    )
     return dataclasses.replace(base, **changes)
 
 
@@ -137,29 +138,55 @@ def onboard(cfg: OnboardConfig) -> tuple[int, RunReport | None]:
     from jobs.onboard_data import STREAM_ENCODER_CPUS, EncodeSettings, concept_stream, plan_placement
 
     # Before any data moves: a GPU request this cluster cannot hold fails here, in seconds, not as a wait.
-    placement = plan_placement(ray.cluster_resources().get("GPU", 0), cfg.workers, cfg.use_gpu, cfg.encoders,
-                               cfg.cpus_per_worker, STREAM_ENCODER_CPUS)
+    placement = plan_placement(
+        ray.cluster_resources().get("GPU", 0),
+        cfg.workers,
+        cfg.use_gpu,
+        cfg.encoders,
+        cfg.cpus_per_worker,
+        STREAM_ENCODER_CPUS,
+    )
     if placement.capped_from is not None:
-        print(f"[onboard] --workers {placement.capped_from} capped at {placement.workers}: the GPUs Ray sees",
-              flush=True)
+        print(
+            f"[onboard] --workers {placement.capped_from} capped at {placement.workers}: the GPUs Ray sees", flush=True
+        )
     chunks_per_batch = max(1, round(cfg.batch_size / cfg.concepts_per_step))  # Ray Data batches whole chunks
-    encode = EncodeSettings(backbone=backbone.to_dict(), image_size=image_size_for(backbone), s3=cfg.s3,
-                            batch_size=chunks_per_batch, decode_tasks=cfg.decode_tasks, encoders=cfg.encoders,
-                            use_gpu=cfg.use_gpu, precision=cfg.precision)
+    encode = EncodeSettings(
+        backbone=backbone.to_dict(),
+        image_size=image_size_for(backbone),
+        s3=cfg.s3,
+        batch_size=chunks_per_batch,
+        decode_tasks=cfg.decode_tasks,
+        encoders=cfg.encoders,
+        use_gpu=cfg.use_gpu,
+        precision=cfg.precision,
+    )
     # Concepts a previous attempt of this run id staged or skipped are not learned again.
     done = _staged_or_noted(registry.staged(run_id))
     todo = {s.concept_id for s in specs} - done
-    banks, stream, n_chunks = concept_stream(specs, todo, cfg.bank_size, cfg.min_images, cfg.concepts_per_step,
-                                             encode)
+    banks, stream, n_chunks = concept_stream(specs, todo, cfg.bank_size, cfg.min_images, cfg.concepts_per_step, encode)
     stages["banks"] = time.perf_counter() - t0
-    print(f"[onboard] {len(specs)} concepts ({len(specs) - len(todo)} done by an earlier attempt), "
-          f"banks of {sum(len(b.owners) for b in banks.values())} images over {len(banks)} parents", flush=True)
+    print(
+        f"[onboard] {len(specs)} concepts ({len(specs) - len(todo)} done by an earlier attempt), "
+        f"banks of {sum(len(b.owners) for b in banks.values())} images over {len(banks)} parents",
+        flush=True,
+    )
 
     t0 = time.perf_counter()
     if todo:
-        worker = WorkerConfig(run_id=run_id, registry=cfg.registry, backbone=encode.backbone, precision=cfg.precision,
-                              learner=cfg.learner, job_config=job_config, min_images=cfg.min_images,
-                              threads=cfg.threads_per_worker, use_gpu=cfg.use_gpu, banks=ray.put(banks), s3=cfg.s3)
+        worker = WorkerConfig(
+            run_id=run_id,
+            registry=cfg.registry,
+            backbone=encode.backbone,
+            precision=cfg.precision,
+            learner=cfg.learner,
+            job_config=job_config,
+            min_images=cfg.min_images,
+            threads=cfg.threads_per_worker,
+            use_gpu=cfg.use_gpu,
+            banks=ray.put(banks),
+            s3=cfg.s3,
+        )
         _train(cfg, placement, worker, stream, len(todo), n_chunks, registry)
     stages["encode_train"] = time.perf_counter() - t0
 
@@ -186,16 +213,22 @@ def _train(cfg: OnboardConfig, placement, worker: WorkerConfig, stream, n_concep
     workers = max(1, min(placement.workers, n_chunks))
     trainer = TorchTrainer(
         # Ray Train wants a dict here: it holds the one typed, picklable worker config (`WorkerConfig.of`).
-        learn_stream, train_loop_config=worker.train_loop_config(),
+        learn_stream,
+        train_loop_config=worker.train_loop_config(),
         # gloo whatever the device: the workers are independent and never run a collective, so NCCL (Ray's
         # choice for GPU workers) would only build communicators on every GPU, and cannot start without CUDA.
         torch_config=TorchConfig(backend="gloo"),
-        datasets={"concepts": stream}, dataset_config=every_row_data_config(),
+        datasets={"concepts": stream},
+        dataset_config=every_row_data_config(),
         # With use_gpu, a fraction of a GPU per worker: the rest is an encoder actor's (`plan_placement`).
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=cfg.use_gpu,
-                                     resources_per_worker=placement.worker_resources),
-        run_config=RunConfig(name=f"onboard-{worker.run_id}", storage_path=os.path.abspath("build/ray_results"),
-                             failure_config=FailureConfig(max_failures=cfg.max_failures)),
+        scaling_config=ScalingConfig(
+            num_workers=workers, use_gpu=cfg.use_gpu, resources_per_worker=placement.worker_resources
+        ),
+        run_config=RunConfig(
+            name=f"onboard-{worker.run_id}",
+            storage_path=os.path.abspath("build/ray_results"),
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+        ),
     )
     outcome: dict = {}
     thread = threading.Thread(target=lambda: outcome.update(result=_fit(trainer)), daemon=True)
@@ -278,23 +311,31 @@ def _commit(registry, run_id, job_config, specs, started, stages):
     skipped, rejected, workers = _notes(staged)
     missing = {s.concept_id for s in specs} - {r.concept_id for r in learned} - set(skipped)
     if missing:
-        raise RuntimeError(f"{len(missing)} concepts were neither learned nor skipped (e.g. {sorted(missing)[:5]}); "
-                           f"rerun with --run-id {run_id} to resume")
+        raise RuntimeError(
+            f"{len(missing)} concepts were neither learned nor skipped (e.g. {sorted(missing)[:5]}); "
+            f"rerun with --run-id {run_id} to resume"
+        )
     if not learned:
         raise RuntimeError(f"no concept could be learned: {len(skipped)} skipped; see the report")
     # The report is complete before the commit, so the copy stored in the manifest is the whole report.
     report = RunReport(
-        run_id=run_id, started_at=started, concepts_requested=len(specs),
+        run_id=run_id,
+        started_at=started,
+        concepts_requested=len(specs),
         skipped=[SkippedConcept(concept_id=c, reason=r) for c, r in sorted(skipped.items())],
         images_read=sum(len(s.image_uris) for s in specs),
         images_rejected=[RejectedImage(uri=u, reason=r) for u, r in rejected],
-        stage_seconds={**stages, "commit": time.perf_counter() - t0}, config=job_config,
-        concepts_learned=len(learned), concept_metrics={r.concept_id: r.metrics for r in learned},
-        workers=workers, finished_at=datetime.now(timezone.utc),
+        stage_seconds={**stages, "commit": time.perf_counter() - t0},
+        config=job_config,
+        concepts_learned=len(learned),
+        concept_metrics={r.concept_id: r.metrics for r in learned},
+        workers=workers,
+        finished_at=datetime.now(timezone.utc),
     )
     first = learned[0]  # the writer's backbone fields are what the workers staged
     version = registry.begin(run_id, first.backbone, first.backbone_fingerprint, job_config).commit(
-        report=report.model_dump(mode="json"))
+        report=report.model_dump(mode="json")
+    )
     return version, report
 
 
@@ -318,9 +359,13 @@ def _print_summary(report, version) -> None:
     table = Table(title=f"onboarding run {report.run_id} -> registry version {version}")
     table.add_column("what")
     table.add_column("count", justify="right")
-    for k, v in [("concepts requested", report.concepts_requested), ("concepts learned", report.concepts_learned),
-                 ("concepts skipped", len(report.skipped)), ("images read", report.images_read),
-                 ("images rejected", len(report.images_rejected))]:
+    for k, v in [
+        ("concepts requested", report.concepts_requested),
+        ("concepts learned", report.concepts_learned),
+        ("concepts skipped", len(report.skipped)),
+        ("images read", report.images_read),
+        ("images rejected", len(report.images_rejected)),
+    ]:
         table.add_row(k, str(v))
     for k, v in report.stage_seconds.items():
         table.add_row(f"{k} seconds", f"{v:.1f}")
@@ -334,5 +379,12 @@ def _print_summary(report, version) -> None:
         print(f"  rejected {r.uri}: {r.reason}")
 
 
-__all__ = ["ONBOARD_LEARNER", "ONBOARD_WEIGHTS", "OnboardConfig", "onboard", "onboard_learner", "onboard_micro_batch",
-           "steady_rate"]
+__all__ = [
+    "ONBOARD_LEARNER",
+    "ONBOARD_WEIGHTS",
+    "OnboardConfig",
+    "onboard",
+    "onboard_learner",
+    "onboard_micro_batch",
+    "steady_rate",
+]

@@ -14,6 +14,7 @@ Bad images (corrupt, truncated, empty, too large, missing) are listed with a rea
 so they are reported, never fatal. The encoders are callable classes: each actor loads the backbone once.
 The per-image `decode_batch` and `CatalogEncoder` serve `tokenfactory index`, which has no concepts.
 """
+
 from __future__ import annotations
 
 import io
@@ -43,9 +44,17 @@ def decode_batch(batch: dict, size: int, s3: S3Options | None) -> dict:
 class CatalogEncoder:
     """Ray Data actor: CLIP features and diffusion latents of decoded images."""
 
-    def __init__(self, backbone: str | dict, weights: str | None, s3: S3Options | None, threads: int = 1,
-                 latents: bool = True, keep: tuple[str, ...] = ("concept_id", "parent"), precision: str = "fp32",
-                 thumbnails: bool = False):
+    def __init__(
+        self,
+        backbone: str | dict,
+        weights: str | None,
+        s3: S3Options | None,
+        threads: int = 1,
+        latents: bool = True,
+        keep: tuple[str, ...] = ("concept_id", "parent"),
+        precision: str = "fp32",
+        thumbnails: bool = False,
+    ):
         import torch
 
         from factory.backbones import PRECISIONS, load_backbone
@@ -113,8 +122,10 @@ def actor_device(ray_gave_gpu: bool, cuda_device, stand_in: bool = False):
         return torch.device(cuda_device)
     if stand_in:
         return torch.device("cpu")
-    raise DeviceError("Ray gave this worker a GPU but torch sees none (no CUDA driver, or a CPU build of torch): "
-                      "fix the node's CUDA setup or drop --use-gpu")
+    raise DeviceError(
+        "Ray gave this worker a GPU but torch sees none (no CUDA driver, or a CPU build of torch): "
+        "fix the node's CUDA setup or drop --use-gpu"
+    )
 
 
 # The GPU share of one encoder actor under --use-gpu; a Train worker takes the rest of its GPU (1 - this).
@@ -147,8 +158,14 @@ class Placement:
     capped_from: int | None = None  # the --workers asked for, when the GPUs capped it
 
 
-def plan_placement(gpus: float, workers: int, use_gpu: bool, encoders: int = 1,
-                   cpus_per_worker: float | None = None, encoder_cpus: float | None = None) -> Placement:
+def plan_placement(
+    gpus: float,
+    workers: int,
+    use_gpu: bool,
+    encoders: int = 1,
+    cpus_per_worker: float | None = None,
+    encoder_cpus: float | None = None,
+) -> Placement:
     """The resources of ``workers`` Train workers and ``encoders`` encoder actors on a cluster of ``gpus``
     GPUs (`ray.cluster_resources()["GPU"]`): a pure function, so the rule is tested without a cluster.
 
@@ -166,18 +183,23 @@ def plan_placement(gpus: float, workers: int, use_gpu: bool, encoders: int = 1,
         return Placement(workers, cpu, encoder_options(False, encoder_cpus))
     n = int(gpus + 1e-9)  # a cluster's GPU total is whole; the epsilon only guards a float sum
     if n < 1:
-        raise DeviceError(f"--use-gpu was given but the Ray cluster has no GPU (cluster resources: GPU={gpus:g}): "
-                          "drop --use-gpu, or start Ray on GPU nodes (`ray start --num-gpus N`)")
+        raise DeviceError(
+            f"--use-gpu was given but the Ray cluster has no GPU (cluster resources: GPU={gpus:g}): "
+            "drop --use-gpu, or start Ray on GPU nodes (`ray start --num-gpus N`)"
+        )
     placed = min(workers, n)
     per_free_gpu = int(1 / ENCODER_GPU_SHARE + 1e-9)
     room = placed + (n - placed) * per_free_gpu
     if encoders > room:
-        raise DeviceError(f"{encoders} encoder actors at {ENCODER_GPU_SHARE:g} GPU each do not fit beside {placed} "
-                          f"Train worker(s) at {1 - ENCODER_GPU_SHARE:g} GPU each on {n} GPU(s): at most {room}; "
-                          "lower --encoders (or --workers)")
+        raise DeviceError(
+            f"{encoders} encoder actors at {ENCODER_GPU_SHARE:g} GPU each do not fit beside {placed} "
+            f"Train worker(s) at {1 - ENCODER_GPU_SHARE:g} GPU each on {n} GPU(s): at most {room}; "
+            "lower --encoders (or --workers)"
+        )
     resources = {**cpu, "GPU": round(1 - ENCODER_GPU_SHARE, 6)} if placed else cpu
-    return Placement(placed, resources, encoder_options(True, encoder_cpus),
-                     capped_from=workers if placed < workers else None)
+    return Placement(
+        placed, resources, encoder_options(True, encoder_cpus), capped_from=workers if placed < workers else None
+    )
 
 
 def chunk_rows(chunks) -> list[dict]:
@@ -185,9 +207,15 @@ def chunk_rows(chunks) -> list[dict]:
     chunk is the unit the learner's image-side CE couples, so it is formed once, here, from the catalog
     alone, and the same catalog and C give the same chunks (and tokens) whatever the worker count or the
     order in which the stream reaches the workers. Per-concept fields are JSON lists in chunk order."""
-    return [{"chunk": chunk[0].concept_id, "concept_id": json.dumps([s.concept_id for s in chunk]),
-             "parent": json.dumps([s.parent for s in chunk]),
-             "uris": json.dumps([list(s.image_uris) for s in chunk])} for chunk in chunks]
+    return [
+        {
+            "chunk": chunk[0].concept_id,
+            "concept_id": json.dumps([s.concept_id for s in chunk]),
+            "parent": json.dumps([s.parent for s in chunk]),
+            "uris": json.dumps([list(s.image_uris) for s in chunk]),
+        }
+        for chunk in chunks
+    ]
 
 
 def pack_many(arrays: list[np.ndarray]) -> bytes:
@@ -222,16 +250,28 @@ def decode_chunks(batch: dict, size: int, s3: S3Options | None) -> dict:
             bad_per_concept.append(bad)
         images.append(pack_many(per_concept))
         rejected.append(json.dumps(bad_per_concept))
-    return {"chunk": batch["chunk"], "concept_id": batch["concept_id"], "parent": batch["parent"],
-            "images": np.array(images, dtype=object), "rejected": np.array(rejected, dtype=object)}
+    return {
+        "chunk": batch["chunk"],
+        "concept_id": batch["concept_id"],
+        "parent": batch["parent"],
+        "images": np.array(images, dtype=object),
+        "rejected": np.array(rejected, dtype=object),
+    }
 
 
 class ChunkEncoder(CatalogEncoder):
     """Ray Data actor: a batch of decoded chunks -> per concept packed features, latents and a few
     thumbnails. All images of the batch go through the encoders together (one forward pass)."""
 
-    def __init__(self, backbone: str | dict, s3: S3Options | None, precision: str = "fp32", latents: bool = True,
-                 thumbnails: bool = True, threads: int = 1):
+    def __init__(
+        self,
+        backbone: str | dict,
+        s3: S3Options | None,
+        precision: str = "fp32",
+        latents: bool = True,
+        thumbnails: bool = True,
+        threads: int = 1,
+    ):
         super().__init__(backbone, None, s3, threads=threads, latents=latents, precision=precision)
         self.with_thumbnails = thumbnails
 
@@ -244,8 +284,9 @@ class ChunkEncoder(CatalogEncoder):
         flat = [x for chunk in chunks for x in chunk]
         feats = lats = None
         if sum(len(x) for x in flat):
-            feats, lats = encode_images(self.backbone, np.concatenate([x for x in flat if len(x)]),
-                                        latents=self.latents)
+            feats, lats = encode_images(
+                self.backbone, np.concatenate([x for x in flat if len(x)]), latents=self.latents
+            )
         out = {k: [] for k in ("features", "latents", "thumbnails")}
         start = 0
         for chunk in chunks:
@@ -259,8 +300,13 @@ class ChunkEncoder(CatalogEncoder):
             out["features"].append(pack_many(f))
             out["latents"].append(pack_many(lat) if lats is not None else b"")
             out["thumbnails"].append(json.dumps(thumbs))
-        return {"chunk": batch["chunk"], "concept_id": batch["concept_id"], "parent": batch["parent"],
-                "rejected": batch["rejected"], **{k: np.array(v, dtype=object) for k, v in out.items()}}
+        return {
+            "chunk": batch["chunk"],
+            "concept_id": batch["concept_id"],
+            "parent": batch["parent"],
+            "rejected": batch["rejected"],
+            **{k: np.array(v, dtype=object) for k, v in out.items()},
+        }
 
 
 @dataclass(eq=False)  # holds arrays: compared by identity
@@ -284,8 +330,12 @@ class EncodedConcept:
             lat = bytes(batch["latents"][i])
             lats = unpack_many(lat) if lat else [None] * len(ids)
             thumbs, rejected = json.loads(str(batch["thumbnails"][i])), json.loads(str(batch["rejected"][i]))
-            out.append([cls(cid, parent, f, lt if lt is not None and len(f) else None, th, [tuple(r) for r in rj])
-                        for cid, parent, f, lt, th, rj in zip(ids, parents, feats, lats, thumbs, rejected)])
+            out.append(
+                [
+                    cls(cid, parent, f, lt if lt is not None and len(f) else None, th, [tuple(r) for r in rj])
+                    for cid, parent, f, lt, th, rj in zip(ids, parents, feats, lats, thumbs, rejected)
+                ]
+            )
         return out
 
     def to_concept_data(self):
@@ -295,8 +345,12 @@ class EncodedConcept:
         from factory.learner import ConceptData
 
         # A copy: arrays that come out of Ray's object store are read-only views.
-        return ConceptData(self.concept_id, self.parent, torch.tensor(np.asarray(self.features)),
-                           None if self.latents is None else torch.tensor(np.asarray(self.latents)))
+        return ConceptData(
+            self.concept_id,
+            self.parent,
+            torch.tensor(np.asarray(self.features)),
+            None if self.latents is None else torch.tensor(np.asarray(self.latents)),
+        )
 
 
 STREAM_DECODE_CPUS = 0.25  # per decode task (I/O and PNG decoding)
@@ -328,16 +382,28 @@ def encoded_chunks(chunks, encode: EncodeSettings):
     # Fractional CPUs: this pipeline runs *beside* the Train workers that consume it. Whole-CPU tasks
     # and actors would leave a small node no CPU for the decode tasks once the encoder actor and the
     # workers hold theirs, and the stream would stall (measured: a 2-CPU node deadlocked).
-    return ray.data.from_items(chunk_rows(chunks)).map_batches(
-        decode_chunks, fn_kwargs={"size": encode.image_size, "s3": encode.s3}, batch_size=encode.batch_size,
-        compute=ray.data.TaskPoolStrategy(size=encode.decode_tasks),
-        num_cpus=STREAM_DECODE_CPUS,
-    ).map_batches(
-        ChunkEncoder, fn_constructor_kwargs={"backbone": encode.backbone, "s3": encode.s3,
-                                             "precision": encode.precision, "latents": encode.latents,
-                                             "thumbnails": encode.thumbnails},
-        batch_size=encode.batch_size, compute=ray.data.ActorPoolStrategy(size=encode.encoders),
-        **encoder_options(encode.use_gpu, STREAM_ENCODER_CPUS),
+    return (
+        ray.data.from_items(chunk_rows(chunks))
+        .map_batches(
+            decode_chunks,
+            fn_kwargs={"size": encode.image_size, "s3": encode.s3},
+            batch_size=encode.batch_size,
+            compute=ray.data.TaskPoolStrategy(size=encode.decode_tasks),
+            num_cpus=STREAM_DECODE_CPUS,
+        )
+        .map_batches(
+            ChunkEncoder,
+            fn_constructor_kwargs={
+                "backbone": encode.backbone,
+                "s3": encode.s3,
+                "precision": encode.precision,
+                "latents": encode.latents,
+                "thumbnails": encode.thumbnails,
+            },
+            batch_size=encode.batch_size,
+            compute=ray.data.ActorPoolStrategy(size=encode.encoders),
+            **encoder_options(encode.use_gpu, STREAM_ENCODER_CPUS),
+        )
     )
 
 
@@ -377,7 +443,8 @@ def banks_of(sample, min_images: int) -> dict:
 
     feats, owners = {}, {}
     for batch in sample.select_columns(["chunk", "concept_id", "parent", "features"]).iter_batches(
-            batch_size=None, batch_format="numpy"):
+        batch_size=None, batch_format="numpy"
+    ):
         for ids, parents, packed in zip(batch["concept_id"], batch["parent"], batch["features"]):
             for cid, parent, f in zip(json.loads(str(ids)), json.loads(str(parents)), unpack_many(bytes(packed))):
                 if len(f) < max(1, min_images):
@@ -387,8 +454,9 @@ def banks_of(sample, min_images: int) -> dict:
     return {p: NegativeBank(torch.cat(f), owners[p]) for p, f in feats.items()}
 
 
-def concept_stream(specs, todo_ids: set[str], bank_size: int, min_images: int, concepts_per_step: int,
-                   encode: EncodeSettings):
+def concept_stream(
+    specs, todo_ids: set[str], bank_size: int, min_images: int, concepts_per_step: int, encode: EncodeSettings
+):
     """(banks, the Ray Dataset of the chunks to learn, how many chunks it holds). Chunks are formed once from
     the whole catalog (`chunks_by_parent`), so a resumed run learns the same chunks as an uninterrupted one; a chunk is
     streamed while any of its concepts is still to do (the workers drop the done ones). The bank sample

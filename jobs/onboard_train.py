@@ -7,6 +7,7 @@ a worker holds its backbone, the banks and one chunk. Concepts already staged fo
 skipped (a restarted worker or job resumes, and nothing is learned twice); tokens are staged after
 every chunk, with a note of that chunk's skipped concepts and rejected images for the run report.
 """
+
 from __future__ import annotations
 
 import resource
@@ -49,8 +50,9 @@ class WorkerConfig:
         """The worker config inside Ray Train's ``train_loop_config`` (`train_loop_config`)."""
         worker = train_loop_config.get(WORKER_KEY)
         if not isinstance(worker, cls):
-            raise TypeError(f"train_loop_config must be {{{WORKER_KEY!r}: WorkerConfig}}, got keys "
-                            f"{sorted(train_loop_config)}")
+            raise TypeError(
+                f"train_loop_config must be {{{WORKER_KEY!r}: WorkerConfig}}, got keys {sorted(train_loop_config)}"
+            )
         return worker
 
 
@@ -135,8 +137,9 @@ def learn_stream(config: dict) -> None:
     torch.set_num_threads(max(1, int(cfg.threads)))
     device = worker_device(cfg.use_gpu)
     backbone = worker_backbone(cfg.backbone, cfg.s3, cfg.precision, device)
-    writer = TokenRegistry(cfg.registry, cfg.s3).begin(cfg.run_id, backbone.name, backbone.fingerprint(),
-                                                       cfg.job_config)
+    writer = TokenRegistry(cfg.registry, cfg.s3).begin(
+        cfg.run_id, backbone.name, backbone.fingerprint(), cfg.job_config
+    )
     banks = ray.get(cfg.banks)
     learner = cfg.learner
     done = writer.staged_concept_ids()
@@ -158,8 +161,16 @@ def learn_stream(config: dict) -> None:
         for encoded in EncodedConcept.chunks_of(batch):
             learn(*triage(encoded, cfg.min_images, done), n)
             n += 1
-    stats = {"rank": rank, "attempt": attempt, "started": t_start, "finished": time.time(),
-             "peak_rss_mb": peak_rss_mb(), "concepts": sum(n for _, n in chunks), "chunks": chunks,
-             "device": str(device), "gpu_ids": [str(g) for g in ray.get_gpu_ids()]}
+    stats = {
+        "rank": rank,
+        "attempt": attempt,
+        "started": t_start,
+        "finished": time.time(),
+        "peak_rss_mb": peak_rss_mb(),
+        "concepts": sum(n for _, n in chunks),
+        "chunks": chunks,
+        "device": str(device),
+        "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+    }
     writer.write_note(f"{attempt}-end", {"skipped": {}, "rejected": [], "worker": stats})
     ray.train.report({"rank": rank, "learned": stats["concepts"], "peak_rss_mb": stats["peak_rss_mb"]})

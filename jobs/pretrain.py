@@ -12,6 +12,7 @@ On GPUs (``use_gpu``): bf16 autocast by default (``precision``), gradients avera
 one flat all-reduce per 25 MiB bucket (`factory.pretrain.average_gradients`), checkpoints read onto the
 CPU whatever device wrote them. The recipe sized for one H200 is in ``docs/pretrain-gpu.md``.
 """
+
 from __future__ import annotations
 
 import io
@@ -83,8 +84,10 @@ def check_gpus(use_gpu: bool, workers: int, cluster_gpus: float) -> None:
     from factory.errors import DeviceError
 
     if use_gpu and cluster_gpus < workers:
-        raise DeviceError(f"--use-gpu with --workers {workers} needs {workers} GPUs, but the Ray cluster has "
-                          f"{cluster_gpus:g}: lower --workers, or run on a node with more GPUs")
+        raise DeviceError(
+            f"--use-gpu with --workers {workers} needs {workers} GPUs, but the Ray cluster has "
+            f"{cluster_gpus:g}: lower --workers, or run on a node with more GPUs"
+        )
 
 
 def _train_loop(config: dict) -> None:
@@ -141,8 +144,9 @@ def _load_state(trainer, stage: str, ckpt_uri: str) -> None:
         trainer.load_state_dict(read_checkpoint(storage.read_bytes(ckpt_uri)))
 
 
-def _run_stage(backbone, stage: dict, config: dict, rank: int, grad_sync, deadline: float,
-               world: int = 1, agree=None) -> bool:
+def _run_stage(
+    backbone, stage: dict, config: dict, rank: int, grad_sync, deadline: float, world: int = 1, agree=None
+) -> bool:
     """Train one stage to its step count (or the deadline); True when the stage is complete."""
     import ray.train
     import torch
@@ -153,9 +157,15 @@ def _run_stage(backbone, stage: dict, config: dict, rank: int, grad_sync, deadli
 
     name, out = stage["stage"], config["out"]
     clip = name == "clip"
-    cfg = PretrainConfig(stage=name, steps=stage["steps"], batch_size=config["batch_size"], lr=stage["lr"],
-                         towers=config["clip_towers"] if clip else "both", seed=config["seed"],
-                         precision=config["precision"])
+    cfg = PretrainConfig(
+        stage=name,
+        steps=stage["steps"],
+        batch_size=config["batch_size"],
+        lr=stage["lr"],
+        towers=config["clip_towers"] if clip else "both",
+        seed=config["seed"],
+        precision=config["precision"],
+    )
     batches = world_batches(config["image_size"], 0.3 if clip else 0.0, config["group_size"] if clip else 1)
     trainer = Pretrainer(backbone, cfg, batches, grad_sync=grad_sync, rank=rank)
     ckpt_uri = storage.join(out, "checkpoints", f"{name}.pt")
@@ -173,8 +183,11 @@ def _run_stage(backbone, stage: dict, config: dict, rank: int, grad_sync, deadli
             break  # the deadline came before this chunk's first step: nothing new to checkpoint
         metrics["wall_s"] = time.time() - t_start
         eta = (cfg.steps - trainer.step) / max(metrics["steps_per_s"], 1e-9)
-        print(f"[pretrain {name}] step {trainer.step}/{cfg.steps} loss {metrics['loss']:.4f} "
-              f"{metrics['steps_per_s']:.2f} steps/s eta {eta / 60:.1f} min", flush=True)
+        print(
+            f"[pretrain {name}] step {trainer.step}/{cfg.steps} loss {metrics['loss']:.4f} "
+            f"{metrics['steps_per_s']:.2f} steps/s eta {eta / 60:.1f} min",
+            flush=True,
+        )
         with tempfile.TemporaryDirectory() as d:
             if rank == 0:
                 buf = io.BytesIO()
@@ -184,8 +197,9 @@ def _run_stage(backbone, stage: dict, config: dict, rank: int, grad_sync, deadli
                     f.write(buf.getvalue())
                 old = storage.read_bytes(log_uri).decode() if storage.exists(log_uri) else ""
                 storage.write_bytes(log_uri, (old + json.dumps({"stage": name, **metrics}) + "\n").encode())
-            ray.train.report({"stage": name, **metrics},
-                             checkpoint=ray.train.Checkpoint.from_directory(d) if rank == 0 else None)
+            ray.train.report(
+                {"stage": name, **metrics}, checkpoint=ray.train.Checkpoint.from_directory(d) if rank == 0 else None
+            )
     if trainer.step < cfg.steps:
         return False
     trainer.finish()
@@ -236,9 +250,11 @@ class PretrainJobConfig:
         if self.precision is None:
             self.precision = default_precision(self.use_gpu)
         if self.precision not in PRETRAIN_PRECISIONS:  # before Ray starts, not in a worker
-            raise ConfigError(f"pretraining precision must be one of {list(PRETRAIN_PRECISIONS)}, got "
-                              f"{self.precision!r}" + (" (fp16 would need loss scaling; use bf16)"
-                                                       if self.precision == "fp16" else ""))
+            raise ConfigError(
+                f"pretraining precision must be one of {list(PRETRAIN_PRECISIONS)}, got "
+                f"{self.precision!r}"
+                + (" (fp16 would need loss scaling; use bf16)" if self.precision == "fp16" else "")
+            )
         self.out, self.init = absolute_uri(self.out), absolute_uri(self.init)  # Ray workers run elsewhere
 
 
@@ -253,23 +269,44 @@ def pretrain(cfg: PretrainJobConfig) -> None:
     connect(dashboard=True)
     check_gpus(cfg.use_gpu, cfg.workers, ray.cluster_resources().get("GPU", 0))
     names = ["clip", "unet"] if cfg.stage == "all" else [cfg.stage]
-    stages = [{"stage": n, "steps": cfg.clip_steps if n == "clip" else cfg.unet_steps,
-               "lr": cfg.clip_lr if n == "clip" else cfg.unet_lr} for n in names]
+    stages = [
+        {
+            "stage": n,
+            "steps": cfg.clip_steps if n == "clip" else cfg.unet_steps,
+            "lr": cfg.clip_lr if n == "clip" else cfg.unet_lr,
+        }
+        for n in names
+    ]
     init = cfg.init or storage.join(cfg.out, "model.safetensors")
     cpus = cfg.cpus_per_worker or max(1.0, (os.cpu_count() or 1) / cfg.workers)
-    config = dict(backbone=cfg.backbone, stages=stages, out=cfg.out, init=init, batch_size=cfg.batch_size,
-                  checkpoint_every=cfg.checkpoint_every, seed=cfg.seed, image_size=cfg.image_size,
-                  max_minutes=cfg.max_minutes, use_gpu=cfg.use_gpu, precision=cfg.precision, threads=cpus,
-                  clip_towers=cfg.clip_towers, group_size=cfg.group_size)
+    config = dict(
+        backbone=cfg.backbone,
+        stages=stages,
+        out=cfg.out,
+        init=init,
+        batch_size=cfg.batch_size,
+        checkpoint_every=cfg.checkpoint_every,
+        seed=cfg.seed,
+        image_size=cfg.image_size,
+        max_minutes=cfg.max_minutes,
+        use_gpu=cfg.use_gpu,
+        precision=cfg.precision,
+        threads=cpus,
+        clip_towers=cfg.clip_towers,
+        group_size=cfg.group_size,
+    )
     print("[pretrain] config:", json.dumps(config, sort_keys=True), flush=True)
     storage_path = os.path.join(cfg.out, "ray") if "://" not in cfg.out else tempfile.mkdtemp()
     trainer = TorchTrainer(
-        _train_loop, train_loop_config=config,
-        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
-                                     resources_per_worker={"CPU": cpus}),
-        run_config=RunConfig(name=f"pretrain-{cfg.backbone}", storage_path=storage_path,
-                             failure_config=FailureConfig(max_failures=2),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+        _train_loop,
+        train_loop_config=config,
+        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": cpus}),
+        run_config=RunConfig(
+            name=f"pretrain-{cfg.backbone}",
+            storage_path=storage_path,
+            failure_config=FailureConfig(max_failures=2),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
     )
     trainer.fit()
 

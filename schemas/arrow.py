@@ -101,9 +101,7 @@ def from_arrow(table: pa.Table, model_cls: type[M]) -> list[M]:
     schema = arrow_schema(model_cls)
     present = [f.name for f in schema if f.name in table.column_names]
     missing = [
-        f.name
-        for f in schema
-        if f.name not in table.column_names and model_cls.model_fields[f.name].is_required()
+        f.name for f in schema if f.name not in table.column_names and model_cls.model_fields[f.name].is_required()
     ]
     if missing:
         raise ValueError(f"table for {model_cls.__name__} lacks required columns: {missing}")
@@ -115,4 +113,3 @@ def from_arrow(table: pa.Table, model_cls: type[M]) -> list[M]:
                 row[name] = dict(row[name])
         out.append(model_cls.model_validate(row))
     return out
-

@@ -76,9 +76,7 @@ def concepts_from_rows(rows: Iterable[CatalogRow]) -> list[ConceptSpec]:
             {"parent": row.parent, "fewshot": [], "heldout": [], "attributes": {}, "caption": None},
         )
         if g["parent"] != row.parent:
-            raise ValueError(
-                f"concept {row.concept_id!r} has inconsistent parents: {g['parent']!r} and {row.parent!r}"
-            )
+            raise ValueError(f"concept {row.concept_id!r} has inconsistent parents: {g['parent']!r} and {row.parent!r}")
         for key, value in row.attributes.items():
             seen = g["attributes"].setdefault(key, value)
             if seen != value:

@@ -25,6 +25,7 @@ features and queries, which the evaluation re-ranks with) and meets JSON only at
 Encoding PNGs in the method would cost every evaluation query an encode nobody reads, and decode again
 for the figures.
 """
+
 from __future__ import annotations
 
 import base64
@@ -37,7 +38,14 @@ from typing import Annotated, Any, Literal, get_args
 
 import numpy as np
 from pydantic import (
-    BaseModel, ConfigDict, Field, PlainSerializer, Strict, StrictInt, WithJsonSchema, field_validator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    Strict,
+    StrictInt,
+    WithJsonSchema,
+    field_validator,
     model_validator,
 )
 from pydantic.dataclasses import dataclass
@@ -89,20 +97,29 @@ class GairOptions:
     steps: StrictInt = Field(default=20, description="DDIM steps per preview")
     guidance: Real = Field(default=4.0, description="classifier-free guidance of the previews (1: none)")
     seed: StrictInt = Field(default=0, description="the previews' noise; every α starts from the same")
-    expand: Real = Field(default=0.0, ge=0.0,
-                         description="weight of the chosen α's previews' mean image feature added to the query "
-                                     "(0: off)")
-    rule: Rule = Field(default="retrieval", description=(
-        "auto: 'retrieval' keeps the α whose top item looks most like the concept while matching the intent "
-        "within intent_margin; 'object' the same, measured against the concept's look-alikes (same parent) so "
-        "its scenes cancel; 'previews' balances the previews' scores"))
-    intent_margin: Real = Field(default=DEFAULT_INTENT_MARGIN,
-                                description="the retrieval rule's intent tolerance (cosine)")
-    refine: StrictInt = Field(default=0, description="auto: bisection rounds around the kept α (each adds up to "
-                                                     "two α)")
-    previews_for: PreviewsFor = Field(default="every", description=(
-        "render previews for every α searched, or only the chosen one (the retrieval rule decides without "
-        "them)"))
+    expand: Real = Field(
+        default=0.0,
+        ge=0.0,
+        description="weight of the chosen α's previews' mean image feature added to the query (0: off)",
+    )
+    rule: Rule = Field(
+        default="retrieval",
+        description=(
+            "auto: 'retrieval' keeps the α whose top item looks most like the concept while matching the intent "
+            "within intent_margin; 'object' the same, measured against the concept's look-alikes (same parent) so "
+            "its scenes cancel; 'previews' balances the previews' scores"
+        ),
+    )
+    intent_margin: Real = Field(
+        default=DEFAULT_INTENT_MARGIN, description="the retrieval rule's intent tolerance (cosine)"
+    )
+    refine: StrictInt = Field(default=0, description="auto: bisection rounds around the kept α (each adds up to two α)")
+    previews_for: PreviewsFor = Field(
+        default="every",
+        description=(
+            "render previews for every α searched, or only the chosen one (the retrieval rule decides without them)"
+        ),
+    )
 
     @field_validator("alphas", mode="before")
     @classmethod
@@ -147,8 +164,9 @@ class GairOptions:
     @model_validator(mode="after")
     def _previews_rule_sees_every_alpha(self) -> GairOptions:
         if self.rule == "previews" and self._searches() and (self.previews == 0 or self.previews_for != "every"):
-            raise ValueError("the previews rule decides on every α's previews: it needs previews >= 1 and "
-                             "previews_for='every'")
+            raise ValueError(
+                "the previews rule decides on every α's previews: it needs previews >= 1 and previews_for='every'"
+            )
         return self
 
     def _searches(self) -> bool:
@@ -166,10 +184,12 @@ class GairRequest(GairOptions):
     top_k: StrictInt = Field(default=10, description="items in the ranking")
     mode: Mode = Field(default="auto", description="'auto': search the α schedule; 'manual': use alpha")
     alpha: Real | None = Field(default=None, ge=0.0, le=1.0, description="manual: the α to use")
-    expand_with: list[StrictInt] | None = Field(default=None, description="which previews of the chosen α "
-                                                "expand adds (default: all of them)")
-    template: str | None = Field(default=None, description="the query with one {concept} slot; default "
-                                 "'a photo of {concept} <intent>'")
+    expand_with: list[StrictInt] | None = Field(
+        default=None, description="which previews of the chosen α expand adds (default: all of them)"
+    )
+    template: str | None = Field(
+        default=None, description="the query with one {concept} slot; default 'a photo of {concept} <intent>'"
+    )
 
     @field_validator("concept_ids")
     @classmethod
@@ -182,8 +202,9 @@ class GairRequest(GairOptions):
     @classmethod
     def _plain_intent(cls, v: str) -> str:
         if _MARKER_START.search(v):
-            raise PydanticCustomError("malformed_marker",
-                                      "the intent must be plain words: concept markers belong in concept_ids")
+            raise PydanticCustomError(
+                "malformed_marker", "the intent must be plain words: concept markers belong in concept_ids"
+            )
         return v
 
     @field_validator("top_k")
@@ -269,8 +290,11 @@ def png_base64(images: np.ndarray) -> list[str]:
 
 Hits = Annotated[list[Hit], PlainSerializer(_hits_json, return_type=list[HitJson], when_used="json")]
 Score = Annotated[float, PlainSerializer(_finite, return_type=float | None, when_used="json")]
-Previews = Annotated[np.ndarray, PlainSerializer(png_base64, return_type=list[str], when_used="json"),
-                     WithJsonSchema({"type": "array", "items": {"type": "string"}})]
+Previews = Annotated[
+    np.ndarray,
+    PlainSerializer(png_base64, return_type=list[str], when_used="json"),
+    WithJsonSchema({"type": "array", "items": {"type": "string"}}),
+]
 Internal = SkipJsonSchema[np.ndarray | None]  # in memory only: never in JSON nor in its schema
 
 
@@ -285,20 +309,27 @@ class GairStep(BaseModel):
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
     alpha: float
-    fidelity: Score = Field(default=math.nan, description="previews vs the concepts' reference images (mean "
-                            "cosine); null where this α was not rendered (previews_for)")
-    intent: Score = Field(default=math.nan, description="previews vs the words-only query (mean cosine); null: "
-                          "not rendered")
+    fidelity: Score = Field(
+        default=math.nan,
+        description="previews vs the concepts' reference images (mean "
+        "cosine); null where this α was not rendered (previews_for)",
+    )
+    intent: Score = Field(
+        default=math.nan, description="previews vs the words-only query (mean cosine); null: not rendered"
+    )
     score: Score = Field(default=0.0, description="what the rule maximises over the admitted α")
     admitted: bool = Field(default=True, description="passed the rule's gate (retrieval rule: the intent margin)")
-    retrieved_fidelity: Score = Field(default=math.nan, description="q(α)'s top item vs the concepts' reference "
-                                      "images")
+    retrieved_fidelity: Score = Field(default=math.nan, description="q(α)'s top item vs the concepts' reference images")
     retrieved_intent: Score = Field(default=math.nan, description="q(α)'s top item vs the words-only query q(0)")
-    retrieved_object: Score = Field(default=math.nan, description="retrieved_fidelity less the top item's best "
-                                    "cosine to a look-alike (same parent) concept's images")
+    retrieved_object: Score = Field(
+        default=math.nan,
+        description="retrieved_fidelity less the top item's best cosine to a look-alike (same parent) concept's images",
+    )
     retrieved: Hits = Field(default_factory=list, description="q(α)'s top items")
-    previews: Previews = Field(default_factory=_no_previews, description="PNG files, base64 (in memory: uint8 "
-                               "[n, H, W, 3]); none where this α was not rendered")
+    previews: Previews = Field(
+        default_factory=_no_previews,
+        description="PNG files, base64 (in memory: uint8 [n, H, W, 3]); none where this α was not rendered",
+    )
     features: Internal = Field(default=None, exclude=True, repr=False)  # [n, D] normalised CLIP features of previews
     query: Internal = Field(default=None, exclude=True, repr=False)  # [D] q(α), normalised
 
@@ -315,6 +346,19 @@ class GairResult(BaseModel):
 
 
 __all__ = [
-    "DEFAULT_ALPHAS", "DEFAULT_INTENT_MARGIN", "MAX_REFINE", "PREVIEWS_FOR", "RULES", "GairOptions", "GairRequest",
-    "GairResult", "GairStep", "Hit", "Mode", "PreviewsFor", "Real", "Rule", "png_base64",
+    "DEFAULT_ALPHAS",
+    "DEFAULT_INTENT_MARGIN",
+    "MAX_REFINE",
+    "PREVIEWS_FOR",
+    "RULES",
+    "GairOptions",
+    "GairRequest",
+    "GairResult",
+    "GairStep",
+    "Hit",
+    "Mode",
+    "PreviewsFor",
+    "Real",
+    "Rule",
+    "png_base64",
 ]

@@ -19,8 +19,7 @@ CONCEPT_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 _CONCEPT_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 CONCEPT_ID_RULE = (
-    "1 to 128 characters from A-Z a-z 0-9 . _ -, starting with a letter or digit, "
-    "and never containing '..'"
+    "1 to 128 characters from A-Z a-z 0-9 . _ -, starting with a letter or digit, and never containing '..'"
 )
 
 
@@ -40,9 +39,7 @@ def validate_concept_id(s: object) -> str:
 
 # The JSON schema keeps the pattern so that OpenAPI clients see the rule; validation itself goes through
 # validate_concept_id so the error message explains the rule instead of quoting a regex.
-_ID_JSON_SCHEMA = WithJsonSchema(
-    {"type": "string", "pattern": CONCEPT_ID_PATTERN, "minLength": 1, "maxLength": 128}
-)
+_ID_JSON_SCHEMA = WithJsonSchema({"type": "string", "pattern": CONCEPT_ID_PATTERN, "minLength": 1, "maxLength": 128})
 
 ConceptId = Annotated[str, AfterValidator(validate_concept_id), _ID_JSON_SCHEMA]
 """A catalog concept's id (a SKU, a print name...). Path-safe, see ``CONCEPT_ID_RULE``."""

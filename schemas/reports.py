@@ -42,5 +42,6 @@ class RunReport(BaseModel):
     stage_seconds: dict[str, float] = Field(default_factory=dict, description="wall time per stage")
     concept_metrics: dict[str, dict[str, float]] = Field(default_factory=dict)
     workers: list[dict[str, Any]] = Field(
-        default_factory=list, description="per Train worker attempt: rank, peak RSS (MiB), concepts, chunk end times")
+        default_factory=list, description="per Train worker attempt: rank, peak RSS (MiB), concepts, chunk end times"
+    )
     config: dict[str, Any] = Field(default_factory=dict)

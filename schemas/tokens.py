@@ -54,7 +54,8 @@ class TokenRecord(BaseModel):
         "GAIR scores generated previews against",
     )
     thumbnails: list[str] | None = Field(
-        default=None, max_length=4,
+        default=None,
+        max_length=4,
         description="base64 PNGs (at most 4, each at most 64 px a side) of the concept's few-shot images: what a "
         "person sees of the concept in the GAIR studio",
     )

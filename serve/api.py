@@ -4,12 +4,21 @@ Requests forbid unknown fields and use strict types, so ``"top_k": "5"`` or a mi
 that names the field, not a silently ignored value. Every error, whatever raised it, is
 ``{"error": {"code": ..., "message": ...}}`` with a 4xx status (5xx only for timeouts and outages).
 """
+
 from __future__ import annotations
 
 from typing import Any
 
 from pydantic import (
-    BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, ValidationError, ValidationInfo, field_validator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
     model_validator,
 )
 from pydantic.dataclasses import dataclass
@@ -106,8 +115,11 @@ class GairApiRequest(GairRequest):
     def _capped(cls, v: Any, info: ValidationInfo) -> Any:
         cap = MAX_ITEMS[info.field_name]
         if v is not None and len(v) > cap:
-            raise PydanticCustomError("too_long", "List should have at most {max_length} items after validation, "
-                                      "not {actual_length}", {"max_length": cap, "actual_length": len(v)})
+            raise PydanticCustomError(
+                "too_long",
+                "List should have at most {max_length} items after validation, not {actual_length}",
+                {"max_length": cap, "actual_length": len(v)},
+            )
         return v
 
     @field_validator("seed")

@@ -5,6 +5,7 @@ Serve config files in ``serve/configs/`` (``serve deploy serve/configs/local.yam
 `ServeSettings` fields; ``start``/``stop`` run it on the connected Ray cluster for `tokenfactory serve`,
 the demo and the tests.
 """
+
 from __future__ import annotations
 
 import logging
@@ -35,12 +36,25 @@ def build_app(settings: ServeSettings) -> Application:
 
     watcher = d(RegistryWatcher).bind(cfg)
     # A sharded gallery: one deployment per shard (each scales on its own), the ingress fans out to all.
-    gallery = (d(GalleryIndex).bind(cfg) if settings.gallery_shards == 1 else
-               [d(GalleryIndex).options(name=f"GalleryIndexShard{i}").bind(cfg, i) for i in range(settings.gallery_shards)])
+    gallery = (
+        d(GalleryIndex).bind(cfg)
+        if settings.gallery_shards == 1
+        else [
+            d(GalleryIndex).options(name=f"GalleryIndexShard{i}").bind(cfg, i) for i in range(settings.gallery_shards)
+        ]
+    )
     # Past max_queued_requests waiting for the ingress, Serve answers 503 at once instead of queueing.
     ingress = d(Ingress).options(max_queued_requests=settings.limits.max_queued_requests)
-    return ingress.bind(cfg, digest, d(TextEncoder).bind(cfg, watcher), d(ImageEncoder).bind(cfg),
-                        gallery, d(Generator).bind(cfg, watcher), watcher, admin)
+    return ingress.bind(
+        cfg,
+        digest,
+        d(TextEncoder).bind(cfg, watcher),
+        d(ImageEncoder).bind(cfg),
+        gallery,
+        d(Generator).bind(cfg, watcher),
+        watcher,
+        admin,
+    )
 
 
 def app_builder(args: dict) -> Application:
@@ -64,8 +78,11 @@ def start(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000, re
                 raise
             serve.shutdown()
     if not is_loopback(host) and set(settings.allowed_hosts) <= set(LOOPBACK_HOSTS):
-        log.warning("bound to %s but allowed_hosts is loopback only: clients reaching it by another name get 400 "
-                    "(set allowed_hosts to the names they use)", host)
+        log.warning(
+            "bound to %s but allowed_hosts is loopback only: clients reaching it by another name get 400 "
+            "(set allowed_hosts to the names they use)",
+            host,
+        )
     serve.run(build_app(settings), name=APP_NAME, route_prefix="/", blocking=False)
     url = f"http://{host}:{port}"
     # The edge answers only the allowed Host names: the readiness probe uses one of them, whatever the address.

@@ -10,8 +10,10 @@ Replicas that hold tokens ask the watcher for the current version at most every 
 (one actor call; the admin reload waits that long before it answers, so every request sent after it
 returns sees the new version) and switch by building the new `TokenState` first and then swapping one
 reference, so no request ever sees half a version and none fails during a reload. Client errors are
-*returned* as ``{"error": …}`` dicts, not raised: a raised exception would cross the actor boundary wrapped and lose its meaning.
+*returned* as ``{"error": …}`` dicts, not raised: a raised exception would cross the actor boundary
+wrapped and lose its meaning.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -70,14 +72,18 @@ def replica_device(setting: str, gpu_ids: Sequence, cuda_available: bool) -> str
         return "cpu"
     if setting == "cuda":
         if not cuda_available:
-            raise DeviceError("ServeSettings.device is 'cuda' but torch sees no GPU in this replica: use 'auto' or "
-                              "'cpu', or run the replica on a GPU node (num_gpus in its ray_actor_options)")
+            raise DeviceError(
+                "ServeSettings.device is 'cuda' but torch sees no GPU in this replica: use 'auto' or "
+                "'cpu', or run the replica on a GPU node (num_gpus in its ray_actor_options)"
+            )
         return "cuda"
     if setting != "auto":
         raise ConfigError(f"device must be one of auto, cpu, cuda, got {setting!r}")
     if gpu_ids and not cuda_available:
-        log.warning("Ray gave this replica GPU(s) %s but torch sees none (a CPU build of torch?): computing on "
-                    "the CPU", list(gpu_ids))
+        log.warning(
+            "Ray gave this replica GPU(s) %s but torch sees none (a CPU build of torch?): computing on the CPU",
+            list(gpu_ids),
+        )
     return "cuda" if gpu_ids and cuda_available else "cpu"
 
 
@@ -132,8 +138,13 @@ class VersionFollower:
         except Exception as e:  # keep serving what we have; the watcher only names verified versions
             backoff = min(self.MAX_BACKOFF_S, 2 * self._failed.get(version, (0.0, 0.5))[1])
             self._failed[version] = (time.monotonic() + backoff, backoff)
-            log.error("registry version %d failed to load (%s); still serving %d, retrying in %.0fs",
-                      version, e, self.current.version, backoff)
+            log.error(
+                "registry version %d failed to load (%s); still serving %d, retrying in %.0fs",
+                version,
+                e,
+                self.current.version,
+                backoff,
+            )
             return
         self._failed.pop(version, None)
         log.info("now serving registry version %d (%.2fs to load)", version, time.perf_counter() - t0)
@@ -186,8 +197,12 @@ class GalleryFollower:
             log.error("gallery index version %s failed to load (%s); still serving %s", latest, e, self.version)
             return
         self.version, self.index = version, index
-        log.info("now serving gallery index version %d, %d items (%.2fs to load)", version, len(index),
-                 time.perf_counter() - t0)
+        log.info(
+            "now serving gallery index version %d, %d items (%.2fs to load)",
+            version,
+            len(index),
+            time.perf_counter() - t0,
+        )
 
 
 @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
@@ -230,9 +245,7 @@ class RegistryWatcher:
         return self.version
 
     async def reload(self, version: int | None = None) -> dict:
-        from factory.registry import RegistryError
-
-        from factory.registry import ChecksumMismatch
+        from factory.registry import ChecksumMismatch, RegistryError
         from factory.storage import StorageError
 
         try:
@@ -254,7 +267,9 @@ class TextEncoder:
         s = _setup(settings)
         self.backbone = _backbone(s)
         registry = TokenRegistry(s.registry, s.s3())
-        self.follower = VersionFollower(watcher, lambda v: TokenState.load(registry, v, self.backbone), s.version_check_s)
+        self.follower = VersionFollower(
+            watcher, lambda v: TokenState.load(registry, v, self.backbone), s.version_check_s
+        )
         configure_batching(s, self.encode)
 
     async def ready(self) -> int:
@@ -289,36 +304,65 @@ class TextEncoder:
         out = []
         for f, parent, top_k in zip(features, parents, top_ks):
             if parent is not None and parent not in state.by_parent:
-                out.append(error(404, "unknown_parent", f"no learned concept has parent {parent!r} "
-                                                        f"(registry version {state.version})"))
+                out.append(
+                    error(
+                        404,
+                        "unknown_parent",
+                        f"no learned concept has parent {parent!r} (registry version {state.version})",
+                    )
+                )
             else:
                 out.append({"concepts": state.classify(f, parent, top_k), "registry_version": state.version})
         return out
 
     async def tokens(self) -> dict:
         state = await self.follower.state()
-        return {"tokens": [{**r.model_dump(mode="json", exclude={"vector", "coefficients", "prototype", "metrics",
-                                                                 "basis_id", "backbone_fingerprint", "thumbnails"}),
-                            "thumbnails": len(r.thumbnails or [])}
-                           for r in state.records.values()], "registry_version": state.version}
+        return {
+            "tokens": [
+                {
+                    **r.model_dump(
+                        mode="json",
+                        exclude={
+                            "vector",
+                            "coefficients",
+                            "prototype",
+                            "metrics",
+                            "basis_id",
+                            "backbone_fingerprint",
+                            "thumbnails",
+                        },
+                    ),
+                    "thumbnails": len(r.thumbnails or []),
+                }
+                for r in state.records.values()
+            ],
+            "registry_version": state.version,
+        }
 
     async def thumbnail(self, concept_id: str, k: int) -> dict:
         """The k-th stored thumbnail (base64 PNG) of a concept's few-shot images."""
         state = await self.follower.state()
         rec = state.records.get(concept_id)
         if rec is None or not 0 <= k < len(rec.thumbnails or []):
-            return error(404, "no_thumbnail", f"no thumbnail {k} of concept {concept_id!r} in registry version "
-                                              f"{state.version}")
+            return error(
+                404, "no_thumbnail", f"no thumbnail {k} of concept {concept_id!r} in registry version {state.version}"
+            )
         return {"png": rec.thumbnails[k]}
 
     async def token(self, concept_id: str) -> dict:
         state = await self.follower.state()
         rec = state.records.get(concept_id)
         if rec is None:
-            return error(404, "unknown_concept", f"no token for concept {concept_id!r} in registry version {state.version}")
-        return {**rec.model_dump(mode="json", exclude={"coefficients", "prototype", "basis_id", "backbone_fingerprint",
-                                                       "thumbnails"}),
-                "thumbnails": len(rec.thumbnails or []), "registry_version": state.version}
+            return error(
+                404, "unknown_concept", f"no token for concept {concept_id!r} in registry version {state.version}"
+            )
+        return {
+            **rec.model_dump(
+                mode="json", exclude={"coefficients", "prototype", "basis_id", "backbone_fingerprint", "thumbnails"}
+            ),
+            "thumbnails": len(rec.thumbnails or []),
+            "registry_version": state.version,
+        }
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=128)
@@ -366,7 +410,9 @@ class GalleryIndex:
         return {"uri": uri}
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
-    async def search(self, calls: list[tuple[np.ndarray, list[int]]]) -> list[list[list[tuple[str, str | None, float]]]]:
+    async def search(
+        self, calls: list[tuple[np.ndarray, list[int]]]
+    ) -> list[list[list[tuple[str, str | None, float]]]]:
         """One matrix search for all queries of all calls at the largest k, each query cut to its own k.
         A call is (queries [k, D], the k of each query)."""
         queries = np.concatenate([q for q, _ in calls]).astype(np.float32)
@@ -411,8 +457,9 @@ class Generator:
         if self.backbone.generator is None:
             raise ValueError(f"backbone {s.backbone!r} has no generator: /v1/generate and /v1/gair need one")
         registry = TokenRegistry(s.registry, s.s3())
-        self.follower = VersionFollower(watcher, lambda v: TokenState.load(registry, v, self.backbone, with_classes=False),
-                                        s.version_check_s)
+        self.follower = VersionFollower(
+            watcher, lambda v: TokenState.load(registry, v, self.backbone, with_classes=False), s.version_check_s
+        )
         self.gallery = GalleryFollower(s.index, s.s3(), s.index_check_s)
         self.sampling = asyncio.Semaphore(s.sampling_concurrency)
 
@@ -436,8 +483,9 @@ class Generator:
 
             with torch.no_grad():
                 uncond = self.backbone.encode_prompts([""]).hidden
-                images = self.backbone.generator.sample(cond.expand(n, -1, -1), uncond, steps=steps,
-                                                        guidance=guidance, seed=seed, should_stop=should_stop)
+                images = self.backbone.generator.sample(
+                    cond.expand(n, -1, -1), uncond, steps=steps, guidance=guidance, seed=seed, should_stop=should_stop
+                )
                 # NumPy takes neither a GPU tensor nor bf16: to the host in fp32 before the PNGs
                 return to_uint8(images.float().cpu())
 
@@ -459,18 +507,33 @@ class Generator:
         ids, records = request.concept_ids, state.records
         missing = [c for c in ids if c not in records]
         if missing:
-            return error(404, "unknown_concept", f"no token for concept(s) {', '.join(missing)} in registry "
-                                                 f"version {state.version}")
+            return error(
+                404,
+                "unknown_concept",
+                f"no token for concept(s) {', '.join(missing)} in registry version {state.version}",
+            )
         no_proto = [c for c in ids if not records[c].prototype]
         if no_proto:
-            return error(409, "no_prototype", f"concept(s) {', '.join(no_proto)} have no stored prototype (learned by an "
-                                              "older version of tokenfactory): onboard them again to use GAIR")
+            return error(
+                409,
+                "no_prototype",
+                f"concept(s) {', '.join(no_proto)} have no stored prototype (learned by an "
+                "older version of tokenfactory): onboard them again to use GAIR",
+            )
         # the look-alikes' prototypes (`object` rule), only where the rule reads them
-        rivals = (look_alikes({c: r.prototype for c, r in records.items() if r.prototype},
-                              {c: r.parent for c, r in records.items()}, of=ids)
-                  if request.rule == "object" else {})
-        concepts = {c: ConceptToken(state.tokens[c], records[c].parent, torch.tensor(records[c].prototype),
-                                    rivals.get(c)) for c in ids}
+        rivals = (
+            look_alikes(
+                {c: r.prototype for c, r in records.items() if r.prototype},
+                {c: r.parent for c, r in records.items()},
+                of=ids,
+            )
+            if request.rule == "object"
+            else {}
+        )
+        concepts = {
+            c: ConceptToken(state.tokens[c], records[c].parent, torch.tensor(records[c].prototype), rivals.get(c))
+            for c in ids
+        }
         try:
             gair = Gair(self.backbone, concepts, self.gallery.current())
             res = await self.sample(lambda should_stop: gair(request, should_stop))

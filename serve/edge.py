@@ -21,6 +21,7 @@ Every response, the refusals included, also carries the browser hardening header
 A pure ASGI middleware (Starlette's BaseHTTPMiddleware reads bodies and buffers responses). Plain Python
 apart from Starlette's header parsing, so it is tested on its own app (`tests/serve/test_edge.py`).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -41,8 +42,11 @@ from serve.settings import ServeSettings
 # blob: URLs (thumbnails fetched with the key) and data: URLs (GAIR previews) the studio makes. No page
 # may frame the studio (clickjacking). The studio has no inline script or style (serve/static/).
 CSP = "default-src 'self'; frame-ancestors 'none'; img-src 'self' blob: data:"
-SECURITY_HEADERS = ((b"content-security-policy", CSP.encode()), (b"x-content-type-options", b"nosniff"),
-                    (b"referrer-policy", b"no-referrer"))
+SECURITY_HEADERS = (
+    (b"content-security-policy", CSP.encode()),
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+)
 
 CLIENT, ADMIN = "client", "admin"
 # (method, path pattern) → (the key it needs, its admission class) of the metered routes. Any other /v1 path
@@ -82,7 +86,7 @@ def host_name(host: str) -> str:
     """The name of a ``Host`` header without its port, lower case: ``[::1]:8000`` → ``[::1]``."""
     host = host.strip().lower()
     if host.startswith("["):
-        return host[:host.find("]") + 1] if "]" in host else host
+        return host[: host.find("]") + 1] if "]" in host else host
     return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
 
@@ -108,8 +112,13 @@ class EdgePolicy:
     """What the edge checks, for one ingress replica: its settings, key digests, admission state and the
     requests in flight per address. The same object answers `authorise` for the routes that need it."""
 
-    def __init__(self, settings: ServeSettings, key_digest: str | None, admin_digest: str | None,
-                 admission: Admission | None = None):
+    def __init__(
+        self,
+        settings: ServeSettings,
+        key_digest: str | None,
+        admin_digest: str | None,
+        admission: Admission | None = None,
+    ):
         self.s, self.limits = settings, settings.limits
         self.key_digest, self.admin_digest = key_digest, admin_digest
         self.admission = admission or Admission(self.limits)
@@ -120,8 +129,11 @@ class EdgePolicy:
         digest's prefix, or the address when no key is needed."""
         if needed == ADMIN and self.admin_digest is None:
             raise ApiError(403, "admin_disabled", "the admin API is off: start the service with --admin-key-env")
-        digest = self.admin_digest if needed == ADMIN else (
-            self.key_digest if needed == CLIENT and self.s.require_key else None)
+        digest = (
+            self.admin_digest
+            if needed == ADMIN
+            else (self.key_digest if needed == CLIENT and self.s.require_key else None)
+        )
         if digest is not None:
             sent = key_digest_of(authorization)
             if sent is None:
@@ -136,8 +148,12 @@ class EdgePolicy:
         """One of the address's ``max_in_flight_per_address`` slots, for the whole request."""
         cap = self.limits.max_in_flight_per_address
         if self.in_flight.get(address, 0) >= cap:
-            raise ApiError(429, "too_many_in_flight", f"{cap} requests from this address are already in flight; "
-                           "retry when one has finished", headers={"Retry-After": "1"})
+            raise ApiError(
+                429,
+                "too_many_in_flight",
+                f"{cap} requests from this address are already in flight; retry when one has finished",
+                headers={"Retry-After": "1"},
+            )
         self.in_flight[address] = self.in_flight.get(address, 0) + 1
         try:
             yield
@@ -172,8 +188,10 @@ class EdgeGuard:
             if message["type"] == "http.response.start":
                 started = True
                 present = {k.lower() for k, _ in message.get("headers", [])}
-                message = {**message, "headers": [*message.get("headers", []),
-                                                  *(h for h in SECURITY_HEADERS if h[0] not in present)]}
+                message = {
+                    **message,
+                    "headers": [*message.get("headers", []), *(h for h in SECURITY_HEADERS if h[0] not in present)],
+                }
             await send(message)
 
         policy = self._policy or EdgeGuard.policy
@@ -230,8 +248,12 @@ async def read_body(receive, headers: Headers, limit: int, timeout_s: float) -> 
                 raise TimeoutError
             message = await asyncio.wait_for(receive(), remaining)
         except TimeoutError:
-            raise ApiError(408, "body_timeout", f"the request body did not arrive within {timeout_s:g}s",
-                           headers={"Connection": "close"}) from None
+            raise ApiError(
+                408,
+                "body_timeout",
+                f"the request body did not arrive within {timeout_s:g}s",
+                headers={"Connection": "close"},
+            ) from None
         if message["type"] == "http.disconnect":
             return None
         chunk = message.get("body", b"")
@@ -259,8 +281,11 @@ def _replay(body: bytes, receive):
 
 async def _answer(send, e: ApiError) -> None:
     body = json.dumps(e.body()).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-               *((k.lower().encode(), v.encode()) for k, v in e.headers.items())]
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        *((k.lower().encode(), v.encode()) for k, v in e.headers.items()),
+    ]
     await send({"type": "http.response.start", "status": e.status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
@@ -276,12 +301,21 @@ async def _docs_page(p: EdgePolicy, scope, send) -> None:
     for path, ops in spec.get("paths", {}).items():
         for method, op in ops.items():
             summary = op.get("summary") or ""
-            rows.append(f"<tr><td>{html.escape(method.upper())}</td><td><code>{html.escape(path)}</code></td>"
-                        f"<td>{html.escape(summary)}</td></tr>")
-    page = ("<!doctype html><html><head><meta charset=utf-8><title>tokenfactory API</title></head><body>"
-            f"<h1>{html.escape(spec.get('info', {}).get('title', 'API'))}</h1>"
-            "<p>The full contract: <a href=\"openapi.json\">openapi.json</a> (OpenAPI 3).</p>"
-            f"<table>{''.join(rows)}</table></body></html>").encode()
-    await send({"type": "http.response.start", "status": 200,
-                "headers": [(b"content-type", b"text/html; charset=utf-8"), (b"content-length", str(len(page)).encode())]})
+            rows.append(
+                f"<tr><td>{html.escape(method.upper())}</td><td><code>{html.escape(path)}</code></td>"
+                f"<td>{html.escape(summary)}</td></tr>"
+            )
+    page = (
+        "<!doctype html><html><head><meta charset=utf-8><title>tokenfactory API</title></head><body>"
+        f"<h1>{html.escape(spec.get('info', {}).get('title', 'API'))}</h1>"
+        '<p>The full contract: <a href="openapi.json">openapi.json</a> (OpenAPI 3).</p>'
+        f"<table>{''.join(rows)}</table></body></html>"
+    ).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [(b"content-type", b"text/html; charset=utf-8"), (b"content-length", str(len(page)).encode())],
+        }
+    )
     await send({"type": "http.response.body", "body": page})

@@ -6,6 +6,7 @@ else its address) has a token bucket per class, and each class a cap on requests
 clients; either one exceeded is a 429 with ``Retry-After``, answered at once, so one client flooding GAIR
 never makes classify wait. Plain Python (no Ray, no FastAPI), so it is tested directly.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -49,7 +50,10 @@ class Admission:
     MAX_CLIENTS = 10_000  # buckets kept; the oldest are dropped (a full bucket is the same as none)
 
     def __init__(self, limits: Limits):
-        self.rates = {CHEAP: (limits.cheap_per_s, limits.cheap_burst), COSTLY: (limits.costly_per_s, limits.costly_burst)}
+        self.rates = {
+            CHEAP: (limits.cheap_per_s, limits.cheap_burst),
+            COSTLY: (limits.costly_per_s, limits.costly_burst),
+        }
         self.caps = {CHEAP: limits.max_concurrent_cheap, COSTLY: limits.max_concurrent_costly}
         self.in_flight = {CHEAP: 0, COSTLY: 0}
         self.buckets: dict[tuple[str, str], TokenBucket] = {}
@@ -66,11 +70,19 @@ class Admission:
     def admit(self, client: str, kind: str):
         wait = self._bucket(client, kind).take()
         if wait > 0:
-            raise ApiError(429, "rate_limited", f"too many {kind} requests from this client; retry in {wait:.1f}s",
-                           headers={"Retry-After": str(max(1, math.ceil(wait)))})
+            raise ApiError(
+                429,
+                "rate_limited",
+                f"too many {kind} requests from this client; retry in {wait:.1f}s",
+                headers={"Retry-After": str(max(1, math.ceil(wait)))},
+            )
         if self.in_flight[kind] >= self.caps[kind]:
-            raise ApiError(429, "busy", f"{self.caps[kind]} {kind} requests are already running; retry shortly",
-                           headers={"Retry-After": "1" if kind == CHEAP else "5"})
+            raise ApiError(
+                429,
+                "busy",
+                f"{self.caps[kind]} {kind} requests are already running; retry shortly",
+                headers={"Retry-After": "1" if kind == CHEAP else "5"},
+            )
         self.in_flight[kind] += 1
         try:
             yield
@@ -85,8 +97,12 @@ def unet_passes(n: int, steps: int, guidance: float) -> int:
 
 def check_cost(passes: int, limits: Limits) -> None:
     if passes > limits.max_unet_passes:
-        raise ApiError(422, "over_budget", f"the request needs {passes} UNet passes; the limit per request is "
-                                            f"{limits.max_unet_passes}: fewer images, previews, alphas or steps")
+        raise ApiError(
+            422,
+            "over_budget",
+            f"the request needs {passes} UNet passes; the limit per request is "
+            f"{limits.max_unet_passes}: fewer images, previews, alphas or steps",
+        )
 
 
 def read_allowed_image(uri: str, prefixes, s3, limit: int) -> bytes:

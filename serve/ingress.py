@@ -3,6 +3,7 @@
 Everything a client can get wrong is checked here, before any model runs, and answered with a 4xx JSON
 error naming the problem (`serve.api.ApiError`). The ingress itself holds no model and no tokens.
 """
+
 # No `from __future__ import annotations` here: FastAPI reads the route signatures' annotations at run time,
 # and Serve's class-based ingress cannot resolve them when they are strings.
 import asyncio
@@ -13,30 +14,46 @@ import logging
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from pydantic import ValidationError
 from fastapi.responses import JSONResponse, RedirectResponse
+from pydantic import ValidationError
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from factory.images import BadImage, load_rgb
+from factory.index.sharded import merge_hits, shard_of
 from schemas import validate_concept_id
 from serve.api import (
-    ApiError, ClassifyRequest, ClassifyResponse, GairApiRequest, GairResponse, GenerateRequest, GenerateResponse,
-    ReloadRequest, ReloadResponse, RetrieveRequest, RetrieveResponse, TokenDetail, TokensResponse,
+    ApiError,
+    ClassifyRequest,
+    ClassifyResponse,
+    GairApiRequest,
+    GairResponse,
+    GenerateRequest,
+    GenerateResponse,
+    ReloadRequest,
+    ReloadResponse,
+    RetrieveRequest,
+    RetrieveResponse,
+    TokenDetail,
+    TokensResponse,
 )
-from factory.index.sharded import merge_hits, shard_of
 from serve.edge import CLIENT, EdgeGuard, EdgePolicy
 from serve.guard import check_cost, read_allowed_image, unet_passes
-from serve.studio import THUMBNAIL_CACHE, png_response, static_file, thumbnail_png
 from serve.settings import ServeSettings, configure_batching
+from serve.studio import THUMBNAIL_CACHE, png_response, static_file, thumbnail_png
 
 log = logging.getLogger("tokenfactory.serve")
 
 # No Swagger UI or ReDoc: FastAPI's load their scripts from a CDN (unpinned, no integrity check) onto the
 # studio's origin, where they could read the key the studio keeps; `docs: true` serves a script-free page
 # instead (`serve.edge`). The OpenAPI document itself stays at /openapi.json.
-app = FastAPI(title="tokenfactory", version="1", docs_url=None, redoc_url=None,
-              description="Classification, retrieval, generation and GAIR with learned concept tokens.")
+app = FastAPI(
+    title="tokenfactory",
+    version="1",
+    docs_url=None,
+    redoc_url=None,
+    description="Classification, retrieval, generation and GAIR with learned concept tokens.",
+)
 
 
 # The edge (serve/edge.py): host allow-list, per-address cap, key and admission from the headers, then the
@@ -62,8 +79,9 @@ async def _validation_error(_: Request, e: RequestValidationError):
 @app.exception_handler(Exception)
 async def _unexpected(_: Request, e: Exception):
     log.exception("unexpected error")
-    return JSONResponse(ApiError(500, "internal", f"internal error ({type(e).__name__}); see the server log").body(),
-                        status_code=500)
+    return JSONResponse(
+        ApiError(500, "internal", f"internal error ({type(e).__name__}); see the server log").body(), status_code=500
+    )
 
 
 @app.exception_handler(StarletteHTTPException)
@@ -106,8 +124,9 @@ def _raise_if_error(result: dict) -> dict:
 
 
 # /v1/classify's body in the OpenAPI document, as FastAPI would write it from a `ClassifyRequest` parameter.
-CLASSIFY_BODY = {"requestBody": {"required": True, "content": {
-    "application/json": {"schema": ClassifyRequest.model_json_schema()}}}}
+CLASSIFY_BODY = {
+    "requestBody": {"required": True, "content": {"application/json": {"schema": ClassifyRequest.model_json_schema()}}}
+}
 # A classify body is one object of strings and numbers: a few braces and brackets at most. Thousands of
 # them are a body built to cost parsing time (2.8M empty lists: 3 CPU-s), refused after a byte count.
 MAX_JSON_CONTAINERS = 64
@@ -119,8 +138,9 @@ async def parse_off_loop(model, request: Request):
     content_type = request.headers.get("content-type", "")
     raw = await request.body()  # already read, with its size limit and deadline, by the edge
     if content_type and "json" not in content_type.split(";")[0].lower():
-        raise RequestValidationError([{"loc": ("body",), "msg": "send the body as application/json",
-                                       "type": "model_attributes_type"}])
+        raise RequestValidationError(
+            [{"loc": ("body",), "msg": "send the body as application/json", "type": "model_attributes_type"}]
+        )
     if raw.count(b"[") + raw.count(b"{") > MAX_JSON_CONTAINERS:
         raise ApiError(422, "invalid_request", f"body: more than {MAX_JSON_CONTAINERS} JSON objects and lists")
     try:
@@ -134,8 +154,17 @@ async def parse_off_loop(model, request: Request):
 @serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=256)
 @serve.ingress(app)
 class Ingress:
-    def __init__(self, settings: dict, key_digest: str | None, text, image, index, generator, watcher,
-                 admin_digest: str | None = None):
+    def __init__(
+        self,
+        settings: dict,
+        key_digest: str | None,
+        text,
+        image,
+        index,
+        generator,
+        watcher,
+        admin_digest: str | None = None,
+    ):
         from factory.backbones import resolve_backbone_config
 
         self.s = ServeSettings(**settings)
@@ -155,7 +184,9 @@ class Ingress:
             return _raise_if_error(await asyncio.wait_for(response, timeout or self.limits.timeout_s))
         except asyncio.TimeoutError:
             response.cancel()  # the replica's work stops too (sampling polls for it between steps)
-            raise ApiError(504, "timeout", f"no answer within {timeout or self.limits.timeout_s:g}s; retry later") from None
+            raise ApiError(
+                504, "timeout", f"no answer within {timeout or self.limits.timeout_s:g}s; retry later"
+            ) from None
         except asyncio.CancelledError:  # the client went away
             response.cancel()
             raise
@@ -174,8 +205,9 @@ class Ingress:
             raise ApiError(status, "bad_image", f"image: {e}") from None
 
     async def _read_uri(self, uri: str) -> bytes:
-        return await asyncio.to_thread(read_allowed_image, uri, self.s.image_uri_prefixes, self.s3,
-                                       self.limits.max_request_bytes)
+        return await asyncio.to_thread(
+            read_allowed_image, uri, self.s.image_uri_prefixes, self.s3, self.limits.max_request_bytes
+        )
 
     async def _gallery_items(self) -> int:
         return sum(await asyncio.gather(*(shard.ready.remote() for shard in self.shards)))
@@ -193,9 +225,15 @@ class Ingress:
     @app.get("/readyz")
     async def readyz(self):
         try:
-            version, text_v, index_n, _ = await asyncio.wait_for(asyncio.gather(
-                self.watcher.current.remote(), self.text.ready.remote(), self._gallery_items(),
-                self.image.ready.remote()), 10.0)
+            version, text_v, index_n, _ = await asyncio.wait_for(
+                asyncio.gather(
+                    self.watcher.current.remote(),
+                    self.text.ready.remote(),
+                    self._gallery_items(),
+                    self.image.ready.remote(),
+                ),
+                10.0,
+            )
         except Exception as e:  # the details go to the log, not to whoever asks
             log.warning("not ready: %s: %s", type(e).__name__, e)
             return JSONResponse({"ready": False, "reason": "starting or degraded; see the server log"}, status_code=503)
@@ -229,16 +267,20 @@ class Ingress:
         _check_range("top_k", body.top_k, 1, self.limits.max_top_k)
         pixels = await self._image(body)
         out = _raise_if_error(await self._classify_batch((pixels, body.parent, body.top_k)))
-        return {"concepts": [{"concept_id": c, "parent": p, "score": s} for c, p, s in out["concepts"]],
-                "registry_version": out["registry_version"]}
+        return {
+            "concepts": [{"concept_id": c, "parent": p, "score": s} for c, p, s in out["concepts"]],
+            "registry_version": out["registry_version"],
+        }
 
     @app.post("/v1/retrieve", response_model=RetrieveResponse)
     async def retrieve(self, body: RetrieveRequest):
         _check_text("query", body.query, self.limits.max_prompt_chars)
         _check_range("top_k", body.top_k, 1, self.limits.max_top_k)
         out = _raise_if_error(await self._retrieve_batch((body.query, body.top_k)))
-        return {"items": [{"id": i, "uri": u, "score": s} for i, u, s in out["items"]],
-                "registry_version": out["registry_version"]}
+        return {
+            "items": [{"id": i, "uri": u, "score": s} for i, u, s in out["items"]],
+            "registry_version": out["registry_version"],
+        }
 
     @app.post("/v1/generate", response_model=GenerateResponse)
     async def generate(self, body: GenerateRequest):
@@ -246,8 +288,10 @@ class Ingress:
         _check_range("n", body.n, 1, self.limits.max_images)
         _check_range("steps", body.steps, 1, self.limits.max_steps)
         check_cost(unet_passes(body.n, body.steps, float(body.guidance)), self.limits)
-        return await self._call(self.generator.generate.remote(body.prompt, body.n, body.seed, body.steps,
-                                                               float(body.guidance)), self.limits.generation_timeout_s)
+        return await self._call(
+            self.generator.generate.remote(body.prompt, body.n, body.seed, body.steps, float(body.guidance)),
+            self.limits.generation_timeout_s,
+        )
 
     @app.post("/v1/gair", response_model=GairResponse)
     async def gair(self, body: GairApiRequest):

@@ -3,6 +3,7 @@
 One pydantic model, so the same settings come from `tokenfactory serve` flags or from the ``args`` of a
 Serve config file (``serve deploy``), and a typo in either is an error at start-up, not a silent default.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -62,36 +63,51 @@ class ServeSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     registry: str = Field(description="token registry root URI")
-    index: str = Field(description="gallery index URI (written by `tokenfactory index`): a saved index, or a root of "
-                       "index versions (`--append`), whose newest version is served and followed")
-    index_check_s: float = Field(default=5.0, ge=0, description="seconds between looks for a newer gallery index "
-                                 "version (a versions root only)")
+    index: str = Field(
+        description="gallery index URI (written by `tokenfactory index`): a saved index, or a root of "
+        "index versions (`--append`), whose newest version is served and followed"
+    )
+    index_check_s: float = Field(
+        default=5.0, ge=0, description="seconds between looks for a newer gallery index version (a versions root only)"
+    )
     gallery_shards: PositiveInt = Field(
-        default=1, description="above 1: ``index`` is a sharded index (`factory.index.sharded`) of this many shards; "
+        default=1,
+        description="above 1: ``index`` is a sharded index (`factory.index.sharded`) of this many shards; "
         "each shard is its own GalleryIndex deployment (GalleryIndexShard<i>, replicas hold one shard) and the ingress "
-        "asks them all and merges. Not followed for new versions; the Generator (GAIR) loads the whole sharded index")
+        "asks them all and merges. Not followed for new versions; the Generator (GAIR) loads the whole sharded index",
+    )
     backbone: str | dict[str, Any] = Field(
-        default="fashion-mini", description="a registered name, a config file/URI, or a resolved config (a dict)")
+        default="fashion-mini", description="a registered name, a config file/URI, or a resolved config (a dict)"
+    )
     weights: str | None = None
     api_key_env: str | None = Field(default=None, description="env var holding the clients' API key (--require-key)")
     require_key: bool = Field(default=False, description="require the clients' API key on every /v1 route")
-    admin_key_env: str | None = Field(default=None,
-                                      description="env var holding the admin key of /v1/admin/*; unset: admin API off")
+    admin_key_env: str | None = Field(
+        default=None, description="env var holding the admin key of /v1/admin/*; unset: admin API off"
+    )
     image_uri_prefixes: list[str] = Field(
-        default_factory=list, description="s3:// prefixes `image_uri` may read from; empty (default): image_uri is off")
-    poll_s: float = Field(default=30.0, ge=0, description="seconds between checks for a newer registry version (0: off)")
-    version_check_s: float = Field(default=0.5, ge=0, le=10,
-                                   description="how stale a replica's idea of the served version may be")
+        default_factory=list, description="s3:// prefixes `image_uri` may read from; empty (default): image_uri is off"
+    )
+    poll_s: float = Field(
+        default=30.0, ge=0, description="seconds between checks for a newer registry version (0: off)"
+    )
+    version_check_s: float = Field(
+        default=0.5, ge=0, le=10, description="how stale a replica's idea of the served version may be"
+    )
     max_batch_size: PositiveInt = 32  # @serve.batch of the ingress, the encoders and the index (1: no batching)
     batch_wait_s: float = Field(default=0.005, ge=0)
     threads: PositiveInt = 1  # torch threads per replica
     device: Literal[DEVICES] = Field(
-        default="auto", description="where replicas compute: 'auto' (a replica's GPU when Ray gave it one, e.g. the "
+        default="auto",
+        description="where replicas compute: 'auto' (a replica's GPU when Ray gave it one, e.g. the "
         "Generator's num_gpus in serve/configs/cluster.yaml, else the CPU), 'cpu', or 'cuda' (every replica, whether "
-        "or not Ray accounted a GPU to it; an error where torch sees none)")
+        "or not Ray accounted a GPU to it; an error where torch sees none)",
+    )
     precision: Literal[PRECISION_NAMES] = Field(
-        default="fp32", description="precision of the backbone's weights in every replica (tokens and answers stay "
-        "fp32); bf16 halves a GPU replica's memory, but is slower than fp32 on CPUs")
+        default="fp32",
+        description="precision of the backbone's weights in every replica (tokens and answers stay "
+        "fp32); bf16 halves a GPU replica's memory, but is slower than fp32 on CPUs",
+    )
     # Samplings a Generator replica runs at once; more wait their turn (still cancellable). On a CPU, two
     # concurrent samplings only split the cores between them and take the cheap routes' share too; a GPU
     # runs one kernel stream at a time anyway. The costly-class cap still bounds how many may wait.
@@ -99,17 +115,24 @@ class ServeSettings(BaseModel):
     replica_env: dict[str, str] = Field(
         default_factory=dict,
         description="environment variables set in every replica (e.g. the S3 endpoint of a local store); the "
-        "settings are visible in Serve's config, so put real secrets in the cluster's environment instead")
+        "settings are visible in Serve's config, so put real secrets in the cluster's environment instead",
+    )
     s3_env_file: str | None = Field(
-        default=None, description="a JSON file (owner-only) of S3 environment variables the replicas read: keys "
-        "stay out of the Serve config, which anyone who can read the cluster's config store can see")
+        default=None,
+        description="a JSON file (owner-only) of S3 environment variables the replicas read: keys "
+        "stay out of the Serve config, which anyone who can read the cluster's config store can see",
+    )
     limits: Limits = Field(default_factory=Limits)
     allowed_hosts: list[str] = Field(
-        default_factory=lambda: list(LOOPBACK_HOSTS), min_length=1,
+        default_factory=lambda: list(LOOPBACK_HOSTS),
+        min_length=1,
         description="Host header names the service answers (others get 400): against DNS rebinding. Loopback "
-        "names by default; behind a proxy or on a cluster, the names clients use ('*.example.com' for subdomains)")
-    docs: bool = Field(default=False, description="serve /docs: the routes as a plain page (no scripts, no CDN); "
-                       "/openapi.json is served either way")
+        "names by default; behind a proxy or on a cluster, the names clients use ('*.example.com' for subdomains)",
+    )
+    docs: bool = Field(
+        default=False,
+        description="serve /docs: the routes as a plain page (no scripts, no CDN); /openapi.json is served either way",
+    )
 
     def __init__(self, **data: Any):
         # Checked before pydantic's own validation so that a bad value from a flag or a Serve config's
@@ -121,8 +144,9 @@ class ServeSettings(BaseModel):
         super().__init__(**data)
         if self.require_key and not self.api_key_env:
             # Without it there is no key to require, and the service would answer everyone (audit N13).
-            raise ConfigError("require_key needs api_key_env (--api-key-env VAR): the environment variable "
-                              "holding the clients' key")
+            raise ConfigError(
+                "require_key needs api_key_env (--api-key-env VAR): the environment variable holding the clients' key"
+            )
 
     def s3(self):
         """The S3 options of this service: the process environment, overlaid with ``s3_env_file``."""
@@ -153,8 +177,10 @@ class ServeSettings(BaseModel):
     def check_exposure(self, host: str) -> None:
         """Refuse to bind beyond loopback unless every /v1 route needs a key."""
         if not is_loopback(host) and not (self.require_key and self.api_key_env):
-            raise ExposureRefused(f"binding {host!r} exposes the service beyond this machine: start it with "
-                             "--require-key and --api-key-env VAR (and --admin-key-env for the admin API)")
+            raise ExposureRefused(
+                f"binding {host!r} exposes the service beyond this machine: start it with "
+                "--require-key and --api-key-env VAR (and --admin-key-env for the admin API)"
+            )
 
 
 class ExposureRefused(TokenFactoryError, ValueError):

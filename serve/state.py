@@ -4,6 +4,7 @@ Plain Python and torch (no Ray), so it is tested directly. A replica holds one `
 and swaps the reference to a new one after it is fully built: a request that already holds the old
 state finishes on it, which is what makes reloads lose no request.
 """
+
 from __future__ import annotations
 
 import logging
@@ -16,9 +17,9 @@ import torch.nn.functional as F
 from factory.backbones import Backbone
 from factory.errors import TokenFactoryError
 from factory.evaluation import class_embeddings
-from factory.tokens.prompts import template_prompts
 from factory.registry import TokenRegistry
 from factory.tokens import marker
+from factory.tokens.prompts import template_prompts
 from schemas import TokenRecord
 
 log = logging.getLogger("tokenfactory.serve")
@@ -40,8 +41,9 @@ class TokenState:
     by_parent: dict[str, np.ndarray] = field(default_factory=dict)  # parent -> rows of class_matrix
 
     @classmethod
-    def load(cls, registry: TokenRegistry, version: int | None, backbone: Backbone,
-             with_classes: bool = True) -> TokenState:
+    def load(
+        cls, registry: TokenRegistry, version: int | None, backbone: Backbone, with_classes: bool = True
+    ) -> TokenState:
         if version is None:  # start-up: the newest version that verifies (a corrupt newest one is skipped)
             opened, skipped = registry.newest_readable()
             for v, why in skipped.items():
@@ -55,7 +57,8 @@ class TokenState:
             raise IncompatibleRegistry(
                 f"registry version {opened.version}: {len(wrong)} tokens (e.g. {wrong[0]!r}) were learned on other "
                 f"weights than the served backbone {backbone.name!r} ({fingerprint[:12]}); serve the backbone they "
-                "were learned on")
+                "were learned on"
+            )
         tokens = {c: torch.tensor(r.vector, dtype=torch.float32) for c, r in records.items()}
         state = cls(opened.version, records, tokens)
         if with_classes and records:

@@ -4,7 +4,9 @@ The page itself is `serve/static/` (HTML, CSS and JavaScript shipped in the pack
 step). Thumbnails of gallery items are read only from the URIs the gallery index stores (never a URI a
 client sends), at most the request size limit, and cached per ingress replica.
 """
+
 from __future__ import annotations
+
 from fastapi.responses import Response
 
 from factory.images import BadImage

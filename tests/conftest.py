@@ -62,8 +62,9 @@ def ray_cluster():
     import ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(num_cpus=2, logging_level="WARNING", log_to_driver=False, include_dashboard=True,
-             dashboard_host="127.0.0.1")
+    ray.init(
+        num_cpus=2, logging_level="WARNING", log_to_driver=False, include_dashboard=True, dashboard_host="127.0.0.1"
+    )
     try:
         yield ray
     finally:

@@ -22,6 +22,7 @@ Each record names the first project frame (factory/, jobs/, serve/, cli/, benchm
 configurable 80 GiB card. Limitations: the modes are thread-local, so code must run in the calling thread;
 real ``meta`` tensors cannot be used inside the block (a factory op on ``meta`` is taken for a GPU one).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -41,12 +42,24 @@ CUDA = torch.device("cuda", 0)
 aten = torch.ops.aten
 
 # Ops that read a GPU tensor's values on the host (the CPU waits for the GPU stream to drain).
-SYNC_OPS = {aten._local_scalar_dense.default: "item", aten.nonzero.default: "nonzero",
-            aten.is_nonzero.default: "bool", aten.masked_select.default: "masked_select",
-            aten._unique2.default: "unique", aten.unique_dim.default: "unique",
-            aten.unique_consecutive.default: "unique", aten.equal.default: "equal"}
-INDEX_OPS = {aten.index.Tensor, aten.index_put.default, aten.index_put_.default, aten._index_put_impl_.default,
-             aten._unsafe_index.Tensor, aten._unsafe_index_put.default}
+SYNC_OPS = {
+    aten._local_scalar_dense.default: "item",
+    aten.nonzero.default: "nonzero",
+    aten.is_nonzero.default: "bool",
+    aten.masked_select.default: "masked_select",
+    aten._unique2.default: "unique",
+    aten.unique_dim.default: "unique",
+    aten.unique_consecutive.default: "unique",
+    aten.equal.default: "equal",
+}
+INDEX_OPS = {
+    aten.index.Tensor,
+    aten.index_put.default,
+    aten.index_put_.default,
+    aten._index_put_impl_.default,
+    aten._unsafe_index.Tensor,
+    aten._unsafe_index_put.default,
+}
 COPY_OPS = {aten.copy_.default, aten._to_copy.default, aten.copy.default}
 
 
@@ -69,9 +82,15 @@ class FakeCudaTensor(torch.Tensor):
     @staticmethod
     def __new__(cls, inner: torch.Tensor, requires_grad: bool = False):
         assert not isinstance(inner, FakeCudaTensor) and inner.device.type == "cpu", (type(inner), inner.device)
-        r = torch.Tensor._make_wrapper_subclass(cls, inner.shape, strides=inner.stride(),
-                                                storage_offset=inner.storage_offset(), dtype=inner.dtype,
-                                                device="meta", requires_grad=requires_grad)
+        r = torch.Tensor._make_wrapper_subclass(
+            cls,
+            inner.shape,
+            strides=inner.stride(),
+            storage_offset=inner.storage_offset(),
+            dtype=inner.dtype,
+            device="meta",
+            requires_grad=requires_grad,
+        )
         r.inner = inner
         return r
 
@@ -198,8 +217,14 @@ class _FunctionMode(TorchFunctionMode):
                 rec.violate("cpu_generator", getattr(func, "__name__", str(func)))
             kwargs["device"] = "cpu"
             out = func(*args, **kwargs)
-            return tree_map(lambda o: FakeCudaTensor(o.detach(), o.requires_grad) if isinstance(o, torch.Tensor)
-                            and not _is_fake(o) else o, out)
+            return tree_map(
+                lambda o: (
+                    FakeCudaTensor(o.detach(), o.requires_grad)
+                    if isinstance(o, torch.Tensor) and not _is_fake(o)
+                    else o
+                ),
+                out,
+            )
         return func(*args, **kwargs)
 
     def _move(self, func, args, kwargs):
@@ -225,8 +250,9 @@ class _FunctionMode(TorchFunctionMode):
             device = None
         elif device is not None and torch.device(device).type == "cpu" and not _is_fake(x):
             device = None  # already there
-        extra = {k: v for k, v in (("device", device), ("dtype", dtype), ("memory_format", memory_format))
-                 if v is not None}
+        extra = {
+            k: v for k, v in (("device", device), ("dtype", dtype), ("memory_format", memory_format)) if v is not None
+        }
         return torch.Tensor.to(x, **extra) if extra else x  # a D2H copy is recorded at dispatch
 
 
@@ -249,8 +275,10 @@ class _DispatchMode(TorchDispatchMode):
                 # A factory op that C++ code issued with a fake tensor's options (SDPA's math path builds
                 # its causal mask so): the tensor belongs on the GPU. So real meta tensors cannot be used
                 # under the harness.
-                return tree_map(lambda o: FakeCudaTensor(o) if isinstance(o, torch.Tensor) else o,
-                                func(*args, **{**kwargs, "device": torch.device("cpu")}))
+                return tree_map(
+                    lambda o: FakeCudaTensor(o) if isinstance(o, torch.Tensor) else o,
+                    func(*args, **{**kwargs, "device": torch.device("cpu")}),
+                )
             return func(*args, **kwargs)
         # -- checks ---------------------------------------------------------------------------------
         cpu = [a for a in flat if isinstance(a, torch.Tensor) and not _is_fake(a) and a.device.type == "cpu"]
@@ -329,16 +357,22 @@ class _Stream:
 
 
 def _accelerator_api() -> dict[str, Any]:
-    return {"current_stream": lambda device=None: _Stream(), "current_device_index": lambda: 0,
-            "device_count": lambda: 1}
+    return {
+        "current_stream": lambda device=None: _Stream(),
+        "current_device_index": lambda: 0,
+        "device_count": lambda: 1,
+    }
 
 
 @contextlib.contextmanager
 def fake_cuda(**kw) -> Iterator[FakeCuda]:
     """Run the block on a fake GPU; yields the recorder (see the module docstring)."""
     rec = FakeCuda(**kw)
-    patches = [(torch.cuda, _cuda_api(rec)), (torch.accelerator, _accelerator_api()),
-               (torch.cuda, {"current_stream": lambda device=None: _Stream()})]
+    patches = [
+        (torch.cuda, _cuda_api(rec)),
+        (torch.accelerator, _accelerator_api()),
+        (torch.cuda, {"current_stream": lambda device=None: _Stream()}),
+    ]
     saved = [(mod, name, getattr(mod, name)) for mod, fns in patches for name in fns]
     for mod, fns in patches:
         for name, fn in fns.items():

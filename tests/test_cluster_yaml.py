@@ -1,4 +1,5 @@
 """cluster.yaml is a valid Ray autoscaler config (checked offline against Ray's own JSON schema)."""
+
 import json
 from pathlib import Path
 

@@ -1,4 +1,5 @@
 """One error tree: every error raised on purpose is a TokenFactoryError that carries its HTTP answer."""
+
 from __future__ import annotations
 
 import importlib
@@ -35,8 +36,11 @@ def test_every_project_exception_class_is_in_the_tree():
         for f in path.rglob("*.py"):
             for m in re.finditer(r"^class (\w+)\(([^)]*)\):", f.read_text(), re.M):
                 name, bases = m.groups()
-                if re.search(r"\b(Exception|Error|OSError|ValueError|KeyError|RuntimeError)\b", bases) \
-                        and "TokenFactoryError" not in bases and name != "ApiError":
+                if (
+                    re.search(r"\b(Exception|Error|OSError|ValueError|KeyError|RuntimeError)\b", bases)
+                    and "TokenFactoryError" not in bases
+                    and name != "ApiError"
+                ):
                     module = importlib.import_module(".".join(f.relative_to(ROOT).with_suffix("").parts))
                     if not issubclass(getattr(module, name), TokenFactoryError):
                         outside.append(f"{f.relative_to(ROOT)}: {name}")
@@ -56,14 +60,17 @@ def test_every_error_names_an_http_status_and_a_snake_case_code():
         assert re.fullmatch(r"[a-z]+(_[a-z]+)*", cls.code), cls
 
 
-@pytest.mark.parametrize("qualname,status,code", [
-    ("factory.registry.UnknownVersion", 404, "no_such_version"),
-    ("factory.registry.ChecksumMismatch", 409, "version_unreadable"),
-    ("factory.storage.StorageError", 503, "store_unavailable"),
-    ("factory.storage.NotFoundInStorage", 404, "not_found"),
-    ("serve.state.IncompatibleRegistry", 409, "incompatible_registry"),
-    ("factory.errors.UnknownConceptMarker", 404, "unknown_concept"),
-])
+@pytest.mark.parametrize(
+    "qualname,status,code",
+    [
+        ("factory.registry.UnknownVersion", 404, "no_such_version"),
+        ("factory.registry.ChecksumMismatch", 409, "version_unreadable"),
+        ("factory.storage.StorageError", 503, "store_unavailable"),
+        ("factory.storage.NotFoundInStorage", 404, "not_found"),
+        ("serve.state.IncompatibleRegistry", 409, "incompatible_registry"),
+        ("factory.errors.UnknownConceptMarker", 404, "unknown_concept"),
+    ],
+)
 def test_former_outsiders_keep_their_builtin_bases_and_gain_an_http_answer(qualname, status, code):
     module, name = qualname.rsplit(".", 1)
     cls = getattr(importlib.import_module(module), name)
@@ -75,7 +82,8 @@ def test_the_service_maps_an_error_by_its_attributes():
     from serve.deployments import prompt_error
 
     assert prompt_error(UnknownVersion("version 9 is not committed")) == {
-        "error": {"status": 404, "code": "no_such_version", "message": "version 9 is not committed"}}
+        "error": {"status": 404, "code": "no_such_version", "message": "version 9 is not committed"}
+    }
     assert prompt_error(ValueError("NUL in prompt"))["error"]["code"] == "bad_prompt"
 
 
@@ -89,6 +97,7 @@ def test_the_cli_turns_any_tree_error_into_one_line_and_exit_2(capsys, tmp_path)
 
 # ---- errors survive pickling (Ray re-raises a remote error from its pickle) ----------------------------------
 
+
 def _factory_error_classes():
     for module in _project_modules():
         if module.split(".")[0] == "factory":
@@ -100,9 +109,11 @@ def _factory_error_classes():
 
 
 # Classes whose __init__ is not (message): their own arguments.
-_SPECIAL_ARGS = {"UnknownConceptMarker": ((["red-dress", "blue-coat"],), {"known": 3}),
-                 "StorageError": (("the store is down",), {"uri": "s3://b/k"}),
-                 "NotFoundInStorage": (("no such key",), {"uri": "s3://b/k"})}
+_SPECIAL_ARGS = {
+    "UnknownConceptMarker": ((["red-dress", "blue-coat"],), {"known": 3}),
+    "StorageError": (("the store is down",), {"uri": "s3://b/k"}),
+    "NotFoundInStorage": (("no such key",), {"uri": "s3://b/k"}),
+}
 
 
 def _instance(cls):

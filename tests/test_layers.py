@@ -2,6 +2,7 @@
 
 Every import statement counts, at module level or inside a function (a lazy import is still an arrow).
 """
+
 from __future__ import annotations
 
 import ast
@@ -10,8 +11,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("schemas", "factory", "jobs", "serve", "cli")
 # What each package may import from the project (besides itself).
-ALLOWED = {"schemas": set(), "factory": {"schemas"}, "jobs": {"schemas", "factory"},
-           "serve": {"schemas", "factory"}, "cli": {"schemas", "factory", "jobs", "serve"}}
+ALLOWED = {
+    "schemas": set(),
+    "factory": {"schemas"},
+    "jobs": {"schemas", "factory"},
+    "serve": {"schemas", "factory"},
+    "cli": {"schemas", "factory", "jobs", "serve"},
+}
 
 
 def _module_name(path: Path) -> str:
@@ -52,8 +58,12 @@ def _graph() -> dict[str, set[str]]:
 
 
 def test_packages_import_only_the_layers_below_them():
-    bad = sorted(f"{m} -> {t}" for m, ts in _graph().items() for t in ts
-                 if t.split(".")[0] != m.split(".")[0] and t.split(".")[0] not in ALLOWED[m.split(".")[0]])
+    bad = sorted(
+        f"{m} -> {t}"
+        for m, ts in _graph().items()
+        for t in ts
+        if t.split(".")[0] != m.split(".")[0] and t.split(".")[0] not in ALLOWED[m.split(".")[0]]
+    )
     assert not bad, "imports against the layering:\n" + "\n".join(bad)
 
 
@@ -61,8 +71,13 @@ def test_factory_never_imports_ray():
     hits = []
     for p in (ROOT / "factory").rglob("*.py"):
         for node in ast.walk(ast.parse(p.read_text())):
-            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
-                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
             hits += [f"{p.relative_to(ROOT)}: {n}" for n in names if n.split(".")[0] == "ray"]
     assert not hits, hits
 
@@ -78,7 +93,7 @@ def test_no_import_cycles_among_the_projects_modules():
         stack.append(node)
         for nxt in sorted(edges.get(node, ())):
             if state.get(nxt) == "open":
-                cycles.append(stack[stack.index(nxt):] + [nxt])
+                cycles.append(stack[stack.index(nxt) :] + [nxt])
             elif nxt not in state:
                 visit(nxt, stack)
         stack.pop()

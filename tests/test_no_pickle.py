@@ -3,6 +3,7 @@
 A grep over the project's own sources (so it cannot drift): every torch.load passes weights_only=True,
 every np.load passes allow_pickle=False, and nothing calls pickle / cloudpickle / dill loaders directly.
 """
+
 import re
 from pathlib import Path
 
@@ -20,7 +21,7 @@ def _calls(name: str):
                 while depth and i < len(text):
                     depth += {"(": 1, ")": -1}.get(text[i], 0)
                     i += 1
-                yield path.relative_to(ROOT), text.count("\n", 0, m.start()) + 1, text[m.start():i]
+                yield path.relative_to(ROOT), text.count("\n", 0, m.start()) + 1, text[m.start() : i]
 
 
 def test_every_torch_load_is_weights_only():
@@ -34,6 +35,10 @@ def test_every_numpy_load_refuses_pickles():
 
 
 def test_no_pickle_loaders():
-    bad = [hit for lib in ("pickle", "cloudpickle", "dill", "joblib") for fn in ("load", "loads")
-           for hit in _calls(f"{lib}.{fn}")]
+    bad = [
+        hit
+        for lib in ("pickle", "cloudpickle", "dill", "joblib")
+        for fn in ("load", "loads")
+        for hit in _calls(f"{lib}.{fn}")
+    ]
     assert not bad, bad

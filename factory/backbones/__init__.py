@@ -10,6 +10,7 @@ A backbone *spec* is a registered name, a config file/URI, a dict or a `Backbone
 `resolve_backbone_config` turns any of them into one complete config (for the standard layout: with the
 architecture read from the checkpoint folders), which is what jobs ship to their workers as data.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -35,15 +36,26 @@ from factory.errors import UnknownBackbone, WeightsError
 WEIGHTS_FILE = "model.safetensors"
 
 __all__ = [
-    "Backbone", "BackboneConfig", "DiffusionGenerator", "GeneratorConfig", "ImageConfig", "TextEncoding",
-    "TokenizerConfig", "add_backbone_config", "create_backbone", "get_backbone_config", "list_backbones",
-    "load_backbone", "resolve_backbone_config", "save_weights", "WEIGHTS_FILE", "PRECISIONS",
+    "Backbone",
+    "BackboneConfig",
+    "DiffusionGenerator",
+    "GeneratorConfig",
+    "ImageConfig",
+    "TextEncoding",
+    "TokenizerConfig",
+    "add_backbone_config",
+    "create_backbone",
+    "get_backbone_config",
+    "list_backbones",
+    "load_backbone",
+    "resolve_backbone_config",
+    "save_weights",
+    "WEIGHTS_FILE",
+    "PRECISIONS",
 ]
 
 
-
-def resolve_backbone_config(spec: str | dict | BackboneConfig, weights: str | None = None,
-                            s3=None) -> BackboneConfig:
+def resolve_backbone_config(spec: str | dict | BackboneConfig, weights: str | None = None, s3=None) -> BackboneConfig:
     """One complete `BackboneConfig` from a name, a config file/URI, a dict or a config.
 
     ``weights`` overrides the config's weights URI. A standard-layout config is completed from the small
@@ -62,23 +74,28 @@ def resolve_backbone_config(spec: str | dict | BackboneConfig, weights: str | No
         try:
             raw = storage.read_json(spec, s3)
         except FileNotFoundError:
-            raise UnknownBackbone(f"backbone config file not found: {spec} (registered names: {list_backbones()})") from None
+            raise UnknownBackbone(
+                f"backbone config file not found: {spec} (registered names: {list_backbones()})"
+            ) from None
         base = None if "://" in spec else os.path.dirname(os.path.abspath(spec))
         raw.setdefault("name", spec.rstrip("/").rsplit("/", 1)[-1].removesuffix(".json"))
         config = BackboneConfig.from_dict(config_dict(raw, spec, base))
     else:
-        raise UnknownBackbone(f"unknown backbone {spec!r}: give a registered name ({list_backbones()}) or a config file")
+        raise UnknownBackbone(
+            f"unknown backbone {spec!r}: give a registered name ({list_backbones()}) or a config file"
+        )
     if weights and weights != config.weights:
         config = dataclasses.replace(config, weights=weights)
     if config.layout == "standard" and (config.resolved_from is None or config.resolved_from != config.weights):
         if not config.weights:
-            raise WeightsError(f"backbone {config.name!r} loads checkpoints in their standard layouts: give "
-                               f"--weights ROOT, where ROOT holds {config.expected_layout()}")
+            raise WeightsError(
+                f"backbone {config.name!r} loads checkpoints in their standard layouts: give "
+                f"--weights ROOT, where ROOT holds {config.expected_layout()}"
+            )
         from factory.backbones.standard import resolve_standard
 
         config = resolve_standard(config, config.weights, s3)
     return config
-
 
 
 def create_backbone(config: BackboneConfig) -> Backbone:
@@ -101,8 +118,13 @@ def _weights_uri(weights: str) -> str:
     return weights if weights.endswith(".safetensors") else storage.join(weights, WEIGHTS_FILE)
 
 
-def load_backbone(spec: str | dict | BackboneConfig, weights: str | None = None,
-                  device: str | torch.device = "cpu", s3=None, dtype: torch.dtype | None = None) -> Backbone:
+def load_backbone(
+    spec: str | dict | BackboneConfig,
+    weights: str | None = None,
+    device: str | torch.device = "cpu",
+    s3=None,
+    dtype: torch.dtype | None = None,
+) -> Backbone:
     """The frozen backbone of ``spec`` (see `resolve_backbone_config`); weights from ``weights`` (a URI),
     else the config's default URI; ``dtype`` casts it (bf16/fp16 on GPUs; fp32 is the default).
 

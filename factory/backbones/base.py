@@ -4,6 +4,7 @@ A backbone is a frozen CLIP-family pair (text + image encoder) plus, optionally,
 conditioned on the same text encoder. Families differ only in how their text transformer runs on
 *embeddings* (so vectors can be injected) and how images are encoded; the rest lives here.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -105,8 +106,9 @@ class Backbone(nn.Module):
         emb = inject(emb, batch, vectors.to(self.device) if vectors is not None else None)
         return self.text_transformer(emb, batch.eot_positions)
 
-    def encode_prompts(self, prompts: Sequence[str] | str,
-                       tokens: Mapping[str, torch.Tensor] | None = None) -> TextEncoding:
+    def encode_prompts(
+        self, prompts: Sequence[str] | str, tokens: Mapping[str, torch.Tensor] | None = None
+    ) -> TextEncoding:
         """Tokenise and encode; ``tokens`` maps concept id -> vector for every marker in the prompts."""
         batch = self.tokenize(prompts)
         return self.encode_text(batch, self.lookup(batch.concept_ids, tokens or {}))

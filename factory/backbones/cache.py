@@ -7,6 +7,7 @@ them download while the others wait, files land under temporary names and are re
 a manifest written last records each file's size and sha256. A later call re-lists the prefix and only
 downloads what changed, so a partial or stale mirror is repaired, never used.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -54,7 +55,7 @@ def _remote_files(uri: str, s3) -> dict[str, int]:
     fs, base = storage.resolve(uri, s3)
     base = base.rstrip("/")
     infos = fs.get_file_info(pafs.FileSelector(base, allow_not_found=True, recursive=True))
-    files = {i.path[len(base) + 1:]: i.size for i in infos if i.type == pafs.FileType.File}
+    files = {i.path[len(base) + 1 :]: i.size for i in infos if i.type == pafs.FileType.File}
     if not files:
         raise FileNotFoundError(f"no files under {uri}")
     return files
@@ -124,6 +125,9 @@ def fingerprint_of(root: Path) -> str:
     if manifest.exists():  # a mirror: its files were hashed while they were downloaded
         hashes = {rel: e["sha256"] for rel, e in json.loads(manifest.read_text())["files"].items()}
     else:
-        hashes = {str(p.relative_to(root)): file_sha256(p) for p in sorted(root.rglob("*"))
-                  if p.is_file() and not p.name.startswith(".")}
+        hashes = {
+            str(p.relative_to(root)): file_sha256(p)
+            for p in sorted(root.rglob("*"))
+            if p.is_file() and not p.name.startswith(".")
+        }
     return hashlib.sha256(json.dumps(hashes, sort_keys=True).encode()).hexdigest()

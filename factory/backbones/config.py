@@ -4,6 +4,7 @@ JSON files in ``configs/`` are scanned at import; `add_backbone_config` register
 dict). A config fully determines the architecture; weights come separately from a URI, so the same
 config serves random-init tests and real pretrained checkpoints.
 """
+
 from __future__ import annotations
 
 import copy
@@ -103,26 +104,36 @@ class BackboneConfig:
         """What the weights URI of this backbone must hold, in words (`tokenfactory backbones` prints it)."""
         if self.layout == "tokenfactory":
             return "model.safetensors (the full state dict, as `save_weights` writes it)"
-        clip = ("clip/: HF CLIPModel save_pretrained (config.json, model.safetensors, preprocessor_config.json)"
-                if self.family == "hf-clip" else
-                "clip/: open_clip checkpoint (open_clip_model.safetensors or open_clip_pytorch_model.bin, "
-                f"optional open_clip_config.json; model config {self.clip.get('model_name')!r})")
-        return (f"ROOT/{clip}; ROOT/diffusion/: diffusers pipeline (model_index.json, unet/, vae/, scheduler/, "
-                f"text_encoder/, tokenizer/); UNet on the {self.text_layer} text layer, {self.tokenizer.pad} padding")
+        clip = (
+            "clip/: HF CLIPModel save_pretrained (config.json, model.safetensors, preprocessor_config.json)"
+            if self.family == "hf-clip"
+            else "clip/: open_clip checkpoint (open_clip_model.safetensors or open_clip_pytorch_model.bin, "
+            f"optional open_clip_config.json; model config {self.clip.get('model_name')!r})"
+        )
+        return (
+            f"ROOT/{clip}; ROOT/diffusion/: diffusers pipeline (model_index.json, unet/, vae/, scheduler/, "
+            f"text_encoder/, tokenizer/); UNet on the {self.text_layer} text layer, {self.tokenizer.pad} padding"
+        )
 
 
 def _not_a_backbone_config(d: dict, origin: str) -> str | None:
     """Why a JSON file is a checkpoint's own config rather than a backbone config, if it is one."""
     if "_class_name" in d or "_diffusers_version" in d:
-        return (f"{origin} is a diffusers config ({d.get('_class_name')}), not a backbone config: put the pipeline "
-                "folder at ROOT/diffusion/ and run with --backbone clip-vit-l14+sd15 (or openclip-vit-h14+sd21) "
-                "--weights ROOT")
+        return (
+            f"{origin} is a diffusers config ({d.get('_class_name')}), not a backbone config: put the pipeline "
+            "folder at ROOT/diffusion/ and run with --backbone clip-vit-l14+sd15 (or openclip-vit-h14+sd21) "
+            "--weights ROOT"
+        )
     if "model_type" in d or "architectures" in d:
-        return (f"{origin} is an HF transformers config ({d.get('model_type')}), not a backbone config: put the "
-                "CLIP folder at ROOT/clip/ and run with --backbone clip-vit-l14+sd15 --weights ROOT")
+        return (
+            f"{origin} is an HF transformers config ({d.get('model_type')}), not a backbone config: put the "
+            "CLIP folder at ROOT/clip/ and run with --backbone clip-vit-l14+sd15 --weights ROOT"
+        )
     if "model_cfg" in d:
-        return (f"{origin} is an open_clip model config, not a backbone config: put it with its checkpoint at "
-                "ROOT/clip/ and run with --backbone openclip-vit-h14+sd21 --weights ROOT")
+        return (
+            f"{origin} is an open_clip model config, not a backbone config: put it with its checkpoint at "
+            "ROOT/clip/ and run with --backbone openclip-vit-h14+sd21 --weights ROOT"
+        )
     return None
 
 

@@ -3,6 +3,7 @@
 The UNet is conditioned on the *same* text encoder's hidden states as the classifier uses, which is
 what lets one learned token both classify and generate.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -86,9 +87,16 @@ class DiffusionGenerator(nn.Module):
         return torch.randn(n, self.latent_channels, s, s, generator=torch.Generator().manual_seed(seed))
 
     @torch.no_grad()
-    def sample(self, cond: torch.Tensor, uncond: torch.Tensor | None = None, steps: int = 40,
-               guidance: float = 4.0, seed: int = 0, noise: torch.Tensor | None = None,
-               should_stop: Callable[[], bool] | None = None) -> torch.Tensor:
+    def sample(
+        self,
+        cond: torch.Tensor,
+        uncond: torch.Tensor | None = None,
+        steps: int = 40,
+        guidance: float = 4.0,
+        seed: int = 0,
+        noise: torch.Tensor | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> torch.Tensor:
         """DDIM sampling with classifier-free guidance; returns images in [-1, 1], [B, 3, H, W].
 
         ``cond`` [B, L, w] are the text hidden states of the prompts (tokens already injected), ``uncond``

@@ -1,4 +1,5 @@
 """HF-transformers CLIP (OpenAI CLIP ViT-L/14 + Stable Diffusion 1.x in production)."""
+
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,5 @@
 """open_clip CLIP (OpenCLIP ViT-H/14 + Stable Diffusion 2.x in production)."""
+
 from __future__ import annotations
 
 import torch

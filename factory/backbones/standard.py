@@ -19,6 +19,7 @@ Two steps, so that a job fails fast and ships its backbone as data:
   open_clip model, so weights never sit in memory beside a random model), and refuses a pipeline whose
   text encoder is not the CLIP text tower the tokens are learned for.
 """
+
 from __future__ import annotations
 
 import copy
@@ -71,8 +72,10 @@ def resolve_standard(config: BackboneConfig, root: str, s3=None) -> BackboneConf
 def _resolve_hf_clip(clip_uri: str, s3):
     cfg = _json(storage.join(clip_uri, "config.json"), "HF CLIP config (clip/config.json)", s3)
     if cfg.get("model_type") != "clip":
-        raise WeightsError(f"{clip_uri}/config.json is not an HF CLIPModel config (model_type "
-                           f"{cfg.get('model_type')!r}); clip/ must be a `CLIPModel.save_pretrained` folder")
+        raise WeightsError(
+            f"{clip_uri}/config.json is not an HF CLIPModel config (model_type "
+            f"{cfg.get('model_type')!r}); clip/ must be a `CLIPModel.save_pretrained` folder"
+        )
     text, vision = cfg.get("text_config", {}), cfg.get("vision_config", {})
     size = vision.get("image_size", 224)
     mean, std = ImageConfig.mean, ImageConfig.std
@@ -84,8 +87,13 @@ def _resolve_hf_clip(clip_uri: str, s3):
             crop = crop.get("height", crop.get("shortest_edge", size))
         size, mean, std = int(crop), pre.get("image_mean", mean), pre.get("image_std", std)
     image = {"size": size, "mean": list(mean), "std": list(std)}
-    return (_public(cfg), text.get("hidden_size", 512), text.get("num_hidden_layers", 12),
-            text.get("max_position_embeddings", 77), image)
+    return (
+        _public(cfg),
+        text.get("hidden_size", 512),
+        text.get("num_hidden_layers", 12),
+        text.get("max_position_embeddings", 77),
+        image,
+    )
 
 
 def _resolve_open_clip(clip: dict, clip_uri: str, s3):
@@ -99,41 +107,65 @@ def _resolve_open_clip(clip: dict, clip_uri: str, s3):
     else:
         model_cfg, pre = open_clip.get_model_config(name) if name else None, {}
     if not model_cfg:
-        raise WeightsError(f"no open_clip model config: {oc_uri} is absent and {name!r} is not an open_clip model "
-                           f"config name (known include {open_clip.list_models()[:5]})")
+        raise WeightsError(
+            f"no open_clip model config: {oc_uri} is absent and {name!r} is not an open_clip model "
+            f"config name (known include {open_clip.list_models()[:5]})"
+        )
     if not any(storage.exists(storage.join(clip_uri, f), s3) for f in OPEN_CLIP_CHECKPOINTS):
         raise WeightsError(f"no open_clip checkpoint under {clip_uri}: expected one of {OPEN_CLIP_CHECKPOINTS}")
     text, vision = model_cfg.get("text_cfg", {}), model_cfg.get("vision_cfg", {})
-    image = {"size": vision.get("image_size", 224), "mean": list(pre.get("mean", ImageConfig.mean)),
-             "std": list(pre.get("std", ImageConfig.std))}
-    return ({"model_name": name, **model_cfg}, text.get("width", 512), text.get("layers", 12),
-            text.get("context_length", 77), image)
+    image = {
+        "size": vision.get("image_size", 224),
+        "mean": list(pre.get("mean", ImageConfig.mean)),
+        "std": list(pre.get("std", ImageConfig.std)),
+    }
+    return (
+        {"model_name": name, **model_cfg},
+        text.get("width", 512),
+        text.get("layers", 12),
+        text.get("context_length", 77),
+        image,
+    )
 
 
 def _resolve_pipeline(diff_uri: str, s3, config: BackboneConfig, text_width: int, text_layers: int) -> dict:
     index = _json(storage.join(diff_uri, "model_index.json"), "diffusers pipeline (diffusion/model_index.json)", s3)
     absent = [p for p in PIPELINE_PARTS if p not in index]
     if absent:
-        raise WeightsError(f"{diff_uri}/model_index.json names no {absent}: diffusion/ must be a Stable Diffusion "
-                           "pipeline folder (`StableDiffusionPipeline.save_pretrained`)")
+        raise WeightsError(
+            f"{diff_uri}/model_index.json names no {absent}: diffusion/ must be a Stable Diffusion "
+            "pipeline folder (`StableDiffusionPipeline.save_pretrained`)"
+        )
     part = lambda sub, file: _json(storage.join(diff_uri, sub, file), f"diffusion/{sub}/{file}", s3)  # noqa: E731
-    unet, sched, te = part("unet", "config.json"), part("scheduler", "scheduler_config.json"), part("text_encoder", "config.json")
+    unet, sched, te = (
+        part("unet", "config.json"),
+        part("scheduler", "scheduler_config.json"),
+        part("text_encoder", "config.json"),
+    )
     vae = part("vae", "config.json") if index.get("vae") and index["vae"][0] is not None else None
     if unet.get("cross_attention_dim") != text_width:
-        raise BackboneMismatch(f"the UNet of {diff_uri} attends to {unet.get('cross_attention_dim')}-wide text states, "
-                               f"but the CLIP text tower is {text_width} wide: clip/ and diffusion/ are not a pair")
+        raise BackboneMismatch(
+            f"the UNet of {diff_uri} attends to {unet.get('cross_attention_dim')}-wide text states, "
+            f"but the CLIP text tower is {text_width} wide: clip/ and diffusion/ are not a pair"
+        )
     want = text_layers - 1 if config.text_layer == "penultimate" else text_layers
     got = te.get("num_hidden_layers")
     if got != want:
         raise BackboneMismatch(
             f"diffusion/text_encoder has {got} layers but clip/ has {text_layers}: with text_layer "
             f"{config.text_layer!r} the pipeline's text encoder must have {want} (SD 1.x: all layers, 'last'; "
-            "SD 2.x: one fewer, 'penultimate'): pick the backbone config that matches this pipeline")
-    return {"unet": _public(unet), "vae": _public(vae) if vae else None, "scheduler": _public(sched),
-            "latent_scale": float(vae.get("scaling_factor", 0.18215)) if vae else 1.0}
+            "SD 2.x: one fewer, 'penultimate'): pick the backbone config that matches this pipeline"
+        )
+    return {
+        "unet": _public(unet),
+        "vae": _public(vae) if vae else None,
+        "scheduler": _public(sched),
+        "latent_scale": float(vae.get("scaling_factor", 0.18215)) if vae else 1.0,
+    }
 
 
 # ---- loading ----------------------------------------------------------------------------------------
+
 
 def load_standard(config: BackboneConfig, s3=None, dtype: torch.dtype | None = None):
     """The backbone of a resolved standard-layout config, loaded from its (mirrored) weights ROOT."""
@@ -160,7 +192,8 @@ def load_standard(config: BackboneConfig, s3=None, dtype: torch.dtype | None = N
     # Content, not location: the same checkpoint read from a folder or through an S3 mirror is one backbone.
     conventions = {k: v for k, v in config.to_dict().items() if k not in ("weights", "resolved_from", "description")}
     backbone._fingerprint = hashlib.sha256(
-        (fingerprint_of(root) + json.dumps(conventions, sort_keys=True, default=str)).encode()).hexdigest()
+        (fingerprint_of(root) + json.dumps(conventions, sort_keys=True, default=str)).encode()
+    ).hexdigest()
     return backbone
 
 
@@ -188,8 +221,10 @@ def _load_open_clip(clip: dict, clip_dir: Path, dtype: torch.dtype):
         model = CLIP(**clip_kwargs(clip))
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if missing or unexpected:
-        raise WeightsError(f"{path} does not fit open_clip model {clip.get('model_name')!r}: {len(missing)} missing "
-                           f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})")
+        raise WeightsError(
+            f"{path} does not fit open_clip model {clip.get('model_name')!r}: {len(missing)} missing "
+            f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})"
+        )
     # The causal mask is a non-persistent buffer, so it is not in the checkpoint: rebuild it.
     model.attn_mask = torch.full((model.context_length,) * 2, float("-inf")).triu_(1)
     return model.to(dtype)
@@ -202,18 +237,25 @@ def open_clip_text_to_hf(clip, layers: int | None = None) -> dict[str, torch.Ten
     This is the key map of diffusers' SD 2.x conversion (OpenCLIP ViT-H/14's text tower without its last
     block is SD 2.x's text encoder); used to check a pipeline against its CLIP and to build test pipelines.
     """
-    out = {"embeddings.token_embedding.weight": clip.token_embedding.weight,
-           "embeddings.position_embedding.weight": clip.positional_embedding,
-           "final_layer_norm.weight": clip.ln_final.weight,
-           "final_layer_norm.bias": clip.ln_final.bias}
+    out = {
+        "embeddings.token_embedding.weight": clip.token_embedding.weight,
+        "embeddings.position_embedding.weight": clip.positional_embedding,
+        "final_layer_norm.weight": clip.ln_final.weight,
+        "final_layer_norm.bias": clip.ln_final.bias,
+    }
     blocks = clip.transformer.resblocks
     for i, block in enumerate(blocks[: len(blocks) if layers is None else layers]):
         pre = f"encoder.layers.{i}."
         for kind, t in (("weight", block.attn.in_proj_weight), ("bias", block.attn.in_proj_bias)):
             for proj, chunk in zip("qkv", t.chunk(3, dim=0)):
                 out[f"{pre}self_attn.{proj}_proj.{kind}"] = chunk
-        for ours, theirs in (("attn.out_proj", "self_attn.out_proj"), ("ln_1", "layer_norm1"),
-                             ("ln_2", "layer_norm2"), ("mlp.c_fc", "mlp.fc1"), ("mlp.c_proj", "mlp.fc2")):
+        for ours, theirs in (
+            ("attn.out_proj", "self_attn.out_proj"),
+            ("ln_1", "layer_norm1"),
+            ("ln_2", "layer_norm2"),
+            ("mlp.c_fc", "mlp.fc1"),
+            ("mlp.c_proj", "mlp.fc2"),
+        ):
             mod = block.get_submodule(ours)
             out[f"{pre}{theirs}.weight"], out[f"{pre}{theirs}.bias"] = mod.weight, mod.bias
     return {k: v.detach() for k, v in out.items()}
@@ -241,11 +283,15 @@ def check_text_encoder(backbone, te_dir: Path) -> None:
     theirs = {k.removeprefix("text_model."): v for k, v in _read_state(file).items()}
     expected = _expected_text_encoder(backbone, layers)
     absent = sorted(set(expected) - set(theirs))
-    differ = [k for k in expected if k not in absent
-              and not torch.allclose(theirs[k].float(), expected[k].float(), rtol=1e-2, atol=1e-3)]
+    differ = [
+        k
+        for k in expected
+        if k not in absent and not torch.allclose(theirs[k].float(), expected[k].float(), rtol=1e-2, atol=1e-3)
+    ]
     if absent or differ:
         example = (absent or differ)[0]
         raise BackboneMismatch(
             f"the pipeline's text encoder ({te_dir}) is not the CLIP text tower of clip/: {len(absent)} tensors "
             f"absent, {len(differ)} of {len(expected)} differ (e.g. {example}). Tokens learned on this CLIP would "
-            "condition the UNet wrongly: pair the CLIP with its own pipeline (ViT-L/14 + SD 1.x, ViT-H/14 + SD 2.x)")
+            "condition the UNet wrongly: pair the CLIP with its own pipeline (ViT-L/14 + SD 1.x, ViT-H/14 + SD 2.x)"
+        )

@@ -4,6 +4,7 @@ The embedded default's world has a few hundred words; a full 49,408-row CLIP emb
 most of its weights. A trimmed table keeps the start/end-of-text ids and the BPE pieces of a word list,
 in ascending BPE order; anything else is an `UnknownWord` at tokenisation time.
 """
+
 from __future__ import annotations
 
 from typing import Iterable
@@ -28,8 +29,8 @@ def keep_ids_for(words: Iterable[str]) -> list[int]:
 
 def fashion_mini_words() -> list[str]:
     """The word list of the embedded default: its world, its attribute vocabularies, prompt words."""
-    from factory.tokens.prompts import DEFAULT_TEMPLATES
     from factory.tokens import get_vocabulary, list_vocabularies
+    from factory.tokens.prompts import DEFAULT_TEMPLATES
     from factory.world.captions import world_words
 
     words = set(world_words()) | set(PROMPT_WORDS)

@@ -10,6 +10,7 @@
 
 The writing side of the sample catalog stays with the world that renders it (`factory.world`).
 """
+
 from factory.catalogs.evaluation import EvalCatalog, read_eval_catalog, world_template
 from factory.catalogs.gallery import IMAGE_SUFFIXES, gallery_items
 from factory.catalogs.manifest import manifest_uri
@@ -18,7 +19,20 @@ from factory.catalogs.rows import read_concepts, read_manifest, read_rows
 from factory.catalogs.world import Catalog, Query, read_world_catalog
 
 __all__ = [
-    "Catalog", "EvalCatalog", "IMAGE_SUFFIXES", "PervlCatalog", "PervlLayoutError", "Query", "gallery_items",
-    "is_pervl", "manifest_uri", "read_concepts", "read_eval_catalog", "read_manifest", "read_pervl", "read_rows",
-    "read_world_catalog", "world_template",
+    "Catalog",
+    "EvalCatalog",
+    "IMAGE_SUFFIXES",
+    "PervlCatalog",
+    "PervlLayoutError",
+    "Query",
+    "gallery_items",
+    "is_pervl",
+    "manifest_uri",
+    "read_concepts",
+    "read_eval_catalog",
+    "read_manifest",
+    "read_pervl",
+    "read_rows",
+    "read_world_catalog",
+    "world_template",
 ]

@@ -5,6 +5,7 @@ scene, the intent being the scene phrase) and a PerVL-DeepFashion2 layout (`fact
 query per retrieval image). Both become `schemas.RetrievalQuery` rows, so every method below is written
 once.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -40,9 +41,17 @@ def read_eval_catalog(uri: str, s3: S3Options | None = None) -> EvalCatalog:
         cat = read_pervl(uri, s3)
         return EvalCatalog(uri.rstrip("/").rsplit("/", 1)[-1], concepts_from_rows(cat.rows), cat.queries, cat.gallery)
     cat = read_world_catalog(uri, s3)
-    queries = [RetrievalQuery(query_id=q.query_id, concept_id=q.concept_id, parent=q.parent,
-                              template=world_template(q.intent), intent=q.intent, relevant=q.relevant)
-               for q in cat.queries]
+    queries = [
+        RetrievalQuery(
+            query_id=q.query_id,
+            concept_id=q.concept_id,
+            parent=q.parent,
+            template=world_template(q.intent),
+            intent=q.intent,
+            relevant=q.relevant,
+        )
+        for q in cat.queries
+    ]
     return EvalCatalog(cat.manifest.name, cat.concepts, queries, cat.gallery)
 
 

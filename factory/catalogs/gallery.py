@@ -5,6 +5,7 @@ bare table of `schemas.CatalogRow` (Parquet or JSON Lines), the retrieval images
 layout (its ``<split>_fsl_train.txt``), or a folder of image files (S3 or local; the item id is the file
 name without its extension).
 """
+
 from __future__ import annotations
 
 import posixpath
@@ -34,8 +35,13 @@ def gallery_items(uri: str, s3: S3Options | None = None, allow_outside: bool = F
     else:
         files = [f for f in storage.glob_files(uri, s3=s3) if f.lower().endswith(IMAGE_SUFFIXES)]
         return [{"item_id": posixpath.splitext(posixpath.basename(f))[0], "uri": f} for f in files]
-    return [{"item_id": r.attributes.get("item") or posixpath.splitext(posixpath.basename(r.image_uri))[0],
-             "uri": r.image_uri} for r in rows]
+    return [
+        {
+            "item_id": r.attributes.get("item") or posixpath.splitext(posixpath.basename(r.image_uri))[0],
+            "uri": r.image_uri,
+        }
+        for r in rows
+    ]
 
 
 __all__ = ["IMAGE_SUFFIXES", "gallery_items"]

@@ -1,4 +1,5 @@
 """Where a catalog's tables are: the one resolver of a catalog URI and of the relative URIs in its manifest."""
+
 from __future__ import annotations
 
 from factory import storage

@@ -16,6 +16,7 @@ a new context, so it also serves as that concept's held-out image for classifica
 concept as "person" (the benchmark rewrites it to "person wearing *"); a caption that already has a ``*``
 keeps it as the concept's slot.
 """
+
 from __future__ import annotations
 
 import io
@@ -69,7 +70,7 @@ def template_for(caption: str) -> str:
         return f"{head}{CONCEPT_SLOT}{tail.replace('*', '')}"
     m = re.search(r"\bperson\b", text, flags=re.IGNORECASE)
     if m:
-        return f"{text[:m.end()]} wearing {CONCEPT_SLOT}{text[m.end():]}"
+        return f"{text[: m.end()]} wearing {CONCEPT_SLOT}{text[m.end() :]}"
     return f"a photo of {CONCEPT_SLOT}, {text}"
 
 
@@ -133,9 +134,17 @@ def read_pervl(uri: str, s3: S3Options | None = None) -> PervlCatalog:
     if unnamed:
         raise PervlLayoutError(f"PerVL layout: pair ids {unnamed[:5]} have no category in {names_uri}")
     parents = {p: parent_word(category[p]) for p in blocks}
-    rows = [CatalogRow(concept_id=concept_id_for(p), parent=parents[p], split="fewshot",
-                       image_uri=storage.join(root, "train", "image", img), attributes={"pair_id": p})
-            for p, imgs in blocks.items() for img in imgs]
+    rows = [
+        CatalogRow(
+            concept_id=concept_id_for(p),
+            parent=parents[p],
+            split="fewshot",
+            image_uri=storage.join(root, "train", "image", img),
+            attributes={"pair_id": p},
+        )
+        for p, imgs in blocks.items()
+        for img in imgs
+    ]
     gallery, queries = [], []
     for r in split_rows:
         image = r["image_name"]
@@ -143,19 +152,36 @@ def read_pervl(uri: str, s3: S3Options | None = None) -> PervlCatalog:
             raise PervlLayoutError(f"PerVL layout: retrieval image {image} has no caption in {short_uri}")
         pair, caption = short[image]["pair_id"], short[image]["caption"]
         if pair not in blocks:
-            raise PervlLayoutError(f"PerVL layout: retrieval image {image} shows pair id {pair}, "
-                                   f"which has no few-shot images in {uri}")
+            raise PervlLayoutError(
+                f"PerVL layout: retrieval image {image} shows pair id {pair}, which has no few-shot images in {uri}"
+            )
         cid, item = concept_id_for(pair), posixpath.splitext(posixpath.basename(image))[0]
         image_uri = storage.join(root, image)
         attrs = {"pair_id": pair}
-        rows.append(CatalogRow(concept_id=cid, parent=parents[pair], split="heldout", image_uri=image_uri,
-                               attributes=attrs))
-        gallery.append(CatalogRow(concept_id=cid, parent=parents[pair], split="gallery", image_uri=image_uri,
-                                  attributes={**attrs, "item": item}, caption=caption))
+        rows.append(
+            CatalogRow(concept_id=cid, parent=parents[pair], split="heldout", image_uri=image_uri, attributes=attrs)
+        )
+        gallery.append(
+            CatalogRow(
+                concept_id=cid,
+                parent=parents[pair],
+                split="gallery",
+                image_uri=image_uri,
+                attributes={**attrs, "item": item},
+                caption=caption,
+            )
+        )
         template = template_for(caption)
-        queries.append(RetrievalQuery(query_id=f"q{len(queries):05d}", concept_id=cid, parent=parents[pair],
-                                      template=template, intent=" ".join(template.replace(CONCEPT_SLOT, "").split()),
-                                      relevant=[item]))
+        queries.append(
+            RetrievalQuery(
+                query_id=f"q{len(queries):05d}",
+                concept_id=cid,
+                parent=parents[pair],
+                template=template,
+                intent=" ".join(template.replace(CONCEPT_SLOT, "").split()),
+                relevant=[item],
+            )
+        )
     return PervlCatalog(rows, gallery, queries)
 
 

@@ -10,6 +10,7 @@ catalog's under its folder. Otherwise a catalog from anywhere could make the job
 worker's credentials reach (``~/.aws/credentials``, ``file:///proc/self/environ``, another bucket) and
 store it as training data; ``allow_outside=True`` (the jobs' ``--allow-outside-catalog``) lifts that.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,14 +28,14 @@ from schemas import CatalogManifest, CatalogRow, ConceptSpec, concepts_from_rows
 def _root(uri: str) -> str:
     """What a catalog's images must stay under: ``s3://bucket/`` or the catalog's own folder."""
     if uri.startswith("s3://"):
-        return "s3://" + uri[len("s3://"):].split("/", 1)[0] + "/"
+        return "s3://" + uri[len("s3://") :].split("/", 1)[0] + "/"
     folder = uri if not uri.endswith((".json", ".jsonl", ".parquet")) else base_of(uri)
     return posixpath.normpath(os.path.abspath(folder.removeprefix("file://"))) + "/"
 
 
 def _inside(root: str, image_uri: str) -> bool:
     if root.startswith("s3://"):
-        return image_uri.startswith(root) and ".." not in image_uri[len(root):].split("/")
+        return image_uri.startswith(root) and ".." not in image_uri[len(root) :].split("/")
     if "://" in image_uri and not image_uri.startswith("file://"):
         return False
     return (posixpath.normpath(os.path.abspath(image_uri.removeprefix("file://"))) + "/").startswith(root)
@@ -48,8 +49,10 @@ def read_rows(uri: str, s3: S3Options | None = None, allow_outside: bool = False
         root = _root(uri)
         outside = [r.image_uri for r in rows if not _inside(root, r.image_uri)]
         if outside:
-            raise CatalogError(f"{len(outside)} image URIs of catalog {uri} lie outside {root} (e.g. {outside[0]!r}): "
-                               "move the images into the catalog, or pass --allow-outside-catalog if you trust it")
+            raise CatalogError(
+                f"{len(outside)} image URIs of catalog {uri} lie outside {root} (e.g. {outside[0]!r}): "
+                "move the images into the catalog, or pass --allow-outside-catalog if you trust it"
+            )
     return rows
 
 

@@ -4,6 +4,7 @@ composite retrieval queries and the scene of every image.
 The writing side lives in `factory.world`; this side needs neither NumPy rendering nor Fashion-MNIST, so
 readers (the evaluation, the demo, the tests) do not import the world's generator.
 """
+
 from __future__ import annotations
 
 import json

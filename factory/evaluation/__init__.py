@@ -5,6 +5,7 @@ one laid out like PerVL-DeepFashion2, see ``pervl``), ``methods`` computes every
 ``report`` turns them into ``metrics.json``, ``report.md`` and plots. No Ray here: `jobs/evaluate.py`
 is the CLI around it.
 """
-from factory.evaluation.metrics import class_embeddings, heldout_accuracy, ranking_metrics, first_relevant_rank
+
+from factory.evaluation.metrics import class_embeddings, first_relevant_rank, heldout_accuracy, ranking_metrics
 
 __all__ = ["class_embeddings", "first_relevant_rank", "heldout_accuracy", "ranking_metrics"]

@@ -36,6 +36,7 @@ projection) is a few small matmuls, and the text transformer runs once per promp
 embedded backbone (fashion-mini), 30 concepts of 5 images on one CPU thread: polar 2.2 s in all (500
 steps), palavra_ft 2.2 s (30 steps through the whole text encoder), about 0.07 s per concept each.
 """
+
 from __future__ import annotations
 
 import math
@@ -89,8 +90,10 @@ class PalavraSettings:
 
     def __post_init__(self):
         if self.steps < 0 or self.lr <= 0 or self.temperature <= 0:
-            raise ConfigError(f"palavra_ft needs steps >= 0, lr > 0 and temperature > 0, got {self.steps}, "
-                              f"{self.lr}, {self.temperature}")
+            raise ConfigError(
+                f"palavra_ft needs steps >= 0, lr > 0 and temperature > 0, got {self.steps}, "
+                f"{self.lr}, {self.temperature}"
+            )
         if "{concept}" not in self.template:
             raise ConfigError(f"palavra_ft's template needs a {{concept}} slot: {self.template!r}")
 
@@ -121,8 +124,13 @@ class Anchor:
         raise NotImplementedError
 
     def summary(self) -> dict:
-        return {"seconds": self.seconds, "seconds_per_concept": self.seconds_per_concept,
-                "n_concepts": self.n_concepts, "has_token": self.tokens is not None, "settings": self.settings}
+        return {
+            "seconds": self.seconds,
+            "seconds_per_concept": self.seconds_per_concept,
+            "n_concepts": self.n_concepts,
+            "has_token": self.tokens is not None,
+            "settings": self.settings,
+        }
 
 
 @dataclass
@@ -140,8 +148,10 @@ class TokenAnchor(Anchor):
 
     @torch.no_grad()
     def text_features(self, backbone, prompts, concept_ids):
-        out = [backbone.encode_prompts(list(prompts[i: i + BATCH]), self.vectors).features.float()
-               for i in range(0, len(prompts), BATCH)]
+        out = [
+            backbone.encode_prompts(list(prompts[i : i + BATCH]), self.vectors).features.float()
+            for i in range(0, len(prompts), BATCH)
+        ]
         return F.normalize(torch.cat(out), dim=-1).cpu()
 
 
@@ -165,8 +175,8 @@ class PolarAnchor(Anchor):
             raise ConfigError(f"polar has no update for concept(s) {', '.join(missing)}: learn them first")
         layer, out = _LastLayer(backbone), []
         for i in range(0, len(prompts), BATCH):
-            ids = list(concept_ids[i: i + BATCH])
-            h, ctx = layer.split(list(prompts[i: i + BATCH]), {POLAR_MARKER_ID: self.word_vector})
+            ids = list(concept_ids[i : i + BATCH])
+            h, ctx = layer.split(list(prompts[i : i + BATCH]), {POLAR_MARKER_ID: self.word_vector})
             u = torch.stack([self.u[c] for c in ids]).to(h.device)
             v = torch.stack([self.v[c] for c in ids]).to(h.device)
             out.append(layer.finish(layer.base(h, ctx), ctx, u, v).float())
@@ -192,8 +202,10 @@ class _LastLayer:
         elif isinstance(backbone, OpenClipBackbone):
             self._open_clip(backbone)
         else:
-            raise ConfigError(f"polar needs the text transformer's last layer, which it reads for the HF and "
-                              f"open_clip families only; backbone {backbone.name!r} is a {type(backbone).__name__}")
+            raise ConfigError(
+                f"polar needs the text transformer's last layer, which it reads for the HF and "
+                f"open_clip families only; backbone {backbone.name!r} is a {type(backbone).__name__}"
+            )
         w = backbone.token_dim
         if w % self.heads:
             raise ConfigError(f"text width {w} is not a multiple of the {self.heads} heads")
@@ -228,8 +240,10 @@ class _LastLayer:
         last = blocks[-1]
         att = last.attn
         if not isinstance(att, nn.MultiheadAttention) or not att._qkv_same_embed_dim or hasattr(last, "ln_1_kv"):
-            raise ConfigError(f"polar reads open_clip's nn.MultiheadAttention; backbone {backbone.name!r}'s last "
-                              f"text block uses {type(att).__name__}")
+            raise ConfigError(
+                f"polar reads open_clip's nn.MultiheadAttention; backbone {backbone.name!r}'s last "
+                f"text block uses {type(att).__name__}"
+            )
 
         def prefix(emb: torch.Tensor) -> torch.Tensor:
             # `OpenClipBackbone.text_transformer` up to (not through) the last block
@@ -289,7 +303,7 @@ class _LastLayer:
 
 
 def _concept_seed(seed: int, concept_id: str) -> int:
-    return (seed * 1_000_003 + zlib.crc32(concept_id.encode())) % (2 ** 63)
+    return (seed * 1_000_003 + zlib.crc32(concept_id.encode())) % (2**63)
 
 
 def _unit_images(d: ConceptData) -> torch.Tensor:
@@ -332,8 +346,13 @@ def learn_polar(backbone: Backbone, data: Sequence[ConceptData], settings: Polar
     images = [_unit_images(d) for d in data]
     n_max, w = max(len(x) for x in images), backbone.token_dim
     # Prompt of image i of a concept: template i (cycled) with the fixed word and the concept's parent.
-    prompts = [[" ".join(s.templates[i % len(s.templates)].format(concept=phrase, parent=d.parent).split())
-                for i in range(len(x))] for d, x in zip(data, images)]
+    prompts = [
+        [
+            " ".join(s.templates[i % len(s.templates)].format(concept=phrase, parent=d.parent).split())
+            for i in range(len(x))
+        ]
+        for d, x in zip(data, images)
+    ]
     unique = sorted({p for ps in prompts for p in ps})
     with torch.no_grad():
         h, ctx = layer.split(unique, {POLAR_MARKER_ID: word})
@@ -351,8 +370,10 @@ def learn_polar(backbone: Backbone, data: Sequence[ConceptData], settings: Polar
     ctx_k, base_k = ctx[index], base[index]  # [K, N, H, w], [K, N, w]
 
     bound = 1.0 / math.sqrt(w)  # nn.init.kaiming_uniform_(a=√5) on a [1, w] matrix, as POLAR draws v
-    v0 = [(torch.rand(w, generator=torch.Generator().manual_seed(_concept_seed(s.seed, d.concept_id))) * 2 - 1) * bound
-          for d in data]
+    v0 = [
+        (torch.rand(w, generator=torch.Generator().manual_seed(_concept_seed(s.seed, d.concept_id))) * 2 - 1) * bound
+        for d in data
+    ]
     u = torch.zeros(k, w, device=dev, requires_grad=True)
     v = torch.stack(v0).to(dev).requires_grad_(True)
     opt = torch.optim.Adam([u, v], lr=s.lr)
@@ -362,11 +383,17 @@ def learn_polar(backbone: Backbone, data: Sequence[ConceptData], settings: Polar
         err = ((y - target) ** 2).mean(-1)  # POLAR's MSE: the mean over a pair's coordinates
         fit = (err * mask).sum(1) / mask.sum(1)  # and over the concept's pairs
         # Summed over concepts (not averaged), so each concept's gradient is what it would be alone.
-        _step(opt, (fit + s.reg * (u ** 2).mean(1)).sum(), [u, v])
+        _step(opt, (fit + s.reg * (u**2).mean(1)).sum(), [u, v])
     u_out, v_out = u.detach().cpu(), F.normalize(v.detach(), dim=-1).cpu()
-    return PolarAnchor("polar", time.perf_counter() - t0, k, asdict(s),
-                       u={d.concept_id: u_out[j] for j, d in enumerate(data)},
-                       v={d.concept_id: v_out[j] for j, d in enumerate(data)}, word_vector=word)
+    return PolarAnchor(
+        "polar",
+        time.perf_counter() - t0,
+        k,
+        asdict(s),
+        u={d.concept_id: u_out[j] for j, d in enumerate(data)},
+        v={d.concept_id: v_out[j] for j, d in enumerate(data)},
+        word_vector=word,
+    )
 
 
 def nt_xent(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -380,7 +407,9 @@ def nt_xent(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tenso
     return F.cross_entropy(sim, positives)
 
 
-def learn_palavra(backbone: Backbone, data: Sequence[ConceptData], settings: PalavraSettings | None = None) -> TokenAnchor:
+def learn_palavra(
+    backbone: Backbone, data: Sequence[ConceptData], settings: PalavraSettings | None = None
+) -> TokenAnchor:
     """PALAVRA's second stage for every concept of ``data`` at once (see the module); the concepts are
     each other's negatives, so unlike POLAR a token depends on the concepts it is learned with."""
     s = settings or PalavraSettings()
@@ -389,8 +418,9 @@ def learn_palavra(backbone: Backbone, data: Sequence[ConceptData], settings: Pal
         raise ConfigError("palavra_ft: no concepts to learn")
     dev = backbone.device
     means = F.normalize(torch.stack([_unit_images(d).mean(0) for d in data]), dim=-1).to(dev)
-    batch = backbone.tokenize([" ".join(s.template.format(concept=marker(d.concept_id), parent=d.parent).split())
-                               for d in data]).to(dev)
+    batch = backbone.tokenize(
+        [" ".join(s.template.format(concept=marker(d.concept_id), parent=d.parent).split()) for d in data]
+    ).to(dev)
     start = {d.concept_id: backbone.word_embedding(d.parent).detach().float() for d in data}
     vectors = torch.stack([start[c] for c in batch.concept_ids]).to(dev).requires_grad_(True)
     opt = torch.optim.Adam([vectors], lr=s.lr)
@@ -399,8 +429,13 @@ def learn_palavra(backbone: Backbone, data: Sequence[ConceptData], settings: Pal
         text = backbone.encode_text(batch, vectors).features.float()
         _step(opt, nt_xent(means, text, s.temperature), [vectors])
     out = vectors.detach().cpu()
-    return TokenAnchor("palavra_ft", time.perf_counter() - t0, len(data), asdict(s),
-                       vectors={c: out[i] for i, c in enumerate(batch.concept_ids)})
+    return TokenAnchor(
+        "palavra_ft",
+        time.perf_counter() - t0,
+        len(data),
+        asdict(s),
+        vectors={c: out[i] for i, c in enumerate(batch.concept_ids)},
+    )
 
 
 LEARNERS: dict[str, Callable[..., Anchor]] = {"polar": learn_polar, "palavra_ft": learn_palavra}
@@ -425,15 +460,21 @@ class AnchorSettings:
             self.palavra_ft = PalavraSettings(**self.palavra_ft)
 
 
-def learn_anchors(backbone: Backbone, data: Sequence[ConceptData], settings: AnchorSettings | None = None) -> dict[str, Anchor]:
+def learn_anchors(
+    backbone: Backbone, data: Sequence[ConceptData], settings: AnchorSettings | None = None
+) -> dict[str, Anchor]:
     """Every anchor of ``settings.methods``, learned on ``data``; name -> anchor."""
     s = settings or AnchorSettings()
     return {m: LEARNERS[m](backbone, data, getattr(s, m)) for m in s.methods}
 
 
-def anchor_accuracy(backbone: Backbone, anchor: Anchor, concepts: Sequence[tuple[str, str]],
-                    heldout: Mapping[str, torch.Tensor], templates: Sequence[str] = DEFAULT_TEMPLATES,
-                    ) -> tuple[float, dict[str, float]]:
+def anchor_accuracy(
+    backbone: Backbone,
+    anchor: Anchor,
+    concepts: Sequence[tuple[str, str]],
+    heldout: Mapping[str, torch.Tensor],
+    templates: Sequence[str] = DEFAULT_TEMPLATES,
+) -> tuple[float, dict[str, float]]:
     """`factory.evaluation.metrics.heldout_accuracy` for an anchor: each concept's class embedding is the
     mean of its template prompts' normalised features, encoded as the anchor encodes that concept."""
     by_parent: dict[str, list[str]] = defaultdict(list)
@@ -461,6 +502,21 @@ def anchor_query_features(backbone: Backbone, anchor: Anchor, queries) -> torch.
     return anchor.text_features(backbone, prompts, [q.concept_id for q in queries])
 
 
-__all__ = ["ANCHORS", "Anchor", "AnchorSettings", "LEARNERS", "POLAR_MARKER_ID", "PalavraSettings", "PolarAnchor",
-           "PolarSettings", "TokenAnchor", "anchor_accuracy", "anchor_query_features", "fixed_word_vector",
-           "learn_anchors", "learn_palavra", "learn_polar", "nt_xent"]
+__all__ = [
+    "ANCHORS",
+    "Anchor",
+    "AnchorSettings",
+    "LEARNERS",
+    "POLAR_MARKER_ID",
+    "PalavraSettings",
+    "PolarAnchor",
+    "PolarSettings",
+    "TokenAnchor",
+    "anchor_accuracy",
+    "anchor_query_features",
+    "fixed_word_vector",
+    "learn_anchors",
+    "learn_palavra",
+    "learn_polar",
+    "nt_xent",
+]

@@ -14,6 +14,7 @@ and every image is judged zero-shot by the backbone:
     identity_accuracy  how often the concept's own prototype is the nearest of them: scenes cancel
                        (`factory.evaluation.metrics.object_fidelity`)
 """
+
 from __future__ import annotations
 
 from typing import Mapping
@@ -42,14 +43,15 @@ def _text(backbone: Backbone, prompts: list[str]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _sample(backbone: Backbone, prompts: list[str], tokens, previews: int, steps: int, guidance: float,
-            seed: int) -> torch.Tensor:
+def _sample(
+    backbone: Backbone, prompts: list[str], tokens, previews: int, steps: int, guidance: float, seed: int
+) -> torch.Tensor:
     """Normalised image features of ``previews`` samples per prompt, [len(prompts) * previews, D]."""
     gen, uncond = backbone.generator, backbone.encode_prompts([""]).hidden
     feats = []
     rows = [p for p in prompts for _ in range(previews)]
     for i in range(0, len(rows), BATCH):
-        chunk = rows[i: i + BATCH]
+        chunk = rows[i : i + BATCH]
         cond = backbone.encode_prompts(chunk, tokens).hidden
         noise = gen.initial_noise(len(chunk), seed + i)
         u8 = to_uint8(gen.sample(cond, uncond, steps=steps, guidance=guidance, noise=noise))
@@ -57,9 +59,18 @@ def _sample(backbone: Backbone, prompts: list[str], tokens, previews: int, steps
     return torch.cat(feats)
 
 
-def composition_generation(backbone: Backbone, catalog: EvalCatalog, token_sets: Mapping[str, Mapping[str, torch.Tensor]],
-                           prototypes: Mapping[str, torch.Tensor], previews: int, steps: int, guidance: float,
-                           seed: int, max_queries: int | None = None, caption: bool = True) -> dict[str, dict[str, float]]:
+def composition_generation(
+    backbone: Backbone,
+    catalog: EvalCatalog,
+    token_sets: Mapping[str, Mapping[str, torch.Tensor]],
+    prototypes: Mapping[str, torch.Tensor],
+    previews: int,
+    steps: int,
+    guidance: float,
+    seed: int,
+    max_queries: int | None = None,
+    caption: bool = True,
+) -> dict[str, dict[str, float]]:
     """``generation.<method>.{intent_accuracy, colour_accuracy, category_accuracy, fidelity, …}`` (see above),
     and the caption's where every query's concept has one (``caption=False``: the token methods only).
     Each method samples from the same noise, so methods scored in separate calls compare as if in one."""
@@ -78,7 +89,8 @@ def composition_generation(backbone: Backbone, catalog: EvalCatalog, token_sets:
 
     methods: dict[str, tuple[list[str], Mapping[str, torch.Tensor] | None]] = {
         m: ([q.text(f"a {marker(q.concept_id)} {q.parent}") for q in queries], tokens)
-        for m, tokens in token_sets.items()}
+        for m, tokens in token_sets.items()
+    }
     if caption and all(specs[q.concept_id].caption for q in queries):
         methods["caption"] = ([q.text(specs[q.concept_id].caption) for q in queries], None)
     protos = {c: F.normalize(p.float(), dim=0) for c, p in prototypes.items()}
@@ -86,15 +98,24 @@ def composition_generation(backbone: Backbone, catalog: EvalCatalog, token_sets:
     out = {}
     for m, (prompts, tokens) in methods.items():
         feats = _sample(backbone, prompts, tokens, previews, steps, guidance, seed + SEED_OFFSET)
-        per_query = {"intent": [], "colour": [], "category": [], "fidelity": [], "object_fidelity": [],
-                     "identity": []}  # one value per query (None: not defined for it)
+        per_query = {
+            "intent": [],
+            "colour": [],
+            "category": [],
+            "fidelity": [],
+            "object_fidelity": [],
+            "identity": [],
+        }  # one value per query (None: not defined for it)
         for n, q in enumerate(queries):
-            spec, f = specs[q.concept_id], feats[n * previews: (n + 1) * previews]
+            spec, f = specs[q.concept_id], feats[n * previews : (n + 1) * previews]
             per_query["intent"].append(_mean((f @ judge_intent[spec.parent].T).argmax(1) == intents.index(q.intent)))
             per_query["category"].append(_mean((f @ judge_category.T).argmax(1) == parents.index(spec.parent)))
             colour = spec.attributes.get("colour")
-            per_query["colour"].append(_mean((f @ judge_colour[spec.parent].T).argmax(1) == colours.index(colour))
-                                       if colour in colours else None)
+            per_query["colour"].append(
+                _mean((f @ judge_colour[spec.parent].T).argmax(1) == colours.index(colour))
+                if colour in colours
+                else None
+            )
             per_query["fidelity"].append(float((f @ protos[q.concept_id]).mean()))
             scored = object_fidelity(f, protos[q.concept_id], rivals[q.concept_id])
             per_query["object_fidelity"].append(scored[0] if scored else None)
@@ -103,13 +124,16 @@ def composition_generation(backbone: Backbone, catalog: EvalCatalog, token_sets:
         objects = [(a, b) for a, b in zip(per_query["object_fidelity"], per_query["identity"]) if a is not None]
         object_means = mean_object_scores(objects)
         # Every query has the same number of previews, so the mean of per-query means is the mean over images.
-        out[m] = {"intent_accuracy": float(np.mean(per_query["intent"])),
-                  "category_accuracy": float(np.mean(per_query["category"])),
-                  "colour_accuracy": float(np.mean(coloured)) if coloured else None,
-                  "fidelity": float(np.mean(per_query["fidelity"])), "n_images": len(queries) * previews,
-                  **object_means,
-                  "prompt_example": prompts[0],
-                  "per_query": {"query_ids": [q.query_id for q in queries], **per_query}}
+        out[m] = {
+            "intent_accuracy": float(np.mean(per_query["intent"])),
+            "category_accuracy": float(np.mean(per_query["category"])),
+            "colour_accuracy": float(np.mean(coloured)) if coloured else None,
+            "fidelity": float(np.mean(per_query["fidelity"])),
+            "n_images": len(queries) * previews,
+            **object_means,
+            "prompt_example": prompts[0],
+            "per_query": {"query_ids": [q.query_id for q in queries], **per_query},
+        }
     return out
 
 

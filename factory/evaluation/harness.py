@@ -1,4 +1,5 @@
 """One evaluation run: a catalog, the registry's tokens, a gallery index -> every metric of `methods`."""
+
 from __future__ import annotations
 
 import contextlib
@@ -11,13 +12,19 @@ import torch
 import torch.nn.functional as F
 
 from factory.backbones import Backbone
+from factory.catalogs.evaluation import EvalCatalog
 from factory.evaluation.anchors import ANCHORS, AnchorSettings, learn_anchors
 from factory.evaluation.composition import composition_generation
-from factory.evaluation.metrics import look_alikes
-from factory.catalogs.evaluation import EvalCatalog
 from factory.evaluation.methods import (
-    ABLATIONS, GairSettings, RetrievalOutcome, classification, learn_ablation, retrieval_and_generation, token_norms,
+    ABLATIONS,
+    GairSettings,
+    RetrievalOutcome,
+    classification,
+    learn_ablation,
+    retrieval_and_generation,
+    token_norms,
 )
+from factory.evaluation.metrics import look_alikes
 from factory.gair import ConceptToken
 from factory.learner import ConceptData, LearnerConfig
 from factory.onboarding import chunks_by_parent, heldout_features, prepare_concepts
@@ -71,35 +78,56 @@ def targets(metrics: dict) -> dict[str, dict]:
     if "ti_ce_proj" in cls:
         rivals = {m: cls[m]["accuracy"] for m in ("caption", "ti", "parent_word") if m in cls}
         out["ti_ce_proj_beats_caption_ti_parent"] = {
-            "value": cls["ti_ce_proj"]["accuracy"], "rivals": rivals,
-            "met": all(cls["ti_ce_proj"]["accuracy"] > v for v in rivals.values())}
+            "value": cls["ti_ce_proj"]["accuracy"],
+            "rivals": rivals,
+            "met": all(cls["ti_ce_proj"]["accuracy"] > v for v in rivals.values()),
+        }
     if "gair_auto" in ret:
         # The rival is every method a user could run, with the best fixed α picked in hindsight; the
         # per-query oracle is a ceiling, not a rival.
         # The anchors are other methods, not balances of the method's own query: they are compared in the
         # tables, and leave this target as it was defined.
-        best = max((m for m in ret if not m.startswith("gair_") and m != "oracle_alpha" and m not in ANCHORS),
-                   key=lambda m: ret[m]["mrr"])
+        best = max(
+            (m for m in ret if not m.startswith("gair_") and m != "oracle_alpha" and m not in ANCHORS),
+            key=lambda m: ret[m]["mrr"],
+        )
         ratio = ret["gair_auto"]["mrr"] / ret[best]["mrr"] if ret[best]["mrr"] > 0 else float("inf")
-        out["gair_mrr_gain"] = {"value": ratio, "best_other": best, "target": MRR_GAIN_TARGET,
-                                "met": ratio >= MRR_GAIN_TARGET}
+        out["gair_mrr_gain"] = {
+            "value": ratio,
+            "best_other": best,
+            "target": MRR_GAIN_TARGET,
+            "met": ratio >= MRR_GAIN_TARGET,
+        }
     if {"ti_ce_proj", "ce", "caption"} <= set(cls):
         value, ce, caption = (cls[m]["accuracy"] for m in ("ti_ce_proj", "ce", "caption"))
         out["classification_ti_ce_proj_vs_ce_and_caption"] = {
-            "value": value, "ce": ce, "caption": caption, "met": value >= ce - 0.02 and value >= caption + 0.15}
+            "value": value,
+            "ce": ce,
+            "caption": caption,
+            "met": value >= ce - 0.02 and value >= caption + 0.15,
+        }
     if {"ti_ce_proj", "caption", "ce", "ti"} <= set(gen) and gen["ti_ce_proj"].get("colour_accuracy") is not None:
         g = {m: gen[m] for m in ("ti_ce_proj", "caption", "ce", "ti")}
         out["generation_composition"] = {
-            "value": g["ti_ce_proj"]["colour_accuracy"], "colour": g["ti_ce_proj"]["colour_accuracy"], "caption_colour": g["caption"]["colour_accuracy"],
-            "fidelity": g["ti_ce_proj"]["fidelity"], "ce_fidelity": g["ce"]["fidelity"],
-            "intent": g["ti_ce_proj"]["intent_accuracy"], "ti_intent": g["ti"]["intent_accuracy"],
-            "met": (g["ti_ce_proj"]["colour_accuracy"] >= 0.8 * (g["caption"]["colour_accuracy"] or 0.0)
-                    and g["ti_ce_proj"]["fidelity"] > g["ce"]["fidelity"]
-                    and g["ti_ce_proj"]["intent_accuracy"] > g["ti"]["intent_accuracy"])}
+            "value": g["ti_ce_proj"]["colour_accuracy"],
+            "colour": g["ti_ce_proj"]["colour_accuracy"],
+            "caption_colour": g["caption"]["colour_accuracy"],
+            "fidelity": g["ti_ce_proj"]["fidelity"],
+            "ce_fidelity": g["ce"]["fidelity"],
+            "intent": g["ti_ce_proj"]["intent_accuracy"],
+            "ti_intent": g["ti"]["intent_accuracy"],
+            "met": (
+                g["ti_ce_proj"]["colour_accuracy"] >= 0.8 * (g["caption"]["colour_accuracy"] or 0.0)
+                and g["ti_ce_proj"]["fidelity"] > g["ce"]["fidelity"]
+                and g["ti_ce_proj"]["intent_accuracy"] > g["ti"]["intent_accuracy"]
+            ),
+        }
     if "gair_auto" in gen and "token_intent" in gen:
         out["gair_intent_beats_token_intent"] = {
-            "value": gen["gair_auto"]["intent_accuracy"], "token_intent": gen["token_intent"]["intent_accuracy"],
-            "met": gen["gair_auto"]["intent_accuracy"] > gen["token_intent"]["intent_accuracy"]}
+            "value": gen["gair_auto"]["intent_accuracy"],
+            "token_intent": gen["token_intent"]["intent_accuracy"],
+            "met": gen["gair_auto"]["intent_accuracy"] > gen["token_intent"]["intent_accuracy"],
+        }
     return out
 
 
@@ -107,12 +135,15 @@ def targets(metrics: dict) -> dict[str, dict]:
 # methods) -> a function that waits for them and returns method -> (concept id -> token, seconds it took).
 # Started first, waited for once the stages that need only the registry's tokens are done, so a learner
 # that runs elsewhere (`jobs.evaluate_ablations`: parallel Ray tasks) overlaps GAIR's previews.
-AblationLearner = Callable[[Sequence[Sequence[ConceptData]], LearnerConfig, Sequence[str]],
-                           Callable[[], dict[str, tuple[dict[str, torch.Tensor], float]]]]
+AblationLearner = Callable[
+    [Sequence[Sequence[ConceptData]], LearnerConfig, Sequence[str]],
+    Callable[[], dict[str, tuple[dict[str, torch.Tensor], float]]],
+]
 
 
 def learn_ablations_here(backbone: Backbone) -> AblationLearner:
     """The ablations learned one after another in this process, when waited for (nothing runs beside them)."""
+
     def start(chunks, base, methods):
         def wait():
             out = {}
@@ -122,7 +153,9 @@ def learn_ablations_here(backbone: Backbone) -> AblationLearner:
                 out[method] = (tokens, time.perf_counter() - t0)
                 log.info("tokens of %s ready (%.1fs)", method, out[method][1])
             return out
+
         return wait
+
     return start
 
 
@@ -138,21 +171,33 @@ def torch_threads(n: int):
         torch.set_num_threads(before)
 
 
-def evaluate(backbone: Backbone, catalog: EvalCatalog, records: Sequence[TokenRecord], index,
-             config: EvaluationConfig, s3: S3Options | None = None, progress: bool = True,
-             ablations: AblationLearner | None = None) -> Evaluation:
+def evaluate(
+    backbone: Backbone,
+    catalog: EvalCatalog,
+    records: Sequence[TokenRecord],
+    index,
+    config: EvaluationConfig,
+    s3: S3Options | None = None,
+    progress: bool = True,
+    ablations: AblationLearner | None = None,
+) -> Evaluation:
     """Every metric of the evaluation (see `factory.evaluation.methods` for what each method is).
     ``ablations`` learns the ablation tokens (default: `learn_ablations_here`, in this process)."""
     t0 = time.perf_counter()
     by_id = {r.concept_id: r for r in records}
     specs = [s for s in catalog.concepts if s.concept_id in by_id]
     if not specs:
-        raise ValueError("the registry has no token for any concept of the catalog: evaluate the registry "
-                         "that was learned on this catalog")
-    data, loaded, skipped = prepare_concepts(backbone, specs, s3, min_images=1,
-                                             latents=backbone.generator is not None)
-    log.info("%d concepts (%d skipped: no usable few-shot image), %d images rejected", len(data), len(skipped),
-             len(loaded.rejected))
+        raise ValueError(
+            "the registry has no token for any concept of the catalog: evaluate the registry "
+            "that was learned on this catalog"
+        )
+    data, loaded, skipped = prepare_concepts(backbone, specs, s3, min_images=1, latents=backbone.generator is not None)
+    log.info(
+        "%d concepts (%d skipped: no usable few-shot image), %d images rejected",
+        len(data),
+        len(skipped),
+        len(loaded.rejected),
+    )
     # ti_ce_proj is the registry's own tokens; without a generator the TI ablations cannot be learned. The
     # TI ablations take ~5x the CE ones: started first, they do not wait behind them (longest first).
     methods = [m for m in ABLATIONS if m != "ti_ce_proj" and not (m.startswith("ti") and backbone.generator is None)]
@@ -176,19 +221,35 @@ def evaluate(backbone: Backbone, catalog: EvalCatalog, records: Sequence[TokenRe
         t1 = time.perf_counter()
         protos = _prototypes(data, by_id)
         rivals = look_alikes(protos, {d.concept_id: d.parent for d in data})
-        concepts = {d.concept_id: ConceptToken(registry_tokens[d.concept_id], d.parent, protos[d.concept_id],
-                                               rivals[d.concept_id]) for d in data}
+        concepts = {
+            d.concept_id: ConceptToken(
+                registry_tokens[d.concept_id], d.parent, protos[d.concept_id], rivals[d.concept_id]
+            )
+            for d in data
+        }
         eval_catalog = catalog
         if config.max_queries is not None:
-            eval_catalog = EvalCatalog(catalog.name, catalog.concepts, catalog.queries[: config.max_queries], catalog.gallery)
-        outcome = retrieval_and_generation(backbone, eval_catalog, index, concepts, config.gair, progress=progress,
-                                           anchors=anchors)
+            eval_catalog = EvalCatalog(
+                catalog.name, catalog.concepts, catalog.queries[: config.max_queries], catalog.gallery
+            )
+        outcome = retrieval_and_generation(
+            backbone, eval_catalog, index, concepts, config.gair, progress=progress, anchors=anchors
+        )
         stage_seconds["retrieval_generation"] = time.perf_counter() - t1
         t1 = time.perf_counter()
         g = config.gair
         compose = lambda token_sets, caption: composition_generation(  # noqa: E731
-            backbone, eval_catalog, token_sets, protos, g.previews, g.steps, g.guidance, g.seed, config.generation_queries,
-            caption=caption)
+            backbone,
+            eval_catalog,
+            token_sets,
+            protos,
+            g.previews,
+            g.steps,
+            g.guidance,
+            g.seed,
+            config.generation_queries,
+            caption=caption,
+        )
         composition = compose({"ti_ce_proj": registry_tokens}, True)  # the method and the caption: no ablation needed
         stage_seconds["composition"] = time.perf_counter() - t1
         t1 = time.perf_counter()
@@ -201,8 +262,11 @@ def evaluate(backbone: Backbone, catalog: EvalCatalog, records: Sequence[TokenRe
     stage_seconds["learn_ablations"] = time.perf_counter() - t_ablations  # started to ready (wall)
     stage_seconds.update({f"learn_{m}": learned[m][1] for m in methods})
     if progress:
-        log.info("ablation tokens ready (%.1fs after they started): %s", stage_seconds["learn_ablations"],
-                 ", ".join(f"{m} {learned[m][1]:.0f}s" for m in methods))
+        log.info(
+            "ablation tokens ready (%.1fs after they started): %s",
+            stage_seconds["learn_ablations"],
+            ", ".join(f"{m} {learned[m][1]:.0f}s" for m in methods),
+        )
     token_sets: dict[str, dict[str, torch.Tensor]] = {m: learned[m][0] for m in ABLATIONS if m in learned}
     token_sets["ti_ce_proj"] = registry_tokens
 
@@ -223,18 +287,35 @@ def evaluate(backbone: Backbone, catalog: EvalCatalog, records: Sequence[TokenRe
         generation[method] = {**generation.get(method, {}), "token_norm": norm}
     generation["vocabulary"] = {"token_norm": float(backbone.vocab_mean_norm)}
     metrics = {
-        "catalog": {"name": catalog.name, "concepts": len(catalog.concepts), "evaluated_concepts": len(data),
-                    "queries": len(eval_catalog.queries), "gallery": len(index), "intents": len(eval_catalog.intents)},
-        "classification": cls, "retrieval": outcome.retrieval, "retrieval_summary": outcome.summary,
+        "catalog": {
+            "name": catalog.name,
+            "concepts": len(catalog.concepts),
+            "evaluated_concepts": len(data),
+            "queries": len(eval_catalog.queries),
+            "gallery": len(index),
+            "intents": len(eval_catalog.intents),
+        },
+        "classification": cls,
+        "retrieval": outcome.retrieval,
+        "retrieval_summary": outcome.summary,
         "retrieval_per_query": outcome.per_query,
         "generation": generation,
         "gair": {"chosen_alpha": outcome.alphas, "settings": asdict(config.gair)},
         "anchors": {name: a.summary() for name, a in anchors.items()},
         "learner": {**asdict(config.learner), "concepts_per_step": config.concepts_per_step},
-        "skipped_concepts": skipped, "stage_seconds": {**stage_seconds, "total": time.perf_counter() - t0},
+        "skipped_concepts": skipped,
+        "stage_seconds": {**stage_seconds, "total": time.perf_counter() - t0},
     }
     metrics["targets"] = targets(metrics)
     return Evaluation(metrics, outcome)
 
 
-__all__ = ["AblationLearner", "Evaluation", "EvaluationConfig", "learn_ablations_here", "MRR_GAIN_TARGET", "evaluate", "targets"]
+__all__ = [
+    "AblationLearner",
+    "Evaluation",
+    "EvaluationConfig",
+    "learn_ablations_here",
+    "MRR_GAIN_TARGET",
+    "evaluate",
+    "targets",
+]

@@ -30,6 +30,7 @@ Two choices ConCon-Chi leaves open are fixed here:
 Numpy in, floats out. The metrics of one method over its queries: `field_metrics`; the PerVL numbers in
 POLAR's format: `pervl_context_scores`.
 """
+
 from __future__ import annotations
 
 from typing import Collection, Iterable, Sequence
@@ -160,8 +161,9 @@ def average_precision_at(ranks, n_relevant: int, k: int) -> float:
     return float(np.sum(np.arange(1, top.size + 1) / top) / min(n, k))
 
 
-def field_metrics(per_query_ranks: Sequence, n_relevant: Iterable[int], ks: Sequence[int] = RECALL_KS,
-                  map_k: int = MAP_AT_K) -> dict[str, float]:
+def field_metrics(
+    per_query_ranks: Sequence, n_relevant: Iterable[int], ks: Sequence[int] = RECALL_KS, map_k: int = MAP_AT_K
+) -> dict[str, float]:
     """``mrr``, ``recall@k`` for each of ``ks``, ``map`` and ``map@<map_k>`` of one method, averaged over
     its queries: ``per_query_ranks`` the ranks of each query's relevant items that were ranked,
     ``n_relevant`` how many relevant items each query has (ranked or not)."""
@@ -174,20 +176,27 @@ def field_metrics(per_query_ranks: Sequence, n_relevant: Iterable[int], ks: Sequ
     for k in ks:
         out[f"recall@{k}"] = float(np.mean([success_at(r, k) for r in per_query_ranks]))
     out["map"] = float(np.mean([average_precision(r, n) for r, n in zip(per_query_ranks, n_relevant)]))
-    out[f"map@{map_k}"] = float(np.mean([average_precision_at(r, n, map_k) for r, n in zip(per_query_ranks, n_relevant)]))
+    out[f"map@{map_k}"] = float(
+        np.mean([average_precision_at(r, n, map_k) for r, n in zip(per_query_ranks, n_relevant)])
+    )
     return out
 
 
-def field_metrics_from_scores(scores: np.ndarray, relevant: Sequence, ties: str = "order",
-                              ks: Sequence[int] = RECALL_KS, map_k: int = MAP_AT_K) -> dict[str, float]:
+def field_metrics_from_scores(
+    scores: np.ndarray, relevant: Sequence, ties: str = "order", ks: Sequence[int] = RECALL_KS, map_k: int = MAP_AT_K
+) -> dict[str, float]:
     """`field_metrics` of a score matrix [Q, N] (see `relevant_ranks` for ``relevant`` and ``ties``)."""
     ranks = relevant_ranks(scores, relevant, ties)
     n = np.asarray(scores).shape[1]
     return field_metrics(ranks, [int(_mask(r, n).sum()) for r in relevant], ks, map_k)
 
 
-def field_metrics_from_rankings(ranked_ids: Sequence[Sequence], relevant_ids: Sequence[Collection],
-                                ks: Sequence[int] = RECALL_KS, map_k: int = MAP_AT_K) -> dict[str, float]:
+def field_metrics_from_rankings(
+    ranked_ids: Sequence[Sequence],
+    relevant_ids: Sequence[Collection],
+    ks: Sequence[int] = RECALL_KS,
+    map_k: int = MAP_AT_K,
+) -> dict[str, float]:
     """`field_metrics` of ranked id lists (one per query, best first) and each query's relevant ids."""
     if len(ranked_ids) != len(relevant_ids):
         raise ConfigError(f"{len(ranked_ids)} rankings but {len(relevant_ids)} sets of relevant ids")
@@ -212,7 +221,21 @@ def format_pervl(scores: dict[str, float]) -> str:
     return f"Context: mRR={scores['mRR']}, recall@5={scores['recall@5']}"
 
 
-__all__ = ["MAP_AT_K", "MAP_AT_KEY", "RECALL_KS", "TIE_RULES", "average_precision", "average_precision_at",
-           "field_metrics", "field_metrics_from_rankings", "field_metrics_from_scores", "format_pervl",
-           "pervl_context_scores", "ranking_from_scores", "ranks_in_ranking", "relevant_ranks",
-           "reciprocal_rank", "success_at"]
+__all__ = [
+    "MAP_AT_K",
+    "MAP_AT_KEY",
+    "RECALL_KS",
+    "TIE_RULES",
+    "average_precision",
+    "average_precision_at",
+    "field_metrics",
+    "field_metrics_from_rankings",
+    "field_metrics_from_scores",
+    "format_pervl",
+    "pervl_context_scores",
+    "ranking_from_scores",
+    "ranks_in_ranking",
+    "relevant_ranks",
+    "reciprocal_rank",
+    "success_at",
+]

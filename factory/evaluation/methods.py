@@ -61,6 +61,7 @@ the same noise, judged by the backbone among all intents of the catalog, and aga
 same against its look-alikes, `metrics.object_fidelity`, so the scene cancels). The default renders only
 those two α (``previews_for="chosen"``): the default rule decides on retrieval alone.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -70,39 +71,64 @@ from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 import numpy as np
-from pydantic import Field, field_validator
-from pydantic.dataclasses import dataclass as pydantic_dataclass
 import torch
 import torch.nn.functional as F
+from pydantic import Field, field_validator
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 from tqdm.auto import tqdm
 
 from factory.backbones import Backbone
-from factory.concepts import NegativeBank, negative_banks
 from factory.catalogs.evaluation import EvalCatalog
+from factory.concepts import NegativeBank, negative_banks
 from factory.evaluation.anchors import ANCHORS, Anchor, anchor_accuracy, anchor_query_features
 from factory.evaluation.ir_metrics import field_metrics, ranks_in_ranking
 from factory.evaluation.metrics import (
-    heldout_accuracy, mean_object_scores, object_fidelity, ranking_metrics,
+    heldout_accuracy,
+    mean_object_scores,
+    object_fidelity,
+    ranking_metrics,
 )
 from factory.gair import ConceptToken, Gair, GairOptions, GairRequest, GairResult, choose_alpha
 from factory.learner import ConceptData, LearnedToken, LearnerConfig, learn_tokens
-from factory.tokens.prompts import template_prompts
 from factory.losses import LossWeights
 from factory.tokens import marker
+from factory.tokens.prompts import template_prompts
 from schemas.gair import PreviewsFor, Real
 
 log = logging.getLogger(__name__)
 
-CLASSIFICATION_METHODS = ("parent_word", "caption", "ti", "ti_proj", "ce", "ce_free", "ti_ce_free", "ti_ce_proj",
-                          *ANCHORS)
+CLASSIFICATION_METHODS = (
+    "parent_word",
+    "caption",
+    "ti",
+    "ti_proj",
+    "ce",
+    "ce_free",
+    "ti_ce_free",
+    "ti_ce_proj",
+    *ANCHORS,
+)
 FIXED_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 FIXED_METHODS = tuple(f"fixed_{a:g}" for a in FIXED_ALPHAS)
 GAIR_MARGINS = (0.0, 0.01, 0.02, 0.03, 0.05, 0.1, float("inf"))
 BISECT_ROUNDS = (1, 2, 3)
-GAIR_VARIANTS = ("gair_previews", *(f"gair_retrieval_m{m:g}" for m in GAIR_MARGINS), "gair_object",
-                 *(f"gair_bisect{r}" for r in BISECT_ROUNDS), "gair_expand")
-RETRIEVAL_METHODS = ("words", "token", "token_intent", *FIXED_METHODS, "gair_auto", *GAIR_VARIANTS, "oracle_alpha",
-                     *ANCHORS)  # the anchors where the evaluation learned them
+GAIR_VARIANTS = (
+    "gair_previews",
+    *(f"gair_retrieval_m{m:g}" for m in GAIR_MARGINS),
+    "gair_object",
+    *(f"gair_bisect{r}" for r in BISECT_ROUNDS),
+    "gair_expand",
+)
+RETRIEVAL_METHODS = (
+    "words",
+    "token",
+    "token_intent",
+    *FIXED_METHODS,
+    "gair_auto",
+    *GAIR_VARIANTS,
+    "oracle_alpha",
+    *ANCHORS,
+)  # the anchors where the evaluation learned them
 GENERATION_METHODS = ("token_intent", "gair_auto")
 # The ablations: (loss weights replaced, parametrisation). "ce" keeps both CE terms of the run (text- and
 # image-side); "ti" drops both.
@@ -125,16 +151,22 @@ def ablation_config(base: LearnerConfig, method: str) -> LearnerConfig:
     return dataclasses.replace(base, weights=weights, parametrization=parametrization, log_every=0)
 
 
-def learn_ablation(backbone: Backbone, chunks: Sequence[Sequence[ConceptData]], base: LearnerConfig,
-                   method: str) -> dict[str, torch.Tensor]:
+def learn_ablation(
+    backbone: Backbone, chunks: Sequence[Sequence[ConceptData]], base: LearnerConfig, method: str
+) -> dict[str, torch.Tensor]:
     """Learn one ablation's tokens, chunk by chunk (the registry run's chunks, `chunks_by_parent`), against
     the negative banks of all the chunks' concepts; concept id -> token vector."""
     banks = negative_banks([c for chunk in chunks for c in chunk])
     return {cid: v for chunk in chunks for cid, v in learn_ablation_chunk(backbone, chunk, banks, base, method).items()}
 
 
-def learn_ablation_chunk(backbone: Backbone, chunk: Sequence[ConceptData], banks: Mapping[str, NegativeBank],
-                         base: LearnerConfig, method: str) -> dict[str, torch.Tensor]:
+def learn_ablation_chunk(
+    backbone: Backbone,
+    chunk: Sequence[ConceptData],
+    banks: Mapping[str, NegativeBank],
+    base: LearnerConfig,
+    method: str,
+) -> dict[str, torch.Tensor]:
     """One chunk (the concepts of one learner call) of an ablation, against the negative banks of all the
     concepts: the unit `learn_ablation` loops over and parallel learners split on. Each chunk learns what
     it learns inside the whole (its image-side CE sees only the chunk's concepts)."""
@@ -149,9 +181,14 @@ def _templated(concept):
     return lambda cid, parent: template_prompts(concept(cid), parent)
 
 
-def classification(backbone: Backbone, concepts: Sequence[tuple[str, str]], heldout: Mapping[str, torch.Tensor],
-                   captions: Mapping[str, str | None], token_sets: Mapping[str, Mapping[str, torch.Tensor]],
-                   anchors: Mapping[str, Anchor] | None = None) -> dict[str, dict[str, float]]:
+def classification(
+    backbone: Backbone,
+    concepts: Sequence[tuple[str, str]],
+    heldout: Mapping[str, torch.Tensor],
+    captions: Mapping[str, str | None],
+    token_sets: Mapping[str, Mapping[str, torch.Tensor]],
+    anchors: Mapping[str, Anchor] | None = None,
+) -> dict[str, dict[str, float]]:
     """``classification.<method>.accuracy`` for the word baselines, every method in ``token_sets`` and every
     anchor (`factory.evaluation.anchors`, with its ``seconds_per_concept`` of learning).
 
@@ -170,8 +207,12 @@ def classification(backbone: Backbone, concepts: Sequence[tuple[str, str]], held
         out[method] = {"accuracy": acc, "n_images": n_images, "per_concept": per_concept}
     for name, anchor in (anchors or {}).items():
         acc, per_concept = anchor_accuracy(backbone, anchor, concepts, heldout)
-        out[name] = {"accuracy": acc, "n_images": n_images, "per_concept": per_concept,
-                     "seconds_per_concept": anchor.seconds_per_concept}
+        out[name] = {
+            "accuracy": acc,
+            "n_images": n_images,
+            "per_concept": per_concept,
+            "seconds_per_concept": anchor.seconds_per_concept,
+        }
     return out
 
 
@@ -212,7 +253,9 @@ class RetrievalOutcome:
 
 @torch.no_grad()
 def _features(backbone: Backbone, prompts: list[str], tokens, batch: int = 256, normalize: bool = True) -> torch.Tensor:
-    out = [backbone.encode_prompts(prompts[i: i + batch], tokens).features.float() for i in range(0, len(prompts), batch)]
+    out = [
+        backbone.encode_prompts(prompts[i : i + batch], tokens).features.float() for i in range(0, len(prompts), batch)
+    ]
     out = torch.cat(out).cpu()
     return F.normalize(out, dim=-1) if normalize else out
 
@@ -227,9 +270,16 @@ def _first(ranks: np.ndarray) -> int | None:
     return int(ranks[0]) if ranks.size else None
 
 
-def retrieval_and_generation(backbone: Backbone, catalog: EvalCatalog, index, concepts: Mapping[str, ConceptToken],
-                             settings: GairSettings, keep_traces: int = 4, progress: bool = True,
-                             anchors: Mapping[str, Anchor] | None = None) -> RetrievalOutcome:
+def retrieval_and_generation(
+    backbone: Backbone,
+    catalog: EvalCatalog,
+    index,
+    concepts: Mapping[str, ConceptToken],
+    settings: GairSettings,
+    keep_traces: int = 4,
+    progress: bool = True,
+    anchors: Mapping[str, Anchor] | None = None,
+) -> RetrievalOutcome:
     """Retrieval metrics of every method over the catalog's queries (and of every anchor in ``anchors``,
     learned on the same concepts), and generation metrics of GAIR's previews. Queries whose concept has no
     token are left out (counted in ``n_queries``)."""
@@ -252,16 +302,25 @@ def retrieval_and_generation(backbone: Backbone, catalog: EvalCatalog, index, co
 
     gair, gair_queries = Gair(backbone, concepts, index), []
     intents = catalog.intents
-    judge = {p: _features(backbone, [" ".join(f"a photo of a {p} {i}".split()) for i in intents], None)
-             for p in {q.parent for q in queries}}
+    judge = {
+        p: _features(backbone, [" ".join(f"a photo of a {p} {i}".split()) for i in intents], None)
+        for p in {q.parent for q in queries}
+    }
     hits = {m: [] for m in GENERATION_METHODS}
     fidelity = {m: [] for m in GENERATION_METHODS}
     chosen, traces = Counter(), []
     variants = {m: [] for m in GAIR_VARIANTS}
     object_scores = {m: [] for m in GENERATION_METHODS}  # (margin, identity) per query, where it has rivals
     for n, q in enumerate(tqdm(queries, desc="GAIR", unit="query", disable=not progress)):
-        req = GairRequest.of(settings, concept_ids=[q.concept_id], intent=q.intent, top_k=1, template=q.template,
-                             seed=settings.seed + n, expand=0.0)
+        req = GairRequest.of(
+            settings,
+            concept_ids=[q.concept_id],
+            intent=q.intent,
+            top_k=1,
+            template=q.template,
+            seed=settings.seed + n,
+            expand=0.0,
+        )
         res = gair(req)
         gair_queries.append(torch.from_numpy(res.query))
         for name, q_alt in _variant_queries(gair, req, res, settings).items():
@@ -269,8 +328,10 @@ def retrieval_and_generation(backbone: Backbone, catalog: EvalCatalog, index, co
         chosen[f"{res.alpha:g}"] += 1
         concept = concepts[q.concept_id]
         proto = F.normalize(concept.prototype.float(), dim=0)
-        steps = {"token_intent": next(s for s in res.steps if s.alpha == 1.0),
-                 "gair_auto": next(s for s in res.steps if s.alpha == res.alpha)}
+        steps = {
+            "token_intent": next(s for s in res.steps if s.alpha == 1.0),
+            "gair_auto": next(s for s in res.steps if s.alpha == res.alpha),
+        }
         if steps["token_intent"].features is None:  # not rendered: α = 1 alone, from the same noise
             steps["token_intent"] = gair(dataclasses.replace(req, mode="manual", alpha=1.0, refine=0)).steps[0]
         for m, step in steps.items():
@@ -284,25 +345,43 @@ def retrieval_and_generation(backbone: Backbone, catalog: EvalCatalog, index, co
             traces.append((q.query_id, q.text(phrase[q.query_id]), res))
 
     relevant = [q.relevant for q in queries]
-    vectors = {"words": words, "token": token, "token_intent": token_intent, **fixed,
-               "gair_auto": torch.stack(gair_queries), **{m: torch.stack(v) for m, v in variants.items() if v}}
+    vectors = {
+        "words": words,
+        "token": token,
+        "token_intent": token_intent,
+        **fixed,
+        "gair_auto": torch.stack(gair_queries),
+        **{m: torch.stack(v) for m, v in variants.items() if v},
+    }
     vectors.update({name: anchor_query_features(backbone, anchor, queries) for name, anchor in (anchors or {}).items()})
     all_ranks = {m: _ranks(index, v, relevant) for m, v in vectors.items()}
     all_ranks["oracle_alpha"] = [_oracle(per_alpha) for per_alpha in zip(*(all_ranks[m] for m in FIXED_METHODS))]
     n_relevant = [len(set(rel)) for rel in relevant]
     ranks = {m: [_first(x) for x in r] for m, r in all_ranks.items()}  # each query's first relevant rank
-    retrieval = {m: {**ranking_metrics(ranks[m]), **field_metrics(r, n_relevant), "n_queries": len(queries)}
-                 for m, r in all_ranks.items()}
+    retrieval = {
+        m: {**ranking_metrics(ranks[m]), **field_metrics(r, n_relevant), "n_queries": len(queries)}
+        for m, r in all_ranks.items()
+    }
     for name, anchor in (anchors or {}).items():
         retrieval[name]["seconds_per_concept"] = anchor.seconds_per_concept
     # Each query's reciprocal rank per method (0: never ranked), the unit paired bootstrap resamples.
-    per_query = {"query_ids": [q.query_id for q in queries],
-                 "reciprocal_rank": {m: [1.0 / x if x else 0.0 for x in r] for m, r in ranks.items()}}
-    generation = {m: {"intent_accuracy": float(np.mean(hits[m])), "fidelity": float(np.mean(fidelity[m])),
-                      **mean_object_scores(object_scores[m]),
-                      "n_previews": len(hits[m]), "chance": 1.0 / len(intents)} for m in GENERATION_METHODS}
-    return RetrievalOutcome(retrieval, generation, dict(sorted(chosen.items())), traces, retrieval_summary(retrieval),
-                            per_query)
+    per_query = {
+        "query_ids": [q.query_id for q in queries],
+        "reciprocal_rank": {m: [1.0 / x if x else 0.0 for x in r] for m, r in ranks.items()},
+    }
+    generation = {
+        m: {
+            "intent_accuracy": float(np.mean(hits[m])),
+            "fidelity": float(np.mean(fidelity[m])),
+            **mean_object_scores(object_scores[m]),
+            "n_previews": len(hits[m]),
+            "chance": 1.0 / len(intents),
+        }
+        for m in GENERATION_METHODS
+    }
+    return RetrievalOutcome(
+        retrieval, generation, dict(sorted(chosen.items())), traces, retrieval_summary(retrieval), per_query
+    )
 
 
 def _oracle(per_alpha: Sequence[np.ndarray]) -> np.ndarray:
@@ -316,14 +395,18 @@ def _variant_queries(gair: Gair, req: GairRequest, res: GairResult, settings: Ga
     """The query each of GAIR_VARIANTS would have run: the rules re-decided on ``res``'s own previews and
     retrievals, bisection as retrieval-only requests (no previews: the retrieval rule needs none)."""
     out = {}
-    rules = [*((f"gair_retrieval_m{m:g}", "retrieval", m) for m in GAIR_MARGINS),
-             ("gair_object", "object", settings.intent_margin)]
+    rules = [
+        *((f"gair_retrieval_m{m:g}", "retrieval", m) for m in GAIR_MARGINS),
+        ("gair_object", "object", settings.intent_margin),
+    ]
     if all(s.features is not None for s in res.steps):
         rules.insert(0, ("gair_previews", "previews", 0.0))
     for name, rule, margin in rules:
         out[name] = torch.from_numpy(res.steps[choose_alpha(res.steps, rule, margin)[0]].query)
     for r in BISECT_ROUNDS:
-        refined = gair(dataclasses.replace(req, rule="retrieval", refine=r, previews=0, previews_for="chosen", expand=0.0))
+        refined = gair(
+            dataclasses.replace(req, rule="retrieval", refine=r, previews=0, previews_for="chosen", expand=0.0)
+        )
         out[f"gair_bisect{r}"] = torch.from_numpy(refined.query)
     chosen = next(s for s in res.steps if s.alpha == res.alpha)
     expanded = torch.from_numpy(chosen.query) + settings.expand * torch.from_numpy(chosen.features).mean(0)
@@ -336,12 +419,32 @@ def retrieval_summary(retrieval: Mapping[str, Mapping[str, float]]) -> dict[str,
     the first to the second: 1 is the oracle, 0 no better than the best fixed balance, < 0 worse."""
     best = max(FIXED_METHODS, key=lambda m: retrieval[m]["mrr"])
     b, o, g = retrieval[best]["mrr"], retrieval["oracle_alpha"]["mrr"], retrieval["gair_auto"]["mrr"]
-    return {"best_fixed": best, "best_fixed_mrr": b, "oracle_mrr": o, "gair_mrr": g,
-            "gair_share_of_oracle_gain": (g - b) / (o - b) if o > b else float("nan")}
+    return {
+        "best_fixed": best,
+        "best_fixed_mrr": b,
+        "oracle_mrr": o,
+        "gair_mrr": g,
+        "gair_share_of_oracle_gain": (g - b) / (o - b) if o > b else float("nan"),
+    }
 
 
-__all__ = ["ABLATIONS", "BISECT_ROUNDS", "CLASSIFICATION_METHODS", "FIXED_ALPHAS", "FIXED_METHODS", "GENERATION_METHODS", "GairSettings",
-           "GAIR_MARGINS", "GAIR_VARIANTS", "RETRIEVAL_METHODS", "retrieval_summary",
-           "RetrievalOutcome", "ablation_config", "classification", "learn_ablation", "learn_ablation_chunk",
-           "retrieval_and_generation",
-           "token_norms"]
+__all__ = [
+    "ABLATIONS",
+    "BISECT_ROUNDS",
+    "CLASSIFICATION_METHODS",
+    "FIXED_ALPHAS",
+    "FIXED_METHODS",
+    "GENERATION_METHODS",
+    "GairSettings",
+    "GAIR_MARGINS",
+    "GAIR_VARIANTS",
+    "RETRIEVAL_METHODS",
+    "retrieval_summary",
+    "RetrievalOutcome",
+    "ablation_config",
+    "classification",
+    "learn_ablation",
+    "learn_ablation_chunk",
+    "retrieval_and_generation",
+    "token_norms",
+]

@@ -1,12 +1,12 @@
 """Scoring primitives: held-out classification among a parent's concepts, ranking metrics (MRR, recall@k), and
 the object fidelity of generated images."""
+
 from __future__ import annotations
 
 from collections import defaultdict
 from typing import Callable, Collection, Iterable, Mapping, Sequence
 
 import numpy as np
-
 import torch
 import torch.nn.functional as F
 
@@ -14,21 +14,26 @@ from factory.backbones import Backbone
 
 
 @torch.no_grad()
-def class_embeddings(backbone: Backbone, prompts: Sequence[Sequence[str]],
-                     tokens: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+def class_embeddings(
+    backbone: Backbone, prompts: Sequence[Sequence[str]], tokens: Mapping[str, torch.Tensor] | None = None
+) -> torch.Tensor:
     """One normalised text embedding per class: the mean of its prompts' normalised features."""
     flat = [p for ps in prompts for p in ps]
     feats = F.normalize(backbone.encode_prompts(flat, tokens or {}).features.float(), dim=-1).cpu()
     out, i = [], 0
     for ps in prompts:
-        out.append(F.normalize(feats[i: i + len(ps)].mean(0), dim=-1))
+        out.append(F.normalize(feats[i : i + len(ps)].mean(0), dim=-1))
         i += len(ps)
     return torch.stack(out)
 
 
-def heldout_accuracy(backbone: Backbone, concepts: Sequence[tuple[str, str]],
-                     heldout: Mapping[str, torch.Tensor], prompts_for: Callable[[str, str], list[str]],
-                     tokens: Mapping[str, torch.Tensor] | None = None) -> tuple[float, dict[str, float]]:
+def heldout_accuracy(
+    backbone: Backbone,
+    concepts: Sequence[tuple[str, str]],
+    heldout: Mapping[str, torch.Tensor],
+    prompts_for: Callable[[str, str], list[str]],
+    tokens: Mapping[str, torch.Tensor] | None = None,
+) -> tuple[float, dict[str, float]]:
     """Accuracy of classifying each concept's held-out image features among its parent's concepts.
 
     ``concepts`` are (concept_id, parent) pairs, ``heldout`` maps concept id -> features [n, D],
@@ -82,7 +87,9 @@ def ranking_metrics(ranks: Sequence[int | None], ks: Sequence[int] = (1, 5, 10))
     return out
 
 
-def object_fidelity(features: torch.Tensor, own: torch.Tensor, rivals: torch.Tensor | None) -> tuple[float, float] | None:
+def object_fidelity(
+    features: torch.Tensor, own: torch.Tensor, rivals: torch.Tensor | None
+) -> tuple[float, float] | None:
     """How much generated images look like their concept's *object* rather than its scenes: (margin, identity).
 
     ``features`` [n, D] normalised image features, ``own`` [D] the concept's prototype, ``rivals`` [R, D] its
@@ -108,8 +115,11 @@ def mean_object_scores(scores: Sequence[tuple[float, float]]) -> dict[str, float
     return {"object_fidelity": float(margin), "identity_accuracy": float(identity), "n_object_queries": len(scores)}
 
 
-def look_alikes(prototypes: Mapping[str, Sequence[float] | torch.Tensor], parents: Mapping[str, str],
-                of: Iterable[str] | None = None) -> dict[str, torch.Tensor | None]:
+def look_alikes(
+    prototypes: Mapping[str, Sequence[float] | torch.Tensor],
+    parents: Mapping[str, str],
+    of: Iterable[str] | None = None,
+) -> dict[str, torch.Tensor | None]:
     """The rivals for `object_fidelity` of each concept in ``of`` (default: all of ``parents``): the stacked
     prototypes [R, D] of the other concepts of its parent that have one (None: no such concept)."""
     out = {}

@@ -1,6 +1,7 @@
 """Vector indexes for gallery retrieval: one interface (`base`), an exact backend (`exact`), FAISS ANN
 backends (`faiss_backend`, imported only when used) and a gallery split over shards (`sharded`). See
 `factory.index.base` for the saved layout (`factory.index.sharded` for the sharded one)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -11,8 +12,21 @@ import pyarrow.parquet as pq
 
 from factory import storage
 from factory.index.base import (
-    FAISS_NAME, FORMAT_VERSION, ITEMS_NAME, MANIFEST_NAME, VECTORS_NAME, CorruptIndex, DuplicateItemId, EmptyIndex,
-    Hit, IncompleteIndex, IndexDimensionMismatch, IndexNotFound, InvalidIndexParams, InvalidItems, SearchResult,
+    FAISS_NAME,
+    FORMAT_VERSION,
+    ITEMS_NAME,
+    MANIFEST_NAME,
+    VECTORS_NAME,
+    CorruptIndex,
+    DuplicateItemId,
+    EmptyIndex,
+    Hit,
+    IncompleteIndex,
+    IndexDimensionMismatch,
+    IndexNotFound,
+    InvalidIndexParams,
+    InvalidItems,
+    SearchResult,
     VectorIndex,
 )
 from factory.index.exact import ExactIndex
@@ -99,7 +113,27 @@ def load_saved_index(uri: str, s3: S3Options | None = None) -> VectorIndex:
     return index
 
 
-__all__ = ["BACKENDS", "FAISS_KINDS", "FAISS_NAME", "FORMAT_VERSION", "ITEMS_NAME", "MANIFEST_NAME", "VECTORS_NAME", "CorruptIndex",
-           "DuplicateItemId", "EmptyIndex", "ExactIndex", "Hit", "IncompleteIndex", "IndexDimensionMismatch",
-           "IndexNotFound", "InvalidIndexParams", "InvalidItems", "SearchResult", "VectorIndex", "create_index",
-           "load_index", "load_saved_index"]
+__all__ = [
+    "BACKENDS",
+    "FAISS_KINDS",
+    "FAISS_NAME",
+    "FORMAT_VERSION",
+    "ITEMS_NAME",
+    "MANIFEST_NAME",
+    "VECTORS_NAME",
+    "CorruptIndex",
+    "DuplicateItemId",
+    "EmptyIndex",
+    "ExactIndex",
+    "Hit",
+    "IncompleteIndex",
+    "IndexDimensionMismatch",
+    "IndexNotFound",
+    "InvalidIndexParams",
+    "InvalidItems",
+    "SearchResult",
+    "VectorIndex",
+    "create_index",
+    "load_index",
+    "load_saved_index",
+]

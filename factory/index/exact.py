@@ -1,4 +1,5 @@
 """The exact (brute-force) backend of `factory.index`."""
+
 from __future__ import annotations
 
 import io

@@ -3,6 +3,7 @@
 Kept apart from the exact index so that processes that never use ANN never import FAISS (its OpenMP
 runtime beside torch's is best avoided when not needed).
 """
+
 from __future__ import annotations
 
 import math
@@ -11,7 +12,13 @@ from typing import Any
 import numpy as np
 
 from factory.index.base import (
-    FAISS_NAME, MANIFEST_NAME, CorruptIndex, InvalidIndexParams, VectorIndex, _as_matrix, _normalise,
+    FAISS_NAME,
+    MANIFEST_NAME,
+    CorruptIndex,
+    InvalidIndexParams,
+    VectorIndex,
+    _as_matrix,
+    _normalise,
 )
 
 _FAISS_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -81,7 +88,9 @@ class FaissIndex(VectorIndex):
                 f"codes dim / m dimensions (e.g. m={default_pq_m(self._dim)} for dim {self._dim})"
             )
         if self._params["nbits"] > 16:
-            raise InvalidIndexParams(f"ivfpq nbits must be 1..16 (bits per sub-quantizer code), got {self._params['nbits']}")
+            raise InvalidIndexParams(
+                f"ivfpq nbits must be 1..16 (bits per sub-quantizer code), got {self._params['nbits']}"
+            )
 
     @property
     def backend(self) -> str:
@@ -112,8 +121,9 @@ class FaissIndex(VectorIndex):
     def _new_ivf(self, nlist: int) -> Any:
         quantizer = self._faiss.IndexFlatIP(self._dim)
         if self._kind == "ivfpq":
-            index = self._faiss.IndexIVFPQ(quantizer, self._dim, nlist, self._params["m"], self._params["nbits"],
-                                           self._faiss.METRIC_INNER_PRODUCT)
+            index = self._faiss.IndexIVFPQ(
+                quantizer, self._dim, nlist, self._params["m"], self._params["nbits"], self._faiss.METRIC_INNER_PRODUCT
+            )
         else:
             index = self._faiss.IndexIVFFlat(quantizer, self._dim, nlist, self._faiss.METRIC_INNER_PRODUCT)
         # The Python wrapper does not always keep the quantizer alive on its own.

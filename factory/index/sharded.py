@@ -24,6 +24,7 @@ Saved layout under a root URI (any URI ``factory.storage`` takes)::
 A sharded index exists if and only if ``shards.json`` does (a save killed half way is not loadable), and
 the checksum chain catches a shard folder replaced behind the manifest's back.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -40,8 +41,19 @@ import numpy as np
 from factory import storage
 from factory.index import create_index, load_saved_index
 from factory.index.base import (
-    MANIFEST_NAME, CorruptIndex, EmptyIndex, IncompleteIndex, IndexDimensionMismatch, IndexNotFound,
-    InvalidIndexParams, SearchResult, VectorIndex, _as_matrix, _check_unique, _normalise, prepare_items,
+    MANIFEST_NAME,
+    CorruptIndex,
+    EmptyIndex,
+    IncompleteIndex,
+    IndexDimensionMismatch,
+    IndexNotFound,
+    InvalidIndexParams,
+    SearchResult,
+    VectorIndex,
+    _as_matrix,
+    _check_unique,
+    _normalise,
+    prepare_items,
 )
 from factory.storage import NotFoundInStorage, S3Options
 
@@ -70,8 +82,9 @@ def merge_hits(per_shard: Sequence[Sequence[list[tuple]]], ks: Sequence[int]) ->
     """Merge the shards' hit lists: ``per_shard[s][i]`` holds shard s's hits of query i as (id, uri, score)
     tuples, best first; the answer holds each query's ``ks[i]`` best over all shards (a stable sort: equal
     scores keep the shards' order)."""
-    return [sorted(itertools.chain.from_iterable(rows), key=lambda hit: -hit[2])[:k]
-            for rows, k in zip(zip(*per_shard), ks)]
+    return [
+        sorted(itertools.chain.from_iterable(rows), key=lambda hit: -hit[2])[:k] for rows, k in zip(zip(*per_shard), ks)
+    ]
 
 
 class _Concat(Sequence):
@@ -97,7 +110,8 @@ class _Concat(Sequence):
     def __iter__(self) -> Iterator[Any]:
         starts = [0, *self._ends[:-1]]
         return itertools.chain.from_iterable(
-            itertools.islice(p, end - start) for p, start, end in zip(self._parts, starts, self._ends))
+            itertools.islice(p, end - start) for p, start, end in zip(self._parts, starts, self._ends)
+        )
 
 
 class ShardedIndex:
@@ -115,7 +129,9 @@ class ShardedIndex:
 
     backend = "sharded"
 
-    def __init__(self, shards: Sequence[VectorIndex], *, check_routing: bool = True, workers: int | None = None) -> None:
+    def __init__(
+        self, shards: Sequence[VectorIndex], *, check_routing: bool = True, workers: int | None = None
+    ) -> None:
         if not shards:
             raise InvalidIndexParams("a sharded index needs at least one shard")
         if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
@@ -126,8 +142,10 @@ class ShardedIndex:
             for i, shard in enumerate(shards):
                 wrong = next((item for item in shard.ids if shard_of(item, len(shards)) != i), None)
                 if wrong is not None:
-                    raise InvalidIndexParams(f"item {wrong!r} is in shard {i} but routes to shard "
-                                             f"{shard_of(wrong, len(shards))}: build shards with ShardedIndex.add")
+                    raise InvalidIndexParams(
+                        f"item {wrong!r} is in shard {i} but routes to shard "
+                        f"{shard_of(wrong, len(shards))}: build shards with ShardedIndex.add"
+                    )
         self._shards = list(shards)
         self._workers = workers or max(1, min(len(self._shards), os.cpu_count() or 1))
         self._pool: ThreadPoolExecutor | None = None
@@ -164,8 +182,11 @@ class ShardedIndex:
 
     @property
     def params(self) -> dict[str, Any]:
-        return {"shards": len(self._shards), "shard_backend": self._shards[0].backend,
-                "shard_params": self._shards[0].params}
+        return {
+            "shards": len(self._shards),
+            "shard_backend": self._shards[0].backend,
+            "shard_params": self._shards[0].params,
+        }
 
     def __len__(self) -> int:
         return sum(len(s) for s in self._shards)
@@ -200,8 +221,13 @@ class ShardedIndex:
         return out
 
     # --- add and search -----------------------------------------------------------------------------
-    def add(self, vectors: np.ndarray, ids: Sequence[str], uris: Sequence[str | None] | None = None,
-            metadata: list[dict[str, Any] | None] | None = None) -> None:
+    def add(
+        self,
+        vectors: np.ndarray,
+        ids: Sequence[str],
+        uris: Sequence[str | None] | None = None,
+        metadata: list[dict[str, Any] | None] | None = None,
+    ) -> None:
         """Add items, each to its shard. The whole batch is checked first (items, ids unique over all
         shards, and each shard's own conditions, e.g. an untrained IVF's minimum), so a rejected batch
         leaves every shard unchanged."""
@@ -230,8 +256,11 @@ class ShardedIndex:
             raise EmptyIndex("the index has no items: add the gallery's vectors before searching")
         q = _normalise(_as_matrix(queries, self.dim, "queries"), reject_zero=False)
         k_eff = min(int(k), n)
-        views = [_Concat([s.ids for s in self._shards]), _Concat([s.uris for s in self._shards]),
-                 _Concat([s.metadata for s in self._shards])]
+        views = [
+            _Concat([s.ids for s in self._shards]),
+            _Concat([s.uris for s in self._shards]),
+            _Concat([s.metadata for s in self._shards]),
+        ]
         if q.shape[0] == 0:
             return SearchResult(np.zeros((0, k_eff), np.float32), np.zeros((0, k_eff), np.int64), *views)
         starts = [0, *itertools.accumulate(len(s) for s in self._shards)][:-1]
@@ -239,8 +268,9 @@ class ShardedIndex:
         found = self._map(lambda shard: shard.search(q, min(k_eff, len(shard))), [s for s, _ in live])
         scores = np.concatenate([r.scores for r in found], axis=1)
         # A shard's -1 (a slot its ANN search could not fill) stays -1, not -1 + the shard's offset.
-        indices = np.concatenate([np.where(r.indices >= 0, r.indices + start, -1) for r, (_, start) in zip(found, live)],
-                                 axis=1)
+        indices = np.concatenate(
+            [np.where(r.indices >= 0, r.indices + start, -1) for r, (_, start) in zip(found, live)], axis=1
+        )
         scores, indices = merge_top_k(scores, indices, k_eff)
         return SearchResult(scores, indices, *views)
 
@@ -270,10 +300,25 @@ class ShardedIndex:
             folder = f"shard-{i:05d}"
             shard.save(storage.join(uri, folder), s3)
             index_json = storage.read_bytes(storage.join(uri, folder, MANIFEST_NAME), s3)
-            entries.append({"path": folder, "count": len(shard), "backend": shard.backend,
-                            "index_json_sha256": hashlib.sha256(index_json).hexdigest()})
-        storage.write_json(manifest_uri, {"format_version": SHARDS_FORMAT_VERSION, "routing": ROUTING,
-                                          "dim": self.dim, "count": len(self), "shards": entries}, s3)
+            entries.append(
+                {
+                    "path": folder,
+                    "count": len(shard),
+                    "backend": shard.backend,
+                    "index_json_sha256": hashlib.sha256(index_json).hexdigest(),
+                }
+            )
+        storage.write_json(
+            manifest_uri,
+            {
+                "format_version": SHARDS_FORMAT_VERSION,
+                "routing": ROUTING,
+                "dim": self.dim,
+                "count": len(self),
+                "shards": entries,
+            },
+            s3,
+        )
 
 
 def read_shards_manifest(uri: str, s3: S3Options | None = None) -> dict[str, Any]:
@@ -283,12 +328,16 @@ def read_shards_manifest(uri: str, s3: S3Options | None = None) -> dict[str, Any
         manifest = storage.read_json(manifest_uri, s3)
     except NotFoundInStorage:
         if storage.listdir(uri, s3):
-            raise IncompleteIndex(f"{uri} holds shard folders but no {SHARDS_MANIFEST}: its save did not finish; "
-                                  "save the sharded index again") from None
+            raise IncompleteIndex(
+                f"{uri} holds shard folders but no {SHARDS_MANIFEST}: its save did not finish; "
+                "save the sharded index again"
+            ) from None
         raise IndexNotFound(f"no sharded index at {uri} (no {SHARDS_MANIFEST})") from None
     if not isinstance(manifest, dict) or manifest.get("format_version") != SHARDS_FORMAT_VERSION:
         version = manifest.get("format_version") if isinstance(manifest, dict) else None
-        raise CorruptIndex(f"{manifest_uri}: sharded format version {version!r}, this code reads {SHARDS_FORMAT_VERSION}")
+        raise CorruptIndex(
+            f"{manifest_uri}: sharded format version {version!r}, this code reads {SHARDS_FORMAT_VERSION}"
+        )
     if manifest.get("routing") != ROUTING:
         raise CorruptIndex(f"{manifest_uri}: routing {manifest.get('routing')!r}, this code routes by {ROUTING!r}")
     try:
@@ -309,8 +358,10 @@ def load_shard(uri: str, shard: int, s3: S3Options | None = None, shards: int | 
     manifest = read_shards_manifest(uri, s3)
     count = len(manifest["shards"])
     if shards is not None and shards != count:
-        raise InvalidIndexParams(f"the sharded index at {uri} has {count} shards, but {shards} were expected: "
-                                 "configure the service with its shard count")
+        raise InvalidIndexParams(
+            f"the sharded index at {uri} has {count} shards, but {shards} were expected: "
+            "configure the service with its shard count"
+        )
     if isinstance(shard, bool) or not isinstance(shard, int) or not 0 <= shard < count:
         raise InvalidIndexParams(f"shard {shard!r} out of range: the sharded index at {uri} has {count} shards")
     return _load_entry(uri, manifest, shard, s3)
@@ -329,17 +380,32 @@ def _load_entry(uri: str, manifest: dict[str, Any], i: int, s3: S3Options | None
     try:
         index_json = storage.read_bytes(storage.join(folder, MANIFEST_NAME), s3)
     except NotFoundInStorage:
-        raise CorruptIndex(f"shard {i} ({folder}) is listed in {SHARDS_MANIFEST} but its {MANIFEST_NAME} is "
-                           "missing: save the sharded index again") from None
+        raise CorruptIndex(
+            f"shard {i} ({folder}) is listed in {SHARDS_MANIFEST} but its {MANIFEST_NAME} is "
+            "missing: save the sharded index again"
+        ) from None
     if hashlib.sha256(index_json).hexdigest() != entry["index_json_sha256"]:
-        raise CorruptIndex(f"shard {i} ({folder}): {MANIFEST_NAME} does not match the checksum in "
-                           f"{SHARDS_MANIFEST}: save the sharded index again")
+        raise CorruptIndex(
+            f"shard {i} ({folder}): {MANIFEST_NAME} does not match the checksum in "
+            f"{SHARDS_MANIFEST}: save the sharded index again"
+        )
     index = load_saved_index(folder, s3)  # checks the shard's own data files against its index.json
     if len(index) != int(entry["count"]) or index.dim != int(manifest["dim"]):
-        raise CorruptIndex(f"shard {i} ({folder}) holds {len(index)} items of dimension {index.dim}; "
-                           f"{SHARDS_MANIFEST} says {entry['count']} of dimension {manifest['dim']}")
+        raise CorruptIndex(
+            f"shard {i} ({folder}) holds {len(index)} items of dimension {index.dim}; "
+            f"{SHARDS_MANIFEST} says {entry['count']} of dimension {manifest['dim']}"
+        )
     return index
 
 
-__all__ = ["ROUTING", "SHARDS_MANIFEST", "ShardedIndex", "load_shard", "load_sharded_index", "merge_hits",
-           "merge_top_k", "read_shards_manifest", "shard_of"]
+__all__ = [
+    "ROUTING",
+    "SHARDS_MANIFEST",
+    "ShardedIndex",
+    "load_shard",
+    "load_sharded_index",
+    "merge_hits",
+    "merge_top_k",
+    "read_shards_manifest",
+    "shard_of",
+]

@@ -8,6 +8,7 @@ concurrent builds never share a number and a version, once its ``index.json`` is
 `tokenfactory index --append` encodes only the items the newest version lacks and commits the union;
 the service follows the newest version (or stays on a pinned one) the way it follows token versions.
 """
+
 from __future__ import annotations
 
 import uuid
@@ -45,8 +46,10 @@ class IndexVersions:
         """(version, index) of ``version`` or the newest; every file is checked against its checksum."""
         v = self.latest() if version is None else version
         if v is None:
-            raise IndexNotFound(f"no committed index version under {self.root}: build one with "
-                                f"`tokenfactory index --append --out {self.root}`")
+            raise IndexNotFound(
+                f"no committed index version under {self.root}: build one with "
+                f"`tokenfactory index --append --out {self.root}`"
+            )
         return v, load_saved_index(self.version_uri(v), self.s3)
 
     def commit(self, index: VectorIndex) -> int:

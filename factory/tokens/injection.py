@@ -1,4 +1,5 @@
 """Batched, differentiable injection of token vectors at marker positions, and end-of-text pooling."""
+
 from __future__ import annotations
 
 import torch

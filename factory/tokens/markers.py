@@ -3,6 +3,7 @@
 A prompt names a learned concept with a marker, e.g. ``a photo of a <concept:sku-123> dress``. Markers are
 parsed *before* tokenisation, so no BPE merge can ever split or fuse them with the words around them.
 """
+
 from __future__ import annotations
 
 import re
@@ -30,7 +31,7 @@ def split_on_markers(prompt: str) -> tuple[list[str], list[str]]:
     ids: list[str] = []
     pos = 0
     for m in MARKER_PATTERN.finditer(prompt):
-        texts.append(prompt[pos:m.start()])
+        texts.append(prompt[pos : m.start()])
         try:
             ids.append(validate_concept_id(m.group(1)))
         except ValueError as e:

@@ -7,6 +7,7 @@
 
 Both start at the parent word's embedding (``c0 = Uᵀ e_p``, and e_p lies in the span by construction).
 """
+
 from __future__ import annotations
 
 import torch

@@ -3,6 +3,7 @@
 Kept apart from the learner so that whoever only needs the prompts (the service's classifier, the
 evaluation's baselines, vocabulary trimming) does not import the optimisation code.
 """
+
 from __future__ import annotations
 
 from typing import Sequence

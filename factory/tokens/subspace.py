@@ -6,6 +6,7 @@ basis of span(A) from an SVD, dropping directions whose singular value is below 
 largest: near-duplicate words would otherwise add numerically meaningless directions. A token kept in
 this span cannot drift to an arbitrary point of R^d, which is what keeps it composable with words.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -42,8 +43,14 @@ class Subspace:
         return v @ self.basis
 
 
-def build_subspace(word_embedding: Callable[[str], torch.Tensor], vocabulary: AttributeVocabulary,
-                   parent: str, *, rank_tol: float = 1e-4, salt: str = "") -> Subspace:
+def build_subspace(
+    word_embedding: Callable[[str], torch.Tensor],
+    vocabulary: AttributeVocabulary,
+    parent: str,
+    *,
+    rank_tol: float = 1e-4,
+    salt: str = "",
+) -> Subspace:
     """Build the subspace of ``parent`` from ``vocabulary``.
 
     ``word_embedding(word) -> [d]`` is the backbone's mean-of-pieces embedding; it raises UnknownWord for

@@ -11,6 +11,7 @@ A backbone may *trim* its embedding table to the BPE ids its world uses (the emb
 to keep its weights small): `keep_ids` maps those BPE ids to compact row numbers, and any other piece
 is an `UnknownWord`.
 """
+
 from __future__ import annotations
 
 import functools
@@ -69,8 +70,9 @@ class PromptBatch:
         firsts = list(dict.fromkeys(old.tolist()))
         renumber = {s: i for i, s in enumerate(firsts)}
         slots = torch.tensor([renumber[s] for s in old.tolist()], dtype=torch.long)
-        return PromptBatch(b.input_ids[rows], b.eot_positions[rows], m_rows, m_cols, slots,
-                           [b.concept_ids[s] for s in firsts])
+        return PromptBatch(
+            b.input_ids[rows], b.eot_positions[rows], m_rows, m_cols, slots, [b.concept_ids[s] for s in firsts]
+        )
 
     def to(self, device) -> "PromptBatch":
         """The batch on ``device`` (itself when it is there already: the learner moves its batch once, and
@@ -81,9 +83,12 @@ class PromptBatch:
         if self.input_ids.device.type == device.type:
             return self
         return PromptBatch(
-            to_device(self.input_ids, device), to_device(self.eot_positions, device),
-            to_device(self.marker_rows, device), to_device(self.marker_cols, device),
-            to_device(self.marker_slots, device), list(self.concept_ids),
+            to_device(self.input_ids, device),
+            to_device(self.eot_positions, device),
+            to_device(self.marker_rows, device),
+            to_device(self.marker_cols, device),
+            to_device(self.marker_slots, device),
+            list(self.concept_ids),
         )
 
 
@@ -99,8 +104,13 @@ class PromptTokenizer:
             default because every CLIP vocabulary (trimmed or not) has it and its row is overwritten anyway.
     """
 
-    def __init__(self, context_length: int = 77, pad: str = "eot", keep_ids: list[int] | None = None,
-                 placeholder: int | None = None):
+    def __init__(
+        self,
+        context_length: int = 77,
+        pad: str = "eot",
+        keep_ids: list[int] | None = None,
+        placeholder: int | None = None,
+    ):
         if pad not in ("eot", "zero"):
             raise ValueError(f"pad must be 'eot' or 'zero', got {pad!r}")
         bpe = _bpe()
@@ -191,7 +201,7 @@ class PromptTokenizer:
             raise ValueError("a trimmed vocabulary has no HF tokenizer files")
         from open_clip.tokenizer import bytes_to_unicode, default_bpe
 
-        merges = gzip.open(default_bpe()).read().decode("utf-8").split("\n")[1: 49152 - 256 - 2 + 1]
+        merges = gzip.open(default_bpe()).read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
         vocab = list(bytes_to_unicode().values())
         vocab += [v + "</w>" for v in vocab]
         vocab += ["".join(m.split()) for m in merges]

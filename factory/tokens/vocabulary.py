@@ -5,6 +5,7 @@ way open_clip registers model configs: files are scanned at import, `add_vocabul
 time (a path or a dict), `vocabulary_for_parent` picks the vocabulary that lists a parent word and
 falls back to ``generic``.
 """
+
 from __future__ import annotations
 
 import json

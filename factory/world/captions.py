@@ -4,12 +4,19 @@ Full captions name every attribute at once. Mixing in captions that name only so
 category) teaches CLIP each attribute word on its own, and template prefixes ("a photo of …") teach it
 the wording the learner's prompt templates use.
 """
+
 from __future__ import annotations
 
 import numpy as np
 
 from factory.world.attributes import (
-    BACKGROUND_PHRASES, BACKGROUNDS, CATEGORIES, COLOURS, PATTERNS, PLAIN, article,
+    BACKGROUND_PHRASES,
+    BACKGROUNDS,
+    CATEGORIES,
+    COLOURS,
+    PATTERNS,
+    PLAIN,
+    article,
 )
 
 PREFIXES = ("", "a photo of ", "an image of ", "a close-up photo of ", "a picture of ")

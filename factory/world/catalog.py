@@ -23,6 +23,7 @@ rejects a concept whose rows disagree on an attribute; the scene of each image, 
 is stored in an extra ``background`` column that ``from_arrow`` ignores and
 `factory.catalogs.read_world_catalog` (the reading side) returns.
 """
+
 from __future__ import annotations
 
 import io
@@ -39,7 +40,13 @@ from factory import storage
 from factory.catalogs.world import Query
 from factory.storage import S3Options
 from factory.world.attributes import (
-    BACKGROUNDS, CATEGORIES, COLOURS, NO_PATTERN_COLOUR, PATTERNS, PLAIN, background_phrase,
+    BACKGROUNDS,
+    CATEGORIES,
+    COLOURS,
+    NO_PATTERN_COLOUR,
+    PATTERNS,
+    PLAIN,
+    background_phrase,
 )
 from factory.world.fashion_mnist import load_fashion_mnist
 from factory.world.products import Product
@@ -81,7 +88,11 @@ def _group_sizes(n: int, rng: np.random.Generator) -> list[int]:
 
 
 def make_products(
-    n: int, rng: np.random.Generator, pool: _GarmentPool, categories: list[int], groups_per_parent: int = 1,
+    n: int,
+    rng: np.random.Generator,
+    pool: _GarmentPool,
+    categories: list[int],
+    groups_per_parent: int = 1,
 ) -> list[Product]:
     """``n`` products in groups sharing category and colourway; no two groups share both.
 
@@ -100,8 +111,9 @@ def make_products(
         used.add((category, colourway))
         for _ in range(size):
             i = len(products)
-            products.append(Product(f"p{i:04d}-{CATEGORIES[category]}", category, pool.take(category),
-                                    *colourway, group=g))
+            products.append(
+                Product(f"p{i:04d}-{CATEGORIES[category]}", category, pool.take(category), *colourway, group=g)
+            )
     return products
 
 
@@ -126,8 +138,16 @@ def _category_indices(categories: list[str] | None) -> list[int]:
 
 
 def write_catalog(
-    out_uri: str, seed: int, products: int = 24, shots: int = 5, heldout: int = 10, contexts: int = 3,
-    distractors: int = 48, size: int = 32, categories: list[str] | None = None, s3: S3Options | None = None,
+    out_uri: str,
+    seed: int,
+    products: int = 24,
+    shots: int = 5,
+    heldout: int = 10,
+    contexts: int = 3,
+    distractors: int = 48,
+    size: int = 32,
+    categories: list[str] | None = None,
+    s3: S3Options | None = None,
     groups_per_parent: int = 1,
 ) -> CatalogManifest:
     """Render and write a sample catalog under ``out_uri`` (a path, ``file://`` or ``s3://``).
@@ -162,8 +182,16 @@ def write_catalog(
             split, k = ("fewshot", i) if i < shots else ("heldout", i - shots)
             uri = storage.join(root, "images", p.concept_id, f"{split}-{k:02d}.png")
             files[uri] = _png(r.images[i])
-            rows.append(CatalogRow(concept_id=p.concept_id, parent=p.parent, image_uri=uri, split=split,
-                                   attributes=p.attributes(), caption=p.caption))
+            rows.append(
+                CatalogRow(
+                    concept_id=p.concept_id,
+                    parent=p.parent,
+                    image_uri=uri,
+                    split=split,
+                    attributes=p.attributes(),
+                    caption=p.caption,
+                )
+            )
             row_scenes.append(BACKGROUNDS[scene[i]])
         # The gallery: the product in `contexts` distinct scenes, one query per scene.
         scenes = render_rng.choice(len(BACKGROUNDS), size=contexts, replace=False)
@@ -173,10 +201,28 @@ def write_catalog(
             uri = storage.join(root, "gallery", f"{item}.png")
             files[uri] = _png(r.images[i])
             attrs = {**p.attributes(), "background": BACKGROUNDS[b], "distractor": "0", "item": item}
-            gallery.append(CatalogRow(concept_id=p.concept_id, parent=p.parent, image_uri=uri, split="gallery",
-                                      attributes=attrs, caption=r.captions[i]))
-            queries.append(Query(f"q{len(queries):04d}", p.concept_id, p.parent, BACKGROUNDS[b],
-                                 background_phrase(BACKGROUNDS[b]), r.captions[i], [item], [uri]))
+            gallery.append(
+                CatalogRow(
+                    concept_id=p.concept_id,
+                    parent=p.parent,
+                    image_uri=uri,
+                    split="gallery",
+                    attributes=attrs,
+                    caption=r.captions[i],
+                )
+            )
+            queries.append(
+                Query(
+                    f"q{len(queries):04d}",
+                    p.concept_id,
+                    p.parent,
+                    BACKGROUNDS[b],
+                    background_phrase(BACKGROUNDS[b]),
+                    r.captions[i],
+                    [item],
+                    [uri],
+                )
+            )
 
     queried = {p.concept_id: [q.background for q in queries if q.concept_id == p.concept_id] for p in prods}
     for d in range(distractors):
@@ -201,8 +247,16 @@ def write_catalog(
         del attrs["group"]
         if mimic is not None:
             attrs["mimics"] = mimic.concept_id
-        gallery.append(CatalogRow(concept_id=cid, parent=fake.parent, image_uri=uri, split="gallery",
-                                  attributes=attrs, caption=r.captions[0]))
+        gallery.append(
+            CatalogRow(
+                concept_id=cid,
+                parent=fake.parent,
+                image_uri=uri,
+                split="gallery",
+                attributes=attrs,
+                caption=r.captions[0],
+            )
+        )
 
     with ThreadPoolExecutor(_WRITE_THREADS) as ex:
         list(ex.map(lambda kv: storage.write_bytes(kv[0], kv[1], s3), files.items()))
@@ -216,13 +270,25 @@ def write_catalog(
     for p in prods:
         groups.setdefault(p.group, []).append(p.concept_id)
     manifest = CatalogManifest(
-        name=f"fashion-world-{seed}", seed=seed, concepts_uri="concepts.parquet", gallery_uri="gallery.parquet",
-        queries_uri="queries.jsonl", n_concepts=len(prods), n_images=len(files),
+        name=f"fashion-world-{seed}",
+        seed=seed,
+        concepts_uri="concepts.parquet",
+        gallery_uri="gallery.parquet",
+        queries_uri="queries.jsonl",
+        n_concepts=len(prods),
+        n_images=len(files),
         extra={
-            "generator": "factory.world", "size": size, "shots": shots, "heldout": heldout,
-            "contexts": contexts, "distractors": distractors, "fashion_mnist_split": "test",
-            "categories": [CATEGORIES[c] for c in cats], "groups": list(groups.values()),
-            "n_gallery": len(gallery), "n_queries": len(queries),
+            "generator": "factory.world",
+            "size": size,
+            "shots": shots,
+            "heldout": heldout,
+            "contexts": contexts,
+            "distractors": distractors,
+            "fashion_mnist_split": "test",
+            "categories": [CATEGORIES[c] for c in cats],
+            "groups": list(groups.values()),
+            "n_gallery": len(gallery),
+            "n_queries": len(queries),
         },
     )
     storage.write_json(storage.join(root, "manifest.json"), manifest, s3)

@@ -4,6 +4,7 @@ Fashion-MNIST is 70,000 grey 28x28 photos of Zalando products in 10 classes (60,
 The files are tiny (about 30 MB decoded), so they are decoded once per process and cached; the cached
 arrays are made read-only because every caller shares them.
 """
+
 from __future__ import annotations
 
 import functools

@@ -1,4 +1,5 @@
 """A catalog product of the fashion world: which garment, in which colourway (the writing side's unit)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -36,6 +37,10 @@ class Product:
     def attributes(self) -> dict[str, str]:
         pc = NONE_WORD if self.pattern_colour == NO_PATTERN_COLOUR else COLOURS[self.pattern_colour]
         return {
-            "category": self.parent, "colour": COLOURS[self.colour], "pattern": PATTERNS[self.pattern],
-            "pattern_colour": pc, "garment": str(self.garment_index), "group": f"g{self.group:04d}",
+            "category": self.parent,
+            "colour": COLOURS[self.colour],
+            "pattern": PATTERNS[self.pattern],
+            "pattern_colour": pc,
+            "garment": str(self.garment_index),
+            "group": f"g{self.group:04d}",
         }

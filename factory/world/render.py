@@ -6,6 +6,7 @@ name. Everything is vectorised over the batch: geometry is two small matmuls per
 an axis-aligned scale + shift, hence separable), patterns are computed per pattern kind and scenes per
 scene kind, so the only Python loops are over those few kinds.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -14,7 +15,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from factory.world.attributes import (
-    BACKGROUNDS, CATEGORIES, COLOUR_RGB, COLOURS, NO_PATTERN_COLOUR, PATTERNS, PLAIN, caption,
+    BACKGROUNDS,
+    CATEGORIES,
+    COLOUR_RGB,
+    COLOURS,
+    NO_PATTERN_COLOUR,
+    PATTERNS,
+    PLAIN,
+    caption,
 )
 from factory.world.fashion_mnist import FashionSplit, load_fashion_mnist
 from factory.world.scenes import draw_backgrounds
@@ -176,8 +184,7 @@ def _grouped(rng: np.random.Generator, group_size: int, **attrs: np.ndarray) -> 
     vary = rng.choice(len(names), -(-n // group_size), p=list(GROUP_VARY.values()))
     varied = np.repeat(vary, group_size)[:n]
     return tuple(
-        np.where(varied == names.index(k), a, a[first]) if k in GROUP_VARY else a[first]
-        for k, a in attrs.items()
+        np.where(varied == names.index(k), a, a[first]) if k in GROUP_VARY else a[first] for k, a in attrs.items()
     )
 
 
@@ -238,16 +245,28 @@ class FashionWorld:
         background = rng.integers(0, len(BACKGROUNDS), n)
         if group_size > 1:
             garment, colour, pattern, offset, background = _grouped(
-                rng, group_size, garment=garment, colour=colour, pattern=pattern, offset=offset,
-                background=background)
+                rng, group_size, garment=garment, colour=colour, pattern=pattern, offset=offset, background=background
+            )
         pattern_colour = np.where(pattern == PLAIN, NO_PATTERN_COLOUR, (colour + offset) % len(COLOURS))
         images = render(self.garments[garment], colour, pattern, pattern_colour, background, rng, self.size)
         category = self.labels[garment].astype(np.int64)
-        return Renders(images, category, colour, pattern, pattern_colour, background, garment,
-                       _captions(category, colour, pattern, background))
+        return Renders(
+            images,
+            category,
+            colour,
+            pattern,
+            pattern_colour,
+            background,
+            garment,
+            _captions(category, colour, pattern, background),
+        )
 
     def render_product(
-        self, product: Product, background_idx: int | np.ndarray, n: int, rng: np.random.Generator | None = None,
+        self,
+        product: Product,
+        background_idx: int | np.ndarray,
+        n: int,
+        rng: np.random.Generator | None = None,
     ) -> Renders:
         """``n`` renders of one product (its own garment and colourway) in the given scene(s).
 
@@ -263,5 +282,13 @@ class FashionWorld:
         pcolour = np.full(n, product.pattern_colour, dtype=np.int64)
         images = render(garments[idx], colour, pattern, pcolour, background, rng, self.size)
         category = labels[idx].astype(np.int64)
-        return Renders(images, category, colour, pattern, pcolour, background, idx,
-                       _captions(category, colour, pattern, background))
+        return Renders(
+            images,
+            category,
+            colour,
+            pattern,
+            pcolour,
+            background,
+            idx,
+            _captions(category, colour, pattern, background),
+        )

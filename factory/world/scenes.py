@@ -7,6 +7,7 @@ pixel-identical: the model has to learn "snow", not memorise one snow image.
 Arrays are channel-first, ``[n, 3, S, S]``: NumPy broadcasts a colour over a 32-pixel row much faster
 than over a trailing axis of 3, which made the channel-last version of the renderer 3x slower.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -127,7 +128,12 @@ def night(n: int, size: int, rng: np.random.Generator) -> np.ndarray:
 
 
 SCENES: dict[str, Scene] = {
-    "beach": beach, "grass": grass, "snow": snow, "street": street, "studio": studio, "night": night,
+    "beach": beach,
+    "grass": grass,
+    "snow": snow,
+    "street": street,
+    "studio": studio,
+    "night": night,
 }
 assert tuple(SCENES) == BACKGROUNDS, "one scene generator per background word, in vocabulary order"
 

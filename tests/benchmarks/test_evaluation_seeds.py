@@ -1,4 +1,5 @@
 """`benchmarks/evaluation_seeds.py`'s pooling and paired bootstrap, on synthetic per-unit metrics."""
+
 import importlib.util
 from pathlib import Path
 
@@ -20,11 +21,16 @@ def fake_metrics(rng, n_concepts=6, n_queries=9):
     cls = {m: {"accuracy": 0.0, "per_concept": {c: float(rng.random()) for c in concepts}} for m in CLS}
     cls["ti_ce_proj"]["per_concept"] = dict(cls["ce"]["per_concept"])  # identical to ce: a paired difference of 0
     rr = {m: list(rng.random(n_queries)) for m in RET}
-    gen = {m: {"per_query": {k: list(rng.random(n_queries)) for k in ("colour", "fidelity", "intent", "category")}}
-           for m in GEN}
+    gen = {
+        m: {"per_query": {k: list(rng.random(n_queries)) for k in ("colour", "fidelity", "intent", "category")}}
+        for m in GEN
+    }
     gen["ti_ce_proj"]["per_query"]["colour"][0] = None  # a query with no colour attribute is left out
-    return {"classification": cls, "retrieval_per_query": {"query_ids": list(range(n_queries)), "reciprocal_rank": rr},
-            "generation": gen}
+    return {
+        "classification": cls,
+        "retrieval_per_query": {"query_ids": list(range(n_queries)), "reciprocal_rank": rr},
+        "generation": gen,
+    }
 
 
 def test_units_pool_every_seed_in_one_order():
@@ -45,7 +51,9 @@ def test_paired_intervals_and_targets():
     assert ce["ci95"][0] <= ce["mean"] <= ce["ci95"][1] and ce["ci95"][0] < ce["ci95"][1]
     # ti_ce_proj equals ce unit by unit, so the paired difference is exactly 0.02 in every draw
     t = out["targets"]["classification: ti_ce_proj - (ce - 0.02) >= 0"]
-    assert t["value"] == pytest.approx(0.02) and t["ci95"] == pytest.approx([0.02, 0.02]) and t["met"] and t["ci_clears"]
+    assert (
+        t["value"] == pytest.approx(0.02) and t["ci95"] == pytest.approx([0.02, 0.02]) and t["met"] and t["ci_clears"]
+    )
     best = max(np.mean(u["retrieval"][m]) for m in evaluation_seeds.FIXED)
     gair = out["targets"]["retrieval: gair_auto / best fixed_<alpha> >= 1.07"]
     assert gair["value"] == pytest.approx(np.mean(u["retrieval"]["gair_auto"]) / best)

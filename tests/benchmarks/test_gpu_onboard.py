@@ -1,5 +1,6 @@
 """`benchmarks/gpu_onboard.py --tiny` and `benchmarks/gpu_check.sh --smoke` (the unattended GPU benchmark's
 smoke tests on the CPU), its honest-timing arithmetic, and the speed levers it measures (`factory.gpu_tuning`)."""
+
 import copy
 import importlib.util
 import json
@@ -16,8 +17,17 @@ from factory.errors import ConfigError
 from factory.gpu_tuning import SDPAKernelProcessor, tune_unet
 
 ROOT = Path(__file__).resolve().parents[2]
-RUN_KEYS = {"concepts_per_gpu_minute", "mfu", "s_per_step", "one_off_s", "unet_samples_per_s", "flops_per_step",
-            "speedup_vs_diffusers_ti", "samples_per_s_vs_diffusers_ti", "peak_gib_planned"}
+RUN_KEYS = {
+    "concepts_per_gpu_minute",
+    "mfu",
+    "s_per_step",
+    "one_off_s",
+    "unet_samples_per_s",
+    "flops_per_step",
+    "speedup_vs_diffusers_ti",
+    "samples_per_s_vs_diffusers_ti",
+    "peak_gib_planned",
+}
 
 
 def _bench():
@@ -43,16 +53,37 @@ def _check_result(result: dict, concepts: set[int], modes: set[str]):
     assert _positive_finite(anchor["concepts_per_gpu_minute"]) and _positive_finite(anchor["unet_samples_per_s"])
     # 3,000 optimizer steps of 4 samples each: the anchor's concepts/GPU-minute follows from its step time.
     assert anchor["concepts_per_gpu_minute"] == pytest.approx(60 / (3000 * anchor["s_per_optimizer_step"]))
-    assert _positive_finite(result["speedup_vs_diffusers_ti"]) and _positive_finite(result["samples_per_s_vs_diffusers_ti"])
+    assert _positive_finite(result["speedup_vs_diffusers_ti"]) and _positive_finite(
+        result["samples_per_s_vs_diffusers_ti"]
+    )
     assert all(_positive_finite(v) for v in result["encode_images_per_s"].values())
 
 
 @pytest.mark.timeout(900)  # a subprocess running the benchmark; minutes on a loaded 2-core box
 def test_tiny_run_writes_every_key_with_finite_positive_numbers(tmp_path):
     out = tmp_path / "gpu.json"
-    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_onboard.py"), "--tiny", "--concepts", "2",
-                    "--modes", "plain", "checkpointing", "budget", "--budget-gib", "0.05", "--micro", "2",
-                    "--out", str(out)], check=True, cwd=ROOT, timeout=900)
+    subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "gpu_onboard.py"),
+            "--tiny",
+            "--concepts",
+            "2",
+            "--modes",
+            "plain",
+            "checkpointing",
+            "budget",
+            "--budget-gib",
+            "0.05",
+            "--micro",
+            "2",
+            "--out",
+            str(out),
+        ],
+        check=True,
+        cwd=ROOT,
+        timeout=900,
+    )
     result = json.loads(out.read_text())
     _check_result(result, {2}, {"plain", "checkpointing", "budget"})
     rows = {r["mode"]: r for r in result["runs"]}
@@ -64,8 +95,9 @@ def test_tiny_run_writes_every_key_with_finite_positive_numbers(tmp_path):
 @pytest.mark.timeout(900)  # a subprocess running the benchmark; minutes on a loaded 2-core box
 def test_gpu_check_smoke_writes_its_json_and_log_under_the_build_dir(tmp_path):
     env = {**os.environ, "BUILD_DIR": str(tmp_path / "build"), "PYTHON": sys.executable}
-    subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--smoke"], check=True, cwd=ROOT, env=env,
-                   timeout=900)
+    subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--smoke"], check=True, cwd=ROOT, env=env, timeout=900
+    )
     out = tmp_path / "build" / "gpu_check"
     result = json.loads((out / "gpu_onboard.json").read_text())
     _check_result(result, {2}, {"plain", "budget"})
@@ -83,9 +115,25 @@ def test_a_step_is_the_difference_of_a_1_step_and_an_n_step_run():
 @pytest.mark.timeout(900)  # a subprocess running the benchmark; minutes on a loaded 2-core box
 def test_meta_memory_models_learn_tokens_and_agrees_with_the_plan(tmp_path):
     out = tmp_path / "meta.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_onboard.py"), "--tiny", "--meta-memory",
-                           "--concepts", "4", "--micro", "1", "--out", str(out)], check=True, cwd=ROOT, timeout=600,
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "gpu_onboard.py"),
+            "--tiny",
+            "--meta-memory",
+            "--concepts",
+            "4",
+            "--micro",
+            "1",
+            "--out",
+            str(out),
+        ],
+        check=True,
+        cwd=ROOT,
+        timeout=600,
+        capture_output=True,
+        text=True,
+    )
     assert "COMPUTED" in proc.stdout
     rows = {(r["checkpointing"], r["ti_micro_batch"]): r for r in json.loads(out.read_text())["memory_computed"]}
     peak = {k: r["peak_gib_computed"] for k, r in rows.items()}
@@ -99,6 +147,7 @@ def test_meta_memory_models_learn_tokens_and_agrees_with_the_plan(tmp_path):
 
 
 # ---- the speed levers (`factory.gpu_tuning`) on a tiny UNet --------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def tiny_unet():
@@ -116,9 +165,16 @@ def _run(unet):
     return out.detach(), cond.grad
 
 
-@pytest.mark.parametrize("levers", [dict(channels_last=True), dict(attention="math"), dict(attention="flash"),
-                                    dict(compile=True, compile_backend="eager"),
-                                    dict(compile=True, compile_backend="eager", channels_last=True, attention="math")])
+@pytest.mark.parametrize(
+    "levers",
+    [
+        dict(channels_last=True),
+        dict(attention="math"),
+        dict(attention="flash"),
+        dict(compile=True, compile_backend="eager"),
+        dict(compile=True, compile_backend="eager", channels_last=True, attention="math"),
+    ],
+)
 def test_each_lever_applies_and_computes_what_the_untuned_unet_does(tiny_unet, levers):
     ref_out, ref_grad = _run(tiny_unet)
     tuned = tune_unet(copy.deepcopy(tiny_unet), **levers)

@@ -1,4 +1,5 @@
 """`benchmarks/index_shards.py` at toy size: the JSON keys the issue names, and the 100M arithmetic."""
+
 import json
 import math
 import subprocess
@@ -10,12 +11,43 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_small_run_writes_the_measured_and_extrapolated_keys(tmp_path):
     out = tmp_path / "shards.json"
-    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "index_shards.py"), "--n", "20000", "--dim", "64",
-                    "--m", "8", "--queries", "20", "--shards", "2", "--nprobe", "4", "8", "--train-size", "5000",
-                    "--out", str(out)], check=True, cwd=ROOT, timeout=240, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "index_shards.py"),
+            "--n",
+            "20000",
+            "--dim",
+            "64",
+            "--m",
+            "8",
+            "--queries",
+            "20",
+            "--shards",
+            "2",
+            "--nprobe",
+            "4",
+            "8",
+            "--train-size",
+            "5000",
+            "--out",
+            str(out),
+        ],
+        check=True,
+        cwd=ROOT,
+        timeout=240,
+        capture_output=True,
+    )
     r = json.loads(out.read_text())
-    assert {"n_vectors", "dim", "recall_at_10", "ms_per_query", "bytes_per_vector", "extrapolation_100m",
-            "exact_bytes_per_vector"} <= set(r)
+    assert {
+        "n_vectors",
+        "dim",
+        "recall_at_10",
+        "ms_per_query",
+        "bytes_per_vector",
+        "extrapolation_100m",
+        "exact_bytes_per_vector",
+    } <= set(r)
     assert (r["n_vectors"], r["dim"], r["exact_bytes_per_vector"]) == (20000, 64, 256)
     assert 0 < r["recall_at_10"] <= 1 and r["ms_per_query"] > 0
     assert [row["nprobe"] for row in r["layouts"]["sharded"]["sweep"]] == [4, 8]

@@ -1,5 +1,6 @@
 """`benchmarks/onboard_scale.py`'s flatness arithmetic (the full run starts S3 and Ray per size: minutes,
 so it is a benchmark, not a test; its numbers are in the README)."""
+
 import importlib.util
 from pathlib import Path
 
@@ -19,5 +20,8 @@ def test_ratios_compare_the_two_largest_sizes():
     assert out["compared"] == [500, 2000]
     assert abs(out["per_concept_time_ratio"] - 1.1) < 1e-9 and abs(out["driver_rss_ratio"] - 1.2) < 1e-9
     assert abs(out["worker_rss_ratio"] - 1.2) < 1e-9  # the largest worker of each run
-    assert out["flat_within_15pct"] == {"per_concept_time_ratio": True, "driver_rss_ratio": False,
-                                        "worker_rss_ratio": False}
+    assert out["flat_within_15pct"] == {
+        "per_concept_time_ratio": True,
+        "driver_rss_ratio": False,
+        "worker_rss_ratio": False,
+    }

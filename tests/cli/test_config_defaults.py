@@ -1,5 +1,6 @@
 """One source per default: a flag takes its default from its config's field, so a command run without a flag
 and the config built in Python without that field are the same run (issue 27, item 3)."""
+
 from __future__ import annotations
 
 import argparse
@@ -39,6 +40,7 @@ def _parse(*argv):
 
 
 # ---- onboard: the CLI and OnboardConfig(...) learn with the same LearnerConfig ---------------------------------
+
 
 @pytest.mark.parametrize("gpu", [[], ["--use-gpu"]])
 def test_onboard_without_flags_and_onboard_config_resolve_to_the_same_learner(gpu):
@@ -88,6 +90,7 @@ def test_onboard_help_shows_the_fields_defaults():
 
 # ---- index, evaluate, pretrain, serve ------------------------------------------------------------------------
 
+
 def test_index_flags_default_to_their_fields():
     from cli.index_cmd import config_from_args
     from jobs.index import IndexConfig
@@ -117,14 +120,16 @@ def test_evaluate_without_flags_is_evaluate_config_and_its_gair_settings(tmp_pat
     from jobs.evaluate import EvaluateConfig
 
     paths = [str(tmp_path / d) for d in ("catalog", "registry", "index", "eval")]
-    cli = config_from_args(_parse("evaluate", "--catalog", paths[0], "--registry", paths[1], "--index", paths[2],
-                                  "--out", paths[3]))
+    cli = config_from_args(
+        _parse("evaluate", "--catalog", paths[0], "--registry", paths[1], "--index", paths[2], "--out", paths[3])
+    )
     python = EvaluateConfig(*paths)
     cli_gair, python_gair = dataclasses.asdict(cli.gair), dataclasses.asdict(python.gair)
     assert [float(a) for a in cli_gair.pop("alphas")] == [float(a) for a in python_gair.pop("alphas")]
     assert cli_gair == python_gair
-    assert {k: v for k, v in cli.record().items() if k != "gair"} == {k: v for k, v in python.record().items()
-                                                                     if k != "gair"}
+    assert {k: v for k, v in cli.record().items() if k != "gair"} == {
+        k: v for k, v in python.record().items() if k != "gair"
+    }
 
 
 def test_pretrain_flags_default_to_their_fields_and_the_job_config_has_its_own_name():
@@ -154,11 +159,15 @@ def test_serve_flags_default_to_the_settings_fields():
 
 # ---- a value a config rejects: one line, exit 2 (the documented CLI error), no traceback -----------------------
 
-@pytest.mark.parametrize("argv", [
-    ["onboard", "--catalog", "c", "--registry", "r", "--templates-per-step", "99"],  # LearnerConfig.__post_init__
-    ["onboard", "--catalog", "c", "--registry", "r", "--max-norm-ratio", "-1"],
-    ["pretrain", "--out", "o", "--group-size", "0"],  # PretrainJobConfig.__post_init__
-])
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["onboard", "--catalog", "c", "--registry", "r", "--templates-per-step", "99"],  # LearnerConfig.__post_init__
+        ["onboard", "--catalog", "c", "--registry", "r", "--max-norm-ratio", "-1"],
+        ["pretrain", "--out", "o", "--group-size", "0"],  # PretrainJobConfig.__post_init__
+    ],
+)
 def test_a_flag_a_config_rejects_is_one_line_and_exit_2(argv, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
@@ -167,8 +176,13 @@ def test_a_flag_a_config_rejects_is_one_line_and_exit_2(argv, capsys):
 
 def test_a_flag_a_config_rejects_is_one_line_from_the_real_command():
     # The installed entry point, as a user runs it: stderr is the one line, nothing else.
-    out = subprocess.run([sys.executable, "-m", "cli", "onboard", "--catalog", "c", "--registry", "r",
-                          "--templates-per-step", "99"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    out = subprocess.run(
+        [sys.executable, "-m", "cli", "onboard", "--catalog", "c", "--registry", "r", "--templates-per-step", "99"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
     assert out.returncode == 2, out.stderr
     assert out.stderr.count("\n") == 1 and "templates_per_step" in out.stderr and "Traceback" not in out.stderr
 
@@ -177,8 +191,13 @@ def test_config_errors_are_still_value_errors():
     from factory.errors import ConfigError
     from factory.learner import LearnerConfig
 
-    for bad in ({"parametrization": "other"}, {"templates_per_step": 99}, {"calibration_samples": 0},
-                {"max_norm_ratio": -1.0}, {"ti_micro_batch": -1}):
+    for bad in (
+        {"parametrization": "other"},
+        {"templates_per_step": 99},
+        {"calibration_samples": 0},
+        {"max_norm_ratio": -1.0},
+        {"ti_micro_batch": -1},
+    ):
         with pytest.raises(ConfigError) as e:
             LearnerConfig(**bad)
         assert isinstance(e.value, ValueError)  # callers that catch ValueError keep working

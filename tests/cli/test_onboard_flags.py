@@ -1,4 +1,5 @@
 """`tokenfactory onboard`'s learner flags reach the learner (they are recorded with the version as given)."""
+
 import pytest
 
 from cli.main import build_parser
@@ -15,9 +16,25 @@ def _learner(*flags):
 
 
 def test_less_work_flags_become_learner_settings():
-    cfg = _learner("--templates-per-step", "1", "--ti-samples", "1", "--patience", "5", "--min-delta", "0.01",
-                   "--calibration-samples", "4")
-    assert (cfg.templates_per_step, cfg.ti_samples, cfg.patience, cfg.min_delta, cfg.calibration_samples) == (1, 1, 5, 0.01, 4)
+    cfg = _learner(
+        "--templates-per-step",
+        "1",
+        "--ti-samples",
+        "1",
+        "--patience",
+        "5",
+        "--min-delta",
+        "0.01",
+        "--calibration-samples",
+        "4",
+    )
+    assert (cfg.templates_per_step, cfg.ti_samples, cfg.patience, cfg.min_delta, cfg.calibration_samples) == (
+        1,
+        1,
+        5,
+        0.01,
+        4,
+    )
 
 
 def test_without_the_flags_every_template_and_step_run():
@@ -26,6 +43,7 @@ def test_without_the_flags_every_template_and_step_run():
 
 
 # ---- GPU flags (issue 26): precision, micro-batch ---------------------------------------------------------
+
 
 def _config(*flags, command="onboard"):
     from cli import index_cmd, onboard_cmd
@@ -56,7 +74,9 @@ def test_fp16_is_refused_for_onboarding_but_not_for_indexing():
 
 
 def _micro(*flags):
-    return learner_config(build_parser().parse_args(["onboard", "--catalog", "c", "--registry", "r", *flags])).ti_micro_batch
+    return learner_config(
+        build_parser().parse_args(["onboard", "--catalog", "c", "--registry", "r", *flags])
+    ).ti_micro_batch
 
 
 def test_ti_micro_batch_defaults_to_auto_on_gpus_and_0_on_cpus():

@@ -1,4 +1,5 @@
 """Tiny random backbones of both families, built from their registered configs once per session."""
+
 from __future__ import annotations
 
 import pytest

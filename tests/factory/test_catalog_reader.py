@@ -1,4 +1,5 @@
 """`factory.catalog`: a catalog's image URIs stay inside the catalog unless the caller allows otherwise."""
+
 from __future__ import annotations
 
 import json
@@ -19,8 +20,16 @@ def _jsonl(rows) -> bytes:
 
 
 @pytest.mark.s3
-@pytest.mark.parametrize("escape", ["file:///root/.aws/credentials", "file:///proc/self/environ", "/etc/passwd",
-                                    "s3://another-bucket/image.png", "../../outside.png"])
+@pytest.mark.parametrize(
+    "escape",
+    [
+        "file:///root/.aws/credentials",
+        "file:///proc/self/environ",
+        "/etc/passwd",
+        "s3://another-bucket/image.png",
+        "../../outside.png",
+    ],
+)
 def test_an_s3_catalog_cannot_point_outside_its_bucket(s3_server, s3_bucket, escape):
     uri = f"{s3_bucket}/catalog/rows.jsonl"
     storage.write_bytes(uri, _jsonl([_row(f"{s3_bucket}/catalog/a.png"), _row(escape, 1)]), s3_server.s3_options)
@@ -34,7 +43,9 @@ def test_a_local_catalog_keeps_to_its_folder(tmp_path):
     folder.mkdir()
     (folder / "rows.jsonl").write_bytes(_jsonl([_row("images/a.png"), _row(str(folder / "images" / "b.png"), 1)]))
     assert [r.image_uri for r in read_rows(str(folder / "rows.jsonl"))] == [
-        str(folder / "images" / "a.png"), str(folder / "images" / "b.png")]
+        str(folder / "images" / "a.png"),
+        str(folder / "images" / "b.png"),
+    ]
     (folder / "bad.jsonl").write_bytes(_jsonl([_row("images/../../secret.png")]))
     with pytest.raises(CatalogError, match="outside"):
         read_rows(str(folder / "bad.jsonl"))

@@ -3,6 +3,7 @@
 The first GPU run crashed at its first step on a CPU tensor mixed with a GPU one; these tests would have
 caught it on a CPU (shown on the old `parametrization.py` in the commit that added them).
 """
+
 from __future__ import annotations
 
 import copy
@@ -23,11 +24,18 @@ def _concepts(backbone, n=3, shots=4, parent="dress", seed=0):
     g = torch.Generator().manual_seed(seed)
     dim = backbone.encode_prompts(["a"]).features.shape[-1]
     s = backbone.generator.unet.config.sample_size
-    concepts = [ConceptData(f"c{i}", parent, torch.randn(shots, dim, generator=g),
-                            torch.randn(shots, backbone.generator.latent_channels, s, s, generator=g))
-                for i in range(n)]
-    bank = NegativeBank(torch.cat([c.image_features for c in concepts]),
-                        [c.concept_id for c in concepts for _ in range(shots)])
+    concepts = [
+        ConceptData(
+            f"c{i}",
+            parent,
+            torch.randn(shots, dim, generator=g),
+            torch.randn(shots, backbone.generator.latent_channels, s, s, generator=g),
+        )
+        for i in range(n)
+    ]
+    bank = NegativeBank(
+        torch.cat([c.image_features for c in concepts]), [c.concept_id for c in concepts for _ in range(shots)]
+    )
     return concepts, {parent: bank}
 
 
@@ -66,8 +74,14 @@ MODES = {
     "ti_only": LearnerConfig(steps=4, weights=LossWeights(ti=1.0, ce=0.0)),
     # Concepts that stop at different steps on the concepts of seed 2 (3, 10 and 9 of 10): the path where
     # some are active and the stopped ones stay in the image-side CE as fixed prototypes.
-    "image_ce_early_stopping": LearnerConfig(steps=10, lr=0.3, patience=2, min_delta=0.2, calibration_samples=2,
-                                             weights=LossWeights(ti=1.0, ce=1.0, image_ce=1.0, ti_balance=0.0)),
+    "image_ce_early_stopping": LearnerConfig(
+        steps=10,
+        lr=0.3,
+        patience=2,
+        min_delta=0.2,
+        calibration_samples=2,
+        weights=LossWeights(ti=1.0, ce=1.0, image_ce=1.0, ti_balance=0.0),
+    ),
     "sampled_templates": LearnerConfig(steps=4, **BOTH_CAL, templates_per_step=2),
     "micro_batches": LearnerConfig(steps=4, **BOTH_CAL, ti_micro_batch=2),
     "checkpointing": LearnerConfig(steps=4, **BOTH_CAL, gradient_checkpointing=True, ti_micro_batch=4),
@@ -102,7 +116,7 @@ def test_a_steady_learner_step_makes_at_most_two_host_syncs(mode):
     cfg = dataclasses.replace(MODES[mode], steps=5, patience=0, log_every=0)
     _, rec, steps, _ = _on_fake_gpu("tiny-hf-clip", cfg)
     assert len(steps) == 4
-    assert max(steps) <= 2, [str(r) for r in rec.syncs[-max(steps):]]
+    assert max(steps) <= 2, [str(r) for r in rec.syncs[-max(steps) :]]
 
 
 def test_auto_micro_batch_resolves_on_the_gpu_only(monkeypatch):
@@ -124,6 +138,7 @@ def test_auto_micro_batch_resolves_on_the_gpu_only(monkeypatch):
 
 
 # ---- the harness itself: each record kind, so a clean report means something -------------------------
+
 
 def test_the_harness_records_what_a_gpu_would_reject():
     import numpy as np
@@ -165,6 +180,7 @@ def test_gradients_flow_back_through_a_move_to_the_fake_gpu():
 
 
 # ---- the jobs' device code: a Train worker's body and the Data stage's encoders -----------------------
+
 
 def test_the_train_worker_body_is_device_clean():
     """What `jobs.onboard_train.learn_stream` runs per chunk, on a worker's GPU: its backbone in bf16 with

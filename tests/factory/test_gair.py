@@ -1,5 +1,6 @@
 """GAIR on tiny random models: a well-formed trace, deterministic for a seed, manual mode, bad requests,
 and the price a request states against the UNet passes it really makes."""
+
 import dataclasses
 
 import numpy as np
@@ -21,9 +22,14 @@ def gair(hf_backbone):
     g = torch.Generator().manual_seed(0)
     dim = hf_backbone.encode_prompts(["a"]).features.shape[-1]
     concepts = {
-        "sku-1": ConceptToken(hf_backbone.word_embedding("red") + 0.01 * torch.randn(32, generator=g), "dress",
-                              F.normalize(torch.randn(dim, generator=g), dim=0)),
-        "sku-2": ConceptToken(hf_backbone.word_embedding("blue"), "coat", F.normalize(torch.randn(dim, generator=g), dim=0)),
+        "sku-1": ConceptToken(
+            hf_backbone.word_embedding("red") + 0.01 * torch.randn(32, generator=g),
+            "dress",
+            F.normalize(torch.randn(dim, generator=g), dim=0),
+        ),
+        "sku-2": ConceptToken(
+            hf_backbone.word_embedding("blue"), "coat", F.normalize(torch.randn(dim, generator=g), dim=0)
+        ),
     }
     index = create_index("exact", dim)
     vecs = np.random.default_rng(0).standard_normal((50, dim)).astype(np.float32)
@@ -124,8 +130,14 @@ def test_each_alpha_retrieves_with_the_balance_of_its_previews(gair, hf_backbone
 
 
 def _step(alpha, fid, inten):
-    return GairStep(alpha=alpha, fidelity=0.0, intent=0.0, previews=np.zeros((1, 2, 2, 3), np.uint8),
-                    retrieved_fidelity=fid, retrieved_intent=inten)
+    return GairStep(
+        alpha=alpha,
+        fidelity=0.0,
+        intent=0.0,
+        previews=np.zeros((1, 2, 2, 3), np.uint8),
+        retrieved_fidelity=fid,
+        retrieved_intent=inten,
+    )
 
 
 def test_the_retrieval_rule_takes_the_most_concept_like_top_item_that_still_matches_the_intent():
@@ -162,8 +174,9 @@ def test_chosen_previews_render_only_the_kept_alpha_and_decide_the_same(gair):
     """The retrieval rule decides without previews: rendering only the chosen α keeps its choice, its
     ranking and, from the same noise, that α's very previews."""
     every = gair(_req(["sku-1"], "on the beach", alphas=[0.0, 0.5, 1.0], previews=2, steps=2, seed=4))
-    chosen = gair(_req(["sku-1"], "on the beach", alphas=[0.0, 0.5, 1.0], previews=2, steps=2, seed=4,
-                              previews_for="chosen"))
+    chosen = gair(
+        _req(["sku-1"], "on the beach", alphas=[0.0, 0.5, 1.0], previews=2, steps=2, seed=4, previews_for="chosen")
+    )
     assert chosen.alpha == every.alpha and chosen.ranking == every.ranking
     for a, b in zip(every.steps, chosen.steps):
         if b.alpha == chosen.alpha:
@@ -234,14 +247,18 @@ def _keep(monkeypatch, target: float):
     monkeypatch.setattr(factory.gair, "choose_alpha", nearest)
 
 
-@pytest.mark.parametrize("options", [
-    dict(alphas=[0.0, 0.5, 1.0], previews=2, steps=2),  # every α: 3 x 2 images x 2 steps x 2 (guidance)
-    dict(alphas=[0.0, 0.5, 1.0], previews=2, steps=3, previews_for="chosen"),  # the kept α alone
-    dict(alphas=[0.0, 1.0], previews=1, steps=2, guidance=1.0),  # no guidance: one pass per image and step
-    dict(mode="manual", alpha=0.3, previews=2, steps=2),
-    dict(alphas=[0.0, 0.5, 1.0], previews=0, steps=5),  # retrieval alone: no UNet at all
-    dict(alphas=[0.0, 0.5, 1.0], previews=1, steps=2, refine=2, previews_for="chosen"),
-], ids=["every", "chosen", "no-guidance", "manual", "no-previews", "refine-chosen"])
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(alphas=[0.0, 0.5, 1.0], previews=2, steps=2),  # every α: 3 x 2 images x 2 steps x 2 (guidance)
+        dict(alphas=[0.0, 0.5, 1.0], previews=2, steps=3, previews_for="chosen"),  # the kept α alone
+        dict(alphas=[0.0, 1.0], previews=1, steps=2, guidance=1.0),  # no guidance: one pass per image and step
+        dict(mode="manual", alpha=0.3, previews=2, steps=2),
+        dict(alphas=[0.0, 0.5, 1.0], previews=0, steps=5),  # retrieval alone: no UNet at all
+        dict(alphas=[0.0, 0.5, 1.0], previews=1, steps=2, refine=2, previews_for="chosen"),
+    ],
+    ids=["every", "chosen", "no-guidance", "manual", "no-previews", "refine-chosen"],
+)
 def test_a_request_prices_the_unet_passes_it_makes(gair, unet_images, options):
     req = _req(["sku-1"], "on the beach", **options)
     gair(req)
@@ -250,8 +267,7 @@ def test_a_request_prices_the_unet_passes_it_makes(gair, unet_images, options):
 
 def test_bisection_is_priced_at_two_alphas_a_round_the_most_it_renders(gair, unet_images, monkeypatch):
     _keep(monkeypatch, 0.5)
-    req = _req(["sku-1"], "on the beach", alphas=[0.0, 0.5, 1.0], previews=1, steps=2,
-                      refine=2)
+    req = _req(["sku-1"], "on the beach", alphas=[0.0, 0.5, 1.0], previews=1, steps=2, refine=2)
     res = gair(req)
     assert [s.alpha for s in res.steps] == [0.0, 0.25, 0.375, 0.5, 0.625, 0.75, 1.0]  # 3 + 2 + 2 α rendered
     assert sum(unet_images) == req.unet_passes() == 1 * 7 * 2 * 2
@@ -259,8 +275,7 @@ def test_bisection_is_priced_at_two_alphas_a_round_the_most_it_renders(gair, une
 
 def test_bisection_at_an_end_of_the_schedule_costs_less_than_its_price(gair, unet_images, monkeypatch):
     _keep(monkeypatch, 1.0)
-    req = _req(["sku-1"], "on the beach", alphas=[0.0, 0.5, 1.0], previews=1, steps=2,
-                      refine=3)
+    req = _req(["sku-1"], "on the beach", alphas=[0.0, 0.5, 1.0], previews=1, steps=2, refine=3)
     res = gair(req)
     assert [s.alpha for s in res.steps] == [0.0, 0.5, 0.75, 0.875, 0.9375, 1.0]  # one midpoint a round
     assert sum(unet_images) == 6 * 2 * 2 < req.unet_passes() == 9 * 2 * 2  # the price is a bound

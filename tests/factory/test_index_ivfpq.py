@@ -1,4 +1,5 @@
 """The IVF-PQ backend: compressed codes instead of vectors, a usable recall, save/load, and its parameter errors."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,5 +1,6 @@
 """A gallery over shards: stable routing, a merge equal to the unsharded exact search, save/load with its
 checksum chain, and the errors of a shard that is missing, altered or miscounted."""
+
 from __future__ import annotations
 
 import json
@@ -12,10 +13,21 @@ import numpy as np
 import pytest
 
 from factory.index import (
-    MANIFEST_NAME, CorruptIndex, DuplicateItemId, IncompleteIndex, InvalidIndexParams, create_index, load_index,
+    MANIFEST_NAME,
+    CorruptIndex,
+    DuplicateItemId,
+    IncompleteIndex,
+    InvalidIndexParams,
+    create_index,
+    load_index,
 )
 from factory.index.sharded import (
-    SHARDS_MANIFEST, ShardedIndex, load_shard, load_sharded_index, merge_hits, shard_of,
+    SHARDS_MANIFEST,
+    ShardedIndex,
+    load_shard,
+    load_sharded_index,
+    merge_hits,
+    shard_of,
 )
 from tests.factory.test_index import DIM, clustered, ids
 
@@ -25,8 +37,9 @@ EXPECTED_ROUTES = [3, 3, 2, 1, 2, 0, 1, 2]  # shard_of("img-0000<i>", 4), i = 0.
 
 def sharded(shards: int = 3, backend: str = "exact", n: int = N, **params) -> ShardedIndex:
     index = ShardedIndex.create(backend, DIM, shards, **params)
-    index.add(clustered(n), ids(n), uris=[f"s3://gallery/{i}.png" for i in range(n)],
-              metadata=[{"n": i} for i in range(n)])
+    index.add(
+        clustered(n), ids(n), uris=[f"s3://gallery/{i}.png" for i in range(n)], metadata=[{"n": i} for i in range(n)]
+    )
     return index
 
 
@@ -45,8 +58,14 @@ def test_routing_is_stable_across_processes() -> None:
     # Fixed values: a change of hash would move every saved item to another shard.
     assert [shard_of(f"img-{i:05d}", 4) for i in range(8)] == EXPECTED_ROUTES
     code = "from factory.index.sharded import shard_of; print([shard_of(f'img-{i:05d}', 4) for i in range(8)])"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={"PYTHONHASHSEED": "123", "PATH": ""}, cwd=Path(__file__).resolve().parents[2])
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"PYTHONHASHSEED": "123", "PATH": ""},
+        cwd=Path(__file__).resolve().parents[2],
+    )
     assert json.loads(out.stdout) == EXPECTED_ROUTES
 
 
@@ -61,8 +80,11 @@ def test_positions_ids_uris_and_vectors_agree() -> None:
     vecs = clustered(N)
     for item in ("img-00000", "img-00123", "img-00599"):
         pos = index.position(item)
-        assert (index.ids[pos], index.uris[pos], index.metadata[pos]) == (item, f"s3://gallery/{int(item[4:])}.png",
-                                                                        {"n": int(item[4:])})
+        assert (index.ids[pos], index.uris[pos], index.metadata[pos]) == (
+            item,
+            f"s3://gallery/{int(item[4:])}.png",
+            {"n": int(item[4:])},
+        )
     expected = vecs[[123, 7]] / np.linalg.norm(vecs[[123, 7]], axis=1, keepdims=True)
     np.testing.assert_allclose(index.vectors_of(["img-00123", "img-00007"]), expected, atol=1e-6)
     assert list(index.ids) == [i for shard in index.shards for i in shard.ids] and len(index.ids) == N
@@ -71,8 +93,12 @@ def test_positions_ids_uris_and_vectors_agree() -> None:
 def test_hits_carry_the_items_of_the_right_shard() -> None:
     index = sharded()
     hit = index.search(clustered(N)[42], 1).hits(0)[0]
-    assert (hit.id, hit.uri, hit.metadata, hit.position) == ("img-00042", "s3://gallery/42.png", {"n": 42},
-                                                            index.position("img-00042"))
+    assert (hit.id, hit.uri, hit.metadata, hit.position) == (
+        "img-00042",
+        "s3://gallery/42.png",
+        {"n": 42},
+        index.position("img-00042"),
+    )
 
 
 def test_save_load_round_trip(tmp_path: Path) -> None:
@@ -146,7 +172,9 @@ def test_ivf_shards_share_one_trained_model() -> None:
     index = sharded(shards=3, backend="ivfpq", n=3000, nlist=16, m=8)
     centroids = [s._index.quantizer.reconstruct_n(0, 16) for s in index.shards]  # type: ignore[attr-defined]
     codebooks = [faiss.vector_to_array(s._index.pq.centroids) for s in index.shards]  # type: ignore[attr-defined]
-    assert all(np.array_equal(c, centroids[0]) for c in centroids) and all(np.array_equal(c, codebooks[0]) for c in codebooks)
+    assert all(np.array_equal(c, centroids[0]) for c in centroids) and all(
+        np.array_equal(c, codebooks[0]) for c in codebooks
+    )
 
 
 def test_sharded_ivfpq_finds_what_the_unsharded_index_finds() -> None:
@@ -185,5 +213,7 @@ def test_ann_slots_a_shard_could_not_fill_stay_empty() -> None:
 def test_merge_hits_keeps_each_querys_best_k_by_score() -> None:
     shard_a = [[("a1", None, 0.9), ("a2", None, 0.5)], [("a3", "u", 0.2)]]
     shard_b = [[("b1", None, 0.7)], [("b2", None, 0.8), ("b3", None, 0.1)]]
-    assert merge_hits([shard_a, shard_b], [2, 3]) == [[("a1", None, 0.9), ("b1", None, 0.7)],
-                                                      [("b2", None, 0.8), ("a3", "u", 0.2), ("b3", None, 0.1)]]
+    assert merge_hits([shard_a, shard_b], [2, 3]) == [
+        [("a1", None, 0.9), ("b1", None, 0.7)],
+        [("b2", None, 0.8), ("a3", "u", 0.2), ("b3", None, 0.1)],
+    ]

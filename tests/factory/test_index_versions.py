@@ -1,5 +1,6 @@
 """Index versions: numbered, immutable, committed when their manifest is written; a claimed folder whose
 save died is skipped; concurrent commits never share a number."""
+
 from __future__ import annotations
 
 import threading

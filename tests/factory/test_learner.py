@@ -1,5 +1,7 @@
 """The multi-concept learner on tiny random models with synthetic, separable image features."""
+
 import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,8 +19,10 @@ def _world(backbone, n_concepts=4, shots=6, heldout=6, seed=0, latents=False):
     scale = backbone.vocab_mean_norm / backbone.token_dim**0.5
     hidden = {f"h{i}": scale * torch.randn(backbone.token_dim, generator=g) for i in range(n_concepts)}
     with torch.no_grad():
-        centres = F.normalize(backbone.encode_prompts(
-            [f"a photo of a <concept:h{i}> dress" for i in range(n_concepts)], hidden).features, dim=-1)
+        centres = F.normalize(
+            backbone.encode_prompts([f"a photo of a <concept:h{i}> dress" for i in range(n_concepts)], hidden).features,
+            dim=-1,
+        )
     dim = centres.shape[-1]
     spread = 0.3 * torch.pdist(centres).min()  # noise well below the distance between concepts
     concepts, held = [], []
@@ -31,16 +35,23 @@ def _world(backbone, n_concepts=4, shots=6, heldout=6, seed=0, latents=False):
             lat = torch.randn(shots, gen.latent_channels, s, s, generator=g)
         concepts.append(ConceptData(f"c{i}", "dress", feats[:shots], lat))
         held.append(feats[shots:])
-    bank = NegativeBank(torch.cat([c.image_features for c in concepts]),
-                        [c.concept_id for c in concepts for _ in range(shots)])
+    bank = NegativeBank(
+        torch.cat([c.image_features for c in concepts]), [c.concept_id for c in concepts for _ in range(shots)]
+    )
     return concepts, held, {"dress": bank}
 
 
 def _accuracy(backbone, prompts_per_concept, tokens, held):
     with torch.no_grad():
-        text = F.normalize(torch.stack([
-            F.normalize(backbone.encode_prompts(ps, tokens).features, dim=-1).mean(0) for ps in prompts_per_concept
-        ]), dim=-1)
+        text = F.normalize(
+            torch.stack(
+                [
+                    F.normalize(backbone.encode_prompts(ps, tokens).features, dim=-1).mean(0)
+                    for ps in prompts_per_concept
+                ]
+            ),
+            dim=-1,
+        )
     hits = [(F.normalize(h, dim=-1) @ text.T).argmax(1).eq(i).float() for i, h in enumerate(held)]
     return float(torch.cat(hits).mean())
 
@@ -54,15 +65,19 @@ def test_learned_tokens_beat_the_parent_word_on_heldout_features(backbone, param
     # Text-side CE alone ranks a token's own images above other concepts' images, but does not calibrate
     # tokens against each other: on this random encoder (all text features share one dominant direction)
     # it classifies at chance. The image-side joint CE adds that calibration.
-    cfg = LearnerConfig(steps=150, lr=0.05, weights=LossWeights(ti=0.0, ce=1.0, image_ce=1.0),
-                        parametrization=parametrization)
+    cfg = LearnerConfig(
+        steps=150, lr=0.05, weights=LossWeights(ti=0.0, ce=1.0, image_ce=1.0), parametrization=parametrization
+    )
     learned = learn_tokens(backbone, concepts, banks, cfg)
     tokens = {t.concept_id: t.vector for t in learned}
     tpl = cfg.templates
-    token_acc = _accuracy(backbone, [[t.format(concept=f"<concept:{c.concept_id}>", parent="dress") for t in tpl]
-                                     for c in concepts], tokens, held)
-    parent_acc = _accuracy(backbone, [[t.format(concept="", parent="dress") for t in tpl] for _ in concepts],
-                           {}, held)
+    token_acc = _accuracy(
+        backbone,
+        [[t.format(concept=f"<concept:{c.concept_id}>", parent="dress") for t in tpl] for c in concepts],
+        tokens,
+        held,
+    )
+    parent_acc = _accuracy(backbone, [[t.format(concept="", parent="dress") for t in tpl] for _ in concepts], {}, held)
     assert parent_acc <= 0.25 + 1e-6  # identical prompts: every image goes to the first concept
     assert token_acc >= 0.75, token_acc
     assert all(t.metrics["train_acc"] > 0.5 for t in learned)
@@ -159,8 +174,9 @@ def test_wrong_feature_dimension_is_a_named_error(hf_backbone):
     from factory.errors import DimensionMismatch
 
     with pytest.raises(DimensionMismatch, match="encode with this backbone"):
-        learn_tokens(hf_backbone, [ConceptData("c0", "dress", torch.randn(3, 7))], {},
-                     LearnerConfig(steps=1, weights=CE_ONLY))
+        learn_tokens(
+            hf_backbone, [ConceptData("c0", "dress", torch.randn(3, 7))], {}, LearnerConfig(steps=1, weights=CE_ONLY)
+        )
 
 
 def _vectors(backbone, concepts, banks, **config):
@@ -182,8 +198,12 @@ def test_ti_micro_batches_learn_the_same_tokens(backbone, micro):
 
 def test_unet_gradient_checkpointing_learns_the_same_tokens(backbone):
     concepts, _, banks = _world(backbone, n_concepts=2, shots=3, heldout=0, latents=True)
-    torch.testing.assert_close(_vectors(backbone, concepts, banks, gradient_checkpointing=True),
-                               _vectors(backbone, concepts, banks), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(
+        _vectors(backbone, concepts, banks, gradient_checkpointing=True),
+        _vectors(backbone, concepts, banks),
+        atol=1e-6,
+        rtol=1e-5,
+    )
     assert not backbone.generator.unet.is_gradient_checkpointing  # switched back off after learning
 
 
@@ -203,8 +223,14 @@ def test_bf16_backbone_learns_close_to_fp32(backbone):
 @pytest.mark.parametrize("parametrization", ["projected", "free"])
 def test_token_norm_bound(backbone, parametrization):
     concepts, _, banks = _world(backbone, n_concepts=2, shots=3, heldout=0)
-    cfg = LearnerConfig(steps=30, lr=0.2, log_every=0, weights=LossWeights(ti=0.0, ce=1.0, image_ce=1.0),
-                        parametrization=parametrization, max_norm_ratio=1.5)
+    cfg = LearnerConfig(
+        steps=30,
+        lr=0.2,
+        log_every=0,
+        weights=LossWeights(ti=0.0, ce=1.0, image_ce=1.0),
+        parametrization=parametrization,
+        max_norm_ratio=1.5,
+    )
     bound = 1.5 * backbone.vocab_mean_norm
     free = learn_tokens(backbone, concepts, banks, dataclasses.replace(cfg, max_norm_ratio=0.0))
     assert max(t.metrics["token_norm"] for t in free) > bound  # without the bound this lr overshoots it
@@ -231,7 +257,9 @@ def test_ti_balance_is_a_concepts_own_alone_or_beside_others(backbone):
     # Calibration draws per-concept samples and measures per-concept gradients, so learning together
     # still equals learning one by one.
     concepts, _, banks = _world(backbone, n_concepts=2, shots=3, heldout=0, latents=True)
-    cfg = LearnerConfig(steps=3, ti_samples=2, log_every=0, weights=LossWeights(ti=1.0, ce=1.0, image_ce=0.0, ti_balance=1.0))
+    cfg = LearnerConfig(
+        steps=3, ti_samples=2, log_every=0, weights=LossWeights(ti=1.0, ce=1.0, image_ce=0.0, ti_balance=1.0)
+    )
     together = learn_tokens(backbone, concepts, banks, cfg)
     alone = [learn_tokens(backbone, [c], banks, cfg)[0] for c in concepts]
     for a, b in zip(together, alone):
@@ -242,7 +270,9 @@ def test_ti_balance_is_a_concepts_own_alone_or_beside_others(backbone):
 def test_ti_balance_leaves_ti_only_learning_alone(backbone):
     concepts, _, banks = _world(backbone, n_concepts=2, shots=3, heldout=0, latents=True)
     cfg = LearnerConfig(steps=1, log_every=0, weights=LossWeights(ti=1.0, ce=0.0, image_ce=0.0, ti_balance=1.0))
-    assert all(t.metrics["ti_weight"] == 1.0 for t in learn_tokens(backbone, concepts, banks, cfg))  # nothing to balance
+    assert all(
+        t.metrics["ti_weight"] == 1.0 for t in learn_tokens(backbone, concepts, banks, cfg)
+    )  # nothing to balance
 
 
 def _unet_batches(backbone, monkeypatch) -> list[int]:
@@ -255,8 +285,14 @@ def _unet_batches(backbone, monkeypatch) -> list[int]:
 def test_a_stopped_concept_leaves_the_unet_batch(hf_backbone, monkeypatch):
     concepts, _, banks = _world(hf_backbone, n_concepts=3, latents=True)
     sizes = _unet_batches(hf_backbone, monkeypatch)
-    cfg = LearnerConfig(steps=200, lr=0.05, weights=LossWeights(ti=1.0, ce=1.0, ti_balance=0.0), patience=3,
-                        min_delta=1e-3, ti_samples=2)
+    cfg = LearnerConfig(
+        steps=200,
+        lr=0.05,
+        weights=LossWeights(ti=1.0, ce=1.0, ti_balance=0.0),
+        patience=3,
+        min_delta=1e-3,
+        ti_samples=2,
+    )
     learned = learn_tokens(hf_backbone, concepts, banks, cfg)
     steps = sorted(int(t.metrics["steps"]) for t in learned)
     assert steps[0] < steps[-1] <= 200  # they stopped at different steps
@@ -267,8 +303,9 @@ def test_a_stopped_concept_leaves_the_unet_batch(hf_backbone, monkeypatch):
 
 def test_early_stopping_is_a_concepts_own_alone_or_beside_others(backbone):
     concepts, _, banks = _world(backbone, n_concepts=3, latents=True)
-    cfg = LearnerConfig(steps=60, lr=0.05, weights=LossWeights(ti=1.0, ce=1.0, ti_balance=0.0), patience=3,
-                        min_delta=1e-3, seed=2)
+    cfg = LearnerConfig(
+        steps=60, lr=0.05, weights=LossWeights(ti=1.0, ce=1.0, ti_balance=0.0), patience=3, min_delta=1e-3, seed=2
+    )
     together = learn_tokens(backbone, concepts, banks, cfg)
     assert len({t.metrics["steps"] for t in together}) > 1
     for i, c in enumerate(concepts):

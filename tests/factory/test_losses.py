@@ -20,7 +20,9 @@ def _unit(*shape):
 def test_text_side_ce_matches_a_hand_computed_softmax():
     text = _unit(1, 1, 4)
     pos, neg = _unit(1, 1, 4), _unit(1, 2, 4)
-    loss, acc = text_side_ce(text, pos, torch.ones(1, 1, dtype=torch.bool), neg, torch.ones(1, 2, dtype=torch.bool), 10.0)
+    loss, acc = text_side_ce(
+        text, pos, torch.ones(1, 1, dtype=torch.bool), neg, torch.ones(1, 2, dtype=torch.bool), 10.0
+    )
     logits = 10.0 * torch.cat([pos[0] @ text[0, 0], neg[0] @ text[0, 0]])
     assert math.isclose(float(loss), float(-F.log_softmax(logits, 0)[0]), rel_tol=1e-5)
     assert float(acc) == float(logits[0] > logits[1:].max())
@@ -36,8 +38,14 @@ def test_text_side_ce_ignores_masked_rows():
 
 
 def test_text_side_ce_without_negatives_is_zero():
-    loss, acc = text_side_ce(_unit(1, 1, 4), _unit(1, 2, 4), torch.ones(1, 2, dtype=torch.bool), _unit(1, 1, 4),
-                             torch.zeros(1, 1, dtype=torch.bool), 5.0)
+    loss, acc = text_side_ce(
+        _unit(1, 1, 4),
+        _unit(1, 2, 4),
+        torch.ones(1, 2, dtype=torch.bool),
+        _unit(1, 1, 4),
+        torch.zeros(1, 1, dtype=torch.bool),
+        5.0,
+    )
     assert float(loss) == 0.0 and float(acc) == 1.0
 
 

@@ -1,4 +1,5 @@
 """`factory.memory`: the meta-device byte count and the TI micro-batch plan (numbers first, then a tiny backbone)."""
+
 from __future__ import annotations
 
 import pytest
@@ -18,26 +19,29 @@ from factory.memory import (
     planned_peak_bytes,
 )
 
-
 # ---- the plan, in numbers (SD 1.5 at 512 px: ~0.72 GiB per UNet sample, ~0.21 checkpointed) -------------------
+
 
 def test_a_plan_that_fits_runs_one_unet_batch():
     # C=32 x 2 samples at 0.72 GiB + 2.4 GiB of text graph = 48.5 GiB, well inside 130 GiB free less 12 %.
-    assert plan_ti_micro_batch(int(0.72 * GiB), int(2.4 * GiB), 130 * GiB, 32, 2,
-                               per_sample_checkpointed_bytes=int(0.21 * GiB)) == (0, False)
+    assert plan_ti_micro_batch(
+        int(0.72 * GiB), int(2.4 * GiB), 130 * GiB, 32, 2, per_sample_checkpointed_bytes=int(0.21 * GiB)
+    ) == (0, False)
 
 
 def test_a_plan_that_fits_in_part_takes_the_largest_plain_micro_batch():
     # 40 GiB free: (40 * 0.88 - 2.4) / 0.72 = 45.5 -> 45 samples per UNet call, no recompute.
-    assert plan_ti_micro_batch(int(0.72 * GiB), int(2.4 * GiB), 40 * GiB, 32, 2,
-                               per_sample_checkpointed_bytes=int(0.21 * GiB)) == (45, False)
+    assert plan_ti_micro_batch(
+        int(0.72 * GiB), int(2.4 * GiB), 40 * GiB, 32, 2, per_sample_checkpointed_bytes=int(0.21 * GiB)
+    ) == (45, False)
 
 
 def test_a_plan_that_needs_checkpointing():
     # 8 GiB free: (8 * 0.88 - 2.4) / 0.72 = 6.4 -> 6 plain samples, under the floor of 8; checkpointed:
     # 4.64 / 0.21 = 22 samples per call.
-    assert plan_ti_micro_batch(int(0.72 * GiB), int(2.4 * GiB), 8 * GiB, 32, 2,
-                               per_sample_checkpointed_bytes=int(0.21 * GiB)) == (22, True)
+    assert plan_ti_micro_batch(
+        int(0.72 * GiB), int(2.4 * GiB), 8 * GiB, 32, 2, per_sample_checkpointed_bytes=int(0.21 * GiB)
+    ) == (22, True)
 
 
 def test_checkpointing_that_fits_everything_runs_one_batch():
@@ -60,13 +64,16 @@ def test_the_allocator_margin_is_kept():
 
 def test_a_plan_that_cannot_fit_is_a_device_error_that_says_what_to_do():
     with pytest.raises(DeviceError) as e:
-        plan_ti_micro_batch(int(0.72 * GiB), int(2.4 * GiB), 2 * GiB, 32, 2, per_sample_checkpointed_bytes=int(0.21 * GiB))
+        plan_ti_micro_batch(
+            int(0.72 * GiB), int(2.4 * GiB), 2 * GiB, 32, 2, per_sample_checkpointed_bytes=int(0.21 * GiB)
+        )
     msg = str(e.value)
     assert "32 concept(s)" in msg and "2.00 GiB are free" in msg and "fewer concepts" in msg
 
 
-@pytest.mark.parametrize("kwargs", [dict(per_sample_bytes=0), dict(n_concepts=0), dict(ti_samples=0),
-                                    dict(free_bytes=-1), dict(margin=1.0)])
+@pytest.mark.parametrize(
+    "kwargs", [dict(per_sample_bytes=0), dict(n_concepts=0), dict(ti_samples=0), dict(free_bytes=-1), dict(margin=1.0)]
+)
 def test_bad_plan_input_is_a_config_error(kwargs):
     args = dict(per_sample_bytes=GiB, fixed_bytes=0, free_bytes=8 * GiB, n_concepts=4, ti_samples=2) | kwargs
     with pytest.raises(ConfigError):
@@ -74,6 +81,7 @@ def test_bad_plan_input_is_a_config_error(kwargs):
 
 
 # ---- the byte counter -------------------------------------------------------------------------------------------
+
 
 def test_peak_bytes_counts_live_tensors_and_frees_them():
     with torch.device("meta"):
@@ -103,13 +111,18 @@ def test_fused_attention_counts_no_attention_matrix_and_restores_sdpa():
 
 # ---- on a tiny backbone -----------------------------------------------------------------------------------------
 
+
 def test_measured_costs_of_a_tiny_backbone(backbone):
     cost = measure_ti_memory(backbone)
     assert cost.per_sample > cost.per_sample_checkpointed > 0 and cost.per_prompt > 0
     cfg = LearnerConfig(ti_samples=2)
     plain = planned_peak_bytes(backbone, cfg, 4, 0, False, cost)
     assert plain == cost.fixed(4 * len(cfg.templates)) + 8 * cost.per_sample
-    assert planned_peak_bytes(backbone, cfg, 4, 2, True, cost) < planned_peak_bytes(backbone, cfg, 4, 2, False, cost) < plain
+    assert (
+        planned_peak_bytes(backbone, cfg, 4, 2, True, cost)
+        < planned_peak_bytes(backbone, cfg, 4, 2, False, cost)
+        < plain
+    )
 
 
 def test_auto_plan_of_a_tiny_backbone(hf_backbone):

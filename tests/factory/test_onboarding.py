@@ -1,4 +1,5 @@
 """`chunks_by_parent`: the one chunking rule of the job, local onboarding and the evaluation's ablations."""
+
 from types import SimpleNamespace
 
 from factory.onboarding import chunks_by_parent
@@ -33,10 +34,10 @@ def test_local_onboarding_chunks_the_catalog_like_the_job(tmp_path, monkeypatch)
     # A concept without a usable image is skipped; the others keep the chunks the whole catalog gives.
     import factory.onboarding as onboarding
     from factory.backbones import load_backbone
+    from factory.catalogs import read_concepts
     from factory.learner import LearnerConfig
     from factory.registry import TokenRegistry
     from factory.world import write_catalog
-    from factory.catalogs import read_concepts
 
     write_catalog(str(tmp_path / "cat"), seed=3, products=6, shots=2, heldout=0, contexts=1, distractors=0)
     specs = read_concepts(str(tmp_path / "cat"))
@@ -44,9 +45,18 @@ def test_local_onboarding_chunks_the_catalog_like_the_job(tmp_path, monkeypatch)
     specs = [s.model_copy(update={"image_uris": [str(tmp_path / "missing.png")]}) if s is gone else s for s in specs]
     seen = []
     real = onboarding.learn_tokens
-    monkeypatch.setattr(onboarding, "learn_tokens", lambda bb, chunk, *a: seen.append(
-        [c.concept_id for c in chunk]) or real(bb, chunk, *a))
-    onboarding.learn_and_commit(TokenRegistry(str(tmp_path / "reg")), specs, "r", load_backbone("tiny-hf-clip"),
-                                LearnerConfig(steps=1, log_every=0), concepts_per_step=2)
+    monkeypatch.setattr(
+        onboarding,
+        "learn_tokens",
+        lambda bb, chunk, *a: seen.append([c.concept_id for c in chunk]) or real(bb, chunk, *a),
+    )
+    onboarding.learn_and_commit(
+        TokenRegistry(str(tmp_path / "reg")),
+        specs,
+        "r",
+        load_backbone("tiny-hf-clip"),
+        LearnerConfig(steps=1, log_every=0),
+        concepts_per_step=2,
+    )
     want = [[s.concept_id for s in c if s.concept_id != gone.concept_id] for c in chunks_by_parent(specs, 2)]
     assert seen == [c for c in want if c] and len(seen[0]) == 1

@@ -1,4 +1,5 @@
 """The pretraining steps themselves (no Ray): which weights each stage and tower setting trains."""
+
 import json
 import subprocess
 import sys
@@ -32,8 +33,11 @@ def test_image_tower_training_leaves_the_text_tower_alone(name: str) -> None:
     for m, before in zip(backbone.image_tower(), image_before):
         after = m.state_dict()
         assert any(not torch.equal(after[k], v) for k, v in before.items()), "the image tower did not train"
-    text_changed = [k for k, p in backbone.clip.named_parameters()
-                    if p.data_ptr() not in image_params and k != "logit_scale" and not torch.equal(p, clip_before[k])]
+    text_changed = [
+        k
+        for k, p in backbone.clip.named_parameters()
+        if p.data_ptr() not in image_params and k != "logit_scale" and not torch.equal(p, clip_before[k])
+    ]
     assert text_changed == []
     assert any(k.startswith(("text_model", "transformer", "token_embedding")) for k in clip_before)
 
@@ -181,8 +185,15 @@ def test_flat_all_reduce_averages_like_one_all_reduce_per_tensor(tmp_path) -> No
     # bit for bit, as the per-tensor loop it replaces, in fewer calls.
     root = str(__import__("pathlib").Path(__file__).resolve().parents[2])
     out = tmp_path / "result.json"
-    procs = [subprocess.Popen([sys.executable, "-c", _GLOO_WORKER, str(r), str(tmp_path / "store"), str(out)],
-                              cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in (0, 1)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _GLOO_WORKER, str(r), str(tmp_path / "store"), str(out)],
+            cwd=root,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        for r in (0, 1)
+    ]
     for p in procs:
         output, _ = p.communicate(timeout=120)
         assert p.returncode == 0, output.decode()[-2000:]

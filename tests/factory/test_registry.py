@@ -1,8 +1,7 @@
-from collections.abc import Callable
-from pathlib import Path
-
 import json
 import multiprocessing
+from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -140,8 +139,9 @@ def test_a_folder_of_a_newer_format_is_left_alone(registry: TokenRegistry, make_
     assert storage.read_bytes(storage.join(registry.version_uri(1), "manifest.json"), registry.s3) == newer
 
 
-def test_forced_interleaving_gives_each_commit_its_own_version(registry: TokenRegistry, make_token: MakeToken,
-                                                               monkeypatch) -> None:
+def test_forced_interleaving_gives_each_commit_its_own_version(
+    registry: TokenRegistry, make_token: MakeToken, monkeypatch
+) -> None:
     # Both commits list the versions before either claims one: the old code told both "version 1".
     a, b = (registry.begin(run, "fashion-mini", "fp-0123") for run in ("run-a", "run-b"))
     a.write_shard("w0", [make_token(concept_id="sku-a", run_id="run-a")])
@@ -152,7 +152,9 @@ def test_forced_interleaving_gives_each_commit_its_own_version(registry: TokenRe
     monkeypatch.undo()
     assert sorted(versions) == [1, 2]
     assert {registry.open(v).manifest.run_id: registry.open(v).concept_ids() for v in versions} == {
-        "run-a": ["sku-a"], "run-b": ["sku-b"]}
+        "run-a": ["sku-a"],
+        "run-b": ["sku-b"],
+    }
 
 
 def test_unparseable_manifest_is_invisible(registry: TokenRegistry, make_token: MakeToken) -> None:
@@ -353,9 +355,21 @@ def _commit_many(root: str, s3, worker: str, n: int, start) -> list[int]:
     for i in range(n):
         run = f"{worker}-{i}"
         writer = registry.begin(run, "fashion-mini", "fp-0123")
-        writer.write_shard("w0", [TokenRecord(concept_id=f"sku-{run}", parent="dress", backbone="fashion-mini",
-                                              backbone_fingerprint="fp-0123", dim=2, vector=[0.5, float(i)],
-                                              parametrization="free", run_id=run)])
+        writer.write_shard(
+            "w0",
+            [
+                TokenRecord(
+                    concept_id=f"sku-{run}",
+                    parent="dress",
+                    backbone="fashion-mini",
+                    backbone_fingerprint="fp-0123",
+                    dim=2,
+                    vector=[0.5, float(i)],
+                    parametrization="free",
+                    run_id=run,
+                )
+            ],
+        )
         versions.append(writer.commit())
     return versions
 

@@ -4,6 +4,7 @@
 These are the checks a fake-device harness cannot make: real kernels' numerics, the caching allocator's
 real peak, and the benchmark's CUDA branches (synchronisation, peak statistics, autocast on cuda).
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -15,8 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
-pytestmark = [pytest.mark.cuda,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run by make gpu-check)")]
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run by make gpu-check)"),
+]
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -35,8 +38,10 @@ def _world(backbone, n: int = 3, shots: int = 4):
     g = torch.Generator().manual_seed(0)
     dim = backbone.clip.config.projection_dim
     s, ch = backbone.generator.unet.config.sample_size, backbone.generator.latent_channels
-    data = [ConceptData(f"c{i}", "dress", torch.randn(shots, dim, generator=g), torch.randn(shots, ch, s, s, generator=g))
-            for i in range(n)]
+    data = [
+        ConceptData(f"c{i}", "dress", torch.randn(shots, dim, generator=g), torch.randn(shots, ch, s, s, generator=g))
+        for i in range(n)
+    ]
     return data, negative_banks(data)
 
 
@@ -106,9 +111,27 @@ def test_memory_plan_matches_the_measured_peak():
 
 def test_benchmark_tiny_run_on_the_gpu(tmp_path):
     out = tmp_path / "gpu.json"
-    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_onboard.py"), "--tiny", "--device", "cuda",
-                    "--concepts", "2", "--modes", "plain", "checkpointing", "--micro", "2", "--out", str(out)],
-                   check=True, cwd=ROOT, timeout=300)
+    subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "gpu_onboard.py"),
+            "--tiny",
+            "--device",
+            "cuda",
+            "--concepts",
+            "2",
+            "--modes",
+            "plain",
+            "checkpointing",
+            "--micro",
+            "2",
+            "--out",
+            str(out),
+        ],
+        check=True,
+        cwd=ROOT,
+        timeout=300,
+    )
     result = json.loads(out.read_text())
     assert result["device"] != "cpu"
     assert not [r for r in result["runs"] if "error" in r]

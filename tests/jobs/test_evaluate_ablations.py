@@ -1,4 +1,5 @@
 """The evaluation's ablations as parallel Ray tasks learn the tokens the in-process learner learns."""
+
 import pytest
 import torch
 
@@ -13,8 +14,15 @@ def _concepts(backbone, n=3, shots=2):
     g = torch.Generator().manual_seed(0)
     dim = backbone.encode_prompts(["a"]).features.shape[-1]
     s = backbone.generator.unet.config.sample_size
-    return [ConceptData(f"c{i}", "dress", torch.randn(shots, dim, generator=g),
-                        torch.randn(shots, backbone.generator.latent_channels, s, s, generator=g)) for i in range(n)]
+    return [
+        ConceptData(
+            f"c{i}",
+            "dress",
+            torch.randn(shots, dim, generator=g),
+            torch.randn(shots, backbone.generator.latent_channels, s, s, generator=g),
+        )
+        for i in range(n)
+    ]
 
 
 @pytest.mark.ray

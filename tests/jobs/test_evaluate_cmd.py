@@ -1,12 +1,13 @@
 """`tokenfactory evaluate` end to end on a 4-concept catalog: world -> onboard (Ray) -> index (Ray) -> evaluate."""
+
 import json
 
 import pytest
 
+from cli.main import main
 from factory.evaluation.methods import CLASSIFICATION_METHODS, RETRIEVAL_METHODS
 from factory.evaluation.report import FILES
 from factory.world import write_catalog
-from cli.main import main
 
 
 @pytest.mark.ray
@@ -18,15 +19,57 @@ def test_evaluate_a_four_concept_catalog(ray_cluster, tmp_path, monkeypatch):
     threads, before = {}, torch.get_num_threads()  # torch threads of this process in a stage beside the tasks
     for stage in ("retrieval_and_generation", "classification"):  # and one after them
         original = getattr(harness, stage)
-        monkeypatch.setattr(harness, stage, lambda *a, _f=original, _s=stage, **k: threads.update(
-            {_s: torch.get_num_threads()}) or _f(*a, **k))
+        monkeypatch.setattr(
+            harness,
+            stage,
+            lambda *a, _f=original, _s=stage, **k: threads.update({_s: torch.get_num_threads()}) or _f(*a, **k),
+        )
     catalog, registry, index, out = (str(tmp_path / d) for d in ("catalog", "registry", "index", "eval"))
     write_catalog(catalog, seed=2, products=4, shots=2, heldout=2, contexts=2, distractors=4)
-    assert main(["onboard", "--catalog", catalog, "--registry", registry, "--backbone", "tiny-hf-clip",
-                 "--steps", "2", "--concepts-per-step", "2", "--workers", "1"]) == 0
+    assert (
+        main(
+            [
+                "onboard",
+                "--catalog",
+                catalog,
+                "--registry",
+                registry,
+                "--backbone",
+                "tiny-hf-clip",
+                "--steps",
+                "2",
+                "--concepts-per-step",
+                "2",
+                "--workers",
+                "1",
+            ]
+        )
+        == 0
+    )
     assert main(["index", "--gallery", catalog, "--out", index, "--backbone", "tiny-hf-clip"]) == 0
-    assert main(["evaluate", "--catalog", catalog, "--registry", registry, "--index", index, "--out", out,
-                 "--previews", "1", "--sample-steps", "2", "--alphas", "0,1", "--ray-ablations"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--catalog",
+                catalog,
+                "--registry",
+                registry,
+                "--index",
+                index,
+                "--out",
+                out,
+                "--previews",
+                "1",
+                "--sample-steps",
+                "2",
+                "--alphas",
+                "0,1",
+                "--ray-ablations",
+            ]
+        )
+        == 0
+    )
 
     # GAIR ran on one thread while the Ray tasks held the cores, the stages after them on the usual count
     assert threads == {"retrieval_and_generation": 1, "classification": before} and torch.get_num_threads() == before
@@ -49,11 +92,18 @@ def test_evaluate_a_four_concept_catalog(ray_cluster, tmp_path, monkeypatch):
     assert m["learner"]["steps"] == 2 and m["learner"]["concepts_per_step"] == 2  # the run's own settings
     assert m["registry"]["version"] == 1
     stages = m["stage_seconds"]  # the ablations ran as Ray tasks, each timed in its task
-    assert stages["learn_ablations"] > 0 and all(stages[f"learn_{a}"] > 0 for a in ("ti", "ti_proj", "ce", "ce_free", "ti_ce_free"))
+    assert stages["learn_ablations"] > 0 and all(
+        stages[f"learn_{a}"] > 0 for a in ("ti", "ti_proj", "ce", "ce_free", "ti_ce_free")
+    )
     # started before GAIR's stage and waited for after it: from start to ready spans that stage and the wait
     assert stages["learn_ablations"] >= stages["retrieval_generation"] + stages["ablations_wait"]
-    assert set(m["targets"]) == {"ti_ce_proj_beats_caption_ti_parent", "gair_mrr_gain", "gair_intent_beats_token_intent",
-                                 "classification_ti_ce_proj_vs_ce_and_caption", "generation_composition"}
+    assert set(m["targets"]) == {
+        "ti_ce_proj_beats_caption_ti_parent",
+        "gair_mrr_gain",
+        "gair_intent_beats_token_intent",
+        "classification_ti_ce_proj_vs_ce_and_caption",
+        "generation_composition",
+    }
     report = (tmp_path / "eval" / "report.md").read_text()
     assert "| ti_ce_proj |" in report and "| gair_auto |" in report
 
@@ -61,11 +111,26 @@ def test_evaluate_a_four_concept_catalog(ray_cluster, tmp_path, monkeypatch):
 def test_a_run_s_recorded_learner_settings_are_read_back_as_they_were():
     from jobs.evaluate import run_learner_config
 
-    recorded = {"learner": {"steps": 7, "lr": 0.02, "seed": 3, "parametrization": "free", "log_every": 0,
-                            "weights": {"ti": 1.0, "ce": 1.0, "image_ce": 0.0, "reg": 0.0, "ti_balance": 0.3}},
-                "concepts_per_step": 3, "steps": 999}  # a flag value that disagrees: the learner dict wins
+    recorded = {
+        "learner": {
+            "steps": 7,
+            "lr": 0.02,
+            "seed": 3,
+            "parametrization": "free",
+            "log_every": 0,
+            "weights": {"ti": 1.0, "ce": 1.0, "image_ce": 0.0, "reg": 0.0, "ti_balance": 0.3},
+        },
+        "concepts_per_step": 3,
+        "steps": 999,
+    }  # a flag value that disagrees: the learner dict wins
     learner, per_step = run_learner_config(recorded)
-    assert (learner.steps, learner.lr, learner.parametrization, learner.weights.ti_balance, per_step) == (7, 0.02, "free", 0.3, 3)
+    assert (learner.steps, learner.lr, learner.parametrization, learner.weights.ti_balance, per_step) == (
+        7,
+        0.02,
+        "free",
+        0.3,
+        3,
+    )
     assert run_learner_config(recorded, steps=2)[0].steps == 2
 
 
@@ -80,6 +145,7 @@ def test_versions_without_recorded_learner_settings_fall_back_to_their_flags():
 
 # --use-gpu: the device and precision of the evaluation's backbone (its GAIR previews, composition sampling
 # and ablation learning). No GPU is faked: the device is a stand-in handed to a recording loader.
+
 
 def _evaluate_args(tmp_path, *extra):
     from cli.evaluate_cmd import config_from_args
@@ -98,7 +164,10 @@ def test_use_gpu_flags_parse_to_the_config(tmp_path):
     assert (cpu.use_gpu, cpu.precision) == (False, "fp32")
     gpu = _evaluate_args(tmp_path, "--use-gpu")
     assert (gpu.use_gpu, gpu.precision, gpu.ablation_gpus) == (True, "bf16", 0.25)  # bf16 by default on a GPU
-    assert _evaluate_args(tmp_path, "--use-gpu", "--precision", "fp32", "--ablation-gpus", "0.5").record()["precision"] == "fp32"
+    assert (
+        _evaluate_args(tmp_path, "--use-gpu", "--precision", "fp32", "--ablation-gpus", "0.5").record()["precision"]
+        == "fp32"
+    )
     with pytest.raises(SystemExit):  # the ablations learn: no fp16
         _evaluate_args(tmp_path, "--precision", "fp16")
     with pytest.raises(ConfigError, match="fp16"):
@@ -117,8 +186,23 @@ def test_use_gpu_without_a_gpu_fails_at_once(tmp_path, monkeypatch, capsys):
     # Nothing exists at these paths: the device error comes before anything is read.
     with pytest.raises(DeviceError, match="GPU"):
         evaluate_registry(_evaluate_args(tmp_path, "--use-gpu"))
-    assert main(["evaluate", "--catalog", str(tmp_path / "c"), "--registry", str(tmp_path / "r"), "--index",
-                 str(tmp_path / "i"), "--out", str(tmp_path / "o"), "--use-gpu"]) == 2
+    assert (
+        main(
+            [
+                "evaluate",
+                "--catalog",
+                str(tmp_path / "c"),
+                "--registry",
+                str(tmp_path / "r"),
+                "--index",
+                str(tmp_path / "i"),
+                "--out",
+                str(tmp_path / "o"),
+                "--use-gpu",
+            ]
+        )
+        == 2
+    )
     assert "--use-gpu" in capsys.readouterr().err
 
 
@@ -141,8 +225,11 @@ def test_the_device_and_precision_reach_the_backbone_loader(tmp_path, monkeypatc
     # jobs.evaluate imports it when it runs (its flags' defaults are read without torch).
     monkeypatch.setattr(factory.device, "pick_device", lambda use_gpu: asked.append(use_gpu) or stand_in)
     manifest = types.SimpleNamespace(config={}, backbone="tiny-hf-clip")
-    monkeypatch.setattr(factory.registry, "TokenRegistry", lambda *a: types.SimpleNamespace(
-        open=lambda v: types.SimpleNamespace(manifest=manifest)))
+    monkeypatch.setattr(
+        factory.registry,
+        "TokenRegistry",
+        lambda *a: types.SimpleNamespace(open=lambda v: types.SimpleNamespace(manifest=manifest)),
+    )
 
     def load_backbone(spec, **kw):
         loaded.update(kw, spec=spec)
@@ -168,8 +255,9 @@ def test_ray_ablation_tasks_take_a_gpu_share_and_learn_on_it(monkeypatch):
 
     # The tasks' options and arguments, recorded by a stand-in for the remote function (no cluster needed).
     submitted = []
-    task = types.SimpleNamespace(options=lambda **o: types.SimpleNamespace(
-        remote=lambda *a: submitted.append((o, a)) or ({}, 1.0)))
+    task = types.SimpleNamespace(
+        options=lambda **o: types.SimpleNamespace(remote=lambda *a: submitted.append((o, a)) or ({}, 1.0))
+    )
     monkeypatch.setattr(ea, "_learn_chunk", task)
     monkeypatch.setattr(ea.ray, "is_initialized", lambda: True)
     monkeypatch.setattr(ea.ray, "put", lambda x: x)
@@ -182,7 +270,7 @@ def test_ray_ablation_tasks_take_a_gpu_share_and_learn_on_it(monkeypatch):
         ea.ray_ablations("tiny-hf-clip", gpus=0.25, precision="bf16")(chunks, LearnerConfig(), ["ce"])
     monkeypatch.setattr(ea.ray, "cluster_resources", lambda: {"CPU": 2.0, "GPU": 1.0})
     ea.ray_ablations("tiny-hf-clip", gpus=0.25, precision="bf16")(chunks, LearnerConfig(), ["ce"])()
-    (options, args), = submitted
+    ((options, args),) = submitted
     assert options["num_gpus"] == 0.25 and args[-2:] == (True, "bf16")
     ea.ray_ablations("tiny-hf-clip")(chunks, LearnerConfig(), ["ce"])()  # without --use-gpu: no GPU asked
     assert submitted[1][0]["num_gpus"] == 0 and submitted[1][1][-2:] == (False, "fp32")
@@ -194,4 +282,7 @@ def test_ray_ablation_tasks_take_a_gpu_share_and_learn_on_it(monkeypatch):
     monkeypatch.setattr(ea, "_MODELS", {})
     ea._model("tiny-hf-clip", None, None, True, "bf16")
     ea._model("tiny-hf-clip", None, None, False, "fp32")  # another device/precision: not the cached model
-    assert [(kw["device"], kw["dtype"]) for kw in loaded] == [(stand_in, torch.bfloat16), (torch.device("cpu"), torch.float32)]
+    assert [(kw["device"], kw["dtype"]) for kw in loaded] == [
+        (stand_in, torch.bfloat16),
+        (torch.device("cpu"), torch.float32),
+    ]

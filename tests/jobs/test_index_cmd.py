@@ -1,15 +1,16 @@
 """`tokenfactory index`: Ray Data batch inference over a gallery into a saved vector index."""
+
 import io
 
 import numpy as np
 from PIL import Image
 
+from cli.main import main
 from factory import storage
 from factory.backbones import load_backbone
-from factory.index import load_index
 from factory.catalogs import read_world_catalog
+from factory.index import load_index
 from factory.world import write_catalog
-from cli.main import main
 
 
 def test_index_from_a_catalog_root(ray_cluster, tmp_path):
@@ -38,8 +39,12 @@ def test_index_from_a_folder_of_images_on_s3_with_a_bad_file(ray_cluster, s3_buc
         storage.write_bytes(f"{s3_bucket}/imgs/item{i}.png", buf.getvalue(), s3_server.s3_options)
     storage.write_bytes(f"{s3_bucket}/imgs/broken.png", b"not a png", s3_server.s3_options)
     out = f"{s3_bucket}/index"
-    assert main(["index", "--gallery", f"{s3_bucket}/imgs", "--out", out, "--backbone", "tiny-hf-clip",
-                 "--backend", "hnsw"]) == 0
+    assert (
+        main(
+            ["index", "--gallery", f"{s3_bucket}/imgs", "--out", out, "--backbone", "tiny-hf-clip", "--backend", "hnsw"]
+        )
+        == 0
+    )
     index = load_index(out, s3_server.s3_options)
     assert sorted(index.ids) == [f"item{i}" for i in range(5)]
 

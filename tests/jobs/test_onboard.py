@@ -3,6 +3,7 @@
 A tiny backbone and few learner steps keep each run to seconds of learning; what is under test is the
 job: reading from S3, reporting bad images, sharding, staging, resuming and committing.
 """
+
 from __future__ import annotations
 
 import io
@@ -15,16 +16,32 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cli.main import main
 from factory import storage
 from factory.registry import TokenRegistry
 from factory.world import write_catalog
-from cli.main import main
 from schemas import CatalogRow, to_arrow
 
 
 def _onboard(catalog, registry, *extra):
-    return main(["onboard", "--catalog", catalog, "--registry", registry, "--backbone", "tiny-hf-clip",
-                 "--steps", "2", "--concepts-per-step", "2", "--workers", "2", *extra])
+    return main(
+        [
+            "onboard",
+            "--catalog",
+            catalog,
+            "--registry",
+            registry,
+            "--backbone",
+            "tiny-hf-clip",
+            "--steps",
+            "2",
+            "--concepts-per-step",
+            "2",
+            "--workers",
+            "2",
+            *extra,
+        ]
+    )
 
 
 @pytest.fixture
@@ -52,14 +69,31 @@ def onboarded(ray_cluster, s3_server):
     """One run on S3 (2 workers, chunks of 4, Ray Data batches of 2), shared by the tests that read what it
     wrote: starting Ray Train is most of a run's minute."""
     bucket = s3_server.create_bucket(f"t-{uuid.uuid4().hex[:16]}")
-    run = SimpleNamespace(catalog=f"{bucket}/catalog", registry=f"{bucket}/registry", report=f"{bucket}/report.json",
-                          s3=s3_server.s3_options)
+    run = SimpleNamespace(
+        catalog=f"{bucket}/catalog",
+        registry=f"{bucket}/registry",
+        report=f"{bucket}/report.json",
+        s3=s3_server.s3_options,
+    )
     with pytest.MonkeyPatch.context() as mp:
         for k, v in s3_server.env.items():
             mp.setenv(k, v)
         write_catalog(run.catalog, seed=3, products=6, shots=3, heldout=1, contexts=1, distractors=0, s3=run.s3)
-        assert _onboard(run.catalog, run.registry, "--run-id", "e2e", "--report", run.report,
-                        "--concepts-per-step", "4", "--batch-size", "2") == 0
+        assert (
+            _onboard(
+                run.catalog,
+                run.registry,
+                "--run-id",
+                "e2e",
+                "--report",
+                run.report,
+                "--concepts-per-step",
+                "4",
+                "--batch-size",
+                "2",
+            )
+            == 0
+        )
     return run
 
 
@@ -122,8 +156,11 @@ def test_bad_images_are_reported_not_fatal(ray_cluster, s3_bucket, s3_env):
     for name, data in bad.items():
         uri = f"{s3_bucket}/imgs/{name}"
         storage.write_bytes(uri, data, s3_env)
-        rows.append(CatalogRow(concept_id="c0" if name == "corrupt.png" else "c-bad", parent="dress",
-                               image_uri=uri, split="fewshot"))
+        rows.append(
+            CatalogRow(
+                concept_id="c0" if name == "corrupt.png" else "c-bad", parent="dress", image_uri=uri, split="fewshot"
+            )
+        )
     rows.append(CatalogRow(concept_id="c1", parent="dress", image_uri=f"{s3_bucket}/imgs/missing.png", split="fewshot"))
     storage.write_parquet(to_arrow(rows, CatalogRow), f"{s3_bucket}/rows.parquet", s3_env)
     report_uri = f"{s3_bucket}/report.json"
@@ -207,8 +244,11 @@ def _stream_rows(catalog_dir, todo, bank_size, per_step=4, s3=None):
     bb = resolve_backbone_config("tiny-hf-clip", None, s3)
     encode = EncodeSettings(backbone=bb.to_dict(), image_size=image_size_for(bb), s3=s3, latents=False)
     banks, stream, n = concept_stream(specs, todo(specs), bank_size, 1, per_step, encode)
-    chunks = [[c.concept_id for c in chunk] for batch in stream.iter_batches(batch_size=1, batch_format="numpy")
-              for chunk in EncodedConcept.chunks_of(batch)]
+    chunks = [
+        [c.concept_id for c in chunk]
+        for batch in stream.iter_batches(batch_size=1, batch_format="numpy")
+        for chunk in EncodedConcept.chunks_of(batch)
+    ]
     return specs, banks, chunks, n
 
 
@@ -238,5 +278,7 @@ def test_stream_of_a_resumed_run_keeps_chunks_whole(ray_cluster, tmp_path):
 
     last = lambda specs: max(s.concept_id for s in specs)  # noqa: E731
     specs, _, chunks, n = _stream_rows(str(tmp_path), lambda specs: {last(specs)}, 0)
-    whole = next([s.concept_id for s in c] for c in chunks_by_parent(specs, 4) if last(specs) in {s.concept_id for s in c})
+    whole = next(
+        [s.concept_id for s in c] for c in chunks_by_parent(specs, 4) if last(specs) in {s.concept_id for s in c}
+    )
     assert n == 1 and chunks == [whole] and len(whole) > 1

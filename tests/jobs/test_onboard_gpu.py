@@ -6,6 +6,7 @@ for resources, silently. The rule is now a pure function (`jobs.onboard_data.pla
 here on GPU counts, and the real job runs on a Ray cluster started with ``num_gpus=1``, where the CPU
 stands in for the GPU Ray hands out (`GPU_STAND_IN_ENV`).
 """
+
 from __future__ import annotations
 
 import json
@@ -27,9 +28,11 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # ---- the placement rule ------------------------------------------------------------------------------------
 
+
 def _gpus_held(placement, encoders):
     return placement.workers * placement.worker_resources.get("GPU", 0) + encoders * placement.encoder_options.get(
-        "num_gpus", 0)
+        "num_gpus", 0
+    )
 
 
 def test_one_gpu_node_fits_one_worker_and_one_encoder_beside_it():
@@ -66,8 +69,12 @@ def test_indexing_has_no_workers_and_packs_encoders():
 
 def test_without_use_gpu_nothing_asks_for_a_gpu():
     p = plan_placement(0, workers=3, use_gpu=False, encoders=2, cpus_per_worker=0.5, encoder_cpus=0.5)
-    assert (p.workers, p.worker_resources, p.encoder_options, p.capped_from) == (3, {"CPU": 0.5}, {"num_cpus": 0.5},
-                                                                                 None)
+    assert (p.workers, p.worker_resources, p.encoder_options, p.capped_from) == (
+        3,
+        {"CPU": 0.5},
+        {"num_cpus": 0.5},
+        None,
+    )
     assert plan_placement(4, workers=3, use_gpu=False).worker_resources == {}
     assert encoder_options(False) == {} and encoder_options(True) == {"num_gpus": ENCODER_GPU_SHARE}
 
@@ -89,6 +96,7 @@ def test_train_worker_without_use_gpu_is_on_the_cpu():
 
 # ---- the encoders: only the image tower and the VAE move, uint8 travels, batches are capped -------------
 
+
 @pytest.fixture(scope="module")
 def vae_backbone():
     from factory.backbones import load_backbone
@@ -108,8 +116,7 @@ def test_to_encoding_device_moves_only_the_image_tower_and_the_vae(vae_backbone)
     bb = copy.deepcopy(vae_backbone)
     to_encoding_device(bb, "meta")  # any device but the CPU shows what moved
     moved = {id(p) for m in [*bb.image_tower(), bb.generator.vae] for p in m.parameters()}
-    assert moved and all(p.device.type == "meta" for m in [*bb.image_tower(), bb.generator.vae]
-                         for p in m.parameters())
+    assert moved and all(p.device.type == "meta" for m in [*bb.image_tower(), bb.generator.vae] for p in m.parameters())
     stayed = [p for p in bb.parameters() if id(p) not in moved]
     assert stayed and all(p.device.type == "cpu" for p in stayed)  # text tower and UNet: not an encoder's
     assert bb.device.type == "cpu" and all(p.device.type == "cpu" for p in bb.generator.unet.parameters())
@@ -139,8 +146,10 @@ def test_encode_images_caps_images_per_forward_and_sends_uint8(vae_backbone, mon
     f, lat = encode_images(vae_backbone, images, max_batch=4)
     assert calls["tower"] == calls["vae"] == [4, 4, 2]
     # uint8 [n, H, W, 3] tensors reach the conversion and the resize, which run where the towers are.
-    assert all(isinstance(x, torch.Tensor) and x.dtype == torch.uint8 and x.shape[1:] == (40, 40, 3)
-               for x in calls["pre"] + calls["gen"])
+    assert all(
+        isinstance(x, torch.Tensor) and x.dtype == torch.uint8 and x.shape[1:] == (40, 40, 3)
+        for x in calls["pre"] + calls["gen"]
+    )
     torch.testing.assert_close(f, want_f, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(lat, want_l, rtol=1e-5, atol=1e-5)
 
@@ -210,14 +219,19 @@ def test_onboard_use_gpu_schedules_and_finishes_on_a_one_gpu_node(tmp_path):
     # which one process cannot hold beside another.
     from jobs.onboard_data import GPU_STAND_IN_ENV
 
-    env = {**os.environ, GPU_STAND_IN_ENV: "1", "RAY_USAGE_STATS_ENABLED": "0",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        GPU_STAND_IN_ENV: "1",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run([sys.executable, "-c", _SCRIPT, str(tmp_path)], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=540)
+    proc = subprocess.run(
+        [sys.executable, "-c", _SCRIPT, str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=540
+    )
     lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stdout[-4000:] + proc.stderr[-4000:]
-    out = json.loads(lines[-1][len("RESULT "):])
+    out = json.loads(lines[-1][len("RESULT ") :])
     assert out["cluster_gpus"] == 1
     assert "--encoders" in out["too_many"] and out["too_many_s"] < 60  # refused before any data moved
     assert len(out["learned"]) == 6  # every concept, within the timeout: nothing waited on resources

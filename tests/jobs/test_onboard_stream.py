@@ -1,4 +1,5 @@
 """The pieces of streaming onboarding that need no cluster: packing, chunking and the bank sample."""
+
 import json
 
 import numpy as np
@@ -29,7 +30,9 @@ def test_chunks_are_formed_from_the_catalog_by_parent_then_id():
     specs = [_spec("b", "shirt", 1), _spec("z", "dress", 1), _spec("a", "shirt", 1)]
     rows = chunk_rows(chunks_by_parent(specs, 2))
     assert [(r["chunk"], json.loads(r["concept_id"]), json.loads(r["parent"])) for r in rows] == [
-        ("z", ["z", "a"], ["dress", "shirt"]), ("b", ["b"], ["shirt"])]
+        ("z", ["z", "a"], ["dress", "shirt"]),
+        ("b", ["b"], ["shirt"]),
+    ]
     assert rows == chunk_rows(chunks_by_parent(list(reversed(specs)), 2))  # catalog order does not matter
 
 
@@ -62,8 +65,10 @@ def test_bank_sample_is_bounded_per_parent_and_independent_of_order():
 def test_steady_rate_leaves_out_start_up_and_pools_workers():
     from jobs.onboard import steady_rate
 
-    workers = [{"started": 0.0, "chunks": [(30.0, 4), (36.0, 4)]},  # start-up: 30 s to the first chunk end
-               {"started": 1.0, "chunks": [(33.0, 4), (39.0, 4)]}]
+    workers = [
+        {"started": 0.0, "chunks": [(30.0, 4), (36.0, 4)]},  # start-up: 30 s to the first chunk end
+        {"started": 1.0, "chunks": [(33.0, 4), (39.0, 4)]},
+    ]
     rate, startup = steady_rate(workers)
     assert startup == 30.0 and rate == 12 / 9 * 60  # 12 concepts from t=30 to t=39
     assert steady_rate([{"started": 0.0, "chunks": [(5.0, 4)]}])[0] != steady_rate(workers)[0]  # NaN: one chunk

@@ -1,4 +1,5 @@
 """`tokenfactory pretrain` on tiny configs, end to end on a local Ray cluster, and its resume."""
+
 import io
 import json
 
@@ -13,9 +14,23 @@ from jobs.pretrain import PretrainJobConfig, check_gpus, out_of_time, read_check
 
 
 def _args(out, clip_steps, unet_steps):
-    return ["pretrain", "--backbone", "tiny-hf-clip", "--out", str(out), "--clip-steps", str(clip_steps),
-            "--unet-steps", str(unet_steps), "--batch-size", "8", "--checkpoint-every", "1",
-            "--cpus-per-worker", "1"]
+    return [
+        "pretrain",
+        "--backbone",
+        "tiny-hf-clip",
+        "--out",
+        str(out),
+        "--clip-steps",
+        str(clip_steps),
+        "--unet-steps",
+        str(unet_steps),
+        "--batch-size",
+        "8",
+        "--checkpoint-every",
+        "1",
+        "--cpus-per-worker",
+        "1",
+    ]
 
 
 def _log(out, stage):

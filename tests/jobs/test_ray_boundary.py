@@ -1,4 +1,5 @@
 """What crosses into Ray is typed, and joining Ray is written once (issue 27, item 3)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -16,9 +17,18 @@ def _worker(**changes):
     from jobs.onboard import onboard_learner
     from jobs.onboard_train import WorkerConfig
 
-    fields = dict(run_id="run", registry="/tmp/registry", backbone={"name": "tiny-hf-clip"}, precision="fp32",
-                  learner=onboard_learner(steps=3), job_config={"workers": 2}, min_images=2, threads=1,
-                  use_gpu=False, banks="an object ref")
+    fields = dict(
+        run_id="run",
+        registry="/tmp/registry",
+        backbone={"name": "tiny-hf-clip"},
+        precision="fp32",
+        learner=onboard_learner(steps=3),
+        job_config={"workers": 2},
+        min_images=2,
+        threads=1,
+        use_gpu=False,
+        banks="an object ref",
+    )
     return WorkerConfig(**{**fields, **changes})
 
 
@@ -58,6 +68,7 @@ def test_the_encode_settings_are_one_typed_value():
 
 
 # ---- jobs/_ray.py: the one place that joins Ray ----------------------------------------------------------------
+
 
 def _fake_ray(initialized: bool):
     calls = []

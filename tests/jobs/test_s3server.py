@@ -68,7 +68,7 @@ def test_the_filer_and_volume_ports_refuse_unsigned_requests(s3_server, s3_bucke
     bucket = s3_bucket.removeprefix("s3://")
     s3_server.client().put_object(Bucket=bucket, Key="registry/manifest.json", Body=b"{}")
     filer = f"http://127.0.0.1:{s3_server.ports['filer']}/buckets/{bucket}/registry/manifest.json"
-    for method, data in (("GET", None), ("PUT", b"{\"forged\": true}")):
+    for method, data in (("GET", None), ("PUT", b'{"forged": true}')):
         with pytest.raises(urllib.error.HTTPError) as e:
             urllib.request.urlopen(urllib.request.Request(filer, data=data, method=method), timeout=5)
         assert e.value.code == 401

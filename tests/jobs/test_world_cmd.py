@@ -1,18 +1,40 @@
 """`tokenfactory world` through the real command line entry point."""
+
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
 
-from factory.catalogs import read_world_catalog
 from cli.main import build_parser, main
+from factory.catalogs import read_world_catalog
 
 
 def test_world_command_writes_a_catalog(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "cat"
-    rc = main(["world", "--out", str(out), "--seed", "4", "--products", "3", "--shots", "2", "--heldout", "1",
-               "--contexts", "2", "--distractors", "2", "--size", "24", "--categories", "bag"])
+    rc = main(
+        [
+            "world",
+            "--out",
+            str(out),
+            "--seed",
+            "4",
+            "--products",
+            "3",
+            "--shots",
+            "2",
+            "--heldout",
+            "1",
+            "--contexts",
+            "2",
+            "--distractors",
+            "2",
+            "--size",
+            "24",
+            "--categories",
+            "bag",
+        ]
+    )
     assert rc == 0
     printed = capsys.readouterr().out
     assert str(out) in printed and "3 in 1 groups" in printed

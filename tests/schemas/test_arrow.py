@@ -122,9 +122,7 @@ def test_from_arrow_names_missing_required_columns() -> None:
 
 
 def test_from_arrow_validates_rows() -> None:
-    table = pa.table(
-        {"concept_id": ["../a"], "parent": ["dress"], "image_uri": ["1.png"], "split": ["fewshot"]}
-    )
+    table = pa.table({"concept_id": ["../a"], "parent": ["dress"], "image_uri": ["1.png"], "split": ["fewshot"]})
     with pytest.raises(ValueError, match="invalid id"):
         from_arrow(table, CatalogRow)
 

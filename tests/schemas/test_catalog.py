@@ -91,9 +91,7 @@ def test_rows_from_concepts_and_back_is_lossless() -> None:
 
 
 def test_concept_spec_json_round_trip() -> None:
-    spec = ConceptSpec(
-        concept_id="a", parent="coat", image_uris=["x.png"], attributes={"k": "v"}, caption="c"
-    )
+    spec = ConceptSpec(concept_id="a", parent="coat", image_uris=["x.png"], attributes={"k": "v"}, caption="c")
     assert ConceptSpec.model_validate_json(spec.model_dump_json()) == spec
 
 

@@ -5,6 +5,7 @@ for products of a sample catalog, one per look-alike group, so every request has
 answer (how well tokens separate look-alikes is the evaluation's business, not the server's). The
 gallery index holds those products' gallery images and distractors of other categories.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -24,8 +25,9 @@ CLIENT_KEY_ENV = "TOKENFACTORY_TEST_CLIENT_KEY"
 CLIENT_HEADERS = {"Authorization": f"Bearer {CLIENT_KEY}"}
 # Generous rates, so the tests' own traffic from one address is never throttled; a small costly
 # concurrency cap, which test_admission.py fills on purpose.
-TEST_LIMITS = dict(cheap_per_s=10_000, cheap_burst=10_000, costly_per_s=1_000, costly_burst=1_000,
-                   max_concurrent_costly=2)
+TEST_LIMITS = dict(
+    cheap_per_s=10_000, cheap_burst=10_000, costly_per_s=1_000, costly_burst=1_000, max_concurrent_costly=2
+)
 
 
 def learn_version(registry_uri: str, specs, run_id: str, backbone, steps: int = 120) -> int:
@@ -64,9 +66,9 @@ def _free_port() -> int:
 @pytest.fixture(scope="package")
 def service(ray_cluster, tmp_path_factory, s3_server):
     from factory.backbones import load_backbone
+    from factory.catalogs import read_world_catalog
     from factory.gallery import index_images
     from factory.index.versions import IndexVersions
-    from factory.catalogs import read_world_catalog
     from factory.world import write_catalog
     from serve.app import start, stop
     from serve.settings import ServeSettings
@@ -82,8 +84,11 @@ def service(ray_cluster, tmp_path_factory, s3_server):
     # Distractors of a learned product's category could be look-alikes by chance (a random colourway
     # near the product's): keep only those of other categories, so every query has one right answer.
     categories = {s.parent for s in one_per_group}
-    catalog.gallery = [r for r in catalog.gallery
-                       if r.concept_id in chosen or (r.attributes.get("distractor") == "1" and r.parent not in categories)]
+    catalog.gallery = [
+        r
+        for r in catalog.gallery
+        if r.concept_id in chosen or (r.attributes.get("distractor") == "1" and r.parent not in categories)
+    ]
     catalog.concepts = one_per_group
     learn_version(registry, specs, "serve-test-v1", backbone)
     gallery_index, rejected = index_images(backbone, {r.attributes["item"]: r.image_uri for r in catalog.gallery})
@@ -91,10 +96,20 @@ def service(ray_cluster, tmp_path_factory, s3_server):
     IndexVersions(index).commit(gallery_index)  # a root of index versions: the service follows the newest
     os.environ[KEY_ENV], os.environ[CLIENT_KEY_ENV] = API_KEY, CLIENT_KEY
     bucket = s3_server.create_bucket("serve-images")
-    settings = ServeSettings(registry=registry, index=index, backbone="fashion-mini", admin_key_env=KEY_ENV,
-                             api_key_env=CLIENT_KEY_ENV, require_key=True, poll_s=0, index_check_s=0.2, max_batch_size=16,
-                             limits=TEST_LIMITS,
-                             image_uri_prefixes=[f"{bucket}/allowed/"], replica_env=s3_server.env)
+    settings = ServeSettings(
+        registry=registry,
+        index=index,
+        backbone="fashion-mini",
+        admin_key_env=KEY_ENV,
+        api_key_env=CLIENT_KEY_ENV,
+        require_key=True,
+        poll_s=0,
+        index_check_s=0.2,
+        max_batch_size=16,
+        limits=TEST_LIMITS,
+        image_uri_prefixes=[f"{bucket}/allowed/"],
+        replica_env=s3_server.env,
+    )
     url = start(settings, port=_free_port())
     with httpx.Client(base_url=url, timeout=120.0, headers=CLIENT_HEADERS) as client:
         yield Service(url, client, catalog, registry, backbone, specs, bucket, s3_server.s3_options, index)
@@ -105,8 +120,10 @@ def service(ray_cluster, tmp_path_factory, s3_server):
 def _hammer(url: str, concept_id: str, parent: str, stop: threading.Event, results: list) -> None:
     with httpx.Client(base_url=url, timeout=120.0, headers=CLIENT_HEADERS) as c:
         while not stop.is_set():
-            for method, path, body in (("post", "/v1/retrieve", {"query": f"a <concept:{concept_id}> {parent}", "top_k": 3}),
-                                       ("get", "/v1/tokens", None)):
+            for method, path, body in (
+                ("post", "/v1/retrieve", {"query": f"a <concept:{concept_id}> {parent}", "top_k": 3}),
+                ("get", "/v1/tokens", None),
+            ):
                 try:
                     r = c.post(path, json=body) if method == "post" else c.get(path)
                     results.append((r.status_code, r.json().get("registry_version")))
@@ -118,8 +135,10 @@ def _hammer(url: str, concept_id: str, parent: str, stop: threading.Event, resul
 def hammering(service, spec, n: int = 3):
     """``n`` threads sending requests about ``spec`` until the block ends; yields their (status, version)s."""
     stop, results = threading.Event(), []
-    threads = [threading.Thread(target=_hammer, args=(service.url, spec.concept_id, spec.parent, stop, results))
-               for _ in range(n)]
+    threads = [
+        threading.Thread(target=_hammer, args=(service.url, spec.concept_id, spec.parent, stop, results))
+        for _ in range(n)
+    ]
     for t in threads:
         t.start()
     try:

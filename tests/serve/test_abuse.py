@@ -1,4 +1,5 @@
 """Abuse resistance over real HTTP: body limits, the image_uri allow-list, the costly-route cap, keys."""
+
 from __future__ import annotations
 
 import base64
@@ -81,9 +82,12 @@ def test_readyz_shows_no_internals(service):
 
 
 def test_with_a_required_key_every_route_refuses_requests_without_it(service):
-    for method, path, body in (("get", "/v1/tokens", None), ("post", "/v1/retrieve", {"query": "a boot"}),
-                               ("get", f"/v1/tokens/{service.specs[0].concept_id}/thumbnails/0", None),
-                               ("get", "/v1/items/anything/thumbnail", None)):
+    for method, path, body in (
+        ("get", "/v1/tokens", None),
+        ("post", "/v1/retrieve", {"query": "a boot"}),
+        ("get", f"/v1/tokens/{service.specs[0].concept_id}/thumbnails/0", None),
+        ("get", "/v1/items/anything/thumbnail", None),
+    ):
         r = getattr(httpx, method)(service.url + path, **({"json": body} if body else {}))
         assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized", (path, r.text)
     assert httpx.get(service.url + "/v1/auth").json() == {"key_required": True, "key_valid": False}
@@ -95,8 +99,9 @@ def test_thumbnails_come_from_the_registry_and_the_index_only(service):
     r = service.client.get(f"/v1/tokens/{spec.concept_id}/thumbnails/0")
     assert r.status_code == 200 and r.headers["content-type"] == "image/png" and r.content.startswith(b"\x89PNG")
     assert service.client.get(f"/v1/tokens/{spec.concept_id}/thumbnails/9").status_code == 404
-    item = service.client.post("/v1/retrieve", json={"query": f"a <concept:{spec.concept_id}> {spec.parent}",
-                                                     "top_k": 1}).json()["items"][0]["id"]
+    item = service.client.post(
+        "/v1/retrieve", json={"query": f"a <concept:{spec.concept_id}> {spec.parent}", "top_k": 1}
+    ).json()["items"][0]["id"]
     r = service.client.get(f"/v1/items/{item}/thumbnail")
     assert r.status_code == 200 and r.content.startswith(b"\x89PNG")
     assert service.client.get("/v1/items/not-in-the-index/thumbnail").status_code == 404

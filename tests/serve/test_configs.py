@@ -1,4 +1,5 @@
 """The Serve config files deploy the same application, with valid settings and autoscaling."""
+
 from __future__ import annotations
 
 import importlib

@@ -4,6 +4,7 @@ The device choice is a pure function of the setting, Ray's GPU ids and torch's v
 case on a CPU; the settings are then followed into real replica classes (their `__init__` and request
 methods, run in this process without Serve) in bf16 on the CPU, which must answer as fp32 replicas do.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -18,15 +19,18 @@ from serve.deployments import replica_device
 from serve.settings import ServeSettings
 
 
-@pytest.mark.parametrize("setting, gpu_ids, cuda_available, expected", [
-    ("auto", [0], True, "cuda"),  # a replica Ray gave a GPU (the Generator in cluster.yaml) computes on it
-    ("auto", [], True, "cpu"),  # GPUs on the node, none reserved for this replica: leave them alone
-    ("auto", [0], False, "cpu"),  # a CPU build of torch on a GPU node
-    ("auto", [], False, "cpu"),
-    ("cpu", [0], True, "cpu"),
-    ("cuda", [], True, "cuda"),  # asked for explicitly: taken whether Ray accounted it or not
-    ("cuda", [1], True, "cuda"),
-])
+@pytest.mark.parametrize(
+    "setting, gpu_ids, cuda_available, expected",
+    [
+        ("auto", [0], True, "cuda"),  # a replica Ray gave a GPU (the Generator in cluster.yaml) computes on it
+        ("auto", [], True, "cpu"),  # GPUs on the node, none reserved for this replica: leave them alone
+        ("auto", [0], False, "cpu"),  # a CPU build of torch on a GPU node
+        ("auto", [], False, "cpu"),
+        ("cpu", [0], True, "cpu"),
+        ("cuda", [], True, "cuda"),  # asked for explicitly: taken whether Ray accounted it or not
+        ("cuda", [1], True, "cuda"),
+    ],
+)
 def test_replica_device_choice(setting, gpu_ids, cuda_available, expected):
     assert replica_device(setting, gpu_ids, cuda_available) == expected
 
@@ -72,9 +76,8 @@ def test_serve_flags_default_to_the_settings_and_reach_them():
 
 
 def test_a_replica_loads_its_backbone_on_the_chosen_device_in_the_set_precision(monkeypatch):
-    import serve.deployments as deployments
-
     import factory.backbones
+    import serve.deployments as deployments
 
     seen, loaded = [], {}
     monkeypatch.setattr(deployments, "replica_device", lambda *a: seen.append(a) or "cpu")
@@ -87,6 +90,7 @@ def test_a_replica_loads_its_backbone_on_the_chosen_device_in_the_set_precision(
 def _watcher(version: int):
     async def current():
         return version
+
     return SimpleNamespace(current=SimpleNamespace(remote=current))
 
 
@@ -115,8 +119,9 @@ def served(tmp_path_factory):
 def _replicas(served, precision: str):
     from serve.deployments import ImageEncoder, TextEncoder
 
-    settings = ServeSettings(registry=served.registry, index=served.index, backbone="fashion-mini",
-                             precision=precision, poll_s=0).model_dump()
+    settings = ServeSettings(
+        registry=served.registry, index=served.index, backbone="fashion-mini", precision=precision, poll_s=0
+    ).model_dump()
     return ImageEncoder.func_or_class(settings), TextEncoder.func_or_class(settings, _watcher(1))
 
 
@@ -159,8 +164,9 @@ def test_a_bf16_generator_replica_returns_images(served):
     from factory.images import decode_image
     from serve.deployments import Generator
 
-    settings = ServeSettings(registry=served.registry, index=served.index, backbone="fashion-mini",
-                             precision="bf16", poll_s=0).model_dump()
+    settings = ServeSettings(
+        registry=served.registry, index=served.index, backbone="fashion-mini", precision="bf16", poll_s=0
+    ).model_dump()
     gen = Generator.func_or_class(settings, _watcher(1))
     assert gen.backbone.generator.unet.dtype == torch.bfloat16
     spec = served.specs[0]
@@ -178,9 +184,8 @@ def test_every_serve_path_is_device_clean_on_a_fake_gpu(served, monkeypatch):
     text embeddings), retrieve's text encoding, token lookups, generate and GAIR (object rule, refine,
     expand) run to the end with no op that a GPU would reject, and answer as on the CPU."""
     import serve.deployments as deployments
-    from tests.fakecuda import assert_device_clean, fake_cuda
-
     from factory.images import load_rgb
+    from tests.fakecuda import assert_device_clean, fake_cuda
 
     async def inline(fn):  # the harness is thread-local: sample in this thread
         return fn(lambda: False)
@@ -188,8 +193,9 @@ def test_every_serve_path_is_device_clean_on_a_fake_gpu(served, monkeypatch):
     monkeypatch.setattr(deployments, "run_cancellable", inline)
     images = np.stack([load_rgb(open(u, "rb").read(), served.size) for s in served.specs for u in s.heldout_uris])
     spec, rival = served.specs[0], served.specs[1]
-    settings = ServeSettings(registry=served.registry, index=served.index, backbone="fashion-mini",
-                             device="cuda", poll_s=0).model_dump()
+    settings = ServeSettings(
+        registry=served.registry, index=served.index, backbone="fashion-mini", device="cuda", poll_s=0
+    ).model_dump()
     with fake_cuda() as rec:
         image_enc = deployments.ImageEncoder.func_or_class(settings)
         text_enc = deployments.TextEncoder.func_or_class(settings, _watcher(1))
@@ -201,11 +207,22 @@ def test_every_serve_path_is_device_clean_on_a_fake_gpu(served, monkeypatch):
             classified = await text_enc.classify(feats, [None] * len(feats), [3] * len(feats))
             (texts,) = await _unbatched(text_enc, "encode", [f"a <concept:{spec.concept_id}> {spec.parent}"])
             token = await text_enc.token(spec.concept_id)
-            generated = await gen.generate(f"a <concept:{spec.concept_id}> {spec.parent}", n=1, seed=0, steps=2,
-                                           guidance=4.0)
-            gair = await gen.gair({"concept_ids": [spec.concept_id], "intent": "on a beach", "alphas": [0.0, 1.0],
-                                   "previews": 1, "steps": 2, "rule": "object", "refine": 1, "expand": 0.5,
-                                   "top_k": 3})
+            generated = await gen.generate(
+                f"a <concept:{spec.concept_id}> {spec.parent}", n=1, seed=0, steps=2, guidance=4.0
+            )
+            gair = await gen.gair(
+                {
+                    "concept_ids": [spec.concept_id],
+                    "intent": "on a beach",
+                    "alphas": [0.0, 1.0],
+                    "previews": 1,
+                    "steps": 2,
+                    "rule": "object",
+                    "refine": 1,
+                    "expand": 0.5,
+                    "top_k": 3,
+                }
+            )
             return feats, classified, texts, token, generated, gair
 
         feats, classified, texts, token, generated, gair = asyncio.run(calls())

@@ -6,6 +6,7 @@ under uvicorn (seconds; small limits so each case is quick), then the real Serve
 way the audit attacked it (a client that sends its headers and then drips its body). Distinct client
 addresses are distinct loopback addresses (127.0.0.2, 127.0.0.3, …: all of 127/8 is loopback on Linux).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -29,8 +30,16 @@ HARDENING = {"content-security-policy": CSP, "x-content-type-options": "nosniff"
 
 
 # --- raw HTTP: a client that controls when each byte of its body goes out --------------------------------
-def open_request(port: int, path: str, headers: dict[str, str], body_start: bytes = b"", *, method: str = "POST",
-                 source: str = "127.0.0.1", host: str = "127.0.0.1") -> socket.socket:
+def open_request(
+    port: int,
+    path: str,
+    headers: dict[str, str],
+    body_start: bytes = b"",
+    *,
+    method: str = "POST",
+    source: str = "127.0.0.1",
+    host: str = "127.0.0.1",
+) -> socket.socket:
     """Connect from ``source``, send the request line, ``headers`` and the first ``body_start`` bytes only."""
     s = socket.create_connection(("127.0.0.1", port), timeout=30, source_address=(source, 0))
     lines = [f"{method} {path} HTTP/1.1", f"Host: {host}", *(f"{k}: {v}" for k, v in headers.items())]
@@ -157,8 +166,9 @@ def test_a_keyless_client_is_refused_while_its_body_is_still_unsent(small):
 
 def test_a_wrong_key_is_refused_before_the_body_too(small):
     port, _ = small
-    with open_request(port, "/v1/classify", {"Authorization": "Bearer wrong-key-wrong-key", "Content-Length": "8000000"},
-                      b"x" * 1000) as s:
+    with open_request(
+        port, "/v1/classify", {"Authorization": "Bearer wrong-key-wrong-key", "Content-Length": "8000000"}, b"x" * 1000
+    ) as s:
         status, _, body = read_response(s, timeout=5)
     assert status == 401 and b"wrong API key" in body
 
@@ -194,8 +204,10 @@ def test_a_whole_body_in_time_reaches_the_route(small):
 
 def test_an_address_over_its_in_flight_cap_gets_429_and_another_address_is_served(small):
     port, _ = small
-    held = [open_request(port, "/v1/retrieve", {**AUTH, "Content-Length": "100"}, b"{", source="127.0.0.2")
-            for _ in range(3)]  # the cap: 3 requests in flight, each waiting for its body
+    held = [
+        open_request(port, "/v1/retrieve", {**AUTH, "Content-Length": "100"}, b"{", source="127.0.0.2")
+        for _ in range(3)
+    ]  # the cap: 3 requests in flight, each waiting for its body
     try:
         time.sleep(0.2)
         with open_request(port, "/v1/retrieve", {**AUTH, "Content-Length": "2"}, b"{}", source="127.0.0.2") as extra:
@@ -230,9 +242,13 @@ def test_over_the_rate_is_refused_before_the_body():
 def test_every_answer_carries_the_hardening_headers(small):
     port, _ = small
     base = f"http://127.0.0.1:{port}"
-    answers = [httpx.get(base + "/healthz"), httpx.get(base + "/v1/tokens"),  # 200, 401
-               httpx.get(base + "/v1/tokens", headers=AUTH), httpx.get(base + "/nothing"),  # 200, 404
-               httpx.get(base + "/healthz", headers={"Host": "evil.example"})]  # 400
+    answers = [
+        httpx.get(base + "/healthz"),
+        httpx.get(base + "/v1/tokens"),  # 200, 401
+        httpx.get(base + "/v1/tokens", headers=AUTH),
+        httpx.get(base + "/nothing"),  # 200, 404
+        httpx.get(base + "/healthz", headers={"Host": "evil.example"}),
+    ]  # 400
     assert [r.status_code for r in answers] == [200, 401, 200, 404, 400]
     for r in answers:
         assert {k: r.headers.get(k) for k in HARDENING} == HARDENING, r.request.url
@@ -241,11 +257,17 @@ def test_every_answer_carries_the_hardening_headers(small):
 def test_every_v1_route_needs_a_key_unless_listed_as_open():
     from serve.edge import ADMIN, CHEAP, CLIENT, COSTLY, route_needs
 
-    assert route_needs("POST", "/v1/classify") == (CLIENT, CHEAP) and route_needs("POST", "/v1/gair") == (CLIENT, COSTLY)
+    assert route_needs("POST", "/v1/classify") == (CLIENT, CHEAP) and route_needs("POST", "/v1/gair") == (
+        CLIENT,
+        COSTLY,
+    )
     assert route_needs("HEAD", "/v1/tokens") == (CLIENT, CHEAP)  # HEAD is no way around the key or the bucket
     assert route_needs("GET", "/v1/items/a b/thumbnail") == (CLIENT, CHEAP)
     assert route_needs("GET", "/v1/some-later-route") == (CLIENT, None)  # never open by omission
-    assert route_needs("POST", "/v1/admin/reload") == (ADMIN, None) and route_needs("GET", "/v1/admin/x") == (ADMIN, None)
+    assert route_needs("POST", "/v1/admin/reload") == (ADMIN, None) and route_needs("GET", "/v1/admin/x") == (
+        ADMIN,
+        None,
+    )
     for open_path in ("/v1/auth", "/healthz", "/readyz", "/studio", "/studio/studio.js", "/openapi.json", "/"):
         assert route_needs("GET", open_path) == (None, None), open_path
 
@@ -272,7 +294,9 @@ def test_docs_are_off_by_default_and_on_serve_nothing_from_elsewhere(small):
     with small_server(docs=True) as (on, _):
         r = httpx.get(f"http://127.0.0.1:{on}/docs")
         assert r.status_code == 200 and "/v1/retrieve" in r.text and "openapi.json" in r.text
-        assert "<script" not in r.text and "http" not in r.text.replace("http-equiv", "")  # nothing loaded from elsewhere
+        assert "<script" not in r.text and "http" not in r.text.replace(
+            "http-equiv", ""
+        )  # nothing loaded from elsewhere
         assert r.headers["content-security-policy"] == CSP
 
 
@@ -282,7 +306,12 @@ def _request(body: bytes, content_type: str = "application/json"):
     async def receive():
         return {"type": "http.request", "body": body, "more_body": False}
 
-    scope = {"type": "http", "method": "POST", "path": "/v1/classify", "headers": [(b"content-type", content_type.encode())]}
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/v1/classify",
+        "headers": [(b"content-type", content_type.encode())],
+    }
     return StarletteRequest(scope, receive)
 
 
@@ -324,8 +353,9 @@ def _port(service) -> int:
 
 
 def test_serve_keyless_dripping_body_gets_401_before_it_is_complete(service):
-    s = open_request(_port(service), "/v1/retrieve", {"Content-Type": "application/json", "Content-Length": "200"},
-                     b'{"query": "a')
+    s = open_request(
+        _port(service), "/v1/retrieve", {"Content-Type": "application/json", "Content-Length": "200"}, b'{"query": "a'
+    )
     stop = threading.Event()
     dripper = threading.Thread(target=drip, args=(s, stop, 1.0))
     dripper.start()
@@ -342,9 +372,12 @@ def test_serve_keyless_dripping_body_gets_401_before_it_is_complete(service):
 
 def test_serve_keyless_8mib_classify_gets_401_unparsed(service):
     declared = 8 << 20
-    s = open_request(_port(service), "/v1/classify", {"Content-Type": "application/json",
-                                                      "Content-Length": str(declared)},
-                     b'{"x": [' + b"[]," * 300_000)  # the start of the audit's body: lists meant to cost parsing
+    s = open_request(
+        _port(service),
+        "/v1/classify",
+        {"Content-Type": "application/json", "Content-Length": str(declared)},
+        b'{"x": [' + b"[]," * 300_000,
+    )  # the start of the audit's body: lists meant to cost parsing
     with s:
         status, _, body = read_response(s, timeout=20)
     assert status == 401 and b'"unauthorized"' in body  # not 422: never parsed (7 of its 8 MiB were never sent)
@@ -359,8 +392,12 @@ def test_serve_keyed_classify_with_a_hostile_body_is_refused_cheaply(service):
 
 
 def test_serve_keyed_slow_body_gets_408_within_the_deadline(service):
-    s = open_request(_port(service), "/v1/retrieve", {**CLIENT_HEADERS, "Content-Type": "application/json",
-                                                      "Content-Length": "200"}, b"{")
+    s = open_request(
+        _port(service),
+        "/v1/retrieve",
+        {**CLIENT_HEADERS, "Content-Type": "application/json", "Content-Length": "200"},
+        b"{",
+    )
     stop = threading.Event()
     dripper = threading.Thread(target=drip, args=(s, stop, 1.0))
     dripper.start()
@@ -381,21 +418,28 @@ def test_serve_one_address_over_its_cap_gets_429_while_another_client_is_served(
 
     cap = Limits().max_in_flight_per_address
     port = _port(service)
-    held = [open_request(port, "/v1/retrieve", {**CLIENT_HEADERS, "Content-Length": "100"}, b"{", source="127.0.0.5")
-            for _ in range(cap)]
+    held = [
+        open_request(port, "/v1/retrieve", {**CLIENT_HEADERS, "Content-Length": "100"}, b"{", source="127.0.0.5")
+        for _ in range(cap)
+    ]
     try:
         deadline, status = time.monotonic() + 8, None
         while time.monotonic() < deadline:  # until the edge has seen all of them (each a request in flight)
-            with open_request(port, "/v1/retrieve", {**CLIENT_HEADERS, "Content-Length": "2"}, b"{}",
-                              source="127.0.0.5") as extra:
+            with open_request(
+                port, "/v1/retrieve", {**CLIENT_HEADERS, "Content-Length": "2"}, b"{}", source="127.0.0.5"
+            ) as extra:
                 status, _, body = read_response(extra, timeout=10)
             if status == 429:
                 break
             time.sleep(0.2)
         assert status == 429 and b"too_many_in_flight" in body
         spec = service.specs[0]
-        with httpx.Client(base_url=service.url, headers={"Authorization": f"Bearer {CLIENT_KEY}"}, timeout=30,
-                          transport=httpx.HTTPTransport(local_address="127.0.0.6")) as other:
+        with httpx.Client(
+            base_url=service.url,
+            headers={"Authorization": f"Bearer {CLIENT_KEY}"},
+            timeout=30,
+            transport=httpx.HTTPTransport(local_address="127.0.0.6"),
+        ) as other:
             r = other.post("/v1/retrieve", json={"query": f"a <concept:{spec.concept_id}> {spec.parent}", "top_k": 1})
         assert r.status_code == 200, r.text
     finally:
@@ -405,9 +449,14 @@ def test_serve_one_address_over_its_cap_gets_429_while_another_client_is_served(
 
 def test_serve_hardening_headers_hosts_and_docs(service):
     spec = service.specs[0]
-    answers = [service.client.get("/studio"), service.client.get("/studio/studio.js"), service.client.get("/v1/tokens"),
-               service.client.get(f"/v1/tokens/{spec.concept_id}/thumbnails/0"), httpx.get(service.url + "/v1/tokens"),
-               service.client.get("/openapi.json")]
+    answers = [
+        service.client.get("/studio"),
+        service.client.get("/studio/studio.js"),
+        service.client.get("/v1/tokens"),
+        service.client.get(f"/v1/tokens/{spec.concept_id}/thumbnails/0"),
+        httpx.get(service.url + "/v1/tokens"),
+        service.client.get("/openapi.json"),
+    ]
     assert [r.status_code for r in answers] == [200, 200, 200, 200, 401, 200]
     for r in answers:
         assert {k: r.headers.get(k) for k in HARDENING} == HARDENING, r.request.url

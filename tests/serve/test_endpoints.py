@@ -1,4 +1,5 @@
 """Each endpoint answers correctly on a small registry and gallery (real Serve, real HTTP)."""
+
 from __future__ import annotations
 
 import base64
@@ -44,7 +45,9 @@ def test_held_out_images_classify_as_their_concept(service):
 
 def test_classify_within_a_parent(service):
     spec = service.specs[0]
-    r = service.client.post("/v1/classify", json={"image": _b64(spec.heldout_uris[0]), "parent": spec.parent, "top_k": 10})
+    r = service.client.post(
+        "/v1/classify", json={"image": _b64(spec.heldout_uris[0]), "parent": spec.parent, "top_k": 10}
+    )
     assert r.status_code == 200
     assert {c["parent"] for c in r.json()["concepts"]} == {spec.parent}
 
@@ -52,8 +55,9 @@ def test_classify_within_a_parent(service):
 def test_a_token_query_retrieves_its_gallery_items_first(service):
     own = Counter(r.concept_id for r in service.catalog.gallery)
     for spec in service.specs:
-        r = service.client.post("/v1/retrieve", json={"query": f"a photo of a <concept:{spec.concept_id}> {spec.parent}",
-                                                      "top_k": 5})
+        r = service.client.post(
+            "/v1/retrieve", json={"query": f"a photo of a <concept:{spec.concept_id}> {spec.parent}", "top_k": 5}
+        )
         assert r.status_code == 200, r.text
         items = r.json()["items"]
         assert len(items) == 5 and all(it["uri"].endswith(".png") for it in items)
@@ -63,26 +67,48 @@ def test_a_token_query_retrieves_its_gallery_items_first(service):
 
 def test_generate_returns_pngs(service):
     spec = service.specs[0]
-    r = service.client.post("/v1/generate", json={"prompt": f"a <concept:{spec.concept_id}> {spec.parent} on the beach",
-                                                  "n": 2, "steps": 4, "seed": 1})
+    r = service.client.post(
+        "/v1/generate",
+        json={"prompt": f"a <concept:{spec.concept_id}> {spec.parent} on the beach", "n": 2, "steps": 4, "seed": 1},
+    )
     assert r.status_code == 200, r.text
     images = [np.asarray(Image.open(io.BytesIO(base64.b64decode(b)))) for b in r.json()["images"]]
     assert len(images) == 2 and images[0].shape == (32, 32, 3)
-    again = service.client.post("/v1/generate", json={"prompt": f"a <concept:{spec.concept_id}> {spec.parent} on the beach",
-                                                      "n": 2, "steps": 4, "seed": 1}).json()["images"]
+    again = service.client.post(
+        "/v1/generate",
+        json={"prompt": f"a <concept:{spec.concept_id}> {spec.parent} on the beach", "n": 2, "steps": 4, "seed": 1},
+    ).json()["images"]
     assert again == r.json()["images"]  # a seed fixes the images
 
 
 def test_gair_trace(service):
     spec = service.specs[1]
-    r = service.client.post("/v1/gair", json={"concept_ids": [spec.concept_id], "intent": "in the snow", "top_k": 4,
-                                              "alphas": [0, 0.5, 1], "previews": 1, "steps": 3})
+    r = service.client.post(
+        "/v1/gair",
+        json={
+            "concept_ids": [spec.concept_id],
+            "intent": "in the snow",
+            "top_k": 4,
+            "alphas": [0, 0.5, 1],
+            "previews": 1,
+            "steps": 3,
+        },
+    )
     assert r.status_code == 200, r.text
     body = r.json()
     assert [s["alpha"] for s in body["steps"]] == [0, 0.5, 1] and body["alpha"] in (0, 0.5, 1)
     assert all(len(s["previews"]) == 1 for s in body["steps"]) and len(body["ranking"]) == 4
-    manual = service.client.post("/v1/gair", json={"concept_ids": [spec.concept_id], "intent": "in the snow",
-                                                   "mode": "manual", "alpha": 0.3, "previews": 1, "steps": 2})
+    manual = service.client.post(
+        "/v1/gair",
+        json={
+            "concept_ids": [spec.concept_id],
+            "intent": "in the snow",
+            "mode": "manual",
+            "alpha": 0.3,
+            "previews": 1,
+            "steps": 2,
+        },
+    )
     assert manual.status_code == 200 and manual.json()["alpha"] == 0.3
 
 
@@ -90,8 +116,16 @@ def test_gair_bisection_with_previews_of_the_chosen_alpha_only(service):
     """refine searches between the schedule's α; previews_for="chosen" renders the kept α alone, and the
     unrendered α's preview scores are null, not NaN (JSON has none). The object rule reads the look-alikes."""
     spec = service.specs[1]
-    body = {"concept_ids": [spec.concept_id], "intent": "in the snow", "top_k": 3, "alphas": [0, 0.5, 1],
-            "previews": 1, "steps": 2, "refine": 2, "previews_for": "chosen"}
+    body = {
+        "concept_ids": [spec.concept_id],
+        "intent": "in the snow",
+        "top_k": 3,
+        "alphas": [0, 0.5, 1],
+        "previews": 1,
+        "steps": 2,
+        "refine": 2,
+        "previews_for": "chosen",
+    }
     for rule in ("retrieval", "object"):
         r = service.client.post("/v1/gair", json={**body, "rule": rule})
         assert r.status_code == 200, r.text

@@ -1,5 +1,6 @@
 """A replica's gallery follows the newest index version: searches never wait for a load or fail during a
 swap, and a version that fails to load is skipped (on the plain class, no Serve needed)."""
+
 from __future__ import annotations
 
 import asyncio

@@ -1,4 +1,5 @@
 """A gallery that grows while served: a new index version swaps in under load without a failed request."""
+
 from __future__ import annotations
 
 import time

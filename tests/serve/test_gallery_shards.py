@@ -1,6 +1,7 @@
 """A sharded gallery served: the session's gallery split into 2 shards, each its own GalleryIndex deployment,
 served by a second app of the same code beside the session's (same registry, same backbone), whose ingress
 fans each query out and merges. Its answers must be the unsharded app's."""
+
 from __future__ import annotations
 
 import time
@@ -30,9 +31,18 @@ def sharded(service, s3_server, tmp_path_factory):
     parts = ShardedIndex.from_index(index, SHARDS)
     assert all(len(s) for s in parts.shards)  # both shards hold items, so both must answer
     parts.save(root)
-    settings = ServeSettings(registry=service.registry, index=root, gallery_shards=SHARDS, backbone="fashion-mini",
-                             api_key_env=CLIENT_KEY_ENV, require_key=True, poll_s=0, max_batch_size=16,
-                             limits=TEST_LIMITS, replica_env=s3_server.env)
+    settings = ServeSettings(
+        registry=service.registry,
+        index=root,
+        gallery_shards=SHARDS,
+        backbone="fashion-mini",
+        api_key_env=CLIENT_KEY_ENV,
+        require_key=True,
+        poll_s=0,
+        max_batch_size=16,
+        limits=TEST_LIMITS,
+        replica_env=s3_server.env,
+    )
     serve.run(build_app(settings), name=APP, route_prefix=PREFIX, blocking=False)
     client = httpx.Client(base_url=service.url + PREFIX, timeout=120.0, headers=CLIENT_HEADERS)
     deadline = time.monotonic() + 300

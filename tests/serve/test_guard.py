@@ -1,4 +1,5 @@
 """Admission control, cancellation and exposure rules, on the plain classes (no Serve needed)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -97,8 +98,13 @@ def test_the_edge_caps_requests_in_flight_per_address_and_frees_them_on_errors(m
     from serve.edge import ADMIN, CLIENT, EdgePolicy
 
     monkeypatch.setenv("TF_CLIENT_KEY", "k" * 24)
-    s = ServeSettings(registry="r", index="i", require_key=True, api_key_env="TF_CLIENT_KEY",
-                      limits=Limits(max_in_flight_per_address=2))
+    s = ServeSettings(
+        registry="r",
+        index="i",
+        require_key=True,
+        api_key_env="TF_CLIENT_KEY",
+        limits=Limits(max_in_flight_per_address=2),
+    )
     edge = EdgePolicy(s, s.api_key_digest(), None)
     with edge.slot("10.0.0.1"), edge.slot("10.0.0.1"):
         with pytest.raises(ApiError) as e:
@@ -220,7 +226,11 @@ def test_image_uri_reads_answer_absent_denied_and_outage_apart(s3_server, s3_buc
     prefixes = [f"{s3_bucket}/allowed"]
     assert read_allowed_image(f"{s3_bucket}/allowed/a.png", prefixes, s3, 1024) == b"png-bytes"
     answers = []
-    for uri in (f"{s3_bucket}/private/a.png", f"{s3_bucket}/allowed/missing.png", f"{s3_bucket}/allowed/../private/a.png"):
+    for uri in (
+        f"{s3_bucket}/private/a.png",
+        f"{s3_bucket}/allowed/missing.png",
+        f"{s3_bucket}/allowed/../private/a.png",
+    ):
         with pytest.raises(ApiError) as e:
             read_allowed_image(uri, prefixes, s3, 1024)
         answers.append((e.value.status, e.value.code, str(e.value)))

@@ -3,6 +3,7 @@
 These tests commit new versions into the package's shared registry; each pins the service back to the
 version it found (`served_version_restored`), so no other module depends on running before or after them.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -35,7 +36,7 @@ def test_reload_while_clients_send_requests(service, served_version_restored):
     assert not failed, failed[:5]
     versions = [v for _, v in results]
     assert before in versions and version in versions and len(results) > 20
-    assert versions[versions.index(version):].count(before) <= 6  # at most the few requests in flight at the switch
+    assert versions[versions.index(version) :].count(before) <= 6  # at most the few requests in flight at the switch
     # the new concept is served afterwards, by every endpoint that uses tokens
     assert new.concept_id in {t["concept_id"] for t in service.client.get("/v1/tokens").json()["tokens"]}
     r = service.client.post("/v1/retrieve", json={"query": f"a <concept:{new.concept_id}> {new.parent}", "top_k": 2})

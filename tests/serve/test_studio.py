@@ -6,6 +6,7 @@ thumbnails, search, pick one, run GAIR, check every preview and result image dec
 keyboard and see the results change, use a preview, classify an uploaded image; no console errors.
 Screenshots land in build/studio/.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -17,8 +18,10 @@ import pytest
 from tests.serve.conftest import CLIENT_KEY
 
 SHOTS = Path(__file__).resolve().parents[2] / "build" / "studio"
-pytestmark = pytest.mark.skipif(not (shutil.which("chromium") and shutil.which("chromedriver")),
-                                reason="needs Debian's chromium and chromium-driver (make setup installs them)")
+pytestmark = pytest.mark.skipif(
+    not (shutil.which("chromium") and shutil.which("chromedriver")),
+    reason="needs Debian's chromium and chromium-driver (make setup installs them)",
+)
 
 
 @pytest.fixture(scope="module")
@@ -29,9 +32,18 @@ def browser():
 
     opts = Options()
     profile = tempfile.mkdtemp(prefix="studio-chromium-")
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                "--window-size=1280,800", f"--user-data-dir={profile}"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--window-size=1280,800",
+        f"--user-data-dir={profile}",
+    ):
         opts.add_argument(arg)
     opts.binary_location = shutil.which("chromium")
     opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
@@ -53,7 +65,8 @@ def _wait(driver, predicate, timeout=180):
 def _decoded(driver, css: str) -> list[int]:
     """naturalWidth of every image matching ``css`` (0 means it did not decode)."""
     return driver.execute_script(
-        "return [...document.querySelectorAll(arguments[0])].map(i => i.complete ? i.naturalWidth : 0)", css)
+        "return [...document.querySelectorAll(arguments[0])].map(i => i.complete ? i.naturalWidth : 0)", css
+    )
 
 
 def _texts(driver, css: str) -> list[str]:
@@ -73,12 +86,17 @@ def test_a_person_composes_sees_refines_and_classifies(service, browser):
     d.find_element(By.ID, "api-key").send_keys(CLIENT_KEY + Keys.ENTER)
     served = {s.concept_id for s in service.specs}
     _wait(d, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#concept-list .concept")) >= len(served))
-    assert "key" not in d.current_url and d.execute_script("return sessionStorage.getItem('tokenfactory.apiKey')") == CLIENT_KEY
+    assert (
+        "key" not in d.current_url
+        and d.execute_script("return sessionStorage.getItem('tokenfactory.apiKey')") == CLIENT_KEY
+    )
     assert not d.find_element(By.ID, "key-form").is_displayed()  # asked once
     _wait(d, lambda d: _decoded(d, "#concept-list img.thumb") and all(_decoded(d, "#concept-list img.thumb")))
     # Every input is labelled (a screen reader and the keyboard can reach each control).
-    unlabelled = d.execute_script("return [...document.querySelectorAll('input')].filter(i => !i.labels.length"
-                                  " && !i.getAttribute('aria-label')).map(i => i.id)")
+    unlabelled = d.execute_script(
+        "return [...document.querySelectorAll('input')].filter(i => !i.labels.length"
+        " && !i.getAttribute('aria-label')).map(i => i.id)"
+    )
     assert unlabelled == []
 
     spec = service.specs[0]
@@ -94,8 +112,13 @@ def test_a_person_composes_sees_refines_and_classifies(service, browser):
     intent.send_keys("on the beach")
     d.find_element(By.ID, "run-gair").click()
     _wait(d, lambda d: d.find_element(By.ID, "progress").is_displayed())  # progress while GAIR runs
-    _wait(d, lambda d: d.find_elements(By.CSS_SELECTOR, "#results .result")
-          and not d.find_element(By.ID, "progress").is_displayed())
+    _wait(
+        d,
+        lambda d: (
+            d.find_elements(By.CSS_SELECTOR, "#results .result")
+            and not d.find_element(By.ID, "progress").is_displayed()
+        ),
+    )
     assert len(d.find_elements(By.CSS_SELECTOR, "#steps .step")) == 5
     assert len(d.find_elements(By.CSS_SELECTOR, "#steps .step.chosen")) == 1
     assert all(_decoded(d, "#steps img.preview")) and len(_decoded(d, "#steps img.preview")) == 10
@@ -106,16 +129,20 @@ def test_a_person_composes_sees_refines_and_classifies(service, browser):
     slider = d.find_element(By.ID, "alpha")
     start_alpha = float(slider.get_attribute("value"))
     slider.send_keys(Keys.ARROW_LEFT if start_alpha > 0 else Keys.ARROW_RIGHT)
-    _wait(d, lambda d: _texts(d, "#results .result span") != before
-          and not d.find_element(By.ID, "progress").is_displayed())
+    _wait(
+        d,
+        lambda d: _texts(d, "#results .result span") != before and not d.find_element(By.ID, "progress").is_displayed(),
+    )
     assert len(d.find_elements(By.CSS_SELECTOR, "#steps .step")) == 1  # manual mode: the one α
     assert all(_decoded(d, "#steps img.preview"))  # data: URLs, decoded with the page
     _wait(d, lambda d: all(_decoded(d, "#results img.thumb")))  # fetched with the key, one by one
 
     manual = _texts(d, "#results .result span")
     d.find_element(By.CSS_SELECTOR, "#steps figure button").click()  # use this preview: the query expands
-    _wait(d, lambda d: _texts(d, "#results .result span") != manual
-          and not d.find_element(By.ID, "progress").is_displayed())
+    _wait(
+        d,
+        lambda d: _texts(d, "#results .result span") != manual and not d.find_element(By.ID, "progress").is_displayed(),
+    )
 
     d.find_element(By.ID, "classify-file").send_keys(str(Path(spec.heldout_uris[0]).resolve()))
     _wait(d, lambda d: d.find_elements(By.CSS_SELECTOR, "#classify-results .classified"))
@@ -125,8 +152,13 @@ def test_a_person_composes_sees_refines_and_classifies(service, browser):
 
     Select(d.find_element(By.ID, "refine")).select_by_value("1")  # one round of bisection around the best α
     d.find_element(By.ID, "run-gair").click()
-    _wait(d, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#steps .step")) > 5
-          and not d.find_element(By.ID, "progress").is_displayed())
+    _wait(
+        d,
+        lambda d: (
+            len(d.find_elements(By.CSS_SELECTOR, "#steps .step")) > 5
+            and not d.find_element(By.ID, "progress").is_displayed()
+        ),
+    )
     shown = [float(e.get_attribute("data-alpha")) for e in d.find_elements(By.CSS_SELECTOR, "#steps .step")]
     assert shown == sorted(shown) and len(shown) in (6, 7) and set(shown) > {0.0, 0.25, 0.5, 0.75, 1.0}
 

@@ -1,4 +1,5 @@
 """The registry watcher's polling, on the deployment's class directly (no Serve needed)."""
+
 from __future__ import annotations
 
 import asyncio

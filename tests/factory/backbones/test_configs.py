@@ -2,7 +2,11 @@ import pytest
 import torch
 
 from factory.backbones import (
-    add_backbone_config, get_backbone_config, list_backbones, load_backbone, save_weights,
+    add_backbone_config,
+    get_backbone_config,
+    list_backbones,
+    load_backbone,
+    save_weights,
 )
 from factory.errors import UnknownBackbone, WeightsError
 

@@ -1,4 +1,5 @@
 """The embedded default: committed weights that load offline and actually know their world."""
+
 import os
 
 import torch

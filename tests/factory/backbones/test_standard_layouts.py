@@ -4,6 +4,7 @@ Parity with diffusers is exact here (same weights, same code paths): the pipelin
 (prompt and empty-prompt states), the UNet's output and the VAE's scaled latents all agree within 1e-5
 with what the factory computes, and the training noise schedule is the pipeline's own.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,8 +26,9 @@ def layout(request, tmp_path_factory):
 
     name, write = LAYOUTS[request.param]
     root = write(tmp_path_factory.mktemp(request.param))
-    pipe = StableDiffusionPipeline.from_pretrained(str(root / "diffusion"), safety_checker=None,
-                                                   requires_safety_checker=False)
+    pipe = StableDiffusionPipeline.from_pretrained(
+        str(root / "diffusion"), safety_checker=None, requires_safety_checker=False
+    )
     return request.param, name, root, load_backbone(name, weights=str(root)), pipe
 
 
@@ -85,9 +87,10 @@ def test_any_sd_scheduler_config_gives_the_training_schedule(tmp_path, scheduler
     converted = getattr(diffusers, scheduler).from_config(cfg)
     converted.save_pretrained(root / "diffusion" / "scheduler")
     backbone = load_backbone("clip-vit-l14+sd15", weights=str(root))
-    torch.testing.assert_close(backbone.generator.noise_scheduler().alphas_cumprod,
-                               diffusers.DDPMScheduler(beta_start=0.00085, beta_end=0.012,
-                                                       beta_schedule="scaled_linear").alphas_cumprod)
+    torch.testing.assert_close(
+        backbone.generator.noise_scheduler().alphas_cumprod,
+        diffusers.DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear").alphas_cumprod,
+    )
     backbone.generator.sampling_scheduler().set_timesteps(2)
 
 
@@ -104,7 +107,9 @@ def test_loads_from_s3_through_a_checksummed_node_cache(tmp_path, s3_server, s3_
     mirrors = list((tmp_path / "cache" / "mirror").glob("*/" + MANIFEST))
     assert len(mirrors) == 1
     files = json.loads(mirrors[0].read_text())["files"]
-    assert "diffusion/unet/diffusion_pytorch_model.safetensors" in files and all(len(f["sha256"]) == 64 for f in files.values())
+    assert "diffusion/unet/diffusion_pytorch_model.safetensors" in files and all(
+        len(f["sha256"]) == 64 for f in files.values()
+    )
     stamp = {p: p.stat().st_mtime_ns for p in mirrors[0].parent.rglob("*.safetensors")}
     load_backbone("clip-vit-l14+sd15", weights=uri, s3=s3_server.s3_options)  # a second load downloads nothing
     assert stamp == {p: p.stat().st_mtime_ns for p in mirrors[0].parent.rglob("*.safetensors")}
@@ -153,10 +158,13 @@ def test_a_checkpoints_own_config_is_not_taken_for_a_backbone_config(tmp_path):
 def test_a_config_file_is_a_backbone_spec(tmp_path):
     root = write_sd2_root(tmp_path / "root")
     spec = tmp_path / "my-sd2.json"
-    spec.write_text(json.dumps({**json.loads(_config_file("openclip-vit-h14+sd21")), "name": "my-sd2",
-                                "weights": "root"}))  # relative to the config file
+    spec.write_text(
+        json.dumps({**json.loads(_config_file("openclip-vit-h14+sd21")), "name": "my-sd2", "weights": "root"})
+    )  # relative to the config file
     config = resolve_backbone_config(str(spec))
-    assert config.name == "my-sd2" and config.weights == str(root) and config.generator.unet["cross_attention_dim"] == 32
+    assert (
+        config.name == "my-sd2" and config.weights == str(root) and config.generator.unet["cross_attention_dim"] == 32
+    )
     # The resolved config is plain data: it rebuilds the same backbone without touching the registry.
     again = load_backbone(config.to_dict())
     assert again.fingerprint() == load_backbone(str(spec)).fingerprint()

@@ -1,6 +1,7 @@
 """The evaluation's anchors (POLAR's value update, PALAVRA's fine-tuned token) on the tiny backbones: the
 update is the value-matrix update it claims to be, each anchor learns its concepts, and the evaluation
 reports their rows."""
+
 import numpy as np
 import pytest
 import torch
@@ -9,8 +10,17 @@ import torch.nn.functional as F
 from factory.catalogs.evaluation import EvalCatalog
 from factory.errors import ConfigError
 from factory.evaluation.anchors import (
-    POLAR_MARKER_ID, AnchorSettings, PalavraSettings, PolarAnchor, PolarSettings, anchor_accuracy,
-    fixed_word_vector, learn_anchors, learn_palavra, learn_polar, nt_xent,
+    POLAR_MARKER_ID,
+    AnchorSettings,
+    PalavraSettings,
+    PolarAnchor,
+    PolarSettings,
+    anchor_accuracy,
+    fixed_word_vector,
+    learn_anchors,
+    learn_palavra,
+    learn_polar,
+    nt_xent,
 )
 from factory.evaluation.ir_metrics import MAP_AT_K, MAP_AT_KEY
 from factory.evaluation.metrics import heldout_accuracy
@@ -26,7 +36,7 @@ def _world(backbone, k=4, shots=3, heldout=4, seed=0):
     g = torch.Generator().manual_seed(seed)
     dim = backbone.encode_prompts(["a"]).features.shape[-1]
     centres = F.normalize(torch.randn(k, dim, generator=g), dim=-1)
-    noise = lambda n: 0.3 * torch.randn(n, dim, generator=g) / dim ** 0.5  # noqa: E731
+    noise = lambda n: 0.3 * torch.randn(n, dim, generator=g) / dim**0.5  # noqa: E731
     data = [ConceptData(f"c{i}", "dress", centres[i] + noise(shots)) for i in range(k)]
     held = {f"c{i}": centres[i] + noise(heldout) for i in range(k)}
     return data, held
@@ -36,7 +46,7 @@ def _value_weight(backbone):
     """The last text layer's value projection weight, as a view that can be edited in place."""
     if hasattr(backbone.clip, "text_model"):
         return backbone.clip.text_model.encoder.layers[-1].self_attn.v_proj.weight
-    return backbone.clip.transformer.resblocks[-1].attn.in_proj_weight[2 * backbone.token_dim:]
+    return backbone.clip.transformer.resblocks[-1].attn.in_proj_weight[2 * backbone.token_dim :]
 
 
 def test_polar_is_a_rank_one_update_of_the_last_value_matrix(backbone):
@@ -167,7 +177,7 @@ def test_bad_settings_are_refused():
 def test_retrieval_and_classification_report_the_anchor_rows(hf_backbone, learned):
     """Every retrieval method, the anchors included, reports the field's metrics beside its old keys, and
     classification reports the anchors with their seconds per concept."""
-    from factory.evaluation.methods import GairSettings, RETRIEVAL_METHODS, classification, retrieval_and_generation
+    from factory.evaluation.methods import RETRIEVAL_METHODS, GairSettings, classification, retrieval_and_generation
     from factory.gair import ConceptToken
     from factory.index import create_index
     from schemas import RetrievalQuery
@@ -175,27 +185,50 @@ def test_retrieval_and_classification_report_the_anchor_rows(hf_backbone, learne
     data, held, anchors = learned
     dim = hf_backbone.encode_prompts(["a"]).features.shape[-1]
     intents = ["on the beach", "in the snow"]
-    queries = [RetrievalQuery(query_id=f"q{i}", concept_id=d.concept_id, parent="dress", intent=it,
-                              template=f"a photo of {{concept}} {it}", relevant=[f"{d.concept_id}-{j}" for j in range(2)])
-               for i, (d, it) in enumerate([(d, it) for d in data[:2] for it in intents])]
+    queries = [
+        RetrievalQuery(
+            query_id=f"q{i}",
+            concept_id=d.concept_id,
+            parent="dress",
+            intent=it,
+            template=f"a photo of {{concept}} {it}",
+            relevant=[f"{d.concept_id}-{j}" for j in range(2)],
+        )
+        for i, (d, it) in enumerate([(d, it) for d in data[:2] for it in intents])
+    ]
     # the gallery: each concept's held-out images are its items, plus noise
     index = create_index("exact", dim)
     rng = np.random.default_rng(0)
     feats = [held[d.concept_id][j].numpy() for d in data[:2] for j in range(2)]
-    index.add(np.concatenate([np.stack(feats), rng.standard_normal((10, dim))]).astype(np.float32),
-              [f"{d.concept_id}-{j}" for d in data[:2] for j in range(2)] + [f"n{i}" for i in range(10)])
+    index.add(
+        np.concatenate([np.stack(feats), rng.standard_normal((10, dim))]).astype(np.float32),
+        [f"{d.concept_id}-{j}" for d in data[:2] for j in range(2)] + [f"n{i}" for i in range(10)],
+    )
     g = torch.Generator().manual_seed(0)
-    concepts = {d.concept_id: ConceptToken(hf_backbone.word_embedding("red") + 0.05 * torch.randn(32, generator=g),
-                                           "dress", F.normalize(d.image_features.float().mean(0), dim=0))
-                for d in data[:2]}
-    out = retrieval_and_generation(hf_backbone, EvalCatalog("t", [], queries, []), index, concepts,
-                                   GairSettings(alphas=(0.0, 1.0), previews=1, steps=1), progress=False,
-                                   anchors=anchors)
+    concepts = {
+        d.concept_id: ConceptToken(
+            hf_backbone.word_embedding("red") + 0.05 * torch.randn(32, generator=g),
+            "dress",
+            F.normalize(d.image_features.float().mean(0), dim=0),
+        )
+        for d in data[:2]
+    }
+    out = retrieval_and_generation(
+        hf_backbone,
+        EvalCatalog("t", [], queries, []),
+        index,
+        concepts,
+        GairSettings(alphas=(0.0, 1.0), previews=1, steps=1),
+        progress=False,
+        anchors=anchors,
+    )
     assert set(out.retrieval) == set(RETRIEVAL_METHODS) - {"gair_previews"}
     for m, row in out.retrieval.items():
         assert FIELD_KEYS <= set(row) and row["n_queries"] == 4, m
         # the field's mRR and R@k come from the same first ranks as the per-query reciprocal ranks and r<k>
-        assert row["mrr"] == pytest.approx(np.mean(out.per_query["reciprocal_rank"][m])) and row["recall@5"] == row["r5"]
+        assert (
+            row["mrr"] == pytest.approx(np.mean(out.per_query["reciprocal_rank"][m])) and row["recall@5"] == row["r5"]
+        )
         assert 0.0 < row["map"] <= 1.0 and row["map"] <= row[MAP_AT_KEY] + 1e-12  # 14 items < 50: map@50 = map
     for name in anchors:
         assert out.retrieval[name]["seconds_per_concept"] == anchors[name].seconds_per_concept
@@ -227,8 +260,18 @@ def test_the_evaluation_reports_the_anchors(tmp_path, make_token):
     catalog = read_eval_catalog(str(tmp_path / "cat"))
     w, dim = backbone.token_dim, backbone.encode_prompts(["a"]).features.shape[-1]
     g = torch.Generator().manual_seed(0)
-    records = [make_token(s.concept_id, dim=w, parent=s.parent, vector=torch.randn(w, generator=g).tolist(),
-                          coefficients=None, basis_id=None, parametrization="free") for s in catalog.concepts]
+    records = [
+        make_token(
+            s.concept_id,
+            dim=w,
+            parent=s.parent,
+            vector=torch.randn(w, generator=g).tolist(),
+            coefficients=None,
+            basis_id=None,
+            parametrization="free",
+        )
+        for s in catalog.concepts
+    ]
     items = sorted({r for q in catalog.queries for r in q.relevant}) + [f"noise-{i}" for i in range(6)]
     index = create_index("exact", dim)
     index.add(np.random.default_rng(0).standard_normal((len(items), dim)).astype(np.float32), items)
@@ -237,9 +280,12 @@ def test_the_evaluation_reports_the_anchors(tmp_path, make_token):
         ids = [c.concept_id for chunk in chunks for c in chunk]
         return lambda: {m: ({c: torch.randn(w, generator=g) for c in ids}, 0.01) for m in methods}
 
-    config = EvaluationConfig(gair=GairSettings(alphas=(0.0, 1.0), previews=1, steps=1), max_queries=2,
-                              generation_queries=1,
-                              anchors=AnchorSettings(polar=PolarSettings(steps=50), palavra_ft=PalavraSettings(steps=5)))
+    config = EvaluationConfig(
+        gair=GairSettings(alphas=(0.0, 1.0), previews=1, steps=1),
+        max_queries=2,
+        generation_queries=1,
+        anchors=AnchorSettings(polar=PolarSettings(steps=50), palavra_ft=PalavraSettings(steps=5)),
+    )
     m = evaluate(backbone, catalog, records, index, config, progress=False, ablations=stub_ablations).metrics
     for name in ("polar", "palavra_ft"):
         assert 0.0 <= m["classification"][name]["accuracy"] <= 1.0 and m["classification"][name]["n_images"] == 8

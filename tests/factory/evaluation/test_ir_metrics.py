@@ -1,13 +1,24 @@
 """The field's retrieval metrics: by hand, and against trec_eval (through ir-measures) on random rankings
 with ties, several relevant items per query and relevant items that were never ranked."""
+
 import numpy as np
 import pytest
 
 from factory.errors import ConfigError
 from factory.evaluation.ir_metrics import (
-    MAP_AT_KEY, average_precision, average_precision_at, field_metrics, field_metrics_from_rankings,
-    field_metrics_from_scores, format_pervl, pervl_context_scores, ranking_from_scores, ranks_in_ranking,
-    reciprocal_rank, relevant_ranks, success_at,
+    MAP_AT_KEY,
+    average_precision,
+    average_precision_at,
+    field_metrics,
+    field_metrics_from_rankings,
+    field_metrics_from_scores,
+    format_pervl,
+    pervl_context_scores,
+    ranking_from_scores,
+    ranks_in_ranking,
+    reciprocal_rank,
+    relevant_ranks,
+    success_at,
 )
 from factory.evaluation.metrics import ranking_metrics
 
@@ -74,19 +85,31 @@ def _trec(scores, relevant_masks, unranked, ties):
     n = scores.shape[1]
     qrels, run = {}, {}
     for q, (row, rel) in enumerate(zip(scores, relevant_masks)):
+
         def name(i, rel=rel):
             prefix = "a" if (ties == "pessimistic" and rel[i]) else "b"
             return f"{prefix}{n - i:05d}"
+
         run[f"q{q}"] = {name(i): float(row[i]) for i in range(n)}
-        qrels[f"q{q}"] = {**{name(i): 1 for i in np.flatnonzero(rel)},
-                          **{f"missing{q}-{j}": 1 for j in range(unranked[q])}}
+        qrels[f"q{q}"] = {
+            **{name(i): 1 for i in np.flatnonzero(rel)},
+            **{f"missing{q}-{j}": 1 for j in range(unranked[q])},
+        }
     measures = [RR, Success @ 1, Success @ 5, Success @ 10, AP, AP @ 10]
     out = {m: {} for m in measures}
     for row in ir_measures.iter_calc(measures, qrels, run):
         out[row.measure][row.query_id] = row.value
-    return [{"mrr": out[RR][f"q{q}"], "recall@1": out[Success @ 1][f"q{q}"], "recall@5": out[Success @ 5][f"q{q}"],
-             "recall@10": out[Success @ 10][f"q{q}"], "map": out[AP][f"q{q}"], "ap@10": out[AP @ 10][f"q{q}"]}
-            for q in range(len(scores))]
+    return [
+        {
+            "mrr": out[RR][f"q{q}"],
+            "recall@1": out[Success @ 1][f"q{q}"],
+            "recall@5": out[Success @ 5][f"q{q}"],
+            "recall@10": out[Success @ 10][f"q{q}"],
+            "map": out[AP][f"q{q}"],
+            "ap@10": out[AP @ 10][f"q{q}"],
+        }
+        for q in range(len(scores))
+    ]
 
 
 @pytest.mark.parametrize("ties", ["order", "pessimistic"])

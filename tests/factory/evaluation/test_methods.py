@@ -1,13 +1,18 @@
 """The evaluation's methods on tiny models: ablation settings, and retrieval wiring that can be checked."""
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from factory.evaluation.anchors import ANCHORS
 from factory.catalogs.evaluation import EvalCatalog
+from factory.evaluation.anchors import ANCHORS
 from factory.evaluation.methods import (
-    FIXED_METHODS, RETRIEVAL_METHODS, GairSettings, ablation_config, retrieval_and_generation,
+    FIXED_METHODS,
+    RETRIEVAL_METHODS,
+    GairSettings,
+    ablation_config,
+    retrieval_and_generation,
 )
 from factory.gair import ConceptToken
 from factory.index import create_index
@@ -18,8 +23,12 @@ from schemas import RetrievalQuery
 
 def test_ablations_change_only_losses_and_parametrisation():
     base = LearnerConfig(steps=77, lr=0.02, seed=5, weights=LossWeights(ti=1.0, ce=0.5, image_ce=1.0))
-    expect = {"ti": ((1.0, 0.0, 0.0), "free"), "ce": ((0.0, 0.5, 1.0), "projected"),
-              "ti_ce_free": ((1.0, 0.5, 1.0), "free"), "ti_ce_proj": ((1.0, 0.5, 1.0), "projected")}
+    expect = {
+        "ti": ((1.0, 0.0, 0.0), "free"),
+        "ce": ((0.0, 0.5, 1.0), "projected"),
+        "ti_ce_free": ((1.0, 0.5, 1.0), "free"),
+        "ti_ce_proj": ((1.0, 0.5, 1.0), "projected"),
+    }
     for method, (weights, param) in expect.items():
         cfg = ablation_config(base, method)
         assert (cfg.weights.ti, cfg.weights.ce, cfg.weights.image_ce) == weights
@@ -38,26 +47,62 @@ def test_token_intent_finds_a_gallery_built_from_its_own_queries(hf_backbone):
     # rank every target first; the words-only query cannot tell the two dresses apart.
     g = torch.Generator().manual_seed(0)
     dim = hf_backbone.encode_prompts(["a"]).features.shape[-1]
-    concepts = {c: ConceptToken(hf_backbone.word_embedding(w) + 0.05 * torch.randn(32, generator=g), "dress",
-                                F.normalize(torch.randn(dim, generator=g), dim=0))
-                for c, w in (("sku-1", "red"), ("sku-2", "blue"))}
+    concepts = {
+        c: ConceptToken(
+            hf_backbone.word_embedding(w) + 0.05 * torch.randn(32, generator=g),
+            "dress",
+            F.normalize(torch.randn(dim, generator=g), dim=0),
+        )
+        for c, w in (("sku-1", "red"), ("sku-2", "blue"))
+    }
     for c, other in (("sku-1", "sku-2"), ("sku-2", "sku-1")):  # each is the other's look-alike
         concepts[c].rivals = concepts[other].prototype[None]
     intents = ["on the beach", "in the snow"]
-    queries = [RetrievalQuery(query_id=f"q{i}", concept_id=c, parent="dress", template=f"a photo of {{concept}} {it}",
-                              intent=it, relevant=[f"{c}-{i}"])
-               for i, (c, it) in enumerate([(c, it) for c in concepts for it in intents])]
+    queries = [
+        RetrievalQuery(
+            query_id=f"q{i}",
+            concept_id=c,
+            parent="dress",
+            template=f"a photo of {{concept}} {it}",
+            intent=it,
+            relevant=[f"{c}-{i}"],
+        )
+        for i, (c, it) in enumerate([(c, it) for c in concepts for it in intents])
+    ]
     tokens = {c: t.vector for c, t in concepts.items()}
-    feats = F.normalize(hf_backbone.encode_prompts([q.text(f"a <concept:{q.concept_id}> dress") for q in queries],
-                                                   tokens).features.float(), dim=-1).detach().numpy()
+    feats = (
+        F.normalize(
+            hf_backbone.encode_prompts(
+                [q.text(f"a <concept:{q.concept_id}> dress") for q in queries], tokens
+            ).features.float(),
+            dim=-1,
+        )
+        .detach()
+        .numpy()
+    )
     index = create_index("exact", dim)
     noise = np.random.default_rng(0).standard_normal((20, dim)).astype(np.float32)
     index.add(np.concatenate([feats, noise]), [q.relevant[0] for q in queries] + [f"n{i}" for i in range(20)])
-    out = retrieval_and_generation(hf_backbone, EvalCatalog("t", [], queries, []), index, concepts,
-                                   GairSettings(alphas=(0.0, 1.0), previews=2, steps=2), progress=False)
-    assert out.retrieval["token_intent"] == {"mrr": 1.0, "r1": 1.0, "r5": 1.0, "r10": 1.0, "recall@1": 1.0,
-                                             "recall@5": 1.0, "recall@10": 1.0, "map": 1.0, "map@50": 1.0,
-                                             "n_queries": 4}
+    out = retrieval_and_generation(
+        hf_backbone,
+        EvalCatalog("t", [], queries, []),
+        index,
+        concepts,
+        GairSettings(alphas=(0.0, 1.0), previews=2, steps=2),
+        progress=False,
+    )
+    assert out.retrieval["token_intent"] == {
+        "mrr": 1.0,
+        "r1": 1.0,
+        "r5": 1.0,
+        "r10": 1.0,
+        "recall@1": 1.0,
+        "recall@5": 1.0,
+        "recall@10": 1.0,
+        "map": 1.0,
+        "map@50": 1.0,
+        "n_queries": 4,
+    }
     # previews of the chosen α and α = 1 only (the default): the previews rule has nothing to decide on
     assert set(out.retrieval) == set(RETRIEVAL_METHODS) - {"gair_previews", *ANCHORS}  # no anchors given
     # the oracle picks each query's best fixed α: no fixed α beats it, and fixed_1 is token_intent itself
@@ -75,9 +120,14 @@ def test_token_intent_finds_a_gallery_built_from_its_own_queries(hf_backbone):
         assert out.generation[m]["chance"] == 0.5
         assert out.generation[m]["n_object_queries"] == 4 and 0.0 <= out.generation[m]["identity_accuracy"] <= 1.0
         assert -2.0 <= out.generation[m]["object_fidelity"] <= 2.0
-    every = retrieval_and_generation(hf_backbone, EvalCatalog("t", [], queries, []), index, concepts,
-                                     GairSettings(alphas=(0.0, 1.0), previews=2, steps=2, previews_for="every"),
-                                     progress=False)
+    every = retrieval_and_generation(
+        hf_backbone,
+        EvalCatalog("t", [], queries, []),
+        index,
+        concepts,
+        GairSettings(alphas=(0.0, 1.0), previews=2, steps=2, previews_for="every"),
+        progress=False,
+    )
     assert set(every.retrieval) == set(RETRIEVAL_METHODS) - set(ANCHORS)
     # rendering more α changes what is shown, never what the retrieval rule decides
     for m in ("gair_auto", "gair_object", "gair_bisect2", "token_intent"):

@@ -1,4 +1,5 @@
 """MRR and recall@k against examples computed by hand; object fidelity on vectors built by hand."""
+
 import pytest
 import torch
 import torch.nn.functional as F

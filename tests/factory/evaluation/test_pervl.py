@@ -1,4 +1,5 @@
 """The PerVL-DeepFashion2 adapter, on a tiny fixture in that layout (local and on SeaweedFS)."""
+
 import io
 
 import numpy as np
@@ -21,11 +22,13 @@ codes_infer/1002:
 """
 NAMES = "unique_pair_ids,pair_id_categories\n1001,skirt\n1002,Short sleeve top\n"
 SPLIT = "image_name\ntrain/image/000010.jpg\ntrain/image/000011.jpg\ntrain/image/000012.jpg\n"
-SHORT = ('image_name,caption,pair_id\n'
-         'train/image/000010.jpg,a person standing on a street,1001\n'
-         'train/image/000011.jpg,"a person sitting, holding a cup",1002\n'
-         'train/image/000012.jpg,* on a sofa,1002\n'
-         'train/image/000099.jpg,a person elsewhere,1001\n')
+SHORT = (
+    "image_name,caption,pair_id\n"
+    "train/image/000010.jpg,a person standing on a street,1001\n"
+    'train/image/000011.jpg,"a person sitting, holding a cup",1002\n'
+    "train/image/000012.jpg,* on a sofa,1002\n"
+    "train/image/000099.jpg,a person elsewhere,1001\n"
+)
 
 
 def _jpg(seed):
@@ -35,8 +38,13 @@ def _jpg(seed):
 
 
 def write_fixture(root: str, s3=None, **overrides) -> str:
-    files = {"test_fsl_train.txt": FSL, "train_coarse_grained_names.csv": NAMES, "test_captions.csv": SPLIT,
-             "shortened_deepfashion2_captions.csv": SHORT, **overrides}
+    files = {
+        "test_fsl_train.txt": FSL,
+        "train_coarse_grained_names.csv": NAMES,
+        "test_captions.csv": SPLIT,
+        "shortened_deepfashion2_captions.csv": SHORT,
+        **overrides,
+    }
     for name, text in files.items():
         if text is not None:
             storage.write_bytes(storage.join(root, name), text.encode(), s3)
@@ -77,13 +85,16 @@ def test_reads_from_s3(s3_bucket, s3_server):
     assert cat.gallery[0].image_uri.startswith(s3_bucket)
 
 
-@pytest.mark.parametrize("overrides, message", [
-    ({"train_coarse_grained_names.csv": None}, "train_coarse_grained_names.csv is missing"),
-    ({"train_coarse_grained_names.csv": "unique_pair_ids,pair_id_categories\n1001,skirt\n"}, "no category"),
-    ({"test_captions.csv": "image_name\ntrain/image/000077.jpg\n"}, "has no caption"),
-    ({"shortened_deepfashion2_captions.csv": "image_name,caption\nx,y\n"}, "lacks column"),
-    ({"test_fsl_train.txt": "000001.jpg\n"}, "outside a codes_infer"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"train_coarse_grained_names.csv": None}, "train_coarse_grained_names.csv is missing"),
+        ({"train_coarse_grained_names.csv": "unique_pair_ids,pair_id_categories\n1001,skirt\n"}, "no category"),
+        ({"test_captions.csv": "image_name\ntrain/image/000077.jpg\n"}, "has no caption"),
+        ({"shortened_deepfashion2_captions.csv": "image_name,caption\nx,y\n"}, "lacks column"),
+        ({"test_fsl_train.txt": "000001.jpg\n"}, "outside a codes_infer"),
+    ],
+)
 def test_broken_layouts_say_what_is_wrong(tmp_path, overrides, message):
     uri = write_fixture(str(tmp_path), **overrides)
     with pytest.raises(PervlLayoutError, match=message):

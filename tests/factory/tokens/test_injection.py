@@ -1,4 +1,5 @@
 """Injection: a token equal to a word's embedding must encode exactly like the word written out."""
+
 import pytest
 import torch
 
@@ -21,8 +22,9 @@ def test_marker_with_a_word_vector_encodes_like_the_word(backbone):
 
 def test_two_markers_in_one_prompt(backbone):
     tokens = {"c1": backbone.word_embedding("red"), "c2": backbone.word_embedding("coat")}
-    ours = backbone.encode_prompts(["a <concept:c1> dress and a blue <concept:c2>", "<concept:c2> <concept:c2>"],
-                                   tokens)
+    ours = backbone.encode_prompts(
+        ["a <concept:c1> dress and a blue <concept:c2>", "<concept:c2> <concept:c2>"], tokens
+    )
     ref = backbone.encode_prompts(["a red dress and a blue coat", "coat coat"])
     _close(ours.features, ref.features)
     _close(ours.hidden, ref.hidden)

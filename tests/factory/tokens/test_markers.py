@@ -9,8 +9,16 @@ def test_split_on_markers_alternates_text_and_ids():
     assert texts == ["a ", " and ", " dress"] and ids == ["a1", "b.2"]
 
 
-@pytest.mark.parametrize("prompt", ["a <concept:../etc> dress", "a <concept:a/b> dress", "a <concept:> x",
-                                    "a <concept:abc dress", "a < concept : abc > dress"])
+@pytest.mark.parametrize(
+    "prompt",
+    [
+        "a <concept:../etc> dress",
+        "a <concept:a/b> dress",
+        "a <concept:> x",
+        "a <concept:abc dress",
+        "a < concept : abc > dress",
+    ],
+)
 def test_malformed_markers_are_errors(prompt):
     with pytest.raises(MalformedMarker):
         find_markers(prompt)

@@ -4,7 +4,12 @@ import torch
 from factory.backbones import add_backbone_config, get_backbone_config, load_backbone
 from factory.errors import EmptyVocabulary, UnknownWord
 from factory.tokens import (
-    AttributeVocabulary, TokenParameters, add_vocabulary, build_subspace, get_vocabulary, list_vocabularies,
+    AttributeVocabulary,
+    TokenParameters,
+    add_vocabulary,
+    build_subspace,
+    get_vocabulary,
+    list_vocabularies,
     vocabulary_for_parent,
 )
 from factory.tokens.tokenizer import PromptTokenizer
@@ -82,7 +87,7 @@ def test_padded_coefficients_never_move(backbone):
     init = torch.stack([backbone.word_embedding("dress"), backbone.word_embedding("coat")])
     params = TokenParameters(init, [small, big])
     params().pow(2).sum().backward()
-    assert params.coefficients.grad[0, small.rank:].abs().max() == 0
+    assert params.coefficients.grad[0, small.rank :].abs().max() == 0
     assert len(params.coefficients_of(0)) == small.rank
 
 

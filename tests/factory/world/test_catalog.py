@@ -1,4 +1,5 @@
 """The sample catalog: groups that words cannot separate, round trips through the schemas, local and S3."""
+
 from __future__ import annotations
 
 import io
@@ -12,8 +13,8 @@ from PIL import Image
 
 from factory import storage
 from factory.catalogs import read_world_catalog
-from factory.world import BACKGROUNDS, CATEGORIES, load_fashion_mnist, write_catalog
 from factory.catalogs.world import Catalog
+from factory.world import BACKGROUNDS, CATEGORIES, load_fashion_mnist, write_catalog
 from jobs.s3server import SeaweedS3
 from schemas import CatalogManifest, CatalogRow, from_arrow
 
@@ -29,8 +30,10 @@ def _check_catalog(cat: Catalog, root: str, s3=None) -> None:
         assert len(spec.image_uris) == 2 and len(spec.heldout_uris) == 3
         assert spec.parent == spec.attributes["category"] and spec.caption
         assert spec.caption == f"{'an' if spec.attributes['colour'] == 'orange' else 'a'} " + " ".join(
-            [spec.attributes["colour"]] + ([] if spec.attributes["pattern"] == "plain" else
-                                           [spec.attributes["pattern"]]) + [spec.parent])
+            [spec.attributes["colour"]]
+            + ([] if spec.attributes["pattern"] == "plain" else [spec.attributes["pattern"]])
+            + [spec.parent]
+        )
         assert spec.image_uris[0] == storage.join(root, "images", spec.concept_id, "fewshot-00.png")
         assert cat.backgrounds[spec.heldout_uris[-1]] in BACKGROUNDS
     # Every image is a real PNG of the right size, stored where its row says.
@@ -48,7 +51,10 @@ def _check_catalog(cat: Catalog, root: str, s3=None) -> None:
         (item,) = q.relevant
         row = by_item[item]
         assert (row.concept_id, row.attributes["background"], row.image_uri) == (
-            q.concept_id, q.background, q.relevant_uris[0])
+            q.concept_id,
+            q.background,
+            q.relevant_uris[0],
+        )
         assert q.caption.endswith(q.intent) and q.caption == row.caption
 
 
@@ -67,8 +73,11 @@ def test_local_round_trip_and_determinism(tmp_path: Path) -> None:
     assert files_a == sorted(p.relative_to(tmp_path / "b") for p in (tmp_path / "b").rglob("*.png"))
     assert all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files_a)
     write_catalog(str(tmp_path / "c"), seed=12, **SMALL)
-    assert any((tmp_path / "a" / f).read_bytes() != (tmp_path / "c" / f).read_bytes()
-               for f in files_a if (tmp_path / "c" / f).exists())
+    assert any(
+        (tmp_path / "a" / f).read_bytes() != (tmp_path / "c" / f).read_bytes()
+        for f in files_a
+        if (tmp_path / "c" / f).exists()
+    )
 
 
 @pytest.mark.s3
@@ -115,8 +124,9 @@ def test_groups_share_category_and_colourway_but_not_garment(tmp_path: Path) -> 
 
 
 def test_categories_and_bad_sizes(tmp_path: Path) -> None:
-    write_catalog(str(tmp_path), seed=1, products=4, shots=1, heldout=1, contexts=1, distractors=4,
-                  categories=["dress", "coat"])
+    write_catalog(
+        str(tmp_path), seed=1, products=4, shots=1, heldout=1, contexts=1, distractors=4, categories=["dress", "coat"]
+    )
     cat = read_world_catalog(str(tmp_path))
     assert {c.parent for c in cat.concepts} | {r.parent for r in cat.gallery} == {"dress", "coat"}
     with pytest.raises(ValueError, match="unknown categories"):
@@ -131,8 +141,9 @@ def test_several_colourway_groups_per_parent_make_the_caption_informative(tmp_pa
     from factory.catalogs import read_world_catalog
     from factory.world import write_catalog
 
-    write_catalog(str(tmp_path / "c"), seed=0, products=12, shots=1, heldout=0, contexts=1, distractors=0,
-                  groups_per_parent=2)
+    write_catalog(
+        str(tmp_path / "c"), seed=0, products=12, shots=1, heldout=0, contexts=1, distractors=0, groups_per_parent=2
+    )
     concepts = read_world_catalog(str(tmp_path / "c")).concepts
     by_parent: dict[str, set] = {}
     for s in concepts:

@@ -1,4 +1,5 @@
 """The renderer and the world's words: deterministic, fast, correctly labelled, visibly different."""
+
 from __future__ import annotations
 
 import json
@@ -10,8 +11,16 @@ import pytest
 
 import factory.world.fashion_mnist as fm
 from factory.world import (
-    BACKGROUND_PHRASES, BACKGROUNDS, CATEGORIES, COLOURS, PATTERNS, FashionMNISTMissing, FashionWorld, caption,
-    load_fashion_mnist, render,
+    BACKGROUND_PHRASES,
+    BACKGROUNDS,
+    CATEGORIES,
+    COLOURS,
+    PATTERNS,
+    FashionMNISTMissing,
+    FashionWorld,
+    caption,
+    load_fashion_mnist,
+    render,
 )
 from factory.world.scenes import draw_backgrounds
 
@@ -24,8 +33,18 @@ def _garments(n: int, seed: int = 0) -> np.ndarray:
 
 
 def test_categories_are_the_fashion_mnist_classes_and_in_the_vocabulary() -> None:
-    assert CATEGORIES == ("t-shirt", "trousers", "pullover", "dress", "coat", "sandal", "shirt", "sneaker",
-                          "bag", "boot")
+    assert CATEGORIES == (
+        "t-shirt",
+        "trousers",
+        "pullover",
+        "dress",
+        "coat",
+        "sandal",
+        "shirt",
+        "sneaker",
+        "bag",
+        "boot",
+    )
     vocab = json.loads(VOCAB.read_text())
     assert set(CATEGORIES) <= set(vocab["parents"])
     assert set(COLOURS) <= set(vocab["attributes"]["colour"])
@@ -85,8 +104,12 @@ def test_captions_match_labels() -> None:
     _, labels = load_fashion_mnist("train")
     np.testing.assert_array_equal(r.category, labels[r.garment_index])
     for i, text in enumerate(r.captions):
-        cat, col, pat, bg = (CATEGORIES[r.category[i]], COLOURS[r.colour[i]], PATTERNS[r.pattern[i]],
-                             BACKGROUNDS[r.background[i]])
+        cat, col, pat, bg = (
+            CATEGORIES[r.category[i]],
+            COLOURS[r.colour[i]],
+            PATTERNS[r.pattern[i]],
+            BACKGROUNDS[r.background[i]],
+        )
         assert text == caption(cat, col, pat, bg)
         assert text.endswith(f" {cat} {BACKGROUND_PHRASES[r.background[i]]}")
         assert (f" {pat} " in text) == (pat != "plain")
@@ -104,8 +127,10 @@ def test_colours_give_visibly_different_garments() -> None:
     n = len(g)
     plain, studio = np.zeros(n, int), np.full(n, BACKGROUNDS.index("studio"))
     # Same rng seed: same placement and scene, so only the garment pixels differ between colours.
-    renders = [render(g, np.full(n, c), plain, np.full(n, -1), studio, np.random.default_rng(0)).astype(float)
-               for c in range(len(COLOURS))]
+    renders = [
+        render(g, np.full(n, c), plain, np.full(n, -1), studio, np.random.default_rng(0)).astype(float)
+        for c in range(len(COLOURS))
+    ]
     garment = np.abs(renders[COLOURS.index("red")] - renders[COLOURS.index("blue")]).max(-1) > 40
     means = np.stack([img[garment].mean(0) for img in renders])  # [10, 3] mean RGB over garment pixels
     dist = np.linalg.norm(means[:, None] - means[None], axis=-1)
@@ -132,7 +157,7 @@ def test_patterns_and_backgrounds_change_the_image() -> None:
         return np.append(x.reshape(-1, 3).mean(0), 5 * np.abs(np.diff(x, axis=2)).mean())
 
     stats = [scene_stats(b) for b in range(len(BACKGROUNDS))]
-    assert min(np.linalg.norm(a - b) for i, a in enumerate(stats) for b in stats[i + 1:]) > 20
+    assert min(np.linalg.norm(a - b) for i, a in enumerate(stats) for b in stats[i + 1 :]) > 20
 
 
 @pytest.mark.parametrize("pattern", [p for p in PATTERNS if p != "plain"])
@@ -142,13 +167,36 @@ def test_pattern_colour_is_a_minority_of_the_garment(pattern: str) -> None:
     n = 64
     g = _garments(n, seed=1)
     red, blue = COLOURS.index("red"), COLOURS.index("blue")
-    images = render(g, np.full(n, red), np.full(n, PATTERNS.index(pattern)), np.full(n, blue),
-                    np.full(n, BACKGROUNDS.index("studio")), np.random.default_rng(0)).astype(np.float32)
-    plain = render(g, np.full(n, red), np.zeros(n, int), np.full(n, -1),
-                   np.full(n, BACKGROUNDS.index("studio")), np.random.default_rng(0)).astype(np.float32)
-    garment = np.abs(plain - render(g, np.full(n, blue), np.zeros(n, int), np.full(n, -1),
-                                    np.full(n, BACKGROUNDS.index("studio")),
-                                    np.random.default_rng(0))).sum(-1) > 60  # pixels the fill colour reaches
+    images = render(
+        g,
+        np.full(n, red),
+        np.full(n, PATTERNS.index(pattern)),
+        np.full(n, blue),
+        np.full(n, BACKGROUNDS.index("studio")),
+        np.random.default_rng(0),
+    ).astype(np.float32)
+    plain = render(
+        g,
+        np.full(n, red),
+        np.zeros(n, int),
+        np.full(n, -1),
+        np.full(n, BACKGROUNDS.index("studio")),
+        np.random.default_rng(0),
+    ).astype(np.float32)
+    garment = (
+        np.abs(
+            plain
+            - render(
+                g,
+                np.full(n, blue),
+                np.zeros(n, int),
+                np.full(n, -1),
+                np.full(n, BACKGROUNDS.index("studio")),
+                np.random.default_rng(0),
+            )
+        ).sum(-1)
+        > 60
+    )  # pixels the fill colour reaches
     bluish = images[..., 2] - images[..., 0] > 0
     share = bluish[garment].mean()
     assert 0.1 < share < 0.42, f"{pattern}: {share:.2f} of the garment is in the pattern colour"
@@ -159,15 +207,17 @@ def test_hard_negative_groups_share_all_but_one_attribute() -> None:
     attrs = {"garment": r.garment_index, "colour": r.colour, "pattern": r.pattern, "background": r.background}
     varied_kinds = set()
     for g in range(0, 400, 4):
-        differing = [k for k, a in attrs.items() if len(set(a[g: g + 4].tolist())) > 1]
+        differing = [k for k, a in attrs.items() if len(set(a[g : g + 4].tolist())) > 1]
         assert len(differing) <= 1, f"group {g // 4} differs in {differing}"
         varied_kinds.update(differing)
         # A pattern colour is never the fill and only plain garments have none, in groups as elsewhere.
         assert all((r.pattern_colour[i] == -1) == (r.pattern[i] == 0) for i in range(g, g + 4))
         assert all(r.pattern_colour[i] != r.colour[i] for i in range(g, g + 4))
     assert varied_kinds == set(attrs)  # each kind of hard negative occurs
-    assert r.captions == [caption(CATEGORIES[c], COLOURS[k], PATTERNS[p], BACKGROUNDS[b]) for c, k, p, b
-                          in zip(r.category, r.colour, r.pattern, r.background)]
+    assert r.captions == [
+        caption(CATEGORIES[c], COLOURS[k], PATTERNS[p], BACKGROUNDS[b])
+        for c, k, p, b in zip(r.category, r.colour, r.pattern, r.background)
+    ]
 
 
 def test_group_size_one_is_the_plain_sampler() -> None:
