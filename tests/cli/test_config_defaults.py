@@ -154,7 +154,15 @@ def test_serve_flags_default_to_the_settings_fields():
     retyped_before = {"poll_s", "max_batch_size", "batch_wait_s", "gallery_shards", "device", "precision"}
     assert retyped_before <= set(SETTINGS_FLAGS.values())
     for dest, name in SETTINGS_FLAGS.items():
+        if dest == "allowed_host":  # a repeatable flag: None stands for the field's default list
+            assert flags[dest] is None
+            continue
         assert flags[dest] == fields[name].get_default(call_default_factory=True), dest
+    from cli.main import build_parser
+    from cli.serve_cmd import settings_from
+
+    args = build_parser().parse_args(["serve", "--registry", "/tmp/r", "--index", "/tmp/i"])
+    assert settings_from(args).allowed_hosts == fields["allowed_hosts"].get_default(call_default_factory=True)
 
 
 # ---- a value a config rejects: one line, exit 2 (the documented CLI error), no traceback -----------------------
